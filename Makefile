@@ -1,0 +1,35 @@
+# The two commands of the quick start:
+#   make serve   install what is needed, then `serve run config/serve.yaml`
+#   make test    install what is needed (test extras too), then lint and run the tests
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: install serve test lint models-full bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	@rm -f $(VENV)/.installed-*; touch $@
+
+install: $(STAMP)
+
+serve: install
+	PATH=$(abspath $(BIN)):$$PATH serve run config/serve.yaml
+
+test: install lint
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -v
+
+lint: install
+	$(BIN)/ruff check .
+
+models-full: install
+	$(BIN)/python -m serve_app.models build --size full
+
+bench: models-full
+	$(BIN)/python loadtest/bench_pipeline.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

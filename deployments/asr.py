@@ -1,0 +1,58 @@
+"""SenseVoice: batched transcription of whole utterances from all sessions."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+
+from ray import serve
+
+from deployments.batching import BatchedModelHost, pick_device
+from serve_app.audio import to_float32
+from serve_app.messages import AsrRequest, Transcript
+from serve_app.models import ModelSource, load_automodel
+from serve_app.settings import AsrSettings, BatchSettings
+from serve_app.transcript import parse_sensevoice
+
+logger = logging.getLogger("ray.serve")
+_DEFAULT_BATCH = BatchSettings()
+
+
+class AsrCore:
+    def __init__(self, source: ModelSource, settings: AsrSettings, device: str = "cpu"):
+        self.settings = settings
+        self.device = device
+        self.model = load_automodel(source, device=device, threads=settings.threads)
+
+    def transcribe_batch(self, requests: list[AsrRequest]) -> list[Transcript]:
+        """One generate() per (language, itn) group; results in request order."""
+        results: list[Transcript | None] = [None] * len(requests)
+        groups: dict[tuple[str, bool], list[int]] = defaultdict(list)
+        for i, req in enumerate(requests):
+            groups[(req.language, req.use_itn)].append(i)
+        for (language, use_itn), idx in groups.items():
+            started = time.perf_counter()
+            out = self.model.generate(
+                input=[to_float32(requests[i].pcm) for i in idx], batch_size=len(idx),
+                language=language, use_itn=use_itn,
+            )  # fmt: skip
+            model_ms = (time.perf_counter() - started) * 1000
+            for i, item in zip(idx, out, strict=True):
+                text, lang, emotion, event = parse_sensevoice(item["text"])
+                results[i] = Transcript(text, lang, emotion, event, item["text"], model_ms, len(idx))
+        return results  # type: ignore[return-value]
+
+
+@serve.deployment
+class SenseVoice(BatchedModelHost):
+    batched_method = "transcribe"
+
+    def __init__(self, source: ModelSource, settings: AsrSettings):
+        super().__init__()
+        self._core = AsrCore(source, settings, device=pick_device())
+        logger.info("SenseVoice on %s from %s", self._core.device, source.describe())
+
+    @serve.batch(max_batch_size=_DEFAULT_BATCH.max_batch_size, batch_wait_timeout_s=_DEFAULT_BATCH.batch_wait_timeout_s)
+    async def transcribe(self, requests: list[AsrRequest]) -> list[Transcript]:
+        return await self._run(self._core.transcribe_batch, requests)

@@ -1,0 +1,128 @@
+"""VADHost: streaming fsmn-vad for many sessions on one CPU replica.
+
+`VadCore` is the plain class (testable without Serve); `VADHost` is its Serve wrapper.
+All per-session state lives in the fsmn `cache` dict, so sessions interleave safely on one
+model instance, but `generate()` is not thread-safe: every call goes through one thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from ray import serve
+
+from serve_app.audio import ms_to_samples, samples_to_ms, to_float32
+from serve_app.messages import VadEvent, VadFeedResult
+from serve_app.models import ModelSource, load_automodel
+from serve_app.routing import LIVE_SESSIONS_STAT
+from serve_app.settings import VadSettings
+
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass
+class _Stream:
+    base_ms: int  # stream position where this fsmn cache started
+    fed_ms: int
+    cache: dict = field(default_factory=dict)
+    in_speech: bool = False
+    last_pcm: np.ndarray | None = None
+
+
+class VadCore:
+    def __init__(self, source: ModelSource, settings: VadSettings, device: str = "cpu"):
+        self.settings = settings
+        self.model = load_automodel(
+            source, device=device, threads=settings.threads, max_end_silence_time=settings.max_end_silence_ms
+        )
+        self._streams: dict[str, _Stream] = {}
+        self.segment(np.zeros(ms_to_samples(600), dtype=np.int16))  # the first call is slow
+
+    @property
+    def live_sessions(self) -> int:
+        return len(self._streams)
+
+    def feed(
+        self, session_id: str, pcm: np.ndarray, start_ms: int, final: bool = False, restart: bool = False
+    ) -> VadFeedResult:
+        """Feed int16 audio that starts at `start_ms` of the session's stream."""
+        started = time.perf_counter()
+        stream = self._streams.get(session_id)
+        if restart or (stream is None and start_ms == 0):
+            stream = self._streams[session_id] = _Stream(base_ms=start_ms, fed_ms=start_ms)
+        elif stream is None or stream.fed_ms != start_ms:
+            # A gap or a stranger: our state cannot continue this stream. The caller replays.
+            self._streams.pop(session_id, None)
+            return VadFeedResult(events=[], state_lost=True)
+        events = self._run(stream, pcm, final)
+        if final:
+            self._streams.pop(session_id, None)
+        elif not stream.in_speech and stream.fed_ms - stream.base_ms >= self.settings.reset_after_ms:
+            events += self._reset(stream)
+        return VadFeedResult(events=events, compute_ms=(time.perf_counter() - started) * 1000)
+
+    def _run(self, stream: _Stream, pcm: np.ndarray, final: bool) -> list[VadEvent]:
+        chunk_ms = max(samples_to_ms(len(pcm)), 1)
+        out = self.model.generate(input=to_float32(pcm), cache=stream.cache, is_final=final, chunk_size=chunk_ms)
+        stream.fed_ms += samples_to_ms(len(pcm))
+        stream.last_pcm = pcm
+        events = []
+        for beg, end in out[0]["value"] if out else []:
+            if beg != -1:
+                events.append(VadEvent("start", stream.base_ms + beg))
+                stream.in_speech = True
+            if end != -1:
+                events.append(VadEvent("end", stream.base_ms + end))
+                stream.in_speech = False
+        return events
+
+    def _reset(self, stream: _Stream) -> list[VadEvent]:
+        """Start a fresh cache so memory stays flat; re-feed the last chunk so a start that
+        was building up in it is not lost."""
+        last = stream.last_pcm if stream.last_pcm is not None else np.zeros(0, dtype=np.int16)
+        stream.cache = {}
+        stream.base_ms = stream.fed_ms - samples_to_ms(len(last))
+        stream.fed_ms = stream.base_ms
+        return self._run(stream, last, final=False) if len(last) else []
+
+    def close(self, session_id: str) -> bool:
+        return self._streams.pop(session_id, None) is not None
+
+    def segment(self, pcm: np.ndarray) -> list[tuple[int, int]]:
+        """Speech segments of a whole recording, as (start_ms, end_ms)."""
+        out = self.model.generate(input=to_float32(pcm), cache={}, is_final=True)
+        return [(int(a), int(b)) for a, b in (out[0]["value"] if out else [])]
+
+
+@serve.deployment(
+    request_router_config={"request_router_class": "serve_app.routing:StickySessionRouter"},
+)
+class VADHost:
+    def __init__(self, source: ModelSource, settings: VadSettings):
+        self._core = VadCore(source, settings)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vad")  # generate() is not thread-safe
+
+    async def _call(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    async def feed(
+        self, session_id: str, pcm: np.ndarray, start_ms: int, final: bool = False, restart: bool = False
+    ) -> VadFeedResult:
+        return await self._call(self._core.feed, session_id, pcm, start_ms, final, restart)
+
+    async def close(self, session_id: str) -> bool:
+        return await self._call(self._core.close, session_id)
+
+    async def segment(self, pcm: np.ndarray) -> list[tuple[int, int]]:
+        return await self._call(self._core.segment, pcm)
+
+    def record_routing_stats(self) -> dict[str, int]:
+        return {LIVE_SESSIONS_STAT: self._core.live_sessions}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        return {LIVE_SESSIONS_STAT: float(self._core.live_sessions)}

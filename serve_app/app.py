@@ -1,0 +1,47 @@
+"""The app builder: typed settings in, a bound Serve application out.
+
+`config/serve.yaml` points `import_path` at `serve_app.app:build_app` and passes `args`.
+Placement (CPU and GPU fractions) is decided here from the cluster's resources, so one
+config runs on GPU and CPU hosts.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import ray
+from ray.serve import Application
+
+from deployments.asr import SenseVoice
+from deployments.speaker import Speaker
+from deployments.vad import VADHost
+from serve_app.ingress import TEST_MODEL_WARNING, Ingress
+from serve_app.models import resolve_models
+from serve_app.settings import AppSettings
+
+logger = logging.getLogger("ray.serve")
+
+
+def cluster_has_gpu() -> bool:
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    settings = AppSettings(**(args or {}))
+    gpu = cluster_has_gpu()
+    models = resolve_models(settings.models)
+    for source in (models.vad, models.asr, models.speaker):
+        logger.info("model %-7s %s", source.role, source.describe())
+    if models.label == "test":
+        banner = "!" * 100
+        logger.warning("\n%s\n%s\n%s", banner, TEST_MODEL_WARNING, banner)
+        print(f"\n{banner}\n{TEST_MODEL_WARNING}\n{banner}\n", flush=True)
+
+    def placed(deployment, name: str):
+        return deployment.options(ray_actor_options=settings.placement[name].actor_options(gpu))
+
+    vad = placed(VADHost, "VADHost").bind(models.vad, settings.vad)
+    asr = placed(SenseVoice, "SenseVoice").bind(models.asr, settings.asr)
+    speaker = placed(Speaker, "Speaker").bind(models.speaker, settings.speaker)
+    return placed(Ingress, "Ingress").bind(vad, asr, speaker, settings, models)

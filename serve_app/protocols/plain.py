@@ -1,0 +1,121 @@
+"""Our own plain JSON protocol (browsers, scripts): pure parsing and rendering.
+
+Client -> server
+  text   {"type": "start", "sample_rate": 16000, "language": "auto", "itn": true,
+          "return_embedding": false}                      optional, before any audio
+  binary PCM16 little-endian mono frames at the session's sample rate
+  text   {"type": "end"}                                  flush; results follow, then "done"
+
+Server -> client
+  {"type": "ready", "session_id": ..., "sample_rate": 16000, "models": "real"|"test", ...}
+  {"type": "result", "index": 0, "text": ..., "language": ..., "emotion": ..., "event": ...,
+   "start_ms": ..., "end_ms": ..., "speaker": {...}, "latency_ms": {...}, "models": ...}
+  {"type": "error", "code": ..., "message": ...}
+  {"type": "done", "utterances": N}
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from serve_app.audio import AudioFormatError, pcm16_from_bytes
+from serve_app.messages import UtteranceResult
+
+SUPPORTED_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
+
+
+class ProtocolError(ValueError):
+    """The client broke the protocol. `code` goes into the error frame."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class StartMessage:
+    sample_rate: int = 16000
+    language: str = "auto"
+    itn: bool = True
+    return_embedding: bool = False
+
+
+@dataclass(frozen=True)
+class EndMessage:
+    pass
+
+
+ClientMessage = StartMessage | EndMessage
+
+
+def parse_text(text: str) -> ClientMessage:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ProtocolError("invalid_json", f"text frame is not JSON: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("bad_message", "text frame must be a JSON object")
+    kind = data.get("type")
+    if kind == "end":
+        return EndMessage()
+    if kind == "start":
+        return _parse_start(data)
+    raise ProtocolError("unknown_type", f"unknown message type {kind!r}; expected 'start' or 'end'")
+
+
+def _parse_start(data: dict[str, Any]) -> StartMessage:
+    rate = data.get("sample_rate", 16000)
+    if rate not in SUPPORTED_RATES:
+        raise ProtocolError("bad_sample_rate", f"sample_rate {rate!r} not supported; use one of {SUPPORTED_RATES}")
+    language = data.get("language", "auto")
+    if not isinstance(language, str):
+        raise ProtocolError("bad_message", "language must be a string")
+    itn, emb = data.get("itn", True), data.get("return_embedding", False)
+    if not isinstance(itn, bool) or not isinstance(emb, bool):
+        raise ProtocolError("bad_message", "itn and return_embedding must be booleans")
+    return StartMessage(sample_rate=rate, language=language, itn=itn, return_embedding=emb)
+
+
+def parse_audio(data: bytes, max_bytes: int) -> np.ndarray:
+    if len(data) > max_bytes:
+        raise ProtocolError("frame_too_large", f"binary frame of {len(data)} bytes exceeds {max_bytes}")
+    try:
+        return pcm16_from_bytes(data)
+    except AudioFormatError as exc:
+        raise ProtocolError("bad_audio", str(exc)) from None
+
+
+def render_ready(session_id: str, start: StartMessage, models: str, vad_chunk_ms: int) -> str:
+    return json.dumps(
+        {
+            "type": "ready",
+            "session_id": session_id,
+            "sample_rate": start.sample_rate,
+            "models": models,
+            "vad_chunk_ms": vad_chunk_ms,
+        }  # fmt: skip
+    )
+
+
+def result_fields(result: UtteranceResult) -> dict[str, Any]:
+    """Every field we have for one utterance; other protocols pick from this."""
+    fields = asdict(result)
+    if fields["speaker"]["embedding"] is None:
+        del fields["speaker"]["embedding"]
+    return fields
+
+
+def render_result(result: UtteranceResult) -> str:
+    return json.dumps({"type": "result", **result_fields(result)}, ensure_ascii=False)
+
+
+def render_error(code: str, message: str) -> str:
+    return json.dumps({"type": "error", "code": code, "message": message})
+
+
+def render_done(utterances: int) -> str:
+    return json.dumps({"type": "done", "utterances": utterances})

@@ -1,0 +1,136 @@
+"""Typed settings for the whole application.
+
+`config/serve.yaml` passes `args` to the app builder; they are parsed into `AppSettings`.
+Every default here is a working value for a 2-core laptop; the YAML overrides what an
+operator wants to change. Units are in the field names (`_ms`, `_s`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SAMPLE_RATE = 16000  # every model here is a 16 kHz model
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    """Where one model comes from: an explicit directory first, then the hub id."""
+
+    path: str | None = Field(None, description="Local model directory; wins over the hub.")
+    hub_id: str = Field(..., description="ModelScope (or Hugging Face) model id.")
+
+
+class ModelSettings(_Strict):
+    hub: Literal["ms", "hf"] = "ms"
+    hub_probe_timeout_s: float = Field(3.0, description="How long to wait for the hub before falling back.")
+    allow_test_models: bool = Field(
+        True, description="Fall back to locally built random-weight models when the hub is unreachable."
+    )
+    require_real_models: bool = Field(
+        False, description="Refuse to start with random-weight models (overrides allow_test_models)."
+    )
+    test_model_size: Literal["tiny", "full"] = Field(
+        "tiny", description="tiny: fast, for tests. full: the real architecture, for benchmarks."
+    )
+    cache_dir: str = Field("~/.cache/speech-serve/models", description="Where test models are built.")
+    vad: ModelSpec = ModelSpec(hub_id="iic/speech_fsmn_vad_zh-cn-16k-common-pytorch")
+    asr: ModelSpec = ModelSpec(hub_id="iic/SenseVoiceSmall")
+    speaker: ModelSpec = ModelSpec(hub_id="iic/speech_eres2netv2_sv_zh-cn_16k-common")
+    speaker_arch: Literal["eres2netv2", "campplus"] = Field(
+        "eres2netv2", description="Architecture of the random-weight speaker model built for tests."
+    )
+
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir).expanduser()
+
+
+class VadSettings(_Strict):
+    max_end_silence_ms: int = Field(
+        600, description="Silence that ends an utterance. Shorter answers sooner but splits on pauses."
+    )
+    reset_after_ms: int = Field(
+        20_000,
+        description="Reset a session's fsmn cache between utterances once it holds this much audio, "
+        "so memory stays flat on long sessions.",
+    )
+    threads: int = Field(1, description="torch threads per VADHost replica.")
+
+
+class AsrSettings(_Strict):
+    language: str = Field("auto", description="auto, zh, en, yue, ja, ko")
+    use_itn: bool = Field(True, description="Inverse text normalisation (punctuation, numbers).")
+    threads: int = Field(2, description="torch threads per SenseVoice replica on CPU.")
+
+
+class SpeakerSettings(_Strict):
+    threads: int = Field(2, description="torch threads per Speaker replica on CPU.")
+    keep_embeddings: int = Field(
+        20, description="Embeddings kept per session (addressable by embedding_id) for later enrolment."
+    )
+
+
+class BatchSettings(_Strict):
+    """Live-tunable through the deployment's `user_config`."""
+
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.02
+
+
+class IngressSettings(_Strict):
+    vad_chunk_ms: int = Field(
+        200,
+        description="Audio sent to VADHost per call. Each call costs ~1-2 ms CPU per side; "
+        "larger chunks cost fewer calls but add up to one chunk of end-of-speech latency.",
+    )
+    max_frame_bytes: int = Field(64_000, description="Largest binary frame accepted (2 s of PCM16).")
+    max_utterance_ms: int = Field(30_000, description="Force-cut an utterance that runs this long.")
+    max_upload_bytes: int = Field(50_000_000, description="Largest file for /v1/audio/transcriptions.")
+    speaker_enabled: bool = True
+
+
+PlacementName = Literal["Ingress", "VADHost", "SenseVoice", "Speaker"]
+
+
+class Placement(_Strict):
+    """ray_actor_options for one deployment. `num_gpus` is dropped on clusters without GPUs.
+
+    These live in the builder args, not in the YAML `deployments:` section, because Serve
+    replaces the code's ray_actor_options wholesale with the YAML's, which would pin a GPU
+    fraction on a CPU-only cluster and leave replicas pending forever.
+    """
+
+    num_cpus: float = 0.0
+    num_gpus: float = 0.0
+    memory_mb: int | None = None
+
+    def actor_options(self, cluster_has_gpu: bool) -> dict:
+        opts: dict = {"num_cpus": self.num_cpus}
+        if cluster_has_gpu and self.num_gpus > 0:
+            opts["num_gpus"] = self.num_gpus
+        if self.memory_mb:
+            opts["memory"] = self.memory_mb * 1024 * 1024
+        return opts
+
+
+def _default_placement() -> dict[str, Placement]:
+    return {
+        "Ingress": Placement(num_cpus=0.25),
+        "VADHost": Placement(num_cpus=0.25),
+        "SenseVoice": Placement(num_cpus=1, num_gpus=0.25),
+        "Speaker": Placement(num_cpus=0.5, num_gpus=0.15),
+    }
+
+
+class AppSettings(_Strict):
+    models: ModelSettings = ModelSettings()
+    vad: VadSettings = VadSettings()
+    asr: AsrSettings = AsrSettings()
+    speaker: SpeakerSettings = SpeakerSettings()
+    ingress: IngressSettings = IngressSettings()
+    placement: dict[PlacementName, Placement] = Field(default_factory=_default_placement)
