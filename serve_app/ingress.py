@@ -6,7 +6,6 @@ Routes
   POST /v1/audio/transcriptions   whole files, shaped like OpenAI's endpoint
 """
 
-from __future__ import annotations
 
 import asyncio
 import logging
@@ -16,7 +15,7 @@ from typing import Annotated
 import numpy as np
 import soxr
 from fastapi import FastAPI, File, Form, HTTPException, UploadFile, WebSocket, WebSocketDisconnect
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from serve_app.audio import AudioFormatError, decode_file, ms_to_samples
@@ -63,9 +62,11 @@ class Ingress:
 
     # ---- health -------------------------------------------------------------------------
     @app.get("/healthz")
-    async def healthz(self) -> dict:
+    async def healthz(self) -> JSONResponse:
+        """200 when every deployment has a running replica, 503 while any is starting."""
+        ready = False
         body = {
-            "status": "ok",
+            "status": "starting",
             "models": self.models.label,
             "model_sources": {s.role: s.describe() for s in (self.models.vad, self.models.asr, self.models.speaker)},
             "live_sessions_this_replica": self.live_sessions,
@@ -79,9 +80,11 @@ class Ingress:
                 name: {"status": str(d.status.value), "replicas": dict(d.replica_states)}
                 for name, d in status.deployments.items()
             }
-        except Exception as exc:  # the controller may be busy; health of this replica still counts
+            ready = all(d["replicas"].get("RUNNING", 0) > 0 for d in body["deployments"].values())
+        except Exception as exc:  # the controller may be busy: report it, do not fail the probe's caller
             body["deployments"] = f"unavailable: {type(exc).__name__}"
-        return body
+        body["status"] = "ok" if ready else "starting"
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     # ---- plain JSON protocol ------------------------------------------------------------
     @app.websocket("/v1/stream")
@@ -104,7 +107,7 @@ class Ingress:
         start = plain.StartMessage()
         await send(plain.render_ready(session_id, start, self.models.label, limits.vad_chunk_ms))
         session = self.pipeline.new_session(session_id)
-        runner: StreamRunner | None = None
+        runner: StreamRunner | None = None  # created on the first audio, after an optional "start"
         resample = _Resampler(start.sample_rate)
         self.live_sessions += 1
         try:
@@ -134,8 +137,8 @@ class Ingress:
                     if len(tail):
                         await runner.push(tail)
                     count = await runner.finish()
-                    runner = None
-                    await send(plain.render_done(count))
+                    replays, runner = runner.vad_replays, None
+                    await send(plain.render_done(count, replays))
                     await ws.close(CLOSE_NORMAL)
                     return
                 except plain.ProtocolError as exc:

@@ -32,7 +32,8 @@ logger = logging.getLogger("ray.serve")
 
 # A replica that died or is stopping mid-call: the call is safe to repeat on another one.
 REPLICA_GONE = (RayActorError, ActorUnavailableError)
-MAX_ATTEMPTS = 3
+MAX_ATTEMPTS = 4
+RETRY_BACKOFF_S = 0.5  # times the attempt number: a replacement replica takes seconds to start
 
 
 @dataclass(frozen=True)
@@ -58,17 +59,21 @@ class Pipeline:
         s = self.settings.ingress
         return Session(session_id, vad_chunk_ms=s.vad_chunk_ms, max_utterance_ms=s.max_utterance_ms)
 
-    async def feed_vad(self, session: Session, chunk: VadChunk) -> VadFeedResult:
-        """Send one chunk; if the session's VAD state is gone, replay the unfinished audio."""
+    async def feed_vad(self, session: Session, chunk: VadChunk) -> tuple[VadFeedResult, int]:
+        """Send one chunk; if the session's VAD state is gone, replay the unfinished audio.
+
+        Returns the result and how many replays it took.
+        """
         sid = session.session_id
         for attempt in range(MAX_ATTEMPTS):
             try:
                 result = await self.vad.feed.remote(sid, chunk.pcm, chunk.start_ms, chunk.final, chunk.restart)
             except REPLICA_GONE as exc:
                 logger.warning("session %s: VAD replica lost (%s); replaying", sid, type(exc).__name__)
+                await asyncio.sleep(RETRY_BACKOFF_S * attempt)
                 result = VadFeedResult(events=[], state_lost=True)
             if not result.state_lost:
-                return result
+                return result, attempt
             chunk = session.replay_chunk()
             logger.info("session %s: replaying %d ms of audio from %d ms (attempt %d)",
                         sid, len(chunk.pcm) // 16, chunk.start_ms, attempt + 1)  # fmt: skip
@@ -88,6 +93,7 @@ class Pipeline:
                 if attempt == MAX_ATTEMPTS - 1:
                     raise
                 logger.warning("session %s: %s replica lost; retrying", session_id, what)
+                await asyncio.sleep(RETRY_BACKOFF_S * attempt)
 
     async def transcribe(
         self, pcm: np.ndarray, options: RecognitionOptions, session_id: str
@@ -146,6 +152,7 @@ class StreamRunner:
         self._sender = asyncio.create_task(self._send_in_order())
         self.embeddings: deque[tuple[str, SpeakerEmbedding]] = deque(maxlen=pipeline.settings.speaker.keep_embeddings)
         self.results_sent = 0
+        self.vad_replays = 0
 
     async def push(self, pcm: np.ndarray) -> None:
         for chunk in self.session.add_audio(pcm):
@@ -169,7 +176,8 @@ class StreamRunner:
 
     async def _process(self, chunk: VadChunk) -> None:
         started = time.perf_counter()
-        result = await self.pipeline.feed_vad(self.session, chunk)
+        result, replays = await self.pipeline.feed_vad(self.session, chunk)
+        self.vad_replays += replays
         vad_ms = _ms_since(started)
         for utt in self.session.on_vad_events(result.events):
             endpoint_ms = self.session.sent_ms - utt.end_ms

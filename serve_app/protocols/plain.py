@@ -11,7 +11,7 @@ Server -> client
   {"type": "result", "index": 0, "text": ..., "language": ..., "emotion": ..., "event": ...,
    "start_ms": ..., "end_ms": ..., "speaker": {...}, "latency_ms": {...}, "models": ...}
   {"type": "error", "code": ..., "message": ...}
-  {"type": "done", "utterances": N}
+  {"type": "done", "utterances": N, "vad_replays": R}
 """
 
 from __future__ import annotations
@@ -117,5 +117,6 @@ def render_error(code: str, message: str) -> str:
     return json.dumps({"type": "error", "code": code, "message": message})
 
 
-def render_done(utterances: int) -> str:
-    return json.dumps({"type": "done", "utterances": utterances})
+def render_done(utterances: int, vad_replays: int = 0) -> str:
+    """`vad_replays`: times the session's VAD state was rebuilt on another replica."""
+    return json.dumps({"type": "done", "utterances": utterances, "vad_replays": vad_replays})

@@ -1,0 +1,63 @@
+"""Stream a WAV file to the plain JSON protocol and print each result.
+
+    python examples/plain_client.py tests/fixtures/two_utterances.wav
+    python examples/plain_client.py speech.wav --url ws://host:8000/v1/stream --realtime
+
+The file is sent as PCM16 frames (60 ms each by default); any sample rate the server lists
+is accepted and resampled there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import wave
+
+from websockets.sync.client import connect
+
+
+def read_wav(path: str) -> tuple[bytes, int]:
+    with wave.open(path, "rb") as w:
+        if w.getsampwidth() != 2 or w.getnchannels() != 1:
+            raise SystemExit(f"{path}: need 16-bit mono PCM WAV (convert with: sox in.wav -b 16 -c 1 out.wav)")
+        return w.readframes(w.getnframes()), w.getframerate()
+
+
+def stream_file(url: str, path: str, frame_ms: int = 60, realtime: bool = False, timeout_s: float = 120) -> list[dict]:
+    """Stream one file; return the server's result messages in the order received."""
+    pcm, rate = read_wav(path)
+    frame_bytes = rate * frame_ms // 1000 * 2
+    results = []
+    with connect(url, max_size=None, open_timeout=30) as ws:
+        ready = json.loads(ws.recv(timeout=30))
+        assert ready["type"] == "ready", ready
+        ws.send(json.dumps({"type": "start", "sample_rate": rate}))
+        json.loads(ws.recv(timeout=30))  # ready again, with our sample rate
+        for i in range(0, len(pcm), frame_bytes):
+            ws.send(pcm[i : i + frame_bytes])
+            if realtime:
+                time.sleep(frame_ms / 1000)
+        ws.send(json.dumps({"type": "end"}))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            msg = json.loads(ws.recv(timeout=timeout_s))
+            if msg["type"] == "done":
+                break
+            results.append(msg)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("wav")
+    parser.add_argument("--url", default="ws://127.0.0.1:8000/v1/stream")
+    parser.add_argument("--frame-ms", type=int, default=60)
+    parser.add_argument("--realtime", action="store_true", help="pace frames like a live microphone")
+    args = parser.parse_args()
+    for msg in stream_file(args.url, args.wav, args.frame_ms, args.realtime):
+        print(json.dumps(msg, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()

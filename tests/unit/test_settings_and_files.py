@@ -1,0 +1,74 @@
+import json
+
+import numpy as np
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from serve_app.audio import AudioFormatError, decode_file, resample
+from serve_app.messages import SpeakerInfo, UtteranceResult
+from serve_app.protocols import openai_files
+from serve_app.settings import AppSettings, Placement
+
+
+def test_the_shipped_config_parses_into_settings():
+    with open("config/serve.yaml") as f:
+        config = yaml.safe_load(f)
+    (app,) = config["applications"]
+    assert app["import_path"] == "serve_app.app:build_app"
+    settings = AppSettings(**app["args"])
+    assert settings.ingress.vad_chunk_ms >= 120
+    names = {d["name"] for d in app["deployments"]}
+    assert names == {"Ingress", "VADHost", "SenseVoice", "Speaker"}
+
+
+def test_unknown_settings_are_rejected():
+    with pytest.raises(ValidationError):
+        AppSettings(ingress={"vad_chunk_msec": 100})
+
+
+def test_gpu_fraction_only_where_the_cluster_has_gpus():
+    p = Placement(num_cpus=1, num_gpus=0.25)
+    assert p.actor_options(cluster_has_gpu=True) == {"num_cpus": 1, "num_gpus": 0.25}
+    assert p.actor_options(cluster_has_gpu=False) == {"num_cpus": 1}
+
+
+def _result(i, text, lang):
+    return UtteranceResult(
+        session_id="f", index=i, start_ms=i * 1000, end_ms=i * 1000 + 500, text=text, language=lang,
+        emotion=None, event=None, raw_text=text, speaker=SpeakerInfo(), models="test",
+    )  # fmt: skip
+
+
+def test_openai_shapes():
+    results = [_result(0, "hello", "en"), _result(1, "world", "en")]
+    body, media = openai_files.render("json", results, 2.0, "test")
+    assert media == "application/json" and json.loads(body) == {"text": "hello world", "models": "test"}
+    body, media = openai_files.render("text", results, 2.0, "test")
+    assert media.startswith("text/plain") and body == "hello world\n"
+    verbose = json.loads(openai_files.render("verbose_json", results, 2.0, "test")[0])
+    assert verbose["language"] == "en" and verbose["duration"] == 2.0
+    assert [(s["id"], s["start"], s["end"], s["text"]) for s in verbose["segments"]] == [
+        (0, 0.0, 0.5, "hello"),
+        (1, 1.0, 1.5, "world"),
+    ]
+    with pytest.raises(openai_files.TranscriptionRequestError, match="srt"):
+        openai_files.check_response_format("srt")
+
+
+def test_decode_file_resamples_to_16k(tmp_path):
+    import soundfile as sf
+
+    t = np.arange(48000) / 48000
+    path = tmp_path / "tone.wav"
+    sf.write(path, (0.5 * np.sin(2 * np.pi * 440 * t) * 32767).astype(np.int16), 48000)
+    pcm, duration = decode_file(path.read_bytes())
+    assert duration == pytest.approx(1.0) and abs(len(pcm) - 16000) <= 2 and pcm.dtype == np.int16
+    with pytest.raises(AudioFormatError):
+        decode_file(b"this is not audio")
+
+
+def test_resample_identity_and_ratio():
+    pcm = np.zeros(800, dtype=np.int16)
+    assert resample(pcm, 16000) is pcm
+    assert len(resample(pcm, 8000)) == 1600
