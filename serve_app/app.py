@@ -39,9 +39,23 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         print(f"\n{banner}\n{TEST_MODEL_WARNING}\n{banner}\n", flush=True)
 
     def placed(deployment, name: str):
-        return deployment.options(ray_actor_options=settings.placement[name].actor_options(gpu))
+        return deployment.options(**settings.placement[name].deployment_options(gpu))
 
     vad = placed(VADHost, "VADHost").bind(models.vad, settings.vad)
     asr = placed(SenseVoice, "SenseVoice").bind(models.asr, settings.asr)
     speaker = placed(Speaker, "Speaker").bind(models.speaker, settings.speaker)
     return placed(Ingress, "Ingress").bind(vad, asr, speaker, settings, models)
+
+
+def run_local(args: dict[str, Any], port: int, name: str = "speech", num_cpus: int | None = None) -> str:
+    """Start Ray and Serve in this process and deploy the app (tests and benchmarks).
+
+    Returns host:port. `serve run config/serve.yaml` is the way to run the service itself.
+    """
+    from ray import serve
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(args), name=name, route_prefix="/")
+    return f"127.0.0.1:{port}"

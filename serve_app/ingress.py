@@ -6,7 +6,6 @@ Routes
   POST /v1/audio/transcriptions   whole files, shaped like OpenAI's endpoint
 """
 
-
 import asyncio
 import logging
 import uuid

@@ -98,7 +98,8 @@ PlacementName = Literal["Ingress", "VADHost", "SenseVoice", "Speaker"]
 
 
 class Placement(_Strict):
-    """ray_actor_options for one deployment. `num_gpus` is dropped on clusters without GPUs.
+    """ray_actor_options for one deployment (and an optional fixed replica count).
+    `num_gpus` is dropped on clusters without GPUs.
 
     These live in the builder args, not in the YAML `deployments:` section, because Serve
     replaces the code's ray_actor_options wholesale with the YAML's, which would pin a GPU
@@ -108,6 +109,15 @@ class Placement(_Strict):
     num_cpus: float = 0.0
     num_gpus: float = 0.0
     memory_mb: int | None = None
+    num_replicas: int | None = Field(
+        None, description="Fixed replica count; leave unset to use autoscaling_config from `deployments:`."
+    )
+
+    def deployment_options(self, cluster_has_gpu: bool) -> dict:
+        opts: dict = {"ray_actor_options": self.actor_options(cluster_has_gpu)}
+        if self.num_replicas is not None:
+            opts["num_replicas"] = self.num_replicas
+        return opts
 
     def actor_options(self, cluster_has_gpu: bool) -> dict:
         opts: dict = {"num_cpus": self.num_cpus}

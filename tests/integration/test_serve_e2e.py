@@ -1,0 +1,182 @@
+"""End to end on a real local Ray Serve: the app builder's application with tiny models,
+real WebSockets and HTTP, one Ray instance for the whole module.
+
+Deployments are sized for a 2-core CI machine: no CPU reservations, one replica each,
+except two VADHost replicas so a session can lose its VAD replica and be re-pinned.
+"""
+
+import json
+import socket
+import time
+
+import httpx
+import pytest
+import ray
+from ray import serve
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from examples.plain_client import stream_file
+from serve_app.app import run_local
+from tests.conftest import TWO_UTTERANCES_SPEECH_MS, TWO_UTTERANCES_WAV
+
+pytestmark = pytest.mark.integration
+
+APP = "speech"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(model_settings, tiny_models):
+    """Base URL of a running service."""
+    placement = {name: {"num_cpus": 0} for name in ("Ingress", "VADHost", "SenseVoice", "Speaker")}
+    # Two VAD replicas: one to lose mid-session, one to take the session over.
+    placement["VADHost"]["num_replicas"] = 2
+    args = {
+        "models": model_settings.model_dump(),
+        "asr": {"threads": 1},
+        "speaker": {"threads": 1},
+        "placement": placement,
+    }
+    base = run_local(args, free_port(), name=APP, num_cpus=2)
+    _wait_healthy(f"http://{base}/healthz")
+    yield base
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _wait_healthy(url: str, timeout_s: float = 120) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        r = httpx.get(url, timeout=10)
+        if r.status_code == 200:
+            return r.json()
+        time.sleep(1)
+    raise AssertionError(f"service not healthy in {timeout_s} s: {r.status_code} {r.text}")
+
+
+def test_healthz_reports_test_models_and_running_replicas(service):
+    body = httpx.get(f"http://{service}/healthz", timeout=10).json()
+    assert body["status"] == "ok"
+    assert body["models"] == "test" and "RANDOM-WEIGHT" in body["warning"]
+    assert set(body["deployments"]) == {"Ingress", "VADHost", "SenseVoice", "Speaker"}
+    assert body["deployments"]["VADHost"]["replicas"] == {"RUNNING": 2}
+
+
+def test_websocket_stream_of_two_utterances_gives_two_results_in_order(service):
+    results = stream_file(f"ws://{service}/v1/stream", str(TWO_UTTERANCES_WAV))
+    assert [r["type"] for r in results] == ["result", "result"]
+    assert [r["index"] for r in results] == [0, 1]
+    for r, (start, end) in zip(results, TWO_UTTERANCES_SPEECH_MS, strict=True):
+        assert abs(r["start_ms"] - start) < 400 and abs(r["end_ms"] - end) < 400
+        assert r["text"] and r["models"] == "test"
+        assert r["speaker"]["label"] == "unknown" and r["speaker"]["embedding_id"].endswith(f":{r['index']}")
+        for stage in ("asr_ms", "asr_model_ms", "speaker_ms", "vad_ms", "server_ms", "endpoint_ms"):
+            assert r["latency_ms"][stage] >= 0
+    assert len({r["session_id"] for r in results}) == 1
+
+
+def test_concurrent_sessions_each_get_their_own_results(service):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        runs = list(pool.map(lambda _: stream_file(f"ws://{service}/v1/stream", str(TWO_UTTERANCES_WAV)), range(4)))
+    assert [len(r) for r in runs] == [2, 2, 2, 2]
+    assert len({r[0]["session_id"] for r in runs}) == 4
+
+
+def _vad_replicas():
+    names = ray.util.list_named_actors(all_namespaces=True)
+    return [
+        ray.get_actor(n["name"], namespace=n["namespace"])
+        for n in names
+        if n["name"].startswith("SERVE_REPLICA::") and f"{APP}#VADHost#" in n["name"]
+    ]
+
+
+def test_session_survives_losing_its_vad_replica(service):
+    """Kill the replica holding the session's VAD state mid-utterance: the session is re-pinned,
+    the unfinished audio replayed, and both utterances still arrive, once each, in order."""
+    with open(TWO_UTTERANCES_WAV, "rb") as f:
+        pcm = f.read()[44:]
+    frame = 960 * 2
+    with connect(f"ws://{service}/v1/stream", max_size=None) as ws:
+        assert json.loads(ws.recv(timeout=30))["type"] == "ready"
+        middle_of_first = 1800 * 32  # bytes at 1.8 s
+        for i in range(0, middle_of_first, frame):
+            ws.send(pcm[i : i + frame])
+        time.sleep(0.5)  # let the last VAD call land
+        holders = [a for a in _vad_replicas() if ray.get(a.record_routing_stats.remote()).get("live_sessions")]
+        assert len(holders) == 1
+        ray.kill(holders[0], no_restart=True)
+        for i in range(middle_of_first, len(pcm), frame):
+            ws.send(pcm[i : i + frame])
+        ws.send(json.dumps({"type": "end"}))
+        messages = []
+        while not messages or messages[-1]["type"] != "done":
+            messages.append(json.loads(ws.recv(timeout=120)))
+    results = [m for m in messages if m["type"] == "result"]
+    assert [r["index"] for r in results] == [0, 1]
+    assert abs(results[0]["start_ms"] - TWO_UTTERANCES_SPEECH_MS[0][0]) < 400
+    assert messages[-1]["vad_replays"] >= 1
+
+
+def test_bad_frames_get_errors_and_the_session_goes_on(service):
+    with open(TWO_UTTERANCES_WAV, "rb") as f:
+        pcm = f.read()[44:]
+    with connect(f"ws://{service}/v1/stream", max_size=None) as ws:
+        json.loads(ws.recv(timeout=30))
+        ws.send("this is not json")
+        assert json.loads(ws.recv(timeout=10))["code"] == "invalid_json"
+        ws.send(json.dumps({"type": "jump"}))
+        assert json.loads(ws.recv(timeout=10))["code"] == "unknown_type"
+        ws.send(b"\x01\x02\x03")  # odd length: not PCM16
+        assert json.loads(ws.recv(timeout=10))["code"] == "bad_audio"
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+        assert closed.value.rcvd.code == 1003
+    with connect(f"ws://{service}/v1/stream", max_size=None) as ws:
+        json.loads(ws.recv(timeout=30))
+        for i in range(0, len(pcm), 1920):
+            ws.send(pcm[i : i + 1920])
+        ws.send(json.dumps({"type": "start"}))
+        assert next_error(ws)["code"] == "bad_order"
+        ws.send(b"\x00" * 70_000)
+        assert next_error(ws)["code"] == "frame_too_large"
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+        assert closed.value.rcvd.code == 1009
+
+
+def next_error(ws) -> dict:
+    """The next error frame; results of the audio sent so far may come first."""
+    while (msg := json.loads(ws.recv(timeout=30)))["type"] != "error":
+        assert msg["type"] == "result"
+    return msg
+
+
+def test_openai_transcriptions_endpoint(service):
+    url = f"http://{service}/v1/audio/transcriptions"
+    wav = TWO_UTTERANCES_WAV.read_bytes()
+    verbose = httpx.post(
+        url,
+        files={"file": ("a.wav", wav, "audio/wav")},
+        data={"model": "x", "response_format": "verbose_json"},
+        timeout=60,
+    )
+    assert verbose.status_code == 200, verbose.text
+    body = verbose.json()
+    assert body["duration"] == pytest.approx(8.17, abs=0.01) and body["models"] == "test"
+    assert len(body["segments"]) == 2 and body["text"]
+    plain_text = httpx.post(url, files={"file": ("a.wav", wav)}, data={"response_format": "text"}, timeout=60)
+    assert plain_text.headers["content-type"].startswith("text/plain") and plain_text.text.strip()
+    assert httpx.post(url, files={"file": ("a.wav", wav)}, timeout=60).json()["text"]
+    bad_format = httpx.post(url, files={"file": ("a.wav", wav)}, data={"response_format": "srt"}, timeout=60)
+    assert bad_format.status_code == 400 and "srt" in bad_format.json()["detail"]
+    not_audio = httpx.post(url, files={"file": ("a.wav", b"hello")}, timeout=60)
+    assert not_audio.status_code == 400 and "decode" in not_audio.json()["detail"]
