@@ -43,6 +43,18 @@ def resample(pcm: np.ndarray, from_rate: int, to_rate: int = SAMPLE_RATE) -> np.
     return np.clip(np.round(out), -32768, 32767).astype(np.int16)
 
 
+class StreamResampler:
+    """Resample one live stream chunk by chunk to 16 kHz, with no clicks at chunk boundaries."""
+
+    def __init__(self, rate: int):
+        import soxr
+
+        self._stream = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="int16") if rate != SAMPLE_RATE else None
+
+    def __call__(self, pcm: np.ndarray, last: bool = False) -> np.ndarray:
+        return pcm if self._stream is None else self._stream.resample_chunk(pcm, last=last)
+
+
 def decode_file(data: bytes) -> tuple[np.ndarray, float]:
     """Decode an uploaded audio file (WAV, FLAC, OGG, MP3 via libsndfile) to 16 kHz int16 mono.
 

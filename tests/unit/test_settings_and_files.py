@@ -5,7 +5,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from serve_app.audio import AudioFormatError, decode_file, resample
+from serve_app.audio import AudioFormatError, StreamResampler, decode_file, resample
 from serve_app.messages import SpeakerInfo, UtteranceResult
 from serve_app.protocols import openai_files
 from serve_app.settings import AppSettings, Placement
@@ -72,3 +72,17 @@ def test_resample_identity_and_ratio():
     pcm = np.zeros(800, dtype=np.int16)
     assert resample(pcm, 16000) is pcm
     assert len(resample(pcm, 8000)) == 1600
+
+
+def test_stream_resampler_keeps_length_across_chunks():
+    t = np.arange(48000 * 2) / 48000
+    tone = (0.3 * np.sin(2 * np.pi * 300 * t) * 32767).astype(np.int16)
+    rs = StreamResampler(48000)
+    out = [rs(tone[i : i + 2880]) for i in range(0, len(tone), 2880)]  # 60 ms frames
+    out.append(rs(np.zeros(0, dtype=np.int16), last=True))
+    joined = np.concatenate(out)
+    assert abs(len(joined) - 32000) <= 2 and joined.dtype == np.int16
+    # a clean 300 Hz tone, no clicks at frame boundaries: the biggest sample step stays small
+    assert np.abs(np.diff(joined[200:-200].astype(np.int32))).max() < 0.15 * 32767
+    passthrough = StreamResampler(16000)
+    assert passthrough(tone[:10]) is not None and len(passthrough(tone[:10])) == 10
