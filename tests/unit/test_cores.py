@@ -109,3 +109,17 @@ def test_speaker_batched_embedding_matches_single(tiny_models, two_utterances):
 
 def test_tile_to_repeats_the_clip():
     assert tile_to(np.array([1, 2, 3], dtype=np.int16), 7).tolist() == [1, 2, 3, 1, 2, 3, 1]
+
+
+def test_vad_reset_keeps_the_session_cache_from_growing(tiny_models, two_utterances):
+    """fsmn keeps one output_data_buf entry per segment it ever found; resets drop them."""
+
+    def segments_held(reset_after_ms: int) -> int:
+        vad = VadCore(tiny_models.vad, VadSettings(max_end_silence_ms=600, reset_after_ms=reset_after_ms))
+        audio = np.concatenate([two_utterances] * 8)
+        for i in range(0, len(audio), 3200):
+            vad.feed("s", audio[i : i + 3200], i // 16)
+        return len(vad._streams["s"].cache["stats"].output_data_buf)
+
+    assert segments_held(reset_after_ms=10**9) >= 14  # without resets: grows with the session
+    assert segments_held(reset_after_ms=5000) <= 2
