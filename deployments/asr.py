@@ -8,7 +8,7 @@ from collections import defaultdict
 
 from ray import serve
 
-from deployments.batching import BatchedModelHost, pick_device
+from deployments.batching import INTERIM, BatchedModelHost, pick_device
 from serve_app.audio import to_float32
 from serve_app.messages import AsrRequest, Transcript
 from serve_app.models import ModelSource, load_automodel
@@ -46,7 +46,7 @@ class AsrCore:
 
 @serve.deployment
 class SenseVoice(BatchedModelHost):
-    batched_method = "transcribe"
+    batched_methods = ("transcribe", "transcribe_interim")
 
     def __init__(self, source: ModelSource, settings: AsrSettings):
         super().__init__()
@@ -56,3 +56,8 @@ class SenseVoice(BatchedModelHost):
     @serve.batch(max_batch_size=_DEFAULT_BATCH.max_batch_size, batch_wait_timeout_s=_DEFAULT_BATCH.batch_wait_timeout_s)
     async def transcribe(self, requests: list[AsrRequest]) -> list[Transcript]:
         return await self._run(self._core.transcribe_batch, requests)
+
+    @serve.batch(max_batch_size=_DEFAULT_BATCH.max_batch_size, batch_wait_timeout_s=_DEFAULT_BATCH.batch_wait_timeout_s)
+    async def transcribe_interim(self, requests: list[AsrRequest]) -> list[Transcript]:
+        """Growing segments for interim text: queued behind every final batch."""
+        return await self._run(self._core.transcribe_batch, requests, priority=INTERIM)

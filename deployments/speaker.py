@@ -48,7 +48,7 @@ class SpeakerCore:
 
 @serve.deployment
 class Speaker(BatchedModelHost):
-    batched_method = "embed"
+    batched_methods = ("embed",)
 
     def __init__(self, source: ModelSource, settings: SpeakerSettings):
         super().__init__()

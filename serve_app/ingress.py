@@ -3,6 +3,8 @@
 Routes
   GET  /healthz                   models real or test, replicas per deployment
   WS   /v1/stream                 plain JSON protocol (serve_app/protocols/plain.py)
+  WS   /xiaozhi/v1/               Xiaozhi devices: Opus, hello/listen/abort, stt (protocols/xiaozhi.py)
+  WS   /  and  /funasr            FunASR runtime protocol, subprotocol "binary" (protocols/funasr.py)
   POST /v1/audio/transcriptions   whole files, shaped like OpenAI's endpoint
 """
 
@@ -16,12 +18,16 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from serve_app.audio import AudioFormatError, decode_file, ms_to_samples
+from serve_app.auth import DeviceAuth
+from serve_app.funasr_stream import FunasrStream
 from serve_app.messages import Utterance
 from serve_app.models import ResolvedModels
 from serve_app.pipeline import Pipeline, RecognitionOptions
 from serve_app.plain_stream import PlainStream
 from serve_app.protocols import openai_files
 from serve_app.settings import AppSettings
+from serve_app.stream_handler import StreamHandler
+from serve_app.xiaozhi_stream import XiaozhiStream
 
 logger = logging.getLogger("ray.serve")
 app = FastAPI(title="speech-serve", description="Realtime speech front-end: transcripts and speakers.")
@@ -32,6 +38,10 @@ TEST_MODEL_WARNING = (
 )
 
 
+def new_session_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
 @serve.deployment
 @serve.ingress(app)
 class Ingress:
@@ -40,6 +50,7 @@ class Ingress:
         self.models = models
         self.pipeline = Pipeline(vad, asr, speaker, settings, models.label)
         self.live_sessions = 0
+        self.device_auth = DeviceAuth.from_settings(settings.xiaozhi)  # fails the replica if misconfigured
         for source in (models.vad, models.asr, models.speaker):
             logger.info("model %s: %s", source.role, source.describe())
         if models.label == "test":
@@ -72,14 +83,30 @@ class Ingress:
         return JSONResponse(body, status_code=200 if ready else 503)
 
     # ---- plain JSON protocol ------------------------------------------------------------
+    async def _serve(self, handler: StreamHandler) -> None:
+        self.live_sessions += 1
+        try:
+            await handler.run()
+        finally:
+            self.live_sessions -= 1
+
     @app.websocket("/v1/stream")
     async def stream(self, ws: WebSocket) -> None:
         await ws.accept()
-        self.live_sessions += 1
-        try:
-            await PlainStream(ws, self.pipeline, uuid.uuid4().hex[:16]).run()
-        finally:
-            self.live_sessions -= 1
+        await self._serve(PlainStream(ws, self.pipeline, new_session_id()))
+
+    @app.websocket("/xiaozhi/v1/")
+    @app.websocket("/xiaozhi/v1")
+    async def xiaozhi(self, ws: WebSocket) -> None:
+        await ws.accept()
+        await self._serve(XiaozhiStream(ws, self.pipeline, new_session_id(), self.device_auth))
+
+    @app.websocket("/")
+    @app.websocket("/funasr")
+    async def funasr(self, ws: WebSocket) -> None:
+        # FunASR's client asks for the subprotocol "binary" and drops a connection without it.
+        await ws.accept(subprotocol="binary" if "binary" in ws.scope.get("subprotocols", ()) else None)
+        await self._serve(FunasrStream(ws, self.pipeline, new_session_id()))
 
     # ---- whole files --------------------------------------------------------------------
     @app.post("/v1/audio/transcriptions")

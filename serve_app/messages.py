@@ -74,6 +74,11 @@ class SpeakerInfo:
     embedding_id: str | None = None
     embedding: list[float] | None = None
 
+    def fields(self) -> dict:
+        """For the wire: the embedding only when the client asked for it."""
+        out = {"label": self.label, "score": self.score, "embedding_id": self.embedding_id}
+        return out if self.embedding is None else {**out, "embedding": self.embedding}
+
 
 @dataclass
 class UtteranceResult:

@@ -103,6 +103,10 @@ class Pipeline:
         transcript = await self._retrying(lambda: self.asr.transcribe.remote(request), "SenseVoice", session_id)
         return transcript, _ms_since(started)
 
+    async def transcribe_interim(self, pcm: np.ndarray, options: RecognitionOptions) -> Transcript:
+        """Text of an unfinished utterance; runs behind every final on the SenseVoice replica."""
+        return await self.asr.transcribe_interim.remote(AsrRequest(pcm, options.language, options.use_itn))
+
     async def embed(self, pcm: np.ndarray, session_id: str) -> tuple[SpeakerEmbedding | None, float]:
         if not self.settings.ingress.speaker_enabled:
             return None, 0.0
@@ -134,7 +138,12 @@ class Pipeline:
 
 
 class StreamRunner:
-    """One live stream: audio in, `on_result` called once per utterance, in order."""
+    """One live stream: audio in, `on_result` called once per utterance, in order.
+
+    Optional: `on_interim(index, text)` with the growing text of the utterance being spoken,
+    every `interim_interval_ms` (at most one interim request in flight per stream).
+    `manual` streams (push-to-talk) skip the VAD: `end_utterance()` cuts the utterance.
+    """
 
     def __init__(
         self,
@@ -143,14 +152,21 @@ class StreamRunner:
         options: RecognitionOptions,
         on_result: Callable[[UtteranceResult], Awaitable[None]],
         on_failure: Callable[[int, Exception], Awaitable[None]],
+        on_interim: Callable[[int, str], Awaitable[None]] | None = None,
+        interim_interval_ms: int = 600,
     ):
         self.pipeline = pipeline
         self.session = session
         self.options = options
-        self._on_result, self._on_failure = on_result, on_failure
+        self._on_result, self._on_failure, self._on_interim = on_result, on_failure, on_interim
+        self._interim_interval_ms = interim_interval_ms
+        self._interim_task: asyncio.Task | None = None
+        self._interim_at_ms = 0
         self._queue: asyncio.Queue[tuple[int, asyncio.Task] | None] = asyncio.Queue()
+        self._in_flight: set[asyncio.Task] = set()
         self._sender = asyncio.create_task(self._send_in_order())
         self.embeddings: deque[tuple[str, SpeakerEmbedding]] = deque(maxlen=pipeline.settings.speaker.keep_embeddings)
+        self.manual = False
         self.results_sent = 0
         self.vad_replays = 0
 
@@ -158,9 +174,34 @@ class StreamRunner:
         for chunk in self.session.add_audio(pcm):
             await self._process(chunk)
 
+    def begin_utterance(self) -> None:
+        """Push-to-talk pressed."""
+        self.manual = True
+        self.session.begin_manual()
+
+    def end_utterance(self) -> None:
+        """The client ends the utterance now: push-to-talk released, or listening stopped
+        mid-speech. Nothing happens if no utterance is open."""
+        if not self.manual and self.session.speech_start_ms is None:
+            return
+        utt = self.session.end_manual()
+        if utt is not None:
+            self._recognise_later(utt, time.perf_counter(), 0.0, 0.0, 0)
+
+    def abort(self) -> None:
+        """Drop the utterance being spoken and every result not sent yet."""
+        self.session.abort()
+        for task in self._in_flight:
+            task.cancel()
+        if self._interim_task is not None:
+            self._interim_task.cancel()
+
     async def finish(self) -> int:
         """End of stream: flush the VAD, wait for every result to be sent. Returns the count."""
-        await self._process(self.session.flush())
+        if self.manual:
+            self.end_utterance()
+        else:
+            await self._process(self.session.flush())
         await self._queue.put(None)
         await self._sender
         return self.results_sent
@@ -168,21 +209,50 @@ class StreamRunner:
     async def close(self) -> None:
         """The client is gone: stop work for it and free its VAD state."""
         self._sender.cancel()
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
-            if item is not None:
-                item[1].cancel()
+        for task in [*self._in_flight, self._interim_task]:
+            if task is not None:
+                task.cancel()
         await self.pipeline.close_vad(self.session.session_id)
 
     async def _process(self, chunk: VadChunk) -> None:
         started = time.perf_counter()
-        result, replays = await self.pipeline.feed_vad(self.session, chunk)
-        self.vad_replays += replays
-        vad_ms = _ms_since(started)
+        if self.manual:
+            result, vad_ms = VadFeedResult(events=[]), 0.0
+        else:
+            result, replays = await self.pipeline.feed_vad(self.session, chunk)
+            self.vad_replays += replays
+            vad_ms = _ms_since(started)
         for utt in self.session.on_vad_events(result.events):
             endpoint_ms = self.session.sent_ms - utt.end_ms
-            task = asyncio.create_task(self._recognise(utt, started, vad_ms, result.compute_ms, endpoint_ms))
-            self._queue.put_nowait((utt.index, task))
+            self._recognise_later(utt, started, vad_ms, result.compute_ms, endpoint_ms)
+        self._maybe_interim()
+
+    def _recognise_later(self, utt: Utterance, started: float, vad_ms: float, vad_compute_ms: float, endpoint_ms: int):
+        task = asyncio.create_task(self._recognise(utt, started, vad_ms, vad_compute_ms, endpoint_ms))
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+        self._queue.put_nowait((utt.index, task))
+
+    def _maybe_interim(self) -> None:
+        if self._on_interim is None:
+            return
+        speech = self.session.speech_so_far()
+        if speech is None:
+            self._interim_at_ms = self.session.sent_ms
+            return
+        due = self.session.sent_ms - self._interim_at_ms >= self._interim_interval_ms
+        if due and (self._interim_task is None or self._interim_task.done()):
+            self._interim_at_ms = self.session.sent_ms
+            self._interim_task = asyncio.create_task(self._interim(*speech))
+
+    async def _interim(self, index: int, pcm: np.ndarray) -> None:
+        try:
+            transcript = await self.pipeline.transcribe_interim(pcm, self.options)
+        except Exception:  # an interim is a courtesy: the final result still comes
+            logger.warning("session %s: interim recognition failed", self.session.session_id, exc_info=True)
+            return
+        if self.session.utterances_done == index and self._on_interim is not None:  # not final yet
+            await self._on_interim(index, transcript.text)
 
     async def _recognise(self, utt: Utterance, started: float, vad_ms: float, vad_compute_ms: float, endpoint_ms: int):
         result, embedding = await self.pipeline.recognise(self.session.session_id, utt, self.options)
@@ -197,13 +267,13 @@ class StreamRunner:
     async def _send_in_order(self) -> None:
         while (item := await self._queue.get()) is not None:
             index, task = item
-            try:
-                result = await task
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                logger.exception("session %s: recognition failed", self.session.session_id)
-                await self._on_failure(index, exc)
+            await asyncio.wait([task])  # never raises for the task's own failure or cancellation
+            if task.cancelled():  # aborted by the client: answer nothing for it
                 continue
-            await self._on_result(result)
+            if task.exception() is not None:
+                logger.error("session %s: recognition of utterance %d failed", self.session.session_id, index,
+                             exc_info=task.exception())  # fmt: skip
+                await self._on_failure(index, task.exception())
+                continue
+            await self._on_result(task.result())
             self.results_sent += 1

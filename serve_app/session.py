@@ -34,6 +34,7 @@ class Session:
         self.speech_start_ms: int | None = None
         self.utterances_done = 0
         self.finished = False
+        self._restart_vad = False  # the next chunk starts a fresh VAD state (after abort / push-to-talk)
 
     @property
     def received_ms(self) -> int:
@@ -60,7 +61,8 @@ class Session:
         return self._take_chunk(len(self._pending), final=True)
 
     def _take_chunk(self, n: int, final: bool) -> VadChunk:
-        chunk = VadChunk(pcm=self._pending[:n], start_ms=self.sent_ms, final=final)
+        chunk = VadChunk(pcm=self._pending[:n], start_ms=self.sent_ms, final=final, restart=self._restart_vad)
+        self._restart_vad = False
         self._pending = self._pending[n:]
         self.sent_ms += samples_to_ms(n)
         return chunk
@@ -74,6 +76,41 @@ class Session:
         self.speech_start_ms = None
         n = ms_to_samples(self.sent_ms - self._buffer_start_ms)
         return VadChunk(pcm=self._buffer[:n], start_ms=self._buffer_start_ms, final=self.finished, restart=True)
+
+    def speech_so_far(self) -> tuple[int, np.ndarray] | None:
+        """The unfinished utterance (its index and audio up to what the VAD has seen), for interim text."""
+        if self.speech_start_ms is None:
+            return None
+        a = ms_to_samples(self.speech_start_ms - self._buffer_start_ms)
+        b = ms_to_samples(self.sent_ms - self._buffer_start_ms)
+        return self.utterances_done, self._buffer[a:b].copy()
+
+    def begin_manual(self) -> None:
+        """Push-to-talk: the utterance starts now, whatever the VAD would say."""
+        self._skip_pending()
+        self._trim(self.received_ms)
+        self.speech_start_ms = self.received_ms
+
+    def end_manual(self) -> Utterance | None:
+        """Push-to-talk released: everything since `begin_manual` is the utterance."""
+        start = self.speech_start_ms if self.speech_start_ms is not None else self._buffer_start_ms
+        self._skip_pending()
+        self.speech_start_ms = None
+        if self.received_ms <= start:
+            return None
+        return self._cut(start, self.received_ms, forced=False)
+
+    def abort(self) -> None:
+        """Drop the utterance being spoken and every buffered sample; the VAD starts afresh."""
+        self._skip_pending()
+        self.speech_start_ms = None
+        self._trim(self.received_ms)
+
+    def _skip_pending(self) -> None:
+        """Audio not yet sent to the VAD will not be; the VAD state restarts at the next chunk."""
+        self._pending = _EMPTY
+        self.sent_ms = self.received_ms
+        self._restart_vad = True
 
     def on_vad_events(self, events: list[VadEvent]) -> list[Utterance]:
         """Apply VAD events; return finished utterances in order."""

@@ -94,6 +94,26 @@ class IngressSettings(_Strict):
     speaker_enabled: bool = True
 
 
+class XiaozhiSettings(_Strict):
+    auth_enabled: bool = Field(False, description="Require a device token (or an allow-listed Device-Id).")
+    secret_env: str = Field("XIAOZHI_AUTH_SECRET", description="Environment variable holding the HMAC secret.")
+    max_token_age_s: int = Field(30 * 24 * 3600, description="Tokens older than this are refused.")
+    allowed_devices: list[str] = Field(default_factory=list, description="Device ids admitted without a token.")
+    hello_timeout_s: float = Field(10.0, description="Close a connection that sends no hello in this time.")
+    hello_audio_params: dict = Field(
+        default_factory=lambda: {"format": "opus", "sample_rate": 16000, "channels": 1, "frame_duration": 60},
+        description="audio_params in our hello: what we send back to devices (we send no audio).",
+    )
+
+
+class FunasrSettings(_Strict):
+    interim_interval_ms: int = Field(
+        600,
+        description="online/2pass: re-decode the growing segment this often for interim text. "
+        "Interims run at low priority on SenseVoice and never delay final results.",
+    )
+
+
 PlacementName = Literal["Ingress", "VADHost", "SenseVoice", "Speaker"]
 
 
@@ -143,4 +163,6 @@ class AppSettings(_Strict):
     asr: AsrSettings = AsrSettings()
     speaker: SpeakerSettings = SpeakerSettings()
     ingress: IngressSettings = IngressSettings()
+    xiaozhi: XiaozhiSettings = XiaozhiSettings()
+    funasr: FunasrSettings = FunasrSettings()
     placement: dict[PlacementName, Placement] = Field(default_factory=_default_placement)

@@ -24,16 +24,9 @@ import numpy as np
 
 from serve_app.audio import AudioFormatError, pcm16_from_bytes
 from serve_app.messages import UtteranceResult
+from serve_app.protocols.errors import ProtocolError
 
 SUPPORTED_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
-
-
-class ProtocolError(ValueError):
-    """The client broke the protocol. `code` goes into the error frame."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True)
@@ -103,10 +96,7 @@ def render_ready(session_id: str, start: StartMessage, models: str, vad_chunk_ms
 
 def result_fields(result: UtteranceResult) -> dict[str, Any]:
     """Every field we have for one utterance; other protocols pick from this."""
-    fields = asdict(result)
-    if fields["speaker"]["embedding"] is None:
-        del fields["speaker"]["embedding"]
-    return fields
+    return {**asdict(result), "speaker": result.speaker.fields()}
 
 
 def render_result(result: UtteranceResult) -> str:

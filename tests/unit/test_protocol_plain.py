@@ -5,6 +5,7 @@ import pytest
 
 from serve_app.messages import SpeakerInfo, UtteranceResult
 from serve_app.protocols import plain
+from serve_app.protocols.errors import ProtocolError
 
 
 def test_start_message_with_defaults_and_values():
@@ -30,7 +31,7 @@ def test_end_message():
     ],
 )
 def test_malformed_text_frames_get_a_named_error(text, code):
-    with pytest.raises(plain.ProtocolError) as err:
+    with pytest.raises(ProtocolError) as err:
         plain.parse_text(text)
     assert err.value.code == code
 
@@ -38,10 +39,10 @@ def test_malformed_text_frames_get_a_named_error(text, code):
 def test_audio_frames():
     pcm = np.array([1, -2, 32767], dtype=np.int16)
     assert np.array_equal(plain.parse_audio(pcm.tobytes(), 100), pcm)
-    with pytest.raises(plain.ProtocolError) as err:
+    with pytest.raises(ProtocolError) as err:
         plain.parse_audio(b"\x00\x01\x02", 100)
     assert err.value.code == "bad_audio"
-    with pytest.raises(plain.ProtocolError) as err:
+    with pytest.raises(ProtocolError) as err:
         plain.parse_audio(b"\x00" * 102, 100)
     assert err.value.code == "frame_too_large"
 

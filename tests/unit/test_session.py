@@ -97,3 +97,30 @@ def test_no_audio_after_finish():
     s.flush()
     with pytest.raises(RuntimeError):
         s.add_audio(tone(10))
+
+
+def test_push_to_talk_takes_everything_between_start_and_stop():
+    s = Session("s", vad_chunk_ms=100, max_utterance_ms=30_000)
+    s.add_audio(tone(300, 1))  # before the button: not part of the utterance
+    s.begin_manual()
+    s.add_audio(tone(250, 2))
+    for _ in s.add_audio(tone(10, 2)):
+        pass
+    utt = s.end_manual()
+    assert (utt.start_ms, utt.end_ms, set(utt.pcm.tolist())) == (300, 560, {2})
+    assert s.end_manual() is None  # nothing new since
+    (chunk,) = s.add_audio(tone(100))
+    assert chunk.restart and chunk.start_ms == 560  # the VAD starts afresh after push-to-talk
+
+
+def test_abort_drops_the_utterance_in_progress():
+    s = Session("s", vad_chunk_ms=100, max_utterance_ms=30_000)
+    s.add_audio(tone(400))
+    s.on_vad_events([VadEvent("start", 100)])
+    assert s.speech_so_far()[0] == 0 and len(s.speech_so_far()[1]) == 300 * 16
+    s.abort()
+    assert s.speech_so_far() is None and s.buffered_ms == 0
+    (chunk,) = s.add_audio(tone(100))
+    assert chunk.restart and chunk.start_ms == 400
+    (utt,) = s.on_vad_events([VadEvent("start", 420), VadEvent("end", 480)])
+    assert (utt.index, utt.start_ms) == (0, 420)  # nothing of the aborted speech is left

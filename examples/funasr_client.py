@@ -1,0 +1,58 @@
+"""A FunASR-runtime-protocol client: what FunASR's own funasr_wss_client.py sends.
+
+    python examples/funasr_client.py tests/fixtures/two_utterances.wav --mode 2pass --realtime
+    python examples/funasr_client.py speech.wav --url ws://host:8000/ --mode offline
+
+(FunASR's own client works too: `python funasr_wss_client.py --host 127.0.0.1 --port 8000
+--ssl 0 --mode 2pass --audio_in speech.wav`.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from websockets.sync.client import connect
+
+from examples.plain_client import read_wav
+
+
+def run_funasr(
+    url: str, wav: str, mode: str = "2pass", chunk_ms: int = 60, realtime: bool = False, itn: bool = True,
+    timeout_s: float = 120,
+) -> list[dict]:  # fmt: skip
+    """Stream one file; return every message up to and including the one with `is_end`."""
+    pcm, rate = read_wav(wav)
+    stride = rate * chunk_ms // 1000 * 2
+    with connect(url, subprotocols=["binary"], max_size=None, open_timeout=30) as ws:
+        assert ws.subprotocol == "binary"
+        ws.send(json.dumps({
+            "mode": mode, "chunk_size": [5, 10, 5], "chunk_interval": 10, "audio_fs": rate,
+            "wav_name": "demo", "wav_format": "pcm", "is_speaking": True, "hotwords": "", "itn": itn,
+        }))  # fmt: skip
+        for i in range(0, len(pcm), stride):
+            ws.send(pcm[i : i + stride])
+            if realtime:
+                time.sleep(chunk_ms / 1000)
+        ws.send(json.dumps({"is_speaking": False, "is_end": True}))
+        messages = []
+        deadline = time.monotonic() + timeout_s
+        while not messages or not messages[-1].get("is_end"):
+            messages.append(json.loads(ws.recv(timeout=max(deadline - time.monotonic(), 0.01))))
+    return messages
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("wav")
+    parser.add_argument("--url", default="ws://127.0.0.1:8000/")
+    parser.add_argument("--mode", choices=["offline", "online", "2pass"], default="2pass")
+    parser.add_argument("--realtime", action="store_true")
+    args = parser.parse_args()
+    for msg in run_funasr(args.url, args.wav, args.mode, realtime=args.realtime):
+        print(json.dumps(msg, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()
