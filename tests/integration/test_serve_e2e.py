@@ -1,63 +1,20 @@
-"""End to end on a real local Ray Serve: the app builder's application with tiny models,
-real WebSockets and HTTP, one Ray instance for the whole module.
-
-Deployments are sized for a 2-core CI machine: no CPU reservations, one replica each,
-except two VADHost replicas so a session can lose its VAD replica and be re-pinned.
-"""
+"""End to end on a real local Ray Serve (see conftest.py): the plain JSON protocol, VAD
+replica loss, the OpenAI file endpoint."""
 
 import json
-import socket
 import time
 
 import httpx
 import pytest
 import ray
-from ray import serve
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from examples.plain_client import stream_file
-from serve_app.app import run_local
 from tests.conftest import TWO_UTTERANCES_SPEECH_MS, TWO_UTTERANCES_WAV
+from tests.integration.conftest import vad_replicas
 
 pytestmark = pytest.mark.integration
-
-APP = "speech"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def service(model_settings, tiny_models):
-    """Base URL of a running service."""
-    placement = {name: {"num_cpus": 0} for name in ("Ingress", "VADHost", "SenseVoice", "Speaker")}
-    # Two VAD replicas: one to lose mid-session, one to take the session over.
-    placement["VADHost"]["num_replicas"] = 2
-    args = {
-        "models": model_settings.model_dump(),
-        "asr": {"threads": 1},
-        "speaker": {"threads": 1},
-        "placement": placement,
-    }
-    base = run_local(args, free_port(), name=APP, num_cpus=2)
-    _wait_healthy(f"http://{base}/healthz")
-    yield base
-    serve.shutdown()
-    ray.shutdown()
-
-
-def _wait_healthy(url: str, timeout_s: float = 120) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        r = httpx.get(url, timeout=10)
-        if r.status_code == 200:
-            return r.json()
-        time.sleep(1)
-    raise AssertionError(f"service not healthy in {timeout_s} s: {r.status_code} {r.text}")
 
 
 def test_healthz_reports_test_models_and_running_replicas(service):
@@ -90,15 +47,6 @@ def test_concurrent_sessions_each_get_their_own_results(service):
     assert len({r[0]["session_id"] for r in runs}) == 4
 
 
-def _vad_replicas():
-    names = ray.util.list_named_actors(all_namespaces=True)
-    return [
-        ray.get_actor(n["name"], namespace=n["namespace"])
-        for n in names
-        if n["name"].startswith("SERVE_REPLICA::") and f"{APP}#VADHost#" in n["name"]
-    ]
-
-
 def test_session_survives_losing_its_vad_replica(service):
     """Kill the replica holding the session's VAD state mid-utterance: the session is re-pinned,
     the unfinished audio replayed, and both utterances still arrive, once each, in order."""
@@ -111,7 +59,7 @@ def test_session_survives_losing_its_vad_replica(service):
         for i in range(0, middle_of_first, frame):
             ws.send(pcm[i : i + frame])
         time.sleep(0.5)  # let the last VAD call land
-        holders = [a for a in _vad_replicas() if ray.get(a.record_routing_stats.remote()).get("live_sessions")]
+        holders = [a for a in vad_replicas() if ray.get(a.record_routing_stats.remote()).get("live_sessions")]
         assert len(holders) == 1
         ray.kill(holders[0], no_restart=True)
         for i in range(middle_of_first, len(pcm), frame):

@@ -1,0 +1,200 @@
+"""Devices and existing clients end to end on a real local Ray Serve (see conftest.py):
+simulated Xiaozhi devices with real Opus frames, FunASR-protocol clients, and hostile input
+beside a healthy session."""
+
+import json
+import threading
+import time
+import uuid
+import wave
+
+import numpy as np
+import pytest
+from scipy.signal import resample_poly
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from examples.funasr_client import run_funasr
+from examples.xiaozhi_device import run_device, speech_windows
+from serve_app.auth import issue_token
+from serve_app.opus import encode_pcm
+from serve_app.protocols.xiaozhi import frame_audio
+from tests.conftest import TWO_UTTERANCES_SPEECH_MS, TWO_UTTERANCES_WAV, read_pcm
+from tests.integration.conftest import ALLOWED_DEVICE, SECRET, vad_live_sessions
+
+pytestmark = pytest.mark.integration
+WAV = str(TWO_UTTERANCES_WAV)
+
+
+def device_token(device_id: str, client_id: str) -> str:
+    return issue_token(SECRET, client_id, device_id)
+
+
+def xiaozhi_url(service: str) -> str:
+    return f"ws://{service}/xiaozhi/v1/"
+
+
+def assert_two_utterances_in_order(results: list[dict], tolerance_ms: int = 400) -> None:
+    assert [r["index"] for r in results] == [0, 1]
+    for r, (start, end) in zip(results, TWO_UTTERANCES_SPEECH_MS, strict=True):
+        assert abs(r["start_ms"] - start) < tolerance_ms and abs(r["end_ms"] - end) < tolerance_ms
+        assert r["text"]
+
+
+@pytest.mark.parametrize("version, mode", [(1, "auto"), (2, "realtime"), (3, "manual"), (1, "manual")])
+def test_xiaozhi_device_gets_one_stt_per_utterance_in_order(service, version, mode):
+    device, client = f"02:00:00:00:01:0{version}", str(uuid.uuid4())
+    messages = run_device(
+        xiaozhi_url(service), WAV, protocol_version=version, mode=mode, device_id=device, client_id=client,
+        token=device_token(device, client), expect=2, linger_s=20,
+    )  # fmt: skip
+    stts = [m for m in messages if m["type"] == "stt"]
+    assert [m["type"] for m in messages] == ["stt", "stt"], messages
+    if mode == "manual":
+        # push-to-talk sends audio only while the button is held: each utterance is its whole
+        # window, and stream time skips the gaps between windows
+        windows = speech_windows(read_pcm(TWO_UTTERANCES_WAV))
+        assert [m["index"] for m in stts] == [0, 1] and all(m["text"] for m in stts)
+        for m, (a, b) in zip(stts, windows, strict=True):
+            assert abs((m["end_ms"] - m["start_ms"]) - (b - a) // 16) <= 60
+    else:
+        assert_two_utterances_in_order(stts)
+    assert len({m["session_id"] for m in stts}) == 1 and stts[0]["models"] == "test"
+    assert {"language", "emotion", "event", "speaker", "latency_ms"} <= set(stts[0])
+
+
+def test_allow_listed_device_needs_no_token(service):
+    messages = run_device(xiaozhi_url(service), WAV, device_id=ALLOWED_DEVICE, expect=2, linger_s=20)
+    assert [m["type"] for m in messages] == ["stt", "stt"]
+
+
+@pytest.mark.parametrize(
+    "token",
+    [None, "garbage", issue_token("wrong-secret", "c", "02:00:00:00:02:01"), issue_token(SECRET, "c", "someone-else")],
+)
+def test_bad_token_is_refused_before_any_session(service, token):
+    headers = {"Device-Id": "02:00:00:00:02:01", "Client-Id": "c", "Protocol-Version": "1"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    with connect(xiaozhi_url(service), additional_headers=headers) as ws:
+        error = json.loads(ws.recv(timeout=10))
+        assert error["type"] == "error" and error["code"] == "unauthorized"
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.send(json.dumps({"type": "hello", "audio_params": {"format": "opus"}}))
+            ws.recv(timeout=10)
+        assert closed.value.rcvd.code == 1008 and "unauthorized" in closed.value.rcvd.reason
+    assert vad_live_sessions() == 0
+
+
+def test_funasr_2pass_gives_interim_and_final_results_and_a_closing_is_final(service):
+    messages = run_funasr(f"ws://{service}/", WAV, mode="2pass", realtime=True)
+    modes = [m["mode"] for m in messages]
+    finals = [m for m in messages if m["mode"] == "2pass-offline" and not m.get("is_end")]
+    assert len(finals) == 2 and all(m["text"] for m in finals)
+    for k, final in enumerate(finals):  # at least one interim before each segment's final
+        before = modes[: messages.index(final)]
+        assert before.count("2pass-online") >= 1 and before.count("2pass-offline") == k
+    for m, (start, end) in zip(finals, TWO_UTTERANCES_SPEECH_MS, strict=True):
+        (seg,) = json.loads(m["timestamp"])
+        assert abs(seg[0] - start) < 400 and abs(seg[1] - end) < 400
+    assert messages[-1]["is_final"] is True and messages[-1]["is_end"] is True
+    assert sum(m.get("is_final", False) for m in messages) == 1
+
+
+def test_funasr_offline_mode_at_8khz_on_the_named_path(service, tmp_path):
+    pcm8k = resample_poly(read_pcm(TWO_UTTERANCES_WAV).astype(np.float32), 1, 2).astype(np.int16)
+    path = tmp_path / "8k.wav"
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(8000), w.writeframes(pcm8k.tobytes())
+    messages = run_funasr(f"ws://{service}/funasr", str(path), mode="offline")
+    assert [m["mode"] for m in messages] == ["offline", "offline", "offline"]
+    assert [m["is_final"] for m in messages] == [False, False, True]
+    for m, (start, _end) in zip(messages[:2], TWO_UTTERANCES_SPEECH_MS, strict=True):
+        assert abs(json.loads(m["timestamp"])[0][0] - start) < 400
+
+
+def _hostile(service: str) -> dict[str, object]:
+    """Each bad client on its own connection; returns what each saw."""
+    seen: dict[str, object] = {}
+    url = xiaozhi_url(service)
+
+    def device(name: str):
+        dev, client = f"02:00:00:00:03:{len(seen):02x}", str(uuid.uuid4())
+        seen[name] = None
+        headers = {"Device-Id": dev, "Client-Id": client, "Authorization": "Bearer " + device_token(dev, client)}
+        return headers
+
+    def hello(ws, **params):
+        ws.send(json.dumps({"type": "hello", "audio_params": {"format": "opus", **params}}))
+        return json.loads(ws.recv(timeout=10))
+
+    with connect(url, additional_headers=device("text before hello")) as ws:
+        ws.send(json.dumps({"type": "listen", "state": "start"}))
+        seen["text before hello"] = json.loads(ws.recv(timeout=10))["code"]
+        assert hello(ws)["type"] == "hello"  # the session still opens properly afterwards
+    with connect(url, additional_headers=device("invalid json, unknown type, not opus")) as ws:
+        hello(ws)
+        codes = []
+        for frame in ("{not json", json.dumps({"type": "teleport"}), b"\x03\x00", b"\x03\xff garbage"):
+            ws.send(frame)
+            codes.append(json.loads(ws.recv(timeout=10))["code"])
+        seen["invalid json, unknown type, not opus"] = codes
+    with connect(url, additional_headers=device("oversized frame")) as ws:
+        hello(ws)
+        ws.send(b"\x00" * 100_000)
+        code = json.loads(ws.recv(timeout=10))["code"]
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+        seen["oversized frame"] = (code, closed.value.rcvd.code)
+    with connect(url, additional_headers=device("wrong sample rate")) as ws:
+        code = hello(ws, sample_rate=44100)["code"]
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+        seen["wrong sample rate"] = (code, closed.value.rcvd.code)
+    with connect(url, additional_headers=device("vanishes mid-utterance")) as ws:
+        hello(ws)
+        ws.send(json.dumps({"type": "listen", "state": "start", "mode": "auto"}))
+        for packet in encode_pcm(read_pcm(TWO_UTTERANCES_WAV)[: 16000 * 2])[:30]:  # into the first utterance
+            ws.send(frame_audio(packet, 1))
+        seen["vanishes mid-utterance"] = "sent"
+    with connect(f"ws://{service}/", subprotocols=["binary"]) as ws:
+        ws.send(json.dumps({"mode": "2pass", "audio_fs": 12345}))
+        seen["funasr bad audio_fs"] = json.loads(ws.recv(timeout=10))["code"]
+        ws.send(b"\x01\x02\x03")  # odd-length PCM
+        code = json.loads(ws.recv(timeout=10))["code"]
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+        seen["funasr odd pcm"] = (code, closed.value.rcvd.code)
+    return seen
+
+
+def test_malformed_input_gets_clear_errors_while_a_healthy_session_goes_on(service):
+    healthy: dict[str, list] = {}
+    device, client = "02:00:00:00:04:01", str(uuid.uuid4())
+
+    def run_healthy():
+        healthy["messages"] = run_device(
+            xiaozhi_url(service), WAV, device_id=device, client_id=client, token=device_token(device, client),
+            realtime=True, expect=2, linger_s=20,
+        )  # fmt: skip
+
+    thread = threading.Thread(target=run_healthy)
+    thread.start()
+    time.sleep(1.0)  # the healthy device is mid-stream while the others misbehave
+    seen = _hostile(service)
+    thread.join(timeout=60)
+    assert seen == {
+        "text before hello": "hello_required",
+        "invalid json, unknown type, not opus": ["invalid_json", "unknown_type", "bad_audio", "bad_audio"],
+        "oversized frame": ("frame_too_large", 1009),
+        "wrong sample rate": ("unsupported_audio", 1003),
+        "vanishes mid-utterance": "sent",
+        "funasr bad audio_fs": "bad_sample_rate",
+        "funasr odd pcm": ("bad_audio", 1003),
+    }
+    stts = [m for m in healthy["messages"] if m["type"] == "stt"]
+    assert_two_utterances_in_order(stts)
+    deadline = time.monotonic() + 10
+    while vad_live_sessions() and time.monotonic() < deadline:  # the vanished device's state is freed
+        time.sleep(0.2)
+    assert vad_live_sessions() == 0
