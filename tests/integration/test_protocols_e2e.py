@@ -198,3 +198,27 @@ def test_malformed_input_gets_clear_errors_while_a_healthy_session_goes_on(servi
     while vad_live_sessions() and time.monotonic() < deadline:  # the vanished device's state is freed
         time.sleep(0.2)
     assert vad_live_sessions() == 0
+
+
+def test_abort_drops_the_utterance_in_flight(service):
+    """Abort just after the first utterance's speech, before the VAD's end-silence closes it:
+    nothing is answered for it, and the second utterance still comes."""
+    device, client = "02:00:00:00:05:01", str(uuid.uuid4())
+    headers = {"Device-Id": device, "Client-Id": client, "Authorization": "Bearer " + device_token(device, client)}
+    packets = encode_pcm(read_pcm(TWO_UTTERANCES_WAV))
+    abort_at = TWO_UTTERANCES_SPEECH_MS[0][1] // 60 + 1  # the first 60 ms packet after the speech
+    with connect(xiaozhi_url(service), additional_headers=headers) as ws:
+        ws.send(json.dumps({"type": "hello", "audio_params": {"format": "opus"}}))
+        session_id = json.loads(ws.recv(timeout=10))["session_id"]
+        ws.send(json.dumps({"session_id": session_id, "type": "listen", "state": "start", "mode": "auto"}))
+        for packet in packets[:abort_at]:
+            ws.send(packet)
+        ws.send(json.dumps({"session_id": session_id, "type": "abort", "reason": "wake_word_detected"}))
+        for packet in packets[abort_at:]:
+            ws.send(packet)
+        messages = []
+        with pytest.raises(TimeoutError):
+            while True:
+                messages.append(json.loads(ws.recv(timeout=8)))
+    assert [m["type"] for m in messages] == ["stt"]
+    assert abs(messages[0]["start_ms"] - TWO_UTTERANCES_SPEECH_MS[1][0]) < 400
