@@ -20,17 +20,20 @@ from examples.plain_client import read_wav
 
 def run_funasr(
     url: str, wav: str, mode: str = "2pass", chunk_ms: int = 60, realtime: bool = False, itn: bool = True,
-    timeout_s: float = 120,
+    timeout_s: float = 120, speaker_group: str | None = None,
 ) -> list[dict]:  # fmt: skip
     """Stream one file; return every message up to and including the one with `is_end`."""
     pcm, rate = read_wav(wav)
     stride = rate * chunk_ms // 1000 * 2
     with connect(url, subprotocols=["binary"], max_size=None, open_timeout=30) as ws:
         assert ws.subprotocol == "binary"
-        ws.send(json.dumps({
+        config = {
             "mode": mode, "chunk_size": [5, 10, 5], "chunk_interval": 10, "audio_fs": rate,
             "wav_name": "demo", "wav_format": "pcm", "is_speaking": True, "hotwords": "", "itn": itn,
-        }))  # fmt: skip
+        }  # fmt: skip
+        if speaker_group:  # ours, not FunASR's: whose voiceprints to match
+            config["speaker_group"] = speaker_group
+        ws.send(json.dumps(config))
         for i in range(0, len(pcm), stride):
             ws.send(pcm[i : i + stride])
             if realtime:

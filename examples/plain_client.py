@@ -24,7 +24,10 @@ def read_wav(path: str) -> tuple[bytes, int]:
         return w.readframes(w.getnframes()), w.getframerate()
 
 
-def stream_file(url: str, path: str, frame_ms: int = 60, realtime: bool = False, timeout_s: float = 120) -> list[dict]:
+def stream_file(
+    url: str, path: str, frame_ms: int = 60, realtime: bool = False, timeout_s: float = 120,
+    speaker_group: str | None = None,
+) -> list[dict]:  # fmt: skip
     """Stream one file; return the server's result messages in the order received."""
     pcm, rate = read_wav(path)
     frame_bytes = rate * frame_ms // 1000 * 2
@@ -32,7 +35,10 @@ def stream_file(url: str, path: str, frame_ms: int = 60, realtime: bool = False,
     with connect(url, max_size=None, open_timeout=30) as ws:
         ready = json.loads(ws.recv(timeout=30))
         assert ready["type"] == "ready", ready
-        ws.send(json.dumps({"type": "start", "sample_rate": rate}))
+        start = {"type": "start", "sample_rate": rate}
+        if speaker_group:
+            start["speaker_group"] = speaker_group
+        ws.send(json.dumps(start))
         json.loads(ws.recv(timeout=30))  # ready again, with our sample rate
         for i in range(0, len(pcm), frame_bytes):
             ws.send(pcm[i : i + frame_bytes])
@@ -54,8 +60,9 @@ def main() -> None:
     parser.add_argument("--url", default="ws://127.0.0.1:8000/v1/stream")
     parser.add_argument("--frame-ms", type=int, default=60)
     parser.add_argument("--realtime", action="store_true", help="pace frames like a live microphone")
+    parser.add_argument("--speaker-group", default=None, help="match against this group's voiceprints")
     args = parser.parse_args()
-    for msg in stream_file(args.url, args.wav, args.frame_ms, args.realtime):
+    for msg in stream_file(args.url, args.wav, args.frame_ms, args.realtime, speaker_group=args.speaker_group):
         print(json.dumps(msg, ensure_ascii=False))
 
 

@@ -43,7 +43,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
 
     vad = placed(VADHost, "VADHost").bind(models.vad, settings.vad)
     asr = placed(SenseVoice, "SenseVoice").bind(models.asr, settings.asr)
-    speaker = placed(Speaker, "Speaker").bind(models.speaker, settings.speaker)
+    speaker = placed(Speaker, "Speaker").bind(models.speaker, settings.speaker, settings.voiceprints)
     return placed(Ingress, "Ingress").bind(vad, asr, speaker, settings, models)
 
 

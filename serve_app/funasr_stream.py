@@ -61,7 +61,7 @@ class FunasrStream(StreamHandler):
         self.online_sent = {}
         interim = config.mode in ("online", "2pass")
         self.start_runner(
-            RecognitionOptions(use_itn=config.itn),
+            RecognitionOptions(use_itn=config.itn, speaker_group=config.speaker_group),
             on_interim=self._on_interim if interim else None,
             interim_interval_ms=self.pipeline.settings.funasr.interim_interval_ms,
         )

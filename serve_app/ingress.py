@@ -6,6 +6,7 @@ Routes
   WS   /xiaozhi/v1/               Xiaozhi devices: Opus, hello/listen/abort, stt (protocols/xiaozhi.py)
   WS   /  and  /funasr            FunASR runtime protocol, subprotocol "binary" (protocols/funasr.py)
   POST /v1/audio/transcriptions   whole files, shaped like OpenAI's endpoint
+  /v1/speakers ...                voiceprint enrolment: create, list, get, rename, re-enrol, delete
 """
 
 import asyncio
@@ -19,14 +20,23 @@ from ray import serve
 
 from serve_app.audio import AudioFormatError, decode_file, ms_to_samples
 from serve_app.auth import DeviceAuth
+from serve_app.enrollment import (
+    EnrollFromSession,
+    EnrollmentError,
+    RenameRequest,
+    check_name,
+    decode_uploads,
+    voiceprint_json,
+)
 from serve_app.funasr_stream import FunasrStream
-from serve_app.messages import Utterance
+from serve_app.messages import SpeakerRequest, Utterance
 from serve_app.models import ResolvedModels
 from serve_app.pipeline import Pipeline, RecognitionOptions
 from serve_app.plain_stream import PlainStream
 from serve_app.protocols import openai_files
 from serve_app.settings import AppSettings
 from serve_app.stream_handler import StreamHandler
+from serve_app.voiceprints import open_store
 from serve_app.xiaozhi_stream import XiaozhiStream
 
 logger = logging.getLogger("ray.serve")
@@ -51,6 +61,8 @@ class Ingress:
         self.pipeline = Pipeline(vad, asr, speaker, settings, models.label)
         self.live_sessions = 0
         self.device_auth = DeviceAuth.from_settings(settings.xiaozhi)  # fails the replica if misconfigured
+        self.voiceprints = open_store(settings.voiceprints.store)
+        self.handlers: dict[str, StreamHandler] = {}  # live sessions of this replica, for enrol-from-session
         for source in (models.vad, models.asr, models.speaker):
             logger.info("model %s: %s", source.role, source.describe())
         if models.label == "test":
@@ -85,10 +97,12 @@ class Ingress:
     # ---- plain JSON protocol ------------------------------------------------------------
     async def _serve(self, handler: StreamHandler) -> None:
         self.live_sessions += 1
+        self.handlers[handler.session_id] = handler
         try:
             await handler.run()
         finally:
             self.live_sessions -= 1
+            self.handlers.pop(handler.session_id, None)
 
     @app.websocket("/v1/stream")
     async def stream(self, ws: WebSocket) -> None:
@@ -137,3 +151,78 @@ class Ingress:
         recognised = await asyncio.gather(*(self.pipeline.recognise(request_id, u, options) for u in utterances))
         body, media_type = openai_files.render(fmt, [r for r, _ in recognised], duration_s, self.models.label)
         return Response(content=body, media_type=media_type)
+
+    # ---- voiceprint enrolment ---------------------------------------------------------------
+    async def _embed_clips(self, clips) -> tuple[str, list]:
+        embeddings = await asyncio.gather(*(self.pipeline.speaker.embed.remote(SpeakerRequest(c)) for c in clips))
+        return embeddings[0].model, [e.vector for e in embeddings]
+
+    async def _uploads(self, files: list[UploadFile]) -> list:
+        limit = self.settings.ingress.max_upload_bytes
+        raw = [(f.filename or "file", await f.read(limit + 1)) for f in files]
+        if any(len(data) > limit for _, data in raw):
+            raise HTTPException(413, f"each file must be under {limit} bytes")
+        try:
+            return decode_uploads(raw, self.settings.voiceprints)
+        except EnrollmentError as exc:
+            raise HTTPException(exc.status, str(exc)) from None
+
+    def _found(self, vp):
+        if vp is None:
+            raise HTTPException(404, "no such speaker")
+        return voiceprint_json(vp)
+
+    @app.post("/v1/speakers", status_code=201)
+    async def enroll(
+        self,
+        name: Annotated[str, Form()],
+        files: Annotated[list[UploadFile], File()],
+        group: Annotated[str | None, Form()] = None,
+    ) -> dict:
+        """Enrol a speaker from one or more recordings of their voice (WAV, FLAC, OGG, MP3)."""
+        try:
+            name = check_name(name)
+        except EnrollmentError as exc:
+            raise HTTPException(exc.status, str(exc)) from None
+        model, vectors = await self._embed_clips(await self._uploads(files))
+        group = group or self.settings.voiceprints.default_group
+        return voiceprint_json(self.voiceprints.create(name, group, model, vectors))
+
+    @app.post("/v1/speakers/from-session", status_code=201)
+    async def enroll_from_session(self, body: EnrollFromSession) -> dict:
+        """Enrol from the latest utterances of a live session on this ingress replica."""
+        handler = self.handlers.get(body.session_id)
+        if handler is None or handler.runner is None:
+            raise HTTPException(404, f"no live session {body.session_id!r} on this ingress replica")
+        recent = list(handler.runner.embeddings)[-body.last_n :]
+        if not recent:
+            raise HTTPException(409, "the session has no finished utterance yet")
+        group = body.group or handler.runner.options.speaker_group or self.settings.voiceprints.default_group
+        model = recent[0][1].model
+        return voiceprint_json(self.voiceprints.create(body.name, group, model, [e.vector for _, e in recent]))
+
+    @app.get("/v1/speakers")
+    async def list_speakers(self, group: str | None = None) -> dict:
+        return {"speakers": [voiceprint_json(v) for v in self.voiceprints.list(group)]}
+
+    @app.get("/v1/speakers/{speaker_id}")
+    async def get_speaker(self, speaker_id: str) -> dict:
+        return self._found(self.voiceprints.get(speaker_id))
+
+    @app.patch("/v1/speakers/{speaker_id}")
+    async def rename_speaker(self, speaker_id: str, body: RenameRequest) -> dict:
+        return self._found(self.voiceprints.rename(speaker_id, body.name.strip()))
+
+    @app.put("/v1/speakers/{speaker_id}/embeddings")
+    async def reenroll(self, speaker_id: str, files: Annotated[list[UploadFile], File()]) -> dict:
+        """Replace a speaker's voiceprint with new recordings."""
+        if self.voiceprints.get(speaker_id) is None:
+            raise HTTPException(404, "no such speaker")
+        model, vectors = await self._embed_clips(await self._uploads(files))
+        return self._found(self.voiceprints.replace_embeddings(speaker_id, model, vectors))
+
+    @app.delete("/v1/speakers/{speaker_id}", status_code=204)
+    async def delete_speaker(self, speaker_id: str) -> Response:
+        if not self.voiceprints.delete(speaker_id):
+            raise HTTPException(404, "no such speaker")
+        return Response(status_code=204)

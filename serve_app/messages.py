@@ -41,11 +41,21 @@ class Transcript:
     batch_size: int = 1
 
 
+@dataclass(frozen=True)
+class SpeakerRequest:
+    pcm: np.ndarray  # int16 mono 16 kHz
+    group: str | None = None  # match against this group's voiceprints; None: embedding only
+
+
 @dataclass
 class SpeakerEmbedding:
     vector: np.ndarray  # float32, (dim,)
+    model: str  # which speaker model made it: embeddings of different models are never compared
     model_ms: float = 0.0
     batch_size: int = 1
+    label: str = "unknown"
+    score: float | None = None
+    speaker_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -71,12 +81,18 @@ class Utterance:
 class SpeakerInfo:
     label: str = "unknown"  # an enrolled name, or "unknown"
     score: float | None = None
+    speaker_id: str | None = None
     embedding_id: str | None = None
     embedding: list[float] | None = None
 
     def fields(self) -> dict:
         """For the wire: the embedding only when the client asked for it."""
-        out = {"label": self.label, "score": self.score, "embedding_id": self.embedding_id}
+        out = {
+            "label": self.label,
+            "score": self.score,
+            "speaker_id": self.speaker_id,
+            "embedding_id": self.embedding_id,
+        }
         return out if self.embedding is None else {**out, "embedding": self.embedding}
 
 

@@ -19,6 +19,7 @@ from serve_app.messages import (
     AsrRequest,
     SpeakerEmbedding,
     SpeakerInfo,
+    SpeakerRequest,
     Transcript,
     Utterance,
     UtteranceResult,
@@ -41,6 +42,7 @@ class RecognitionOptions:
     language: str = "auto"
     use_itn: bool = True
     return_embedding: bool = False
+    speaker_group: str | None = None  # whose voiceprints to match; None: the configured default
 
 
 def _ms_since(t: float) -> float:
@@ -107,21 +109,26 @@ class Pipeline:
         """Text of an unfinished utterance; runs behind every final on the SenseVoice replica."""
         return await self.asr.transcribe_interim.remote(AsrRequest(pcm, options.language, options.use_itn))
 
-    async def embed(self, pcm: np.ndarray, session_id: str) -> tuple[SpeakerEmbedding | None, float]:
+    async def embed(self, pcm: np.ndarray, group: str | None, session_id: str) -> tuple[SpeakerEmbedding | None, float]:
+        """Embedding and, when `group` is given, the best match among its voiceprints."""
         if not self.settings.ingress.speaker_enabled:
             return None, 0.0
         started = time.perf_counter()
-        embedding = await self._retrying(lambda: self.speaker.embed.remote(pcm), "Speaker", session_id)
+        request = SpeakerRequest(pcm, group)
+        embedding = await self._retrying(lambda: self.speaker.embed.remote(request), "Speaker", session_id)
         return embedding, _ms_since(started)
 
     async def recognise(
         self, session_id: str, utt: Utterance, options: RecognitionOptions
     ) -> tuple[UtteranceResult, SpeakerEmbedding | None]:
         """Transcript and speaker embedding of one utterance, computed concurrently."""
+        group = options.speaker_group or self.settings.voiceprints.default_group
         (transcript, asr_ms), (embedding, spk_ms) = await asyncio.gather(
-            self.transcribe(utt.pcm, options, session_id), self.embed(utt.pcm, session_id)
+            self.transcribe(utt.pcm, options, session_id), self.embed(utt.pcm, group, session_id)
         )
-        speaker = SpeakerInfo(embedding_id=f"{session_id}:{utt.index}" if embedding is not None else None)
+        speaker = SpeakerInfo()
+        if embedding is not None:
+            speaker = SpeakerInfo(embedding.label, embedding.score, embedding.speaker_id, f"{session_id}:{utt.index}")
         if embedding is not None and options.return_embedding:
             speaker.embedding = [round(float(x), 6) for x in embedding.vector]
         latency = {"asr_ms": asr_ms, "asr_model_ms": round(transcript.model_ms, 1)}

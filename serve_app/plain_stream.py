@@ -45,7 +45,8 @@ class PlainStream(StreamHandler):
 
     def _runner(self) -> StreamRunner:
         if self.runner is None:
-            self.start_runner(RecognitionOptions(self.start.language, self.start.itn, self.start.return_embedding))
+            s = self.start
+            self.start_runner(RecognitionOptions(s.language, s.itn, s.return_embedding, s.speaker_group))
         return self.runner
 
     async def _finish(self) -> None:

@@ -45,6 +45,11 @@ class ModelSettings(_Strict):
     speaker_arch: Literal["eres2netv2", "campplus"] = Field(
         "eres2netv2", description="Architecture of the random-weight speaker model built for tests."
     )
+    speaker_backend: Literal["funasr", "ge2e"] = Field(
+        "funasr",
+        description="funasr: ERes2NetV2/CAM++ (192-d) through AutoModel. ge2e: resemblyzer's GE2E encoder "
+        "(256-d, real weights shipped in its wheel: speaker identity works offline).",
+    )
 
     def cache_path(self) -> Path:
         return Path(self.cache_dir).expanduser()
@@ -73,6 +78,19 @@ class SpeakerSettings(_Strict):
     keep_embeddings: int = Field(
         20, description="Embeddings kept per session (addressable by embedding_id) for later enrolment."
     )
+
+
+class VoiceprintSettings(_Strict):
+    store: str = Field("sqlite:///~/.cache/speech-serve/voiceprints.sqlite3", description="Store URL or path.")
+    thresholds: dict[str, float] = Field(
+        default_factory=lambda: {"ge2e": 0.82, "eres2netv2": 0.6, "campplus": 0.6},
+        description="Cosine to an enrolled centroid needed to name the speaker, per speaker model.",
+    )
+    default_group: str = Field("default", description="Group for sessions that name none.")
+    refresh_s: float = Field(1.0, description="How often a Speaker replica checks the store for new enrolments.")
+    min_enroll_s: float = Field(1.0, description="Shortest enrolment clip accepted.")
+    max_enroll_s: float = Field(30.0, description="Longest enrolment clip accepted.")
+    max_enroll_files: int = Field(10, description="Most clips in one enrolment request.")
 
 
 class BatchSettings(_Strict):
@@ -162,6 +180,7 @@ class AppSettings(_Strict):
     vad: VadSettings = VadSettings()
     asr: AsrSettings = AsrSettings()
     speaker: SpeakerSettings = SpeakerSettings()
+    voiceprints: VoiceprintSettings = VoiceprintSettings()
     ingress: IngressSettings = IngressSettings()
     xiaozhi: XiaozhiSettings = XiaozhiSettings()
     funasr: FunasrSettings = FunasrSettings()

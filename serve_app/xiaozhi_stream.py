@@ -91,7 +91,7 @@ class XiaozhiStream(StreamHandler):
                 continue
             await self.send(xiaozhi.render_hello(self.session_id, self.pipeline.settings.xiaozhi.hello_audio_params))
             self.decoder = OpusDecoder()
-            self.start_runner(RecognitionOptions())
+            self.start_runner(RecognitionOptions(speaker_group=self.params.device_id))  # a device's household
             logger.info("xiaozhi session %s: device %s, protocol v%d, %s Hz opus %d ms frames",
                         self.session_id, self.params.device_id, self.params.protocol_version,
                         parsed.sample_rate, parsed.frame_duration)  # fmt: skip

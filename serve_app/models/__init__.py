@@ -40,6 +40,7 @@ class ModelSource:
     hub: str = "ms"
     test_size: str | None = None
     test_arch: str | None = None
+    backend: str = "funasr"  # or "ge2e" (resemblyzer) for the speaker role
 
     @property
     def is_test(self) -> bool:
@@ -97,16 +98,16 @@ def test_model_dir(settings: ModelSettings, role: ModelRole) -> Path:
 def resolve_models(settings: ModelSettings, hub_up: bool | None = None) -> ResolvedModels:
     """Decide every model's source. `hub_up` is probed when not given."""
     if hub_up is None:
-        need_hub = any(
-            spec.path is None and hub_cache_dir(spec.hub_id) is None
-            for spec in (settings.vad, settings.asr, settings.speaker)
-        )
+        specs = [settings.vad, settings.asr] + ([settings.speaker] if settings.speaker_backend == "funasr" else [])
+        need_hub = any(spec.path is None and hub_cache_dir(spec.hub_id) is None for spec in specs)
         hub_up = need_hub and hub_reachable(settings.hub, settings.hub_probe_timeout_s)
-    return ResolvedModels(
-        vad=_resolve_one(settings, "vad", settings.vad, hub_up),
-        asr=_resolve_one(settings, "asr", settings.asr, hub_up),
-        speaker=_resolve_one(settings, "speaker", settings.speaker, hub_up),
-    )
+    vad = _resolve_one(settings, "vad", settings.vad, hub_up)
+    asr = _resolve_one(settings, "asr", settings.asr, hub_up)
+    if settings.speaker_backend == "ge2e":
+        speaker = ModelSource("speaker", "bundled", "resemblyzer GE2E (weights in its wheel)", backend="ge2e")
+    else:
+        speaker = _resolve_one(settings, "speaker", settings.speaker, hub_up)
+    return ResolvedModels(vad=vad, asr=asr, speaker=speaker)
 
 
 def _resolve_one(settings: ModelSettings, role: ModelRole, spec: ModelSpec, hub_up: bool) -> ModelSource:

@@ -29,6 +29,7 @@ class Config:
     wav_format: str = "pcm"
     itn: bool = True
     hotwords: str = ""
+    speaker_group: str | None = None  # ours, not FunASR's: whose voiceprints to match
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ def _parse_config(data: dict[str, Any]) -> Config:
     return Config(
         mode=mode, wav_name=str(data.get("wav_name", "demo")), audio_fs=fs, wav_format=wav_format,
         itn=bool(itn), hotwords=str(data.get("hotwords", "") or ""),
+        speaker_group=str(data["speaker_group"]) if data.get("speaker_group") else None,
     )  # fmt: skip
 
 

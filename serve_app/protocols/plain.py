@@ -2,7 +2,7 @@
 
 Client -> server
   text   {"type": "start", "sample_rate": 16000, "language": "auto", "itn": true,
-          "return_embedding": false}                      optional, before any audio
+          "return_embedding": false, "speaker_group": "home-1"}   optional, before any audio
   binary PCM16 little-endian mono frames at the session's sample rate
   text   {"type": "end"}                                  flush; results follow, then "done"
 
@@ -35,6 +35,7 @@ class StartMessage:
     language: str = "auto"
     itn: bool = True
     return_embedding: bool = False
+    speaker_group: str | None = None
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,10 @@ def _parse_start(data: dict[str, Any]) -> StartMessage:
     itn, emb = data.get("itn", True), data.get("return_embedding", False)
     if not isinstance(itn, bool) or not isinstance(emb, bool):
         raise ProtocolError("bad_message", "itn and return_embedding must be booleans")
-    return StartMessage(sample_rate=rate, language=language, itn=itn, return_embedding=emb)
+    group = data.get("speaker_group")
+    if group is not None and (not isinstance(group, str) or not group):
+        raise ProtocolError("bad_message", "speaker_group must be a non-empty string")
+    return StartMessage(sample_rate=rate, language=language, itn=itn, return_embedding=emb, speaker_group=group)
 
 
 def parse_audio(data: bytes, max_bytes: int) -> np.ndarray:

@@ -26,19 +26,26 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def service(model_settings, tiny_models):
-    """host:port of the running service."""
-    os.environ[SECRET_ENV] = SECRET  # inherited by the Ray workers started below
+def service_args(model_settings, tiny_models, tmp_path_factory) -> dict:
+    """The builder args of the test service. The speaker model is resemblyzer's GE2E (real
+    weights) so that who-spoke can be tested; ERes2NetV2's path is covered by the unit tests."""
     placement = {name: {"num_cpus": 0} for name in ("Ingress", "VADHost", "SenseVoice", "Speaker")}
     placement["VADHost"]["num_replicas"] = 2
-    args = {
-        "models": model_settings.model_dump(),
+    return {
+        "models": {**model_settings.model_dump(), "speaker_backend": "ge2e"},
         "asr": {"threads": 1},
         "speaker": {"threads": 1},
         "placement": placement,
         "xiaozhi": {"auth_enabled": True, "secret_env": SECRET_ENV, "allowed_devices": [ALLOWED_DEVICE]},
+        "voiceprints": {"store": str(tmp_path_factory.mktemp("voiceprints") / "voiceprints.sqlite3")},
     }
-    base = run_local(args, free_port(), name=APP, num_cpus=2)
+
+
+@pytest.fixture(scope="session")
+def service(service_args):
+    """host:port of the running service."""
+    os.environ[SECRET_ENV] = SECRET  # inherited by the Ray workers started below
+    base = run_local(service_args, free_port(), name=APP, num_cpus=2)
     wait_healthy(f"http://{base}/healthz")
     yield base
     serve.shutdown()

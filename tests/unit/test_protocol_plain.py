@@ -57,7 +57,7 @@ def test_result_rendering_carries_every_field():
     assert msg["type"] == "result"
     assert (msg["index"], msg["text"], msg["start_ms"], msg["end_ms"]) == (2, "hi", 100, 900)
     assert (msg["language"], msg["emotion"], msg["event"], msg["models"]) == ("en", "happy", "Speech", "test")
-    assert msg["speaker"] == {"label": "unknown", "score": None, "embedding_id": "s:2"}
+    assert msg["speaker"] == {"label": "unknown", "score": None, "speaker_id": None, "embedding_id": "s:2"}
     assert msg["latency_ms"] == {"asr_ms": 12.5}
 
 

@@ -1,0 +1,246 @@
+"""Enrolled voiceprints: the store, and who-spoke matching against it.
+
+`VoiceprintStore` is the interface the rest of the code uses; `SqliteVoiceprintStore` is the
+default (one file, survives restarts, safe under concurrent writers through SQLite's own
+locking). A shared database for a multi-node cluster implements the same interface.
+
+A speaker keeps every enrolled embedding; matching compares an utterance with each
+speaker's centroid (the normalised mean). An embedding made by one model is never compared
+with another model's: every query names the model.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Voiceprint:
+    id: str
+    name: str
+    group: str
+    model: str
+    dim: int
+    embeddings: int
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class Candidate:
+    speaker_id: str
+    name: str
+    centroid: np.ndarray  # unit length
+
+
+@dataclass(frozen=True)
+class Match:
+    label: str  # the speaker's name, or "unknown"
+    score: float | None  # cosine with the best candidate
+    speaker_id: str | None = None
+
+
+class VoiceprintStore(Protocol):
+    def create(self, name: str, group: str, model: str, vectors: Sequence[np.ndarray]) -> Voiceprint: ...
+    def get(self, speaker_id: str) -> Voiceprint | None: ...
+    def list(self, group: str | None = None) -> list[Voiceprint]: ...
+    def rename(self, speaker_id: str, name: str) -> Voiceprint | None: ...
+    def replace_embeddings(self, speaker_id: str, model: str, vectors: Sequence[np.ndarray]) -> Voiceprint | None: ...
+    def delete(self, speaker_id: str) -> bool: ...
+    def candidates(self, group: str, model: str) -> list[Candidate]: ...
+    def revision(self) -> int: ...
+
+
+def open_store(url: str) -> VoiceprintStore:
+    """`sqlite:///abs/path.sqlite3`, `sqlite:///~/x.sqlite3`, or a plain file path."""
+    if url.startswith(("postgres://", "postgresql://")):
+        raise ValueError(
+            "no Postgres VoiceprintStore is built in yet: implement serve_app.voiceprints.VoiceprintStore "
+            "over your database and return it from open_store; use a sqlite path on a single node"
+        )
+    path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url
+    return SqliteVoiceprintStore(Path(path).expanduser())
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, dtype=np.float32).reshape(-1)
+    norm = float(np.linalg.norm(v))
+    if not np.isfinite(norm) or norm == 0:
+        raise ValueError("embedding is zero or not finite")
+    return v / norm
+
+
+class SqliteVoiceprintStore:
+    _SCHEMA = """
+    CREATE TABLE IF NOT EXISTS speakers (
+        id TEXT PRIMARY KEY, name TEXT NOT NULL, grp TEXT NOT NULL, model TEXT NOT NULL,
+        dim INTEGER NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL);
+    CREATE INDEX IF NOT EXISTS speakers_grp_model ON speakers (grp, model);
+    CREATE TABLE IF NOT EXISTS embeddings (
+        speaker_id TEXT NOT NULL REFERENCES speakers(id) ON DELETE CASCADE, vector BLOB NOT NULL);
+    CREATE INDEX IF NOT EXISTS embeddings_speaker ON embeddings (speaker_id);
+    CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+    INSERT OR IGNORE INTO meta VALUES ('revision', 0);
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._db().executescript(self._SCHEMA)  # idempotent; executescript manages its own transaction
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:  # one connection per thread: sqlite3 connections are not shared across threads
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA foreign_keys=ON")
+            self._local.db = db
+        return db
+
+    def _tx(self):
+        """BEGIN IMMEDIATE ... COMMIT: writers queue on SQLite's lock instead of failing."""
+        store = self
+
+        class _Tx:
+            def __enter__(self):
+                self.db = store._db()
+                self.db.execute("BEGIN IMMEDIATE")
+                return self.db
+
+            def __exit__(self, exc_type, exc, tb):
+                self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+        return _Tx()
+
+    @staticmethod
+    def _bump(db: sqlite3.Connection) -> None:
+        db.execute("UPDATE meta SET value = value + 1 WHERE key = 'revision'")
+
+    def _row(self, db: sqlite3.Connection, speaker_id: str) -> Voiceprint | None:
+        row = db.execute(
+            "SELECT s.id, s.name, s.grp, s.model, s.dim, COUNT(e.rowid), s.created_at, s.updated_at "
+            "FROM speakers s LEFT JOIN embeddings e ON e.speaker_id = s.id WHERE s.id = ? GROUP BY s.id",
+            (speaker_id,),
+        ).fetchone()
+        return Voiceprint(*row) if row else None
+
+    def create(self, name: str, group: str, model: str, vectors: Sequence[np.ndarray]) -> Voiceprint:
+        units = [_unit(v) for v in vectors]
+        if not units:
+            raise ValueError("at least one embedding is needed")
+        speaker_id, now = uuid.uuid4().hex[:12], time.time()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO speakers VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (speaker_id, name, group, model, len(units[0]), now, now),
+            )
+            db.executemany("INSERT INTO embeddings VALUES (?, ?)", [(speaker_id, u.tobytes()) for u in units])
+            self._bump(db)
+            return self._row(db, speaker_id)
+
+    def get(self, speaker_id: str) -> Voiceprint | None:
+        return self._row(self._db(), speaker_id)
+
+    def list(self, group: str | None = None) -> list[Voiceprint]:
+        ids = (
+            self._db()
+            .execute("SELECT id FROM speakers WHERE (? IS NULL OR grp = ?) ORDER BY created_at", (group, group))
+            .fetchall()
+        )
+        return [v for (i,) in ids if (v := self.get(i)) is not None]
+
+    def rename(self, speaker_id: str, name: str) -> Voiceprint | None:
+        with self._tx() as db:
+            if not db.execute(
+                "UPDATE speakers SET name = ?, updated_at = ? WHERE id = ?", (name, time.time(), speaker_id)
+            ).rowcount:
+                return None
+            self._bump(db)
+            return self._row(db, speaker_id)
+
+    def replace_embeddings(self, speaker_id: str, model: str, vectors: Sequence[np.ndarray]) -> Voiceprint | None:
+        units = [_unit(v) for v in vectors]
+        if not units:
+            raise ValueError("at least one embedding is needed")
+        with self._tx() as db:
+            updated = db.execute(
+                "UPDATE speakers SET model = ?, dim = ?, updated_at = ? WHERE id = ?",
+                (model, len(units[0]), time.time(), speaker_id),
+            ).rowcount
+            if not updated:
+                return None
+            db.execute("DELETE FROM embeddings WHERE speaker_id = ?", (speaker_id,))
+            db.executemany("INSERT INTO embeddings VALUES (?, ?)", [(speaker_id, u.tobytes()) for u in units])
+            self._bump(db)
+            return self._row(db, speaker_id)
+
+    def delete(self, speaker_id: str) -> bool:
+        with self._tx() as db:
+            gone = db.execute("DELETE FROM speakers WHERE id = ?", (speaker_id,)).rowcount > 0
+            if gone:
+                self._bump(db)
+            return gone
+
+    def candidates(self, group: str, model: str) -> list[Candidate]:
+        rows = (
+            self._db()
+            .execute(
+                "SELECT s.id, s.name, e.vector FROM speakers s JOIN embeddings e ON e.speaker_id = s.id "
+                "WHERE s.grp = ? AND s.model = ? ORDER BY s.id",
+                (group, model),
+            )
+            .fetchall()
+        )
+        by_speaker: dict[str, tuple[str, list[np.ndarray]]] = {}
+        for sid, name, blob in rows:
+            by_speaker.setdefault(sid, (name, []))[1].append(np.frombuffer(blob, dtype=np.float32))
+        return [Candidate(sid, name, _unit(np.mean(vs, axis=0))) for sid, (name, vs) in by_speaker.items()]
+
+    def revision(self) -> int:
+        return int(self._db().execute("SELECT value FROM meta WHERE key = 'revision'").fetchone()[0])
+
+
+def best_match(vector: np.ndarray, candidates: Sequence[Candidate], threshold: float) -> Match:
+    """The closest enrolled speaker by cosine, if it clears the threshold; else unknown."""
+    if not candidates:
+        return Match("unknown", None)
+    v = _unit(vector)
+    scores = [float(c.centroid @ v) for c in candidates]
+    best = int(np.argmax(scores))
+    score = round(scores[best], 4)
+    if score >= threshold:
+        return Match(candidates[best].name, score, candidates[best].speaker_id)
+    return Match("unknown", score)
+
+
+class Identifier:
+    """Per-replica cache of each group's candidates, refreshed when the store's revision moves
+    (checked at most every `refresh_s`), so enrolments show up without a restart."""
+
+    def __init__(self, store: VoiceprintStore, model: str, threshold: float, refresh_s: float = 1.0):
+        self.store, self.model, self.threshold, self.refresh_s = store, model, threshold, refresh_s
+        self._cache: dict[str, list[Candidate]] = {}
+        self._revision = -1
+        self._checked_at = 0.0
+
+    def identify(self, vector: np.ndarray, group: str) -> Match:
+        now = time.monotonic()
+        if now - self._checked_at >= self.refresh_s:
+            self._checked_at = now
+            revision = self.store.revision()
+            if revision != self._revision:
+                self._cache.clear()
+                self._revision = revision
+        if group not in self._cache:
+            self._cache[group] = self.store.candidates(group, self.model)
+        return best_match(vector, self._cache[group], self.threshold)
