@@ -15,7 +15,8 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -107,20 +108,17 @@ class SqliteVoiceprintStore:
             self._local.db = db
         return db
 
-    def _tx(self):
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
         """BEGIN IMMEDIATE ... COMMIT: writers queue on SQLite's lock instead of failing."""
-        store = self
-
-        class _Tx:
-            def __enter__(self):
-                self.db = store._db()
-                self.db.execute("BEGIN IMMEDIATE")
-                return self.db
-
-            def __exit__(self, exc_type, exc, tb):
-                self.db.execute("ROLLBACK" if exc_type else "COMMIT")
-
-        return _Tx()
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
 
     @staticmethod
     def _bump(db: sqlite3.Connection) -> None:
