@@ -1,4 +1,8 @@
-"""The error every protocol adapter raises for client mistakes."""
+"""What every protocol adapter shares: the error for client mistakes, and the first check
+of every text frame."""
+
+import json
+from typing import Any
 
 
 class ProtocolError(ValueError):
@@ -7,3 +11,14 @@ class ProtocolError(ValueError):
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """A text frame as a JSON object, or the protocol error every adapter answers with."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ProtocolError("invalid_json", f"text frame is not JSON: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("bad_message", "text frame must be a JSON object")
+    return data

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from serve_app.messages import UtteranceResult
-from serve_app.protocols.errors import ProtocolError
+from serve_app.protocols.errors import ProtocolError, json_object
 
 MODES = ("offline", "online", "2pass")
 SUPPORTED_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
@@ -43,12 +43,7 @@ def parse_text(text: str, configured: bool) -> Config | EndOfSpeech:
     A later frame with config fields and `is_speaking: true` is answered as a new config
     (FunASR clients resend it per file); the caller decides whether that is allowed.
     """
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ProtocolError("invalid_json", f"text frame is not JSON: {exc.msg}") from None
-    if not isinstance(data, dict):
-        raise ProtocolError("bad_message", "text frame must be a JSON object")
+    data = json_object(text)
     if data.get("is_speaking") is False:
         return EndOfSpeech(is_end=bool(data.get("is_end", False)))
     if "mode" in data or not configured:

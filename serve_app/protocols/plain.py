@@ -24,7 +24,7 @@ import numpy as np
 
 from serve_app.audio import AudioFormatError, pcm16_from_bytes
 from serve_app.messages import UtteranceResult
-from serve_app.protocols.errors import ProtocolError
+from serve_app.protocols.errors import ProtocolError, json_object
 
 SUPPORTED_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
 
@@ -47,12 +47,7 @@ ClientMessage = StartMessage | EndMessage
 
 
 def parse_text(text: str) -> ClientMessage:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ProtocolError("invalid_json", f"text frame is not JSON: {exc.msg}") from None
-    if not isinstance(data, dict):
-        raise ProtocolError("bad_message", "text frame must be a JSON object")
+    data = json_object(text)
     kind = data.get("type")
     if kind == "end":
         return EndMessage()

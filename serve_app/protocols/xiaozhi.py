@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from serve_app.messages import UtteranceResult
 from serve_app.opus import OPUS_FRAME_MS, OPUS_RATES
-from serve_app.protocols.errors import ProtocolError
+from serve_app.protocols.errors import ProtocolError, json_object
 
 V2_HEADER = struct.Struct(">HHIII")  # version, type, reserved, timestamp_ms, payload_size
 V3_HEADER = struct.Struct(">BBH")  # type, reserved, payload_size
@@ -82,12 +82,7 @@ KNOWN_IGNORED = ("mcp", "iot", "goodbye", "ping")
 
 
 def parse_text(text: str) -> ControlMessage:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ProtocolError("invalid_json", f"text frame is not JSON: {exc.msg}") from None
-    if not isinstance(data, dict):
-        raise ProtocolError("bad_message", "text frame must be a JSON object")
+    data = json_object(text)
     kind = data.get("type")
     if kind == "hello":
         return _parse_hello(data)
