@@ -44,7 +44,7 @@ class AsrCore:
         return results  # type: ignore[return-value]
 
 
-@serve.deployment
+@serve.deployment(max_ongoing_requests=64)  # utterances queue here to be batched; same as config/serve.yaml
 class SenseVoice(BatchedModelHost):
     batched_methods = ("transcribe", "transcribe_interim")
 

@@ -100,6 +100,7 @@ class VadCore:
 
 
 @serve.deployment(
+    max_ongoing_requests=1000,  # short calls from many sessions; same as config/serve.yaml
     request_router_config={"request_router_class": "serve_app.routing:StickySessionRouter"},
 )
 class VADHost:

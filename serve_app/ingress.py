@@ -47,7 +47,9 @@ def new_session_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
-@serve.deployment
+# Each live WebSocket holds one request: Serve's default cap of 5 would queue the 6th session
+# (and /healthz) in the proxy. config/serve.yaml sets the same value; this is the default without it.
+@serve.deployment(max_ongoing_requests=200, graceful_shutdown_timeout_s=600)
 @serve.ingress(app)
 class Ingress:
     def __init__(self, vad, asr, speaker, settings: AppSettings, models: ResolvedModels):
