@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install serve test lint models-full bench clean
+.PHONY: install serve test lint models-full bench loadtest clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,15 @@ models-full: install
 
 bench: models-full
 	$(BIN)/python loadtest/bench_pipeline.py
+
+# Against a running service (`make serve`, or `serve run config/bench-full.yaml`):
+#   make loadtest CLIENTS=8 DURATION=60 PROTOCOL=xiaozhi RAMP=4/10
+CLIENTS ?= 20
+DURATION ?= 60
+PROTOCOL ?= mix
+RAMP ?= 5/10
+loadtest: install
+	$(BIN)/python -m loadtest.loadgen --clients $(CLIENTS) --duration $(DURATION) --protocol $(PROTOCOL) --ramp $(RAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

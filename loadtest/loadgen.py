@@ -107,6 +107,7 @@ class UtteranceRecord:
     models: str | None = None
     server_ms: float | None = None
     live_at_end: int = 0  # devices connected when the speech ended
+    pause_s: float = 0.0  # silence streamed after it
 
     @property
     def latency_s(self) -> float | None:
@@ -123,6 +124,7 @@ class RunState:
     unexpected: list[str] = field(default_factory=list)
     replicas: list[dict] = field(default_factory=list)  # {"t": s, "live": n, "deployments": {name: running}}
     started: float = 0.0
+    cpu_seconds: dict[str, float] = field(default_factory=dict)  # by process kind, over the run
 
 
 class Device:
@@ -212,6 +214,7 @@ class Device:
             record.speech_end_t = time.monotonic()
             record.live_at_end = self.state.live
             pause = self.rng.uniform(*self.cfg.pause_s)
+            record.pause_s = pause
             t = await self._paced(ws, [self._silence()] * int(pause * 1000 / FRAME_MS), t)
 
     async def _finish(self, ws, receiver: asyncio.Task) -> None:
@@ -314,6 +317,41 @@ async def progress(cfg: LoadConfig, state: RunState, stop: asyncio.Event) -> Non
               f"  p95(30s) {p95:>6s}  conn errors {errors}  replicas {replicas}", flush=True)  # fmt: skip
 
 
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """pid -> (kind, CPU seconds so far) for this machine's Serve processes by deployment (plus
+    proxy, controller, and this load generator), from /proc. Local Linux runs only; else empty."""
+    import os
+
+    ticks = os.sysconf("SC_CLK_TCK")
+    out: dict[int, tuple[str, float]] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else []):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(pid) == os.getpid():
+            name = "loadgen"
+        elif "ServeReplica:" in cmd:  # the title gains ".method" while a method runs
+            name = cmd.split("ServeReplica:", 1)[1].split()[0].split(":")[-1].split(".")[0]
+        elif "ProxyActor" in cmd:
+            name = "proxy"
+        elif "ServeController" in cmd:
+            name = "controller"
+        else:
+            continue
+        out[int(pid)] = (name, (int(fields[11]) + int(fields[12])) / ticks)  # utime + stime
+    return out
+
+
+def cpu_by_kind(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds spent between two samples, by process kind (new processes count from zero)."""
+    out: dict[str, float] = {}
+    for pid, (name, cpu) in after.items():
+        out[name] = round(out.get(name, 0.0) + cpu - before.get(pid, (name, 0.0))[1], 2)
+    return out
+
+
 async def run_load(cfg: LoadConfig) -> RunState:
     clips = load_corpus(Path(cfg.corpus))
     protocols = PROTOCOLS if cfg.protocol == "mix" else (cfg.protocol,)
@@ -322,6 +360,7 @@ async def run_load(cfg: LoadConfig) -> RunState:
             clip.opus = encode_pcm(clip.pcm, FRAME_MS)
     silence = encode_pcm(np.zeros(FRAME_SAMPLES, dtype=np.int16), FRAME_MS)[0]
     state = RunState(started=time.monotonic())
+    cpu_before = cpu_seconds()
     stop_at = state.started + cfg.duration_s
     stop = asyncio.Event()
     watchers = [asyncio.create_task(poll_replicas(cfg, state, stop)), asyncio.create_task(progress(cfg, state, stop))]
@@ -336,6 +375,7 @@ async def run_load(cfg: LoadConfig) -> RunState:
     await asyncio.gather(*devices)
     stop.set()
     await asyncio.gather(*watchers)
+    state.cpu_seconds = cpu_by_kind(cpu_before, cpu_seconds())
     return state
 
 

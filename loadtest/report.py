@@ -57,11 +57,22 @@ def summarize(cfg: LoadConfig, state: RunState) -> dict:
         "server_ms_p50": pct([r.server_ms for r in done if r.server_ms is not None], 50),
         "models": sorted({r.models for r in done if r.models}),
         "cer": round(float(np.mean([cer(r.reference, r.text) for r in real])), 3) if real else None,
+        "cpu_seconds": state.cpu_seconds,
+        "server_cpu_s_per_audio_s": _server_cpu_per_audio(state, records),
         "max_replicas": {
             name: max(s["deployments"].get(name, 0) for s in state.replicas)
             for name in sorted({n for s in state.replicas for n in s["deployments"]})
         },
     }  # fmt: skip
+
+
+def _server_cpu_per_audio(state: RunState, records: list[UtteranceRecord]) -> float | None:
+    """Server CPU seconds (all Serve processes, not the load generator) per second of audio streamed.
+
+    The audio streamed is the speech plus the pauses: every device streams continuously."""
+    server = sum(v for k, v in state.cpu_seconds.items() if k != "loadgen")
+    streamed = sum(r.audio_s for r in records) + sum(r.pause_s for r in records)
+    return round(server / streamed, 3) if server and streamed else None
 
 
 def latency_by_load(done: list[UtteranceRecord]) -> list[tuple[int, int, float, float, float]]:
@@ -157,6 +168,8 @@ def write_report(cfg: LoadConfig, state: RunState) -> dict:
         f"- first interim (from speech start): {summary['first_interim_from_speech_start_s']}",
         f"- CER: {summary['cer'] if summary['cer'] is not None else 'n/a (needs real models and transcripts)'}",
         f"- most replicas running: {summary['max_replicas']}",
+        f"- server CPU-seconds per streamed audio-second: {summary['server_cpu_s_per_audio_s']}; "
+        f"CPU-seconds by process: {summary['cpu_seconds']}",
         "",
         *[f"![{p}]({p})" for p in plots],
         "",
