@@ -168,10 +168,10 @@ class Placement(_Strict):
 
 def _default_placement() -> dict[str, Placement]:
     return {
-        "Ingress": Placement(num_cpus=0.25),
-        "VADHost": Placement(num_cpus=0.25),
-        "SenseVoice": Placement(num_cpus=1, num_gpus=0.25),
-        "Speaker": Placement(num_cpus=0.5, num_gpus=0.15),
+        "Ingress": Placement(num_cpus=0.1),
+        "VADHost": Placement(num_cpus=0.1),
+        "SenseVoice": Placement(num_cpus=0.5, num_gpus=0.25),
+        "Speaker": Placement(num_cpus=0.25, num_gpus=0.15),
     }
 
 
