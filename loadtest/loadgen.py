@@ -32,6 +32,7 @@ import soundfile as sf
 from websockets.asyncio.client import connect
 
 from serve_app.auth import issue_token
+from serve_app.dashboard import auth_headers
 from serve_app.opus import encode_pcm
 from serve_app.protocols.xiaozhi import frame_audio
 
@@ -266,7 +267,7 @@ class Device:
 async def poll_replicas(cfg: LoadConfig, state: RunState, stop: asyncio.Event) -> None:
     """Replicas per deployment over time: the Serve REST API, else /healthz."""
     http_base = cfg.url.replace("ws://", "http://").replace("wss://", "https://").rstrip("/")
-    async with httpx.AsyncClient(timeout=5) as client:
+    async with httpx.AsyncClient(timeout=5, headers=auth_headers()) as client:  # the dashboard wants Ray's token
         while not stop.is_set():
             deployments = await _replicas_from_api(client, cfg.serve_api) or await _replicas_from_health(
                 client, http_base
