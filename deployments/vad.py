@@ -7,15 +7,14 @@ model instance, but `generate()` is not thread-safe: every call goes through one
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 from ray import serve
 
+from deployments.batching import FINAL, PriorityWorker
 from serve_app.audio import ms_to_samples, samples_to_ms, to_float32
 from serve_app.messages import VadEvent, VadFeedResult
 from serve_app.models import ModelSource, load_automodel
@@ -106,10 +105,10 @@ class VadCore:
 class VADHost:
     def __init__(self, source: ModelSource, settings: VadSettings):
         self._core = VadCore(source, settings)
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vad")  # generate() is not thread-safe
+        self._worker = PriorityWorker("VADHost")  # one thread: generate() is not thread-safe
 
     async def _call(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+        return await self._worker.submit(FINAL, fn, *args)
 
     async def feed(
         self, session_id: str, pcm: np.ndarray, start_ms: int, final: bool = False, restart: bool = False

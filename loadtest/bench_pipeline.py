@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import socket
 import statistics
 import sys
 import time
@@ -91,11 +90,9 @@ def served(model_settings: ModelSettings, wav: Path, runs: int, threads: int) ->
     import ray
     from ray import serve
 
-    from serve_app.app import run_local
+    from serve_app.app import free_port, run_local
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     placement = {n: {"num_cpus": 0} for n in ("Ingress", "VADHost", "SenseVoice", "Speaker")}
     args = {
         "models": model_settings.model_dump(),

@@ -47,6 +47,15 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     return placed(Ingress, "Ingress").bind(vad, asr, speaker, settings, models)
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now (for local test and benchmark services)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def run_local(args: dict[str, Any], port: int, name: str = "speech", num_cpus: int | None = None) -> str:
     """Start Ray and Serve in this process and deploy the app (tests and benchmarks).
 

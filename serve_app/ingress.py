@@ -29,7 +29,7 @@ from serve_app.enrollment import (
     voiceprint_json,
 )
 from serve_app.funasr_stream import FunasrStream
-from serve_app.messages import SpeakerRequest, Utterance
+from serve_app.messages import Utterance
 from serve_app.models import ResolvedModels
 from serve_app.pipeline import Pipeline, RecognitionOptions
 from serve_app.plain_stream import PlainStream
@@ -56,7 +56,6 @@ class Ingress:
         self.settings = settings
         self.models = models
         self.pipeline = Pipeline(vad, asr, speaker, settings, models.label)
-        self.live_sessions = 0
         self.device_auth = DeviceAuth.from_settings(settings.xiaozhi)  # fails the replica if misconfigured
         self.voiceprints = open_store(settings.voiceprints.store)
         self.handlers: dict[str, StreamHandler] = {}  # live sessions of this replica, for enrol-from-session
@@ -74,7 +73,7 @@ class Ingress:
             "status": "starting",
             "models": self.models.label,
             "model_sources": {s.role: s.describe() for s in (self.models.vad, self.models.asr, self.models.speaker)},
-            "live_sessions_this_replica": self.live_sessions,
+            "live_sessions_this_replica": len(self.handlers),
         }
         if self.models.warning():
             body["warning"] = self.models.warning()
@@ -93,12 +92,10 @@ class Ingress:
 
     # ---- plain JSON protocol ------------------------------------------------------------
     async def _serve(self, handler: StreamHandler) -> None:
-        self.live_sessions += 1
         self.handlers[handler.session_id] = handler
         try:
             await handler.run()
         finally:
-            self.live_sessions -= 1
             self.handlers.pop(handler.session_id, None)
 
     @app.websocket("/v1/stream")
@@ -151,7 +148,10 @@ class Ingress:
 
     # ---- voiceprint enrolment ---------------------------------------------------------------
     async def _embed_clips(self, clips) -> tuple[str, list]:
-        embeddings = await asyncio.gather(*(self.pipeline.speaker.embed.remote(SpeakerRequest(c)) for c in clips))
+        results = await asyncio.gather(*(self.pipeline.embed(c, None, "enrolment") for c in clips))
+        embeddings = [e for e, _ in results]
+        if any(e is None for e in embeddings):
+            raise HTTPException(503, "the speaker model is disabled (ingress.speaker_enabled: false)")
         return embeddings[0].model, [e.vector for e in embeddings]
 
     async def _uploads(self, files: list[UploadFile]) -> list:

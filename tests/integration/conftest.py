@@ -4,7 +4,6 @@ but two VADHost replicas so a session can lose its VAD replica and be re-pinned)
 Device authentication is on, with a test secret and one allow-listed device."""
 
 import os
-import socket
 import time
 
 import httpx
@@ -12,17 +11,11 @@ import pytest
 import ray
 from ray import serve
 
-from serve_app.app import run_local
+from serve_app.app import free_port, run_local
 
 APP = "speech"
 SECRET_ENV, SECRET = "SPEECH_SERVE_TEST_SECRET", "test-secret-not-for-production"
 ALLOWED_DEVICE = "02:00:00:00:00:aa"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -17,8 +17,8 @@ import httpx
 import pytest
 import yaml
 
+from serve_app.app import free_port
 from serve_app.dashboard import APPLICATIONS, auth_headers
-from tests.integration.conftest import free_port
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]
