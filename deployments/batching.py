@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from serve_app.metrics import BatchMetrics
 from serve_app.settings import BatchSettings
 
 FINAL, INTERIM = 0, 1  # priorities: lower runs first
@@ -71,9 +72,11 @@ class BatchedModelHost:
 
     def __init__(self) -> None:
         self._worker = PriorityWorker(type(self).__name__)
+        self._batches = BatchMetrics(type(self).__name__)
 
-    async def _run(self, fn, *args, priority: int = FINAL):
-        return await self._worker.submit(priority, fn, *args)
+    async def _run(self, fn, requests: list, priority: int = FINAL):
+        self._batches.batch(len(requests), "final" if priority == FINAL else "interim")
+        return await self._worker.submit(priority, fn, requests)
 
     def reconfigure(self, user_config: dict) -> None:
         batch = BatchSettings(**(user_config or {}))

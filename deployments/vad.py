@@ -17,6 +17,7 @@ from ray import serve
 from deployments.batching import FINAL, PriorityWorker
 from serve_app.audio import ms_to_samples, samples_to_ms, to_float32
 from serve_app.messages import VadEvent, VadFeedResult
+from serve_app.metrics import VadMetrics
 from serve_app.models import ModelSource, load_automodel
 from serve_app.routing import LIVE_SESSIONS_STAT
 from serve_app.settings import VadSettings
@@ -106,9 +107,13 @@ class VADHost:
     def __init__(self, source: ModelSource, settings: VadSettings):
         self._core = VadCore(source, settings)
         self._worker = PriorityWorker("VADHost")  # one thread: generate() is not thread-safe
+        self._metrics = VadMetrics()
 
     async def _call(self, fn, *args):
-        return await self._worker.submit(FINAL, fn, *args)
+        try:
+            return await self._worker.submit(FINAL, fn, *args)
+        finally:
+            self._metrics.sessions_now(self._core.live_sessions)
 
     async def feed(
         self, session_id: str, pcm: np.ndarray, start_ms: int, final: bool = False, restart: bool = False

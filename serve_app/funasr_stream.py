@@ -19,6 +19,8 @@ FATAL = {"frame_too_large": CLOSE_TOO_BIG, "bad_audio": CLOSE_UNSUPPORTED_DATA}
 
 
 class FunasrStream(StreamHandler):
+    protocol = "funasr"
+
     def __init__(self, ws, pipeline, session_id: str):
         super().__init__(ws, pipeline, session_id)
         self.base_id = session_id

@@ -11,7 +11,9 @@ Routes
 
 import asyncio
 import logging
+import time
 import uuid
+from collections import Counter
 from typing import Annotated
 
 from fastapi import FastAPI, File, Form, HTTPException, UploadFile, WebSocket
@@ -20,6 +22,7 @@ from ray import serve
 
 from serve_app.audio import AudioFormatError, decode_file, ms_to_samples
 from serve_app.auth import DeviceAuth
+from serve_app.draining import CLOSE_SERVICE_RESTART, DrainWatch, controller_states
 from serve_app.enrollment import (
     EnrollFromSession,
     EnrollmentError,
@@ -30,6 +33,7 @@ from serve_app.enrollment import (
 )
 from serve_app.funasr_stream import FunasrStream
 from serve_app.messages import Utterance
+from serve_app.metrics import IngressMetrics
 from serve_app.models import ResolvedModels
 from serve_app.pipeline import Pipeline, RecognitionOptions
 from serve_app.plain_stream import PlainStream
@@ -55,10 +59,12 @@ class Ingress:
     def __init__(self, vad, asr, speaker, settings: AppSettings, models: ResolvedModels):
         self.settings = settings
         self.models = models
-        self.pipeline = Pipeline(vad, asr, speaker, settings, models.label)
+        self.metrics = IngressMetrics()
+        self.pipeline = Pipeline(vad, asr, speaker, settings, models.label, self.metrics)
         self.device_auth = DeviceAuth.from_settings(settings.xiaozhi)  # fails the replica if misconfigured
         self.voiceprints = open_store(settings.voiceprints.store)
         self.handlers: dict[str, StreamHandler] = {}  # live sessions of this replica, for enrol-from-session
+        self._drain: DrainWatch | None = None  # started with the first session (needs the event loop)
         for source in (models.vad, models.asr, models.speaker):
             logger.info("model %s: %s", source.role, source.describe())
         if models.warning():
@@ -90,13 +96,45 @@ class Ingress:
         body["status"] = "ok" if ready else "starting"
         return JSONResponse(body, status_code=200 if ready else 503)
 
-    # ---- plain JSON protocol ------------------------------------------------------------
+    # ---- sessions -----------------------------------------------------------------------
     async def _serve(self, handler: StreamHandler) -> None:
+        self._watch_for_drain()
+        if self._drain.draining:
+            self.metrics.session_rejected(handler.protocol, "draining")
+            await handler.close_with_error("reconnect", "this server is shutting down; reconnect now",
+                                           CLOSE_SERVICE_RESTART)  # fmt: skip
+            return
         self.handlers[handler.session_id] = handler
+        self.metrics.session_admitted(handler.protocol)
+        self._count_sessions()
         try:
             await handler.run()
         finally:
             self.handlers.pop(handler.session_id, None)
+            self._count_sessions()
+
+    def _count_sessions(self) -> None:
+        live = Counter(h.protocol for h in self.handlers.values())
+        self.metrics.sessions_now({p: live.get(p, 0) for p in ("plain", "xiaozhi", "funasr")})
+
+    def _watch_for_drain(self) -> None:
+        if self._drain is not None:
+            return
+        ctx = serve.get_replica_context()
+        grace_s = ctx._deployment_config.graceful_shutdown_timeout_s  # what Serve enforces for this replica
+        s = self.settings.ingress
+        self._drain = DrainWatch(lambda: controller_states(ctx.app_name, ctx.deployment), ctx.replica_id.unique_id,
+                                 s.drain_poll_s, grace_s, s.drain_margin_s)  # fmt: skip
+        self._drain_task = asyncio.create_task(self._move_sessions_when_stopping())
+
+    async def _move_sessions_when_stopping(self) -> None:
+        plan = await self._drain.wait()
+        await asyncio.sleep(plan.reconnect_in(time.monotonic()))
+        logger.warning("ingress stopping: asking %d live sessions to reconnect", len(self.handlers))
+        for handler in list(self.handlers.values()):
+            handler.ask_to_reconnect(self.settings.ingress.drain_idle_wait_s)
+
+    # ---- plain JSON protocol ------------------------------------------------------------
 
     @app.websocket("/v1/stream")
     async def stream(self, ws: WebSocket) -> None:

@@ -26,6 +26,7 @@ from serve_app.messages import (
     VadChunk,
     VadFeedResult,
 )
+from serve_app.metrics import IngressMetrics
 from serve_app.session import Session
 from serve_app.settings import AppSettings
 
@@ -52,10 +53,11 @@ def _ms_since(t: float) -> float:
 class Pipeline:
     """One per Ingress replica: the deployment handles and the settings."""
 
-    def __init__(self, vad, asr, speaker, settings: AppSettings, models_label: str):
+    def __init__(self, vad, asr, speaker, settings: AppSettings, models_label: str, metrics: IngressMetrics):
         self.vad, self.asr, self.speaker = vad, asr, speaker
         self.settings = settings
         self.models_label = models_label
+        self.metrics = metrics
 
     def new_session(self, session_id: str) -> Session:
         s = self.settings.ingress
@@ -177,6 +179,11 @@ class StreamRunner:
         self.results_sent = 0
         self.vad_replays = 0
 
+    @property
+    def idle(self) -> bool:
+        """Between utterances with every result sent: a safe moment to close the stream."""
+        return self.session.speech_start_ms is None and not self._in_flight
+
     async def push(self, pcm: np.ndarray) -> None:
         for chunk in self.session.add_audio(pcm):
             await self._process(chunk)
@@ -229,6 +236,7 @@ class StreamRunner:
             result, replays = await self.pipeline.feed_vad(self.session, chunk)
             self.vad_replays += replays
             vad_ms = _ms_since(started)
+            self.pipeline.metrics.vad_call(vad_ms)
         for utt in self.session.on_vad_events(result.events):
             endpoint_ms = self.session.sent_ms - utt.end_ms
             self._recognise_later(utt, started, vad_ms, result.compute_ms, endpoint_ms)

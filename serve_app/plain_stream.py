@@ -13,6 +13,8 @@ FATAL_PROTOCOL_ERRORS = {"frame_too_large": CLOSE_TOO_BIG, "bad_audio": CLOSE_UN
 
 
 class PlainStream(StreamHandler):
+    protocol = "plain"
+
     async def serve(self) -> None:
         self.start = plain.StartMessage()
         self.resample = StreamResampler(self.start.sample_rate)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SAMPLE_RATE = 16000  # every model here is a 16 kHz model
 
@@ -110,6 +110,23 @@ class IngressSettings(_Strict):
     max_utterance_ms: int = Field(30_000, description="Force-cut an utterance that runs this long.")
     max_upload_bytes: int = Field(50_000_000, description="Largest file for /v1/audio/transcriptions.")
     speaker_enabled: bool = True
+    drain_poll_s: float = Field(2.0, description="How often an ingress replica asks Serve whether it is stopping.")
+    drain_margin_s: float = Field(
+        30.0,
+        description="A stopping ingress replica asks its sessions to reconnect (close 1012) this long before "
+        "Serve's graceful_shutdown_timeout_s runs out. Before that, sessions go on untouched.",
+    )
+    drain_idle_wait_s: float = Field(
+        10.0,
+        description="Once asked to reconnect, a session waits up to this long for the pause after its next "
+        "result; after it, an open utterance is cut and transcribed, then the session closes.",
+    )
+
+    @model_validator(mode="after")
+    def _drain_fits(self) -> IngressSettings:
+        if self.drain_idle_wait_s >= self.drain_margin_s:
+            raise ValueError("ingress.drain_idle_wait_s must be shorter than ingress.drain_margin_s")
+        return self
 
 
 class XiaozhiSettings(_Strict):

@@ -4,9 +4,12 @@ cleanup however the connection ends. Subclasses implement `serve()` (the frame l
 
 import asyncio
 import logging
+import time
 
 from fastapi import WebSocket, WebSocketDisconnect
 
+from serve_app.draining import CLOSE_SERVICE_RESTART
+from serve_app.messages import UtteranceResult
 from serve_app.pipeline import Pipeline, RecognitionOptions, StreamRunner
 
 logger = logging.getLogger("ray.serve")
@@ -19,14 +22,27 @@ CLOSE_POLICY = 1008  # authentication refused
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL = 1011
 
+RECONNECT_POLL_S = 0.1  # while asked to reconnect: how often to look for a pause between utterances
+
+
+class ReconnectRequested(Exception):
+    """Raised inside the frame loop once the session should move to another replica."""
+
 
 class StreamHandler:
+    protocol = "?"  # metrics tag: plain, xiaozhi, funasr
+
     def __init__(self, ws: WebSocket, pipeline: Pipeline, session_id: str):
         self.ws = ws
         self.pipeline = pipeline
         self.session_id = session_id
         self.runner: StreamRunner | None = None
         self._send_lock = asyncio.Lock()  # results and error frames come from different tasks
+        self._next_frame: asyncio.Future | None = None  # kept across receive() calls: never cancelled
+        self._reconnect = asyncio.Event()
+        self._reconnect_asked: asyncio.Future | None = None
+        self._reconnect_by: float | None = None  # monotonic deadline; before it, wait for a pause
+        self._answered_since_asked = False
 
     async def serve(self) -> None:
         raise NotImplementedError
@@ -40,16 +56,54 @@ class StreamHandler:
             await self.serve()
         except WebSocketDisconnect:
             logger.info("session %s: client disconnected", self.session_id)
+        except ReconnectRequested:
+            await self._move_client()
         except Exception:
             logger.exception("session %s: internal error", self.session_id)
             await self.close_with_error("internal", "internal error; the session is closed", CLOSE_INTERNAL)
         finally:
+            for waiting in (self._next_frame, self._reconnect_asked):
+                if waiting is not None:
+                    waiting.cancel()
             await self.drop_runner()
 
     def start_runner(self, options: RecognitionOptions, **kwargs) -> StreamRunner:
         session = self.pipeline.new_session(self.session_id)
-        self.runner = StreamRunner(self.pipeline, session, options, self.on_result, self.on_failure, **kwargs)
+        self.runner = StreamRunner(self.pipeline, session, options, self._deliver, self._failed, **kwargs)
         return self.runner
+
+    async def _deliver(self, result: UtteranceResult) -> None:
+        self.pipeline.metrics.utterance_answered(self.protocol, result)
+        await self.on_result(result)
+        self._answered_since_asked = self._reconnect.is_set()
+
+    async def _failed(self, index: int, exc: Exception) -> None:
+        self.pipeline.metrics.utterance_failed(self.protocol)
+        await self.on_failure(index, exc)
+
+    # ---- draining: move the client to another replica -------------------------------------
+    def ask_to_reconnect(self, within_s: float) -> None:
+        """Close with 1012 in the pause after the next result, or after `within_s` at the latest."""
+        self._reconnect_by = time.monotonic() + within_s
+        self._reconnect.set()
+
+    def _may_move_now(self) -> bool:
+        # Right after a result the speaker has just paused (the VAD saw max_end_silence_ms of
+        # silence). Any other "idle" moment may be the start of speech the VAD has not reported
+        # yet, and closing then would cut that utterance in two.
+        if self.runner is None:
+            return True
+        if self.runner.idle and self._answered_since_asked:
+            return True
+        return time.monotonic() >= self._reconnect_by
+
+    async def _move_client(self) -> None:
+        """Send every result owed (an open utterance is cut and transcribed), then 1012."""
+        if self.runner is not None:
+            await self.finish_runner()
+        self.pipeline.metrics.session_reconnect(self.protocol)
+        logger.info("session %s: asked to reconnect (ingress replica stopping)", self.session_id)
+        await self.close_with_error("reconnect", "this server is shutting down; reconnect now", CLOSE_SERVICE_RESTART)
 
     async def drop_runner(self) -> None:
         """Cancel what the runner still has in flight and free its VAD state."""
@@ -84,7 +138,22 @@ class StreamHandler:
             pass
 
     async def receive(self) -> dict:
-        message = await self.ws.receive()
+        """The next frame. Raises WebSocketDisconnect when the client has gone, and
+        ReconnectRequested once the session should move (between utterances)."""
+        if self._next_frame is None:
+            self._next_frame = asyncio.ensure_future(self.ws.receive())
+        while True:
+            if self._reconnect.is_set():
+                if self._may_move_now():
+                    raise ReconnectRequested
+                await asyncio.wait({self._next_frame}, timeout=RECONNECT_POLL_S)
+            else:
+                if self._reconnect_asked is None:
+                    self._reconnect_asked = asyncio.ensure_future(self._reconnect.wait())
+                await asyncio.wait({self._next_frame, self._reconnect_asked}, return_when=asyncio.FIRST_COMPLETED)
+            if self._next_frame.done():
+                break
+        message, self._next_frame = self._next_frame.result(), None
         if message["type"] == "websocket.disconnect":
             raise WebSocketDisconnect(message.get("code", CLOSE_NORMAL))
         return message

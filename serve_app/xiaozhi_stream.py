@@ -34,6 +34,8 @@ FATAL = {
 
 
 class XiaozhiStream(StreamHandler):
+    protocol = "xiaozhi"
+
     def __init__(self, ws, pipeline, session_id: str, auth: DeviceAuth):
         super().__init__(ws, pipeline, session_id)
         self.auth = auth
@@ -53,6 +55,7 @@ class XiaozhiStream(StreamHandler):
         decision = self.auth.check(self.params)
         if not decision.ok:
             logger.warning("xiaozhi device %s refused: %s", self.params.device_id, decision.reason)
+            self.pipeline.metrics.session_rejected(self.protocol, "unauthorized")
             await self.close_with_error("unauthorized", decision.reason, CLOSE_POLICY)
             return
         if not await self._await_hello():

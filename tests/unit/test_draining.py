@@ -1,0 +1,96 @@
+"""Ingress draining without Ray: the stop detection, the timing plan, and a session asked to
+reconnect (a real PlainStream over an in-memory WebSocket)."""
+
+import asyncio
+import json
+
+from serve_app.draining import CLOSE_SERVICE_RESTART, DrainPlan, DrainWatch, replica_is_stopping
+from serve_app.metrics import IngressMetrics
+from serve_app.pipeline import Pipeline
+from serve_app.plain_stream import PlainStream
+from serve_app.settings import AppSettings
+
+
+def test_only_a_listed_stopping_replica_is_draining():
+    states = {"a": "RUNNING", "b": "STOPPING"}
+    assert replica_is_stopping(states, "b")
+    assert not replica_is_stopping(states, "a")
+    assert not replica_is_stopping(states, "c")  # unknown: never cut sessions on a guess
+    assert not replica_is_stopping({}, "b")
+
+
+def test_plan_asks_to_reconnect_margin_before_the_deadline():
+    plan = DrainPlan(started=100.0, grace_s=600.0, margin_s=30.0)
+    assert plan.reconnect_in(100.0) == 570.0
+    assert plan.reconnect_in(669.0) == 1.0
+    assert plan.reconnect_in(700.0) == 0.0
+    assert DrainPlan(started=0.0, grace_s=20.0, margin_s=30.0).reconnect_in(0.0) == 0.0  # grace shorter: at once
+
+
+def test_watch_polls_until_stopping_and_survives_controller_errors():
+    replies = [RuntimeError("controller restarting"), {"me": "RUNNING"}, {"me": "STOPPING", "other": "RUNNING"}]
+    calls = []
+
+    async def fetch():
+        calls.append(1)
+        reply = replies[len(calls) - 1]
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    watch = DrainWatch(fetch, "me", poll_s=0.001, grace_s=60, margin_s=10)
+    assert not watch.draining
+    plan = asyncio.run(asyncio.wait_for(watch.wait(), 5))
+    assert watch.draining and len(calls) == 3
+    assert (plan.grace_s, plan.margin_s) == (60, 10)
+
+
+class MemoryWebSocket:
+    """The slice of Starlette's WebSocket the handlers use; the client side is a queue."""
+
+    def __init__(self):
+        self.inbox: asyncio.Queue = asyncio.Queue()
+        self.sent: list[dict] = []
+        self.closed: tuple[int, str] | None = None
+
+    async def receive(self) -> dict:
+        return await self.inbox.get()
+
+    async def send_text(self, text: str) -> None:
+        self.sent.append(json.loads(text))
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        self.closed = (code, reason)
+
+
+def test_idle_session_asked_to_reconnect_gets_1012_and_a_reconnect_frame():
+    async def scenario():
+        ws = MemoryWebSocket()
+        # No audio is sent, so no deployment is called: the handles can be absent.
+        pipeline = Pipeline(None, None, None, AppSettings(), "test", IngressMetrics())
+        handler = PlainStream(ws, pipeline, "s1")
+        session = asyncio.create_task(handler.run())
+        await asyncio.sleep(0.05)
+        assert not session.done() and ws.sent[0]["type"] == "ready"  # blocked waiting for the client
+        handler.ask_to_reconnect(within_s=5)
+        await asyncio.wait_for(session, 2)
+        return ws
+
+    ws = asyncio.run(scenario())
+    assert ws.closed[0] == CLOSE_SERVICE_RESTART
+    assert ws.sent[-1]["type"] == "error" and ws.sent[-1]["code"] == "reconnect"
+
+
+def test_frames_still_arrive_in_order_when_no_reconnect_is_asked():
+    async def scenario():
+        ws = MemoryWebSocket()
+        handler = PlainStream(ws, Pipeline(None, None, None, AppSettings(), "test", IngressMetrics()), "s2")
+        for _ in range(3):
+            ws.inbox.put_nowait({"type": "websocket.receive", "text": json.dumps({"type": "start", "language": "en"})})
+        ws.inbox.put_nowait({"type": "websocket.disconnect", "code": 1000})
+        await asyncio.wait_for(handler.run(), 2)
+        return ws
+
+    ws = asyncio.run(scenario())
+    assert [m["type"] for m in ws.sent] == ["ready"] * 4  # one at connect, one per start
+    assert ws.closed is None  # the client left; nothing to close
