@@ -30,6 +30,7 @@ import httpx
 import numpy as np
 import soundfile as sf
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from serve_app.auth import issue_token
 from serve_app.dashboard import auth_headers
@@ -121,11 +122,19 @@ class RunState:
     live: int = 0
     connected: int = 0
     connection_errors: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # refusal codes: the service said no at connect
     duplicates: int = 0
     unexpected: list[str] = field(default_factory=list)
     replicas: list[dict] = field(default_factory=list)  # {"t": s, "live": n, "deployments": {name: running}}
     started: float = 0.0
     cpu_seconds: dict[str, float] = field(default_factory=dict)  # by process kind, over the run
+
+
+REFUSAL_CLOSE_CODES = {1013: "server_busy", 1008: "too_many_connections"}  # as serve_app/admission.py
+
+
+class Refused(Exception):
+    """The service refused this connection at once (over a session cap): not a failure."""
 
 
 class Device:
@@ -149,8 +158,22 @@ class Device:
                     await self._finish(ws, receiver)
                 finally:
                     self.state.live -= 1
+        except Refused as exc:
+            self._refused(str(exc))
+        except ConnectionClosed as exc:
+            code = exc.rcvd.code if exc.rcvd else None
+            if code in REFUSAL_CLOSE_CODES and self.results == 0:  # FunASR: refused while sending its config
+                self._refused(REFUSAL_CLOSE_CODES[code])
+            else:
+                self.state.connection_errors.append(f"device {self.n} ({self.protocol}): closed {code}: {exc}")
         except Exception as exc:  # a connection that fails or breaks is what we count
             self.state.connection_errors.append(f"device {self.n} ({self.protocol}): {type(exc).__name__}: {exc}")
+
+    def _refused(self, code: str) -> None:
+        self.state.refused.append(code)
+        for record in self.mine:  # never admitted: its audio was not the service's to answer
+            self.state.records.remove(record)
+        self.mine = []
 
     def _connect(self):
         base = self.cfg.url.rstrip("/")
@@ -169,6 +192,8 @@ class Device:
             await ws.send(json.dumps({"type": "hello", "audio_params": {"format": "opus", "sample_rate": 16000,
                                       "channels": 1, "frame_duration": FRAME_MS}}))  # fmt: skip
             hello = json.loads(await asyncio.wait_for(ws.recv(), 15))
+            if hello.get("type") == "error" and hello.get("code") in REFUSAL_CLOSE_CODES.values():
+                raise Refused(hello["code"])
             if hello.get("type") != "hello":
                 raise RuntimeError(f"no hello: {hello}")
             await ws.send(json.dumps({"session_id": hello["session_id"], "type": "listen", "state": "start",
@@ -179,6 +204,8 @@ class Device:
                                       "is_speaking": True, "hotwords": "", "itn": True}))  # fmt: skip
         else:
             ready = json.loads(await asyncio.wait_for(ws.recv(), 15))
+            if ready.get("type") == "error" and ready.get("code") in REFUSAL_CLOSE_CODES.values():
+                raise Refused(ready["code"])
             if ready.get("type") != "ready":
                 raise RuntimeError(f"no ready: {ready}")
 
@@ -315,7 +342,8 @@ async def progress(cfg: LoadConfig, state: RunState, stop: asyncio.Event) -> Non
         replicas = state.replicas[-1]["deployments"] if state.replicas else {}
         errors = len(state.connection_errors)
         print(f"[{now - state.started:6.1f}s] live {state.live:4d}  utterances {len(done):5d}/{len(state.records):<5d}"
-              f"  p95(30s) {p95:>6s}  conn errors {errors}  replicas {replicas}", flush=True)  # fmt: skip
+              f"  p95(30s) {p95:>6s}  conn errors {errors}  refused {len(state.refused)}  replicas {replicas}",
+              flush=True)  # fmt: skip
 
 
 def cpu_seconds() -> dict[int, tuple[str, float]]:

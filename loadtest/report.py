@@ -49,6 +49,7 @@ def summarize(cfg: LoadConfig, state: RunState) -> dict:
         "devices_connected": state.connected, "max_live_sessions": max((r["live"] for r in state.replicas), default=0),
         "utterances_sent": len(records), "results": len(done), "lost": len(records) - len(done),
         "duplicated": state.duplicates, "connection_errors": len(state.connection_errors),
+        "refused": len(state.refused),
         "error_frames": len(state.unexpected),
         "audio_seconds": round(sum(r.audio_s for r in records), 1),
         "throughput_utterances_per_s": round(len(done) / span, 2) if span > 0 else 0.0,
@@ -150,6 +151,7 @@ def write_report(cfg: LoadConfig, state: RunState) -> dict:
         "utterances": [asdict(r) for r in state.records],
         "replicas": state.replicas,
         "connection_errors": state.connection_errors,
+        "refused": state.refused,
         "error_frames": state.unexpected[:100],
     }
     (out / "raw.json").write_text(json.dumps(raw, indent=1, ensure_ascii=False))
@@ -158,7 +160,8 @@ def write_report(cfg: LoadConfig, state: RunState) -> dict:
         f"# Load test: {summary['clients']} {summary['protocol']} devices, {summary['duration_s']:g} s",
         "",
         f"- ramp {summary['ramp']}, seed {summary['seed']}, corpus `{summary['corpus']}`, models {summary['models']}",
-        f"- devices connected {summary['devices_connected']}, most live at once {summary['max_live_sessions']}",
+        f"- devices connected {summary['devices_connected']}, most live at once {summary['max_live_sessions']}, "
+        f"refused at connect (over a session cap) {summary['refused']}",
         f"- utterances sent {summary['utterances_sent']} ({summary['audio_seconds']} s of speech), results "
         f"{summary['results']}, **lost {summary['lost']}, duplicated {summary['duplicated']}, connection errors "
         f"{summary['connection_errors']}**, error frames {summary['error_frames']}",

@@ -14,6 +14,7 @@ import ray
 from ray.serve import Application
 
 from deployments.asr import SenseVoice
+from deployments.registry import SessionRegistry
 from deployments.speaker import Speaker
 from deployments.vad import VADHost
 from serve_app.ingress import Ingress
@@ -44,7 +45,8 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     vad = placed(VADHost, "VADHost").bind(models.vad, settings.vad)
     asr = placed(SenseVoice, "SenseVoice").bind(models.asr, settings.asr)
     speaker = placed(Speaker, "Speaker").bind(models.speaker, settings.speaker, settings.voiceprints)
-    return placed(Ingress, "Ingress").bind(vad, asr, speaker, settings, models)
+    registry = SessionRegistry.bind(settings.admission)  # no model, no placement: 0 CPUs, 1 replica
+    return placed(Ingress, "Ingress").bind(vad, asr, speaker, registry, settings, models)
 
 
 def free_port() -> int:

@@ -20,9 +20,10 @@ from fastapi import FastAPI, File, Form, HTTPException, UploadFile, WebSocket
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
+from serve_app.admission import DRAINING, Refusal, replica_full
 from serve_app.audio import AudioFormatError, decode_file, ms_to_samples
 from serve_app.auth import DeviceAuth
-from serve_app.draining import CLOSE_SERVICE_RESTART, DrainWatch, controller_states
+from serve_app.draining import DrainWatch, controller_states
 from serve_app.enrollment import (
     EnrollFromSession,
     EnrollmentError,
@@ -56,8 +57,9 @@ def new_session_id() -> str:
 @serve.deployment(max_ongoing_requests=200, graceful_shutdown_timeout_s=600)
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, vad, asr, speaker, settings: AppSettings, models: ResolvedModels):
+    def __init__(self, vad, asr, speaker, registry, settings: AppSettings, models: ResolvedModels):
         self.settings = settings
+        self.registry = registry
         self.models = models
         self.metrics = IngressMetrics()
         self.pipeline = Pipeline(vad, asr, speaker, settings, models.label, self.metrics)
@@ -98,11 +100,12 @@ class Ingress:
 
     # ---- sessions -----------------------------------------------------------------------
     async def _serve(self, handler: StreamHandler) -> None:
-        self._watch_for_drain()
-        if self._drain.draining:
-            self.metrics.session_rejected(handler.protocol, "draining")
-            await handler.close_with_error("reconnect", "this server is shutting down; reconnect now",
-                                           CLOSE_SERVICE_RESTART)  # fmt: skip
+        self._start_background()
+        refusal = self._local_refusal() or await self._register(handler)
+        if refusal is not None:
+            self.metrics.session_rejected(handler.protocol, refusal.code)
+            logger.info("session %s (%s) refused: %s", handler.session_id, handler.protocol, refusal.message)
+            await handler.refuse(refusal)
             return
         self.handlers[handler.session_id] = handler
         self.metrics.session_admitted(handler.protocol)
@@ -112,20 +115,63 @@ class Ingress:
         finally:
             self.handlers.pop(handler.session_id, None)
             self._count_sessions()
+            await self._release(handler.session_id)
+
+    def _local_refusal(self) -> Refusal | None:
+        if self._drain.draining:
+            return DRAINING
+        cap = self.settings.admission.max_sessions_per_replica
+        return replica_full(cap) if len(self.handlers) >= cap else None
+
+    async def _register(self, handler: StreamHandler) -> Refusal | None:
+        """The application-wide caps. If the registry cannot answer, admit: a cap is not
+        worth refusing everyone over."""
+        ws = handler.ws
+        device = ws.headers.get("device-id") or ws.query_params.get("device-id") or None
+        try:
+            return await self.registry.admit.remote(handler.session_id, self._replica_id, device)
+        except Exception:
+            logger.warning("session %s: session registry unavailable; admitted unchecked", handler.session_id,
+                           exc_info=True)  # fmt: skip
+            return None
+
+    async def _release(self, session_id: str) -> None:
+        try:
+            await self.registry.release.remote(session_id)
+        except Exception:  # the periodic sync corrects the registry
+            logger.info("session %s: registry release failed; the next sync corrects it", session_id)
+
+    async def _sync_registry(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.admission.sync_s)
+            try:
+                await self.registry.sync.remote(self._replica_id, list(self.handlers))
+            except Exception:
+                logger.info("session registry sync failed; retrying in %g s", self.settings.admission.sync_s)
 
     def _count_sessions(self) -> None:
         live = Counter(h.protocol for h in self.handlers.values())
         self.metrics.sessions_now({p: live.get(p, 0) for p in ("plain", "xiaozhi", "funasr")})
 
-    def _watch_for_drain(self) -> None:
+    def _start_background(self) -> None:
+        """Drain watch and registry sync: started with the first session (they need the loop)."""
         if self._drain is not None:
             return
         ctx = serve.get_replica_context()
+        self._replica_id = ctx.replica_id.unique_id
         grace_s = ctx._deployment_config.graceful_shutdown_timeout_s  # what Serve enforces for this replica
+        if self.settings.admission.max_sessions_per_replica >= ctx._deployment_config.max_ongoing_requests:
+            logger.warning("admission.max_sessions_per_replica (%d) >= Ingress max_ongoing_requests (%d): "
+                           "excess sessions will queue in the proxy instead of being refused",
+                           self.settings.admission.max_sessions_per_replica,
+                           ctx._deployment_config.max_ongoing_requests)  # fmt: skip
         s = self.settings.ingress
-        self._drain = DrainWatch(lambda: controller_states(ctx.app_name, ctx.deployment), ctx.replica_id.unique_id,
+        self._drain = DrainWatch(lambda: controller_states(ctx.app_name, ctx.deployment), self._replica_id,
                                  s.drain_poll_s, grace_s, s.drain_margin_s)  # fmt: skip
-        self._drain_task = asyncio.create_task(self._move_sessions_when_stopping())
+        self._background = [
+            asyncio.create_task(self._move_sessions_when_stopping()),
+            asyncio.create_task(self._sync_registry()),
+        ]
 
     async def _move_sessions_when_stopping(self) -> None:
         plan = await self._drain.wait()

@@ -110,6 +110,9 @@ class IngressSettings(_Strict):
     max_utterance_ms: int = Field(30_000, description="Force-cut an utterance that runs this long.")
     max_upload_bytes: int = Field(50_000_000, description="Largest file for /v1/audio/transcriptions.")
     speaker_enabled: bool = True
+    idle_timeout_s: float = Field(
+        300.0, description="Close a session that sends nothing for this long (error `idle_timeout`, close 1000)."
+    )
     drain_poll_s: float = Field(2.0, description="How often an ingress replica asks Serve whether it is stopping.")
     drain_margin_s: float = Field(
         30.0,
@@ -127,6 +130,26 @@ class IngressSettings(_Strict):
         if self.drain_idle_wait_s >= self.drain_margin_s:
             raise ValueError("ingress.drain_idle_wait_s must be shorter than ingress.drain_margin_s")
         return self
+
+
+class AdmissionSettings(_Strict):
+    """Who may open a session. Over a cap, a connection is refused at once with a reason."""
+
+    max_sessions_per_replica: int = Field(
+        150,
+        description="Sessions one Ingress replica holds; more get `server_busy` and close 1013. Keep it below "
+        "the Ingress max_ongoing_requests (200), or the proxy queues WebSockets instead of refusing them.",
+    )
+    max_sessions_total: int | None = Field(
+        400, description="Sessions in the whole application (null: no cap); more get `server_busy`, close 1013."
+    )
+    max_connections_per_device: int | None = Field(
+        2,
+        description="Open connections per Device-Id (header or query); more get `too_many_connections`, close "
+        "1008. Two lets a device reconnect before its old connection has timed out.",
+    )
+    lease_s: float = Field(30.0, description="The registry forgets sessions of an Ingress silent this long.")
+    sync_s: float = Field(5.0, description="How often each Ingress replica re-syncs its live sessions.")
 
 
 class XiaozhiSettings(_Strict):
@@ -199,6 +222,7 @@ class AppSettings(_Strict):
     speaker: SpeakerSettings = SpeakerSettings()
     voiceprints: VoiceprintSettings = VoiceprintSettings()
     ingress: IngressSettings = IngressSettings()
+    admission: AdmissionSettings = AdmissionSettings()
     xiaozhi: XiaozhiSettings = XiaozhiSettings()
     funasr: FunasrSettings = FunasrSettings()
     placement: dict[PlacementName, Placement] = Field(default_factory=_default_placement)

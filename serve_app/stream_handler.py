@@ -8,7 +8,7 @@ import time
 
 from fastapi import WebSocket, WebSocketDisconnect
 
-from serve_app.draining import CLOSE_SERVICE_RESTART
+from serve_app.admission import DRAINING, Refusal
 from serve_app.messages import UtteranceResult
 from serve_app.pipeline import Pipeline, RecognitionOptions, StreamRunner
 
@@ -27,6 +27,10 @@ RECONNECT_POLL_S = 0.1  # while asked to reconnect: how often to look for a paus
 
 class ReconnectRequested(Exception):
     """Raised inside the frame loop once the session should move to another replica."""
+
+
+class SessionIdle(Exception):
+    """Raised inside the frame loop when the client has sent nothing for idle_timeout_s."""
 
 
 class StreamHandler:
@@ -58,6 +62,8 @@ class StreamHandler:
             logger.info("session %s: client disconnected", self.session_id)
         except ReconnectRequested:
             await self._move_client()
+        except SessionIdle:
+            await self._close_idle()
         except Exception:
             logger.exception("session %s: internal error", self.session_id)
             await self.close_with_error("internal", "internal error; the session is closed", CLOSE_INTERNAL)
@@ -103,7 +109,10 @@ class StreamHandler:
             await self.finish_runner()
         self.pipeline.metrics.session_reconnect(self.protocol)
         logger.info("session %s: asked to reconnect (ingress replica stopping)", self.session_id)
-        await self.close_with_error("reconnect", "this server is shutting down; reconnect now", CLOSE_SERVICE_RESTART)
+        await self.refuse(DRAINING)
+
+    async def refuse(self, refusal: Refusal) -> None:
+        await self.close_with_error(refusal.code, refusal.message, refusal.close_code)
 
     async def drop_runner(self) -> None:
         """Cancel what the runner still has in flight and free its VAD state."""
@@ -119,6 +128,13 @@ class StreamHandler:
         count = await runner.finish()
         await self.drop_runner()
         return count, runner.vad_replays
+
+    async def _close_idle(self) -> None:
+        if self.runner is not None:
+            await self.finish_runner()
+        timeout = self.pipeline.settings.ingress.idle_timeout_s
+        logger.info("session %s: idle for %g s; closing", self.session_id, timeout)
+        await self.close_with_error("idle_timeout", f"nothing received for {timeout:g} s", CLOSE_NORMAL)
 
     async def send(self, text: str) -> None:
         async with self._send_lock:
@@ -138,8 +154,9 @@ class StreamHandler:
             pass
 
     async def receive(self) -> dict:
-        """The next frame. Raises WebSocketDisconnect when the client has gone, and
-        ReconnectRequested once the session should move (between utterances)."""
+        """The next frame. Raises WebSocketDisconnect when the client has gone,
+        ReconnectRequested once the session should move (between utterances), and SessionIdle
+        after idle_timeout_s without a frame."""
         if self._next_frame is None:
             self._next_frame = asyncio.ensure_future(self.ws.receive())
         while True:
@@ -150,7 +167,13 @@ class StreamHandler:
             else:
                 if self._reconnect_asked is None:
                     self._reconnect_asked = asyncio.ensure_future(self._reconnect.wait())
-                await asyncio.wait({self._next_frame, self._reconnect_asked}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    {self._next_frame, self._reconnect_asked},
+                    timeout=self.pipeline.settings.ingress.idle_timeout_s,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if not done:
+                    raise SessionIdle
             if self._next_frame.done():
                 break
         message, self._next_frame = self._next_frame.result(), None

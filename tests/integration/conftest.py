@@ -16,6 +16,7 @@ from serve_app.app import free_port, run_local
 APP = "speech"
 SECRET_ENV, SECRET = "SPEECH_SERVE_TEST_SECRET", "test-secret-not-for-production"
 ALLOWED_DEVICE = "02:00:00:00:00:aa"
+SESSIONS_CAP = 24
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +32,8 @@ def service_args(model_settings, tiny_models, tmp_path_factory) -> dict:
         "placement": placement,
         "xiaozhi": {"auth_enabled": True, "secret_env": SECRET_ENV, "allowed_devices": [ALLOWED_DEVICE]},
         "voiceprints": {"store": str(tmp_path_factory.mktemp("voiceprints") / "voiceprints.sqlite3")},
+        # Small enough to reach in a test; the load test's 20 devices fit.
+        "admission": {"max_sessions_total": SESSIONS_CAP, "max_connections_per_device": 2},
     }
 
 

@@ -21,7 +21,7 @@ def test_healthz_reports_test_models_and_running_replicas(service):
     body = httpx.get(f"http://{service}/healthz", timeout=10).json()
     assert body["status"] == "ok"
     assert body["models"] == "test" and "RANDOM-WEIGHT" in body["warning"] and "transcripts" in body["warning"]
-    assert set(body["deployments"]) == {"Ingress", "VADHost", "SenseVoice", "Speaker"}
+    assert set(body["deployments"]) == {"Ingress", "VADHost", "SenseVoice", "Speaker", "SessionRegistry"}
     assert body["deployments"]["VADHost"]["replicas"] == {"RUNNING": 2}
 
 

@@ -1,0 +1,74 @@
+"""Admission on the real service: over the overall session cap, or over a device's connection
+limit, a client is refused at once with a reason and a close code; nothing waits in a queue,
+and a freed slot is usable again."""
+
+import json
+import time
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from tests.integration.conftest import ALLOWED_DEVICE, SESSIONS_CAP
+
+pytestmark = pytest.mark.integration
+
+
+def _open_plain(service: str):
+    ws = connect(f"ws://{service}/v1/stream", open_timeout=30)
+    return ws, json.loads(ws.recv(timeout=30))
+
+
+def _refusal(ws) -> tuple[dict, int]:
+    """The error frame and close code of a refused connection."""
+    frame = None
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            frame = json.loads(ws.recv(timeout=30))
+    return frame, closed.value.rcvd.code
+
+
+def test_sessions_over_the_overall_cap_are_refused_at_once(service):
+    admitted = []
+    try:
+        for _ in range(SESSIONS_CAP):
+            ws, first = _open_plain(service)
+            admitted.append(ws)
+            assert first["type"] == "ready", first
+        started = time.monotonic()
+        ws, first = _open_plain(service)
+        refused_after_s = time.monotonic() - started
+        assert first["type"] == "error" and first["code"] == "server_busy", first
+        assert f"maximum of {SESSIONS_CAP}" in first["message"]
+        _, code = _refusal(ws)
+        assert code == 1013
+        print(f"\nrefused in {refused_after_s * 1000:.0f} ms with {SESSIONS_CAP} sessions open")
+    finally:
+        for ws in admitted:
+            ws.close()
+    time.sleep(1)  # releases reach the registry
+    ws, first = _open_plain(service)
+    ws.close()
+    assert first["type"] == "ready"  # the slots were given back
+
+
+def _xiaozhi(service: str, device: str):
+    headers = {"Device-Id": device, "Client-Id": "limits-test", "Protocol-Version": "1"}
+    return connect(f"ws://{service}/xiaozhi/v1/", additional_headers=headers, open_timeout=30)
+
+
+def test_a_device_over_its_connection_limit_is_refused_with_1008(service):
+    first, second = _xiaozhi(service, ALLOWED_DEVICE), _xiaozhi(service, ALLOWED_DEVICE)
+    try:
+        for ws in (first, second):  # both admitted: they answer hello
+            ws.send(json.dumps({"type": "hello", "version": 1, "transport": "websocket",
+                                "audio_params": {"format": "opus", "sample_rate": 16000, "channels": 1,
+                                                 "frame_duration": 60}}))  # fmt: skip
+            assert json.loads(ws.recv(timeout=30))["type"] == "hello"
+        third = _xiaozhi(service, ALLOWED_DEVICE)
+        frame, code = _refusal(third)
+        assert frame["type"] == "error" and frame["code"] == "too_many_connections", frame
+        assert ALLOWED_DEVICE in frame["message"] and code == 1008
+    finally:
+        first.close()
+        second.close()
