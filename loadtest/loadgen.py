@@ -264,6 +264,12 @@ class Device:
             receiver.cancel()
 
     async def _receive(self, ws) -> None:
+        try:
+            await self._read(ws)
+        except ConnectionClosed:  # the sender sees it too, and run() counts it
+            pass
+
+    async def _read(self, ws) -> None:
         async for raw in ws:
             msg = json.loads(raw)
             now = time.monotonic()
@@ -276,6 +282,8 @@ class Device:
                     record.first_interim_t = now
             elif kind in ("done",) or msg.get("is_end"):
                 return
+            elif msg.get("code") in REFUSAL_CLOSE_CODES.values() and self.results == 0:
+                return  # refused at connect: counted by run() from the close code, not an error frame
             elif kind == "error" or "error" in msg:
                 self.state.unexpected.append(f"device {self.n}: {msg}")
 
