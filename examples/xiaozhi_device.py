@@ -2,7 +2,7 @@
 
     python examples/xiaozhi_device.py tests/fixtures/two_utterances.wav
     python examples/xiaozhi_device.py speech.wav --protocol-version 3 --mode manual --realtime
-    XIAOZHI_AUTH_SECRET=... python examples/xiaozhi_device.py speech.wav --device-id aa:bb:cc:dd:ee:ff
+    SPEECH_SERVE_DEVICE_SECRET=... python examples/xiaozhi_device.py speech.wav --device-id aa:bb:cc:dd:ee:ff
 
 auto/realtime: one `listen start`, then every frame; the server's VAD finds the utterances.
 manual: push-to-talk around each stretch of speech (found by energy, like a person pressing
@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 import uuid
 
 import numpy as np
 from websockets.sync.client import connect
 
-from examples.plain_client import read_wav
-from serve_app.auth import issue_token
+from examples.plain_client import env_token, read_wav
 from serve_app.opus import OpusEncoder
 from serve_app.protocols.xiaozhi import frame_audio
 
@@ -115,9 +113,8 @@ def main() -> None:
     parser.add_argument("--frame-ms", type=int, default=60)
     parser.add_argument("--realtime", action="store_true", help="pace frames like a live microphone")
     args = parser.parse_args()
-    secret = os.environ.get("XIAOZHI_AUTH_SECRET")
     client_id = args.client_id or str(uuid.uuid4())
-    token = issue_token(secret, client_id, args.device_id) if secret else None
+    token = env_token(args.device_id, client_id)
     for msg in run_device(args.url, args.wav, args.protocol_version, args.mode, args.device_id, client_id, token,
                           args.frame_ms, args.realtime):  # fmt: skip
         print(json.dumps(msg, ensure_ascii=False))

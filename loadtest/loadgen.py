@@ -32,10 +32,11 @@ import soundfile as sf
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from serve_app.auth import issue_token
+from serve_app.auth import device_headers, issue_token, url_with_token
 from serve_app.dashboard import auth_headers
 from serve_app.opus import encode_pcm
 from serve_app.protocols.xiaozhi import frame_audio
+from serve_app.settings import SecuritySettings
 
 FRAME_MS = 60
 FRAME_SAMPLES = 16 * FRAME_MS
@@ -89,7 +90,7 @@ class LoadConfig:
     seed: int = 1
     grace_s: float = 15.0  # wait this long for the last results
     serve_api: str = "http://127.0.0.1:8265"
-    auth_secret: str | None = None  # issue Xiaozhi device tokens with this secret
+    auth_secret: str | None = None  # issue device tokens (every protocol) with this secret
     out: str = "loadtest/reports/latest"
     progress_every_s: float = 5.0
 
@@ -177,15 +178,19 @@ class Device:
 
     def _connect(self):
         base = self.cfg.url.rstrip("/")
+        device_id = f"02:10:{self.n >> 8 & 255:02x}:{self.n & 255:02x}:00:01"
         if self.protocol == "xiaozhi":
-            device_id, client_id = f"02:10:{self.n >> 8 & 255:02x}:{self.n & 255:02x}:00:01", str(uuid.uuid4())
+            client_id = str(uuid.uuid4())
             headers = {"Device-Id": device_id, "Client-Id": client_id, "Protocol-Version": "1"}
             if self.cfg.auth_secret:
                 headers["Authorization"] = "Bearer " + issue_token(self.cfg.auth_secret, client_id, device_id)
             return connect(f"{base}/xiaozhi/v1/", additional_headers=headers, max_size=None, open_timeout=60)
-        if self.protocol == "funasr":
-            return connect(f"{base}/", subprotocols=["binary"], max_size=None, open_timeout=60)
-        return connect(f"{base}/v1/stream", max_size=None, open_timeout=60)
+        token = issue_token(self.cfg.auth_secret, "", device_id) if self.cfg.auth_secret else None
+        if self.protocol == "funasr":  # FunASR clients put credentials in the URL
+            url = url_with_token(f"{base}/", device_id, token)
+            return connect(url, subprotocols=["binary"], max_size=None, open_timeout=60)
+        headers = device_headers(device_id, token)
+        return connect(f"{base}/v1/stream", additional_headers=headers, max_size=None, open_timeout=60)
 
     async def _handshake(self, ws) -> None:
         if self.protocol == "xiaozhi":
@@ -426,7 +431,8 @@ def parse_args(argv: list[str] | None = None) -> LoadConfig:
     p.add_argument("--corpus", default=LoadConfig.corpus, help="folder of WAVs (+ transcripts.tsv)")
     p.add_argument("--seed", type=int, default=LoadConfig.seed)
     p.add_argument("--serve-api", default=LoadConfig.serve_api, help="Ray dashboard, for replica counts")
-    p.add_argument("--auth-secret-env", default="XIAOZHI_AUTH_SECRET", help="env var with the device-token secret")
+    p.add_argument("--auth-secret-env", default=SecuritySettings().device_secret_env,
+                   help="env var with the device-token secret")  # fmt: skip
     p.add_argument("--out", default=None, help="report folder (default loadtest/reports/<time>)")
     a = p.parse_args(argv)
     import os

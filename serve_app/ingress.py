@@ -7,6 +7,10 @@ Routes
   WS   /  and  /funasr            FunASR runtime protocol, subprotocol "binary" (protocols/funasr.py)
   POST /v1/audio/transcriptions   whole files, shaped like OpenAI's endpoint
   /v1/speakers ...                voiceprint enrolment: create, list, get, rename, re-enrol, delete
+
+Who may call what (serve_app/auth.py): every device path (the WebSockets and the file
+endpoint) takes device tokens when device authentication is on; /v1/speakers* always takes
+the admin bearer token; /healthz is open. Refusals come before any session, body or model work.
 """
 
 import asyncio
@@ -14,15 +18,18 @@ import logging
 import time
 import uuid
 from collections import Counter
-from typing import Annotated
+from collections.abc import Callable
 
-from fastapi import FastAPI, File, Form, HTTPException, UploadFile, WebSocket
+from fastapi import FastAPI, HTTPException, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
 from ray import serve
+from starlette.datastructures import FormData
 
+from serve_app import redact
 from serve_app.admission import DRAINING, Refusal, replica_full
 from serve_app.audio import AudioFormatError, decode_file, ms_to_samples
-from serve_app.auth import DeviceAuth
+from serve_app.auth import MISSING, AdminAuth, DeviceAuth, device_credentials, serve_bind_host
 from serve_app.draining import DrainWatch, controller_states
 from serve_app.enrollment import (
     EnrollFromSession,
@@ -38,9 +45,11 @@ from serve_app.metrics import IngressMetrics
 from serve_app.models import ResolvedModels
 from serve_app.pipeline import Pipeline, RecognitionOptions
 from serve_app.plain_stream import PlainStream
-from serve_app.protocols import openai_files
+from serve_app.protocols import funasr as funasr_protocol
+from serve_app.protocols import openai_files, plain
 from serve_app.settings import AppSettings
-from serve_app.stream_handler import StreamHandler
+from serve_app.stream_handler import CLOSE_POLICY, StreamHandler
+from serve_app.uploads import UploadError, file_fields, read_form, text_field
 from serve_app.voiceprints import open_store
 from serve_app.xiaozhi_stream import XiaozhiStream
 
@@ -50,6 +59,12 @@ app = FastAPI(title="speech-serve", description="Realtime speech front-end: tran
 
 def new_session_id() -> str:
     return uuid.uuid4().hex[:16]
+
+
+def _target(scope: dict) -> str:
+    """Path and query of a request, for refusal logs (the redaction filter masks any token)."""
+    query = scope.get("query_string", b"").decode("latin-1")
+    return scope.get("path", "") + (f"?{query}" if query else "")
 
 
 # Each live WebSocket holds one request: Serve's default cap of 5 would queue the 6th session
@@ -63,7 +78,11 @@ class Ingress:
         self.models = models
         self.metrics = IngressMetrics()
         self.pipeline = Pipeline(vad, asr, speaker, settings, models.label, self.metrics)
-        self.device_auth = DeviceAuth.from_settings(settings.xiaozhi)  # fails the replica if misconfigured
+        security = settings.security
+        self.device_auth = DeviceAuth.from_settings(security, serve_bind_host(security.bind_host_timeout_s))
+        self.admin_auth = AdminAuth.from_settings(security)
+        redact.install(secrets=(self.device_auth.secret, self.admin_auth.token))  # before anything is logged
+        self._log_security()
         self.voiceprints = open_store(settings.voiceprints.store)
         self.handlers: dict[str, StreamHandler] = {}  # live sessions of this replica, for enrol-from-session
         self._drain: DrainWatch | None = None  # started with the first session (needs the event loop)
@@ -71,6 +90,18 @@ class Ingress:
             logger.info("model %s: %s", source.role, source.describe())
         if models.warning():
             logger.warning(models.warning())
+
+    def _log_security(self) -> None:
+        auth = self.device_auth
+        logger.info("device authentication %s: %s", "ON" if auth.enabled else "off", auth.why)
+        if auth.problem:  # start anyway (health checks, the admin API) but say it loudly
+            banner = "!" * 100
+            logger.warning("\n%s\n%s\n%s", banner, auth.problem, banner)
+        if not self.admin_auth.token:
+            logger.warning(
+                "the admin API (/v1/speakers*) answers 503 until %s is set in the environment",
+                self.admin_auth.env_name,
+            )
 
     # ---- health -------------------------------------------------------------------------
     @app.get("/healthz")
@@ -85,6 +116,10 @@ class Ingress:
         }
         if self.models.warning():
             body["warning"] = self.models.warning()
+        body["device_auth"] = {"enabled": self.device_auth.enabled, "why": self.device_auth.why}
+        if self.device_auth.problem:
+            body["device_auth"]["problem"] = self.device_auth.problem
+        body["admin_api"] = "enabled" if self.admin_auth.token else f"disabled: {self.admin_auth.env_name} is not set"
         try:
             app_name = serve.get_replica_context().app_name
             status = serve.status().applications[app_name]
@@ -126,8 +161,7 @@ class Ingress:
     async def _register(self, handler: StreamHandler) -> Refusal | None:
         """The application-wide caps. If the registry cannot answer, admit: a cap is not
         worth refusing everyone over."""
-        ws = handler.ws
-        device = ws.headers.get("device-id") or ws.query_params.get("device-id") or None
+        device = device_credentials(handler.ws.headers, handler.ws.query_params).device_id
         try:
             return await self.registry.admit.remote(handler.session_id, self._replica_id, device)
         except Exception:
@@ -182,10 +216,27 @@ class Ingress:
 
     # ---- plain JSON protocol ------------------------------------------------------------
 
+    async def _admitted(self, ws: WebSocket, protocol: str, render_error: Callable[[str, str], str]) -> bool:
+        """Device authentication of a plain or FunASR connection, before any session exists:
+        a refusal is one error frame and close 1008. (Xiaozhi does the same in XiaozhiStream,
+        after its connection parameters.)"""
+        decision = self.device_auth.check(device_credentials(ws.headers, ws.query_params))
+        if decision.ok:
+            return True
+        logger.warning("refused %s: %s", _target(ws.scope), decision.reason)
+        self.metrics.session_rejected(protocol, "unauthorized")
+        try:
+            await ws.send_text(render_error("unauthorized", decision.reason))
+            await ws.close(CLOSE_POLICY, f"unauthorized: {decision.reason}"[:120])
+        except Exception:  # the client may be gone already
+            pass
+        return False
+
     @app.websocket("/v1/stream")
     async def stream(self, ws: WebSocket) -> None:
         await ws.accept()
-        await self._serve(PlainStream(ws, self.pipeline, new_session_id()))
+        if await self._admitted(ws, "plain", plain.render_error):
+            await self._serve(PlainStream(ws, self.pipeline, new_session_id()))
 
     @app.websocket("/xiaozhi/v1/")
     @app.websocket("/xiaozhi/v1")
@@ -198,24 +249,39 @@ class Ingress:
     async def funasr(self, ws: WebSocket) -> None:
         # FunASR's client asks for the subprotocol "binary" and drops a connection without it.
         await ws.accept(subprotocol="binary" if "binary" in ws.scope.get("subprotocols", ()) else None)
-        await self._serve(FunasrStream(ws, self.pipeline, new_session_id()))
+        if await self._admitted(ws, "funasr", funasr_protocol.render_error):
+            await self._serve(FunasrStream(ws, self.pipeline, new_session_id()))
 
-    # ---- whole files --------------------------------------------------------------------
-    @app.post("/v1/audio/transcriptions")
-    async def transcriptions(
-        self,
-        file: Annotated[UploadFile, File()],
-        model: Annotated[str, Form()] = "sensevoice",
-        language: Annotated[str | None, Form()] = None,
-        response_format: Annotated[str, Form()] = "json",
-    ) -> Response:
+    # ---- whole files (a device path: device authentication) ------------------------------
+    def _require_device(self, request: Request) -> None:
+        decision = self.device_auth.check(device_credentials(request.headers, request.query_params))
+        if not decision.ok:
+            logger.warning("refused %s: %s", _target(request.scope), decision.reason)
+            headers = {"WWW-Authenticate": "Bearer"} if decision.status == MISSING else None
+            raise HTTPException(decision.status, decision.reason, headers=headers)
+
+    async def _form(self, request: Request, max_files: int) -> FormData:
         try:
-            fmt = openai_files.check_response_format(response_format)
+            return await read_form(request, self.settings.ingress.max_upload_bytes, max_files)
+        except UploadError as exc:
+            raise HTTPException(exc.status, str(exc)) from None
+
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(self, request: Request) -> Response:
+        """Form fields as OpenAI's: `file` (required), `model`, `language`, `response_format`."""
+        self._require_device(request)
+        form = await self._form(request, max_files=1)
+        try:
+            (upload,) = file_fields(form, "file")
+            fmt = openai_files.check_response_format(text_field(form, "response_format", "json"))
+            language = text_field(form, "language")
+            data = await upload.read()
+        except UploadError as exc:
+            raise HTTPException(exc.status, str(exc)) from None
         except openai_files.TranscriptionRequestError as exc:
             raise HTTPException(400, str(exc)) from None
-        data = await file.read(self.settings.ingress.max_upload_bytes + 1)
-        if len(data) > self.settings.ingress.max_upload_bytes:
-            raise HTTPException(413, f"file larger than {self.settings.ingress.max_upload_bytes} bytes")
+        finally:
+            await form.close()
         try:
             pcm, duration_s = decode_file(data)
         except AudioFormatError as exc:
@@ -230,7 +296,15 @@ class Ingress:
         body, media_type = openai_files.render(fmt, [r for r, _ in recognised], duration_s, self.models.label)
         return Response(content=body, media_type=media_type)
 
-    # ---- voiceprint enrolment ---------------------------------------------------------------
+    # ---- voiceprint enrolment (admin API: bearer token) ------------------------------------
+    def _require_admin(self, request: Request) -> None:
+        """Before anything else the request carries is looked at (form, JSON body)."""
+        decision = self.admin_auth.check(request.headers.get("authorization"))
+        if not decision.ok:
+            logger.warning("refused %s %s: %s", request.method, request.url.path, decision.reason)
+            headers = {"WWW-Authenticate": "Bearer"} if decision.status == MISSING else None
+            raise HTTPException(decision.status, decision.reason, headers=headers)
+
     async def _embed_clips(self, clips) -> tuple[str, list]:
         results = await asyncio.gather(*(self.pipeline.embed(c, None, "enrolment") for c in clips))
         embeddings = [e for e, _ in results]
@@ -238,15 +312,30 @@ class Ingress:
             raise HTTPException(503, "the speaker model is disabled (ingress.speaker_enabled: false)")
         return embeddings[0].model, [e.vector for e in embeddings]
 
-    async def _uploads(self, files: list[UploadFile]) -> list:
-        limit = self.settings.ingress.max_upload_bytes
-        raw = [(f.filename or "file", await f.read(limit + 1)) for f in files]
-        if any(len(data) > limit for _, data in raw):
-            raise HTTPException(413, f"each file must be under {limit} bytes")
+    async def _enrolment_form(self, request: Request) -> tuple[FormData, list[tuple[str, bytes]]]:
+        """The form (text fields) and its `files` as (filename, bytes), read into memory."""
+        form = await self._form(request, max_files=self.settings.voiceprints.max_enroll_files)
         try:
-            return decode_uploads(raw, self.settings.voiceprints)
+            return form, [(f.filename or "file", await f.read()) for f in file_fields(form, "files")]
+        except UploadError as exc:
+            raise HTTPException(exc.status, str(exc)) from None
+        finally:
+            await form.close()
+
+    def _decode(self, files: list[tuple[str, bytes]]) -> list:
+        try:
+            return decode_uploads(files, self.settings.voiceprints)
         except EnrollmentError as exc:
             raise HTTPException(exc.status, str(exc)) from None
+
+    @staticmethod
+    async def _json_body(request: Request, model: type[BaseModel]):
+        try:
+            return model.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise HTTPException(
+                422, exc.errors(include_url=False, include_context=False, include_input=False)
+            ) from None
 
     def _found(self, vp):
         if vp is None:
@@ -254,24 +343,25 @@ class Ingress:
         return voiceprint_json(vp)
 
     @app.post("/v1/speakers", status_code=201)
-    async def enroll(
-        self,
-        name: Annotated[str, Form()],
-        files: Annotated[list[UploadFile], File()],
-        group: Annotated[str | None, Form()] = None,
-    ) -> dict:
-        """Enrol a speaker from one or more recordings of their voice (WAV, FLAC, OGG, MP3)."""
+    async def enroll(self, request: Request) -> dict:
+        """Enrol a speaker from recordings of their voice (WAV, FLAC, OGG, MP3): multipart
+        form with `name`, one or more `files`, and optionally `group`."""
+        self._require_admin(request)
+        form, files = await self._enrolment_form(request)
         try:
-            name = check_name(name)
-        except EnrollmentError as exc:
+            name = check_name(text_field(form, "name", required=True))
+        except (UploadError, EnrollmentError) as exc:
             raise HTTPException(exc.status, str(exc)) from None
-        model, vectors = await self._embed_clips(await self._uploads(files))
-        group = group or self.settings.voiceprints.default_group
+        model, vectors = await self._embed_clips(self._decode(files))
+        group = text_field(form, "group") or self.settings.voiceprints.default_group
         return voiceprint_json(self.voiceprints.create(name, group, model, vectors))
 
     @app.post("/v1/speakers/from-session", status_code=201)
-    async def enroll_from_session(self, body: EnrollFromSession) -> dict:
-        """Enrol from the latest utterances of a live session on this ingress replica."""
+    async def enroll_from_session(self, request: Request) -> dict:
+        """Enrol from the latest utterances of a live session on this ingress replica
+        (JSON: name, session_id, last_n, group)."""
+        self._require_admin(request)
+        body = await self._json_body(request, EnrollFromSession)
         handler = self.handlers.get(body.session_id)
         if handler is None or handler.runner is None:
             raise HTTPException(404, f"no live session {body.session_id!r} on this ingress replica")
@@ -283,27 +373,34 @@ class Ingress:
         return voiceprint_json(self.voiceprints.create(body.name, group, model, [e.vector for _, e in recent]))
 
     @app.get("/v1/speakers")
-    async def list_speakers(self, group: str | None = None) -> dict:
+    async def list_speakers(self, request: Request, group: str | None = None) -> dict:
+        self._require_admin(request)
         return {"speakers": [voiceprint_json(v) for v in self.voiceprints.list(group)]}
 
     @app.get("/v1/speakers/{speaker_id}")
-    async def get_speaker(self, speaker_id: str) -> dict:
+    async def get_speaker(self, request: Request, speaker_id: str) -> dict:
+        self._require_admin(request)
         return self._found(self.voiceprints.get(speaker_id))
 
     @app.patch("/v1/speakers/{speaker_id}")
-    async def rename_speaker(self, speaker_id: str, body: RenameRequest) -> dict:
+    async def rename_speaker(self, request: Request, speaker_id: str) -> dict:
+        self._require_admin(request)
+        body = await self._json_body(request, RenameRequest)
         return self._found(self.voiceprints.rename(speaker_id, body.name.strip()))
 
     @app.put("/v1/speakers/{speaker_id}/embeddings")
-    async def reenroll(self, speaker_id: str, files: Annotated[list[UploadFile], File()]) -> dict:
-        """Replace a speaker's voiceprint with new recordings."""
+    async def reenroll(self, request: Request, speaker_id: str) -> dict:
+        """Replace a speaker's voiceprint with new recordings (multipart `files`)."""
+        self._require_admin(request)
         if self.voiceprints.get(speaker_id) is None:
             raise HTTPException(404, "no such speaker")
-        model, vectors = await self._embed_clips(await self._uploads(files))
+        _, files = await self._enrolment_form(request)
+        model, vectors = await self._embed_clips(self._decode(files))
         return self._found(self.voiceprints.replace_embeddings(speaker_id, model, vectors))
 
     @app.delete("/v1/speakers/{speaker_id}", status_code=204)
-    async def delete_speaker(self, speaker_id: str) -> Response:
+    async def delete_speaker(self, request: Request, speaker_id: str) -> Response:
+        self._require_admin(request)
         if not self.voiceprints.delete(speaker_id):
             raise HTTPException(404, "no such speaker")
         return Response(status_code=204)

@@ -7,10 +7,11 @@ operator wants to change. Units are in the field names (`_ms`, `_s`).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SAMPLE_RATE = 16000  # every model here is a 16 kHz model
 
@@ -108,7 +109,11 @@ class IngressSettings(_Strict):
     )
     max_frame_bytes: int = Field(64_000, description="Largest binary frame accepted (2 s of PCM16).")
     max_utterance_ms: int = Field(30_000, description="Force-cut an utterance that runs this long.")
-    max_upload_bytes: int = Field(50_000_000, description="Largest file for /v1/audio/transcriptions.")
+    max_upload_bytes: int = Field(
+        50_000_000,
+        description="Largest uploaded file (transcriptions, enrolment). Uploads are held in memory up to this "
+        "size and refused above it; never spooled to disk.",
+    )
     speaker_enabled: bool = True
     idle_timeout_s: float = Field(
         300.0, description="Close a session that sends nothing for this long (error `idle_timeout`, close 1000)."
@@ -153,15 +158,62 @@ class AdmissionSettings(_Strict):
 
 
 class XiaozhiSettings(_Strict):
-    auth_enabled: bool = Field(False, description="Require a device token (or an allow-listed Device-Id).")
-    secret_env: str = Field("XIAOZHI_AUTH_SECRET", description="Environment variable holding the HMAC secret.")
-    max_token_age_s: int = Field(30 * 24 * 3600, description="Tokens older than this are refused.")
-    allowed_devices: list[str] = Field(default_factory=list, description="Device ids admitted without a token.")
     hello_timeout_s: float = Field(10.0, description="Close a connection that sends no hello in this time.")
     hello_audio_params: dict = Field(
         default_factory=lambda: {"format": "opus", "sample_rate": 16000, "channels": 1, "frame_duration": 60},
         description="audio_params in our hello: what we send back to devices (we send no audio).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_to_security(cls, data: Any) -> Any:
+        """Device authentication covers every protocol now: say where the old keys went."""
+        moved = sorted(set(data) & set(_MOVED_XIAOZHI_KEYS)) if isinstance(data, dict) else []
+        if moved:
+            where = ", ".join(f"xiaozhi.{k} -> security.{_MOVED_XIAOZHI_KEYS[k]}" for k in moved)
+            raise ValueError(f"device authentication settings moved to `security` ({where})")
+        return data
+
+
+_MOVED_XIAOZHI_KEYS = {
+    "auth_enabled": "device_auth (auto | on | off)",
+    "secret_env": "device_secret_env",
+    "max_token_age_s": "max_token_age_s",
+    "allowed_devices": "allowed_devices",
+}
+ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+
+
+class SecuritySettings(_Strict):
+    """Who may connect. Secrets are never settings: only the *names* of the environment
+    variables that hold them (`*_env`), so config files can be shared and committed."""
+
+    device_auth: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Device authentication on every device path (Xiaozhi, plain, FunASR, file uploads). "
+        "auto: on unless Serve's HTTP host is a loopback address (or cannot be learned).",
+    )
+    device_secret_env: str = Field(
+        "SPEECH_SERVE_DEVICE_SECRET", description="Environment variable holding the HMAC secret of device tokens."
+    )
+    max_token_age_s: int = Field(30 * 24 * 3600, description="Device tokens older than this are refused.")
+    allowed_devices: list[str] = Field(default_factory=list, description="Device ids admitted without a token.")
+    admin_token_env: str = Field(
+        "SPEECH_SERVE_ADMIN_TOKEN", description="Environment variable holding the bearer token of /v1/speakers*."
+    )
+    bind_host_timeout_s: float = Field(
+        10.0, description="How long the ingress waits for Serve's controller to say which host it binds."
+    )
+
+    @field_validator("device_secret_env", "admin_token_env")
+    @classmethod
+    def _names_a_variable(cls, value: str) -> str:
+        if not ENV_NAME.match(value):
+            raise ValueError(
+                "must be the NAME of an environment variable (like SPEECH_SERVE_DEVICE_SECRET): "
+                "secrets never go into settings, only the variable that holds them"
+            )
+        return value
 
 
 class FunasrSettings(_Strict):
@@ -216,6 +268,9 @@ def _default_placement() -> dict[str, Placement]:
 
 
 class AppSettings(_Strict):
+    # Errors name the setting and what is wrong, never the value: it may be a pasted secret.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+
     models: ModelSettings = ModelSettings()
     vad: VadSettings = VadSettings()
     asr: AsrSettings = AsrSettings()
@@ -225,4 +280,5 @@ class AppSettings(_Strict):
     admission: AdmissionSettings = AdmissionSettings()
     xiaozhi: XiaozhiSettings = XiaozhiSettings()
     funasr: FunasrSettings = FunasrSettings()
+    security: SecuritySettings = SecuritySettings()
     placement: dict[PlacementName, Placement] = Field(default_factory=_default_placement)

@@ -1,8 +1,9 @@
 """The Xiaozhi device protocol (78/xiaozhi-esp32 firmware, xiaozhi-esp32-server): pure adapter.
 
 Connection: headers (or query parameters for browsers) Authorization, Protocol-Version,
-Device-Id, Client-Id. Then JSON control frames (`hello`, `listen`, `abort`) and binary
-Opus packets; Protocol-Version 2 and 3 put a small header before each packet.
+Device-Id, Client-Id (the token may also come as the `token` query parameter). Then JSON
+control frames (`hello`, `listen`, `abort`) and binary Opus packets; Protocol-Version 2 and 3
+put a small header before each packet.
 We answer `hello` and one `stt` per utterance, with our extra fields beside `text`.
 """
 
@@ -45,7 +46,7 @@ def connect_params(headers: Mapping[str, str], query: Mapping[str, str]) -> Conn
         device_id=get("device-id", "device-id"),
         client_id=get("client-id", "client-id"),
         protocol_version=int(version_text),
-        authorization=get("authorization", "authorization"),
+        authorization=get("authorization", "authorization") or query.get("token") or None,
     )
 
 

@@ -9,7 +9,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from tests.integration.conftest import ALLOWED_DEVICE, SESSIONS_CAP
+from tests.integration.conftest import ALLOWED_DEVICE, DEVICE_CONNECTIONS_CAP, SESSIONS_CAP
 
 pytestmark = pytest.mark.integration
 
@@ -58,17 +58,17 @@ def _xiaozhi(service: str, device: str):
 
 
 def test_a_device_over_its_connection_limit_is_refused_with_1008(service):
-    first, second = _xiaozhi(service, ALLOWED_DEVICE), _xiaozhi(service, ALLOWED_DEVICE)
+    open_now = [_xiaozhi(service, ALLOWED_DEVICE) for _ in range(DEVICE_CONNECTIONS_CAP)]
     try:
-        for ws in (first, second):  # both admitted: they answer hello
+        for ws in open_now:  # all admitted: they answer hello
             ws.send(json.dumps({"type": "hello", "version": 1, "transport": "websocket",
                                 "audio_params": {"format": "opus", "sample_rate": 16000, "channels": 1,
                                                  "frame_duration": 60}}))  # fmt: skip
             assert json.loads(ws.recv(timeout=30))["type"] == "hello"
-        third = _xiaozhi(service, ALLOWED_DEVICE)
-        frame, code = _refusal(third)
+        one_more = _xiaozhi(service, ALLOWED_DEVICE)
+        frame, code = _refusal(one_more)
         assert frame["type"] == "error" and frame["code"] == "too_many_connections", frame
         assert ALLOWED_DEVICE in frame["message"] and code == 1008
     finally:
-        first.close()
-        second.close()
+        for ws in open_now:
+            ws.close()

@@ -16,18 +16,14 @@ from websockets.sync.client import connect
 
 from examples.funasr_client import run_funasr
 from examples.xiaozhi_device import run_device, speech_windows
-from serve_app.auth import issue_token
+from serve_app.auth import issue_token, url_with_token
 from serve_app.opus import encode_pcm
 from serve_app.protocols.xiaozhi import frame_audio
 from tests.conftest import TWO_UTTERANCES_SPEECH_MS, TWO_UTTERANCES_WAV, read_pcm
-from tests.integration.conftest import ALLOWED_DEVICE, SECRET, vad_live_sessions
+from tests.integration.conftest import ALLOWED_DEVICE, SECRET, as_device, device_token, vad_live_sessions
 
 pytestmark = pytest.mark.integration
 WAV = str(TWO_UTTERANCES_WAV)
-
-
-def device_token(device_id: str, client_id: str) -> str:
-    return issue_token(SECRET, client_id, device_id)
 
 
 def xiaozhi_url(service: str) -> str:
@@ -87,7 +83,7 @@ def test_bad_token_is_refused_before_any_session(service, token):
 
 
 def test_funasr_2pass_gives_interim_and_final_results_and_a_closing_is_final(service):
-    messages = run_funasr(f"ws://{service}/", WAV, mode="2pass", realtime=True)
+    messages = run_funasr(f"ws://{service}/", WAV, mode="2pass", realtime=True, **as_device())
     modes = [m["mode"] for m in messages]
     finals = [m for m in messages if m["mode"] == "2pass-offline" and not m.get("is_end")]
     assert len(finals) == 2 and all(m["text"] for m in finals)
@@ -106,7 +102,7 @@ def test_funasr_offline_mode_at_8khz_on_the_named_path(service, tmp_path):
     path = tmp_path / "8k.wav"
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1), w.setsampwidth(2), w.setframerate(8000), w.writeframes(pcm8k.tobytes())
-    messages = run_funasr(f"ws://{service}/funasr", str(path), mode="offline")
+    messages = run_funasr(f"ws://{service}/funasr", str(path), mode="offline", **as_device())
     assert [m["mode"] for m in messages] == ["offline", "offline", "offline"]
     assert [m["is_final"] for m in messages] == [False, False, True]
     for m, (start, _end) in zip(messages[:2], TWO_UTTERANCES_SPEECH_MS, strict=True):
@@ -157,7 +153,7 @@ def _hostile(service: str) -> dict[str, object]:
         for packet in encode_pcm(read_pcm(TWO_UTTERANCES_WAV)[: 16000 * 2])[:30]:  # into the first utterance
             ws.send(frame_audio(packet, 1))
         seen["vanishes mid-utterance"] = "sent"
-    with connect(f"ws://{service}/", subprotocols=["binary"]) as ws:
+    with connect(url_with_token(f"ws://{service}/", **as_device()), subprotocols=["binary"]) as ws:
         ws.send(json.dumps({"mode": "2pass", "audio_fs": 12345}))
         seen["funasr bad audio_fs"] = json.loads(ws.recv(timeout=10))["code"]
         ws.send(b"\x01\x02\x03")  # odd-length PCM

@@ -11,8 +11,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from examples.plain_client import stream_file
+from serve_app.auth import device_headers
 from tests.conftest import TWO_UTTERANCES_SPEECH_MS, TWO_UTTERANCES_WAV
-from tests.integration.conftest import vad_replicas
+from tests.integration.conftest import as_device, vad_replicas
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +27,7 @@ def test_healthz_reports_test_models_and_running_replicas(service):
 
 
 def test_websocket_stream_of_two_utterances_gives_two_results_in_order(service):
-    results = stream_file(f"ws://{service}/v1/stream", str(TWO_UTTERANCES_WAV))
+    results = stream_file(f"ws://{service}/v1/stream", str(TWO_UTTERANCES_WAV), **as_device())
     assert [r["type"] for r in results] == ["result", "result"]
     assert [r["index"] for r in results] == [0, 1]
     for r, (start, end) in zip(results, TWO_UTTERANCES_SPEECH_MS, strict=True):
@@ -42,7 +43,11 @@ def test_concurrent_sessions_each_get_their_own_results(service):
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(4) as pool:
-        runs = list(pool.map(lambda _: stream_file(f"ws://{service}/v1/stream", str(TWO_UTTERANCES_WAV)), range(4)))
+        runs = list(
+            pool.map(
+                lambda _: stream_file(f"ws://{service}/v1/stream", str(TWO_UTTERANCES_WAV), **as_device()), range(4)
+            )
+        )
     assert [len(r) for r in runs] == [2, 2, 2, 2]
     assert len({r[0]["session_id"] for r in runs}) == 4
 
@@ -53,7 +58,7 @@ def test_session_survives_losing_its_vad_replica(service):
     with open(TWO_UTTERANCES_WAV, "rb") as f:
         pcm = f.read()[44:]
     frame = 960 * 2
-    with connect(f"ws://{service}/v1/stream", max_size=None) as ws:
+    with connect(f"ws://{service}/v1/stream", additional_headers=device_headers(**as_device()), max_size=None) as ws:
         assert json.loads(ws.recv(timeout=30))["type"] == "ready"
         middle_of_first = 1800 * 32  # bytes at 1.8 s
         for i in range(0, middle_of_first, frame):
@@ -77,7 +82,7 @@ def test_session_survives_losing_its_vad_replica(service):
 def test_bad_frames_get_errors_and_the_session_goes_on(service):
     with open(TWO_UTTERANCES_WAV, "rb") as f:
         pcm = f.read()[44:]
-    with connect(f"ws://{service}/v1/stream", max_size=None) as ws:
+    with connect(f"ws://{service}/v1/stream", additional_headers=device_headers(**as_device()), max_size=None) as ws:
         json.loads(ws.recv(timeout=30))
         ws.send("this is not json")
         assert json.loads(ws.recv(timeout=10))["code"] == "invalid_json"
@@ -88,7 +93,7 @@ def test_bad_frames_get_errors_and_the_session_goes_on(service):
         with pytest.raises(ConnectionClosed) as closed:
             ws.recv(timeout=10)
         assert closed.value.rcvd.code == 1003
-    with connect(f"ws://{service}/v1/stream", max_size=None) as ws:
+    with connect(f"ws://{service}/v1/stream", additional_headers=device_headers(**as_device()), max_size=None) as ws:
         json.loads(ws.recv(timeout=30))
         for i in range(0, len(pcm), 1920):
             ws.send(pcm[i : i + 1920])
@@ -111,8 +116,10 @@ def next_error(ws) -> dict:
 def test_openai_transcriptions_endpoint(service):
     url = f"http://{service}/v1/audio/transcriptions"
     wav = TWO_UTTERANCES_WAV.read_bytes()
+    device = device_headers(**as_device())
     verbose = httpx.post(
         url,
+        headers=device,
         files={"file": ("a.wav", wav, "audio/wav")},
         data={"model": "x", "response_format": "verbose_json"},
         timeout=60,
@@ -121,10 +128,14 @@ def test_openai_transcriptions_endpoint(service):
     body = verbose.json()
     assert body["duration"] == pytest.approx(8.17, abs=0.01) and body["models"] == "test"
     assert len(body["segments"]) == 2 and body["text"]
-    plain_text = httpx.post(url, files={"file": ("a.wav", wav)}, data={"response_format": "text"}, timeout=60)
+    plain_text = httpx.post(
+        url, headers=device, files={"file": ("a.wav", wav)}, data={"response_format": "text"}, timeout=60
+    )
     assert plain_text.headers["content-type"].startswith("text/plain") and plain_text.text.strip()
-    assert httpx.post(url, files={"file": ("a.wav", wav)}, timeout=60).json()["text"]
-    bad_format = httpx.post(url, files={"file": ("a.wav", wav)}, data={"response_format": "srt"}, timeout=60)
+    assert httpx.post(url, headers=device, files={"file": ("a.wav", wav)}, timeout=60).json()["text"]
+    bad_format = httpx.post(
+        url, headers=device, files={"file": ("a.wav", wav)}, data={"response_format": "srt"}, timeout=60
+    )
     assert bad_format.status_code == 400 and "srt" in bad_format.json()["detail"]
-    not_audio = httpx.post(url, files={"file": ("a.wav", b"hello")}, timeout=60)
+    not_audio = httpx.post(url, headers=device, files={"file": ("a.wav", b"hello")}, timeout=60)
     assert not_audio.status_code == 400 and "decode" in not_audio.json()["detail"]

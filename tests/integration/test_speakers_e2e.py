@@ -19,8 +19,9 @@ from examples.funasr_client import run_funasr
 from examples.plain_client import stream_file
 from examples.xiaozhi_device import run_device
 from serve_app.app import run_local
+from serve_app.auth import device_headers
 from tests.conftest import FIXTURES
-from tests.integration.conftest import ALLOWED_DEVICE, APP, wait_healthy
+from tests.integration.conftest import ADMIN, ALLOWED_DEVICE, APP, as_device, wait_healthy
 
 pytestmark = pytest.mark.integration
 VOICES = FIXTURES / "voices"
@@ -30,7 +31,9 @@ GROUP = "home-" + uuid.uuid4().hex[:6]
 
 def enroll(service: str, name: str, group: str, files: list[str]) -> httpx.Response:
     uploads = [("files", (f, (VOICES / f).read_bytes(), "audio/wav")) for f in files]
-    return httpx.post(f"http://{service}/v1/speakers", data={"name": name, "group": group}, files=uploads, timeout=60)
+    return httpx.post(
+        f"http://{service}/v1/speakers", headers=ADMIN, data={"name": name, "group": group}, files=uploads, timeout=60
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +55,7 @@ def test_enrolment_records_model_and_embeddings(enrolled):
 
 
 def test_plain_stream_names_each_enrolled_speaker_and_not_the_stranger(service, enrolled):
-    results = stream_file(f"ws://{service}/v1/stream", THREE, speaker_group=GROUP)
+    results = stream_file(f"ws://{service}/v1/stream", THREE, speaker_group=GROUP, **as_device())
     speakers = [r["speaker"] for r in results]
     assert [s["label"] for s in speakers] == ["alice", "bob", "unknown"], speakers
     assert speakers[0]["speaker_id"] == enrolled["alice"]["id"] and speakers[0]["score"] >= 0.82
@@ -60,7 +63,7 @@ def test_plain_stream_names_each_enrolled_speaker_and_not_the_stranger(service, 
 
 
 def test_funasr_answers_carry_spk_name(service, enrolled):
-    messages = run_funasr(f"ws://{service}/", THREE, mode="offline", speaker_group=GROUP)
+    messages = run_funasr(f"ws://{service}/", THREE, mode="offline", speaker_group=GROUP, **as_device())
     assert [m["spk_name"] for m in messages if not m["is_final"]] == ["alice", "bob", "unknown"]
 
 
@@ -71,13 +74,13 @@ def test_xiaozhi_device_matches_its_own_household_only(service, enrolled):
     time.sleep(1.5)
     messages = run_device(f"ws://{service}/xiaozhi/v1/", THREE, device_id=ALLOWED_DEVICE, expect=3, linger_s=20)
     assert [m["speaker"]["label"] for m in messages if m["type"] == "stt"] == ["alice", "unknown", "unknown"]
-    assert httpx.delete(f"http://{service}/v1/speakers/{r.json()['id']}", timeout=10).status_code == 204
+    assert httpx.delete(f"http://{service}/v1/speakers/{r.json()['id']}", headers=ADMIN, timeout=10).status_code == 204
 
 
 def test_enrol_from_a_live_session(service, enrolled):
     group = "live-" + uuid.uuid4().hex[:6]
     pcm = (VOICES / "bob_enroll_1.wav").read_bytes()[44:] + b"\x00" * 32000 * 2
-    with connect(f"ws://{service}/v1/stream") as ws:
+    with connect(f"ws://{service}/v1/stream", additional_headers=device_headers(**as_device())) as ws:
         session_id = json.loads(ws.recv(timeout=30))["session_id"]
         for i in range(0, len(pcm), 1920):
             ws.send(pcm[i : i + 1920])
@@ -85,24 +88,29 @@ def test_enrol_from_a_live_session(service, enrolled):
         r = httpx.post(
             f"http://{service}/v1/speakers/from-session",
             json={"name": "bob-live", "session_id": session_id, "last_n": 3, "group": group},
+            headers=ADMIN,
             timeout=30,
         )
     assert r.status_code == 201, r.text
     assert (r.json()["embeddings"], r.json()["group"], r.json()["model"]) == (1, group, "ge2e")
-    missing = httpx.post(f"http://{service}/v1/speakers/from-session", json={"name": "x", "session_id": "nope"})
+    missing = httpx.post(
+        f"http://{service}/v1/speakers/from-session", json={"name": "x", "session_id": "nope"}, headers=ADMIN
+    )
     assert missing.status_code == 404
 
 
 def test_speaker_management_and_bad_requests(service, enrolled):
     base = f"http://{service}/v1/speakers"
-    listed = httpx.get(base, params={"group": GROUP}, timeout=10).json()["speakers"]
+    listed = httpx.get(base, params={"group": GROUP}, headers=ADMIN, timeout=10).json()["speakers"]
     assert sorted(v["name"] for v in listed) == ["alice", "bob"]
     bob_id = enrolled["bob"]["id"]
-    assert httpx.patch(f"{base}/{bob_id}", json={"name": "Robert"}, timeout=10).json()["name"] == "Robert"
+    assert (
+        httpx.patch(f"{base}/{bob_id}", json={"name": "Robert"}, headers=ADMIN, timeout=10).json()["name"] == "Robert"
+    )
     files = [("files", ("b.wav", (VOICES / "bob_enroll_2.wav").read_bytes(), "audio/wav"))]
-    reenrolled = httpx.put(f"{base}/{bob_id}/embeddings", files=files, timeout=60)
+    reenrolled = httpx.put(f"{base}/{bob_id}/embeddings", files=files, headers=ADMIN, timeout=60)
     assert reenrolled.status_code == 200 and reenrolled.json()["embeddings"] == 1
-    assert httpx.patch(f"{base}/{bob_id}", json={"name": "bob"}, timeout=10).status_code == 200
+    assert httpx.patch(f"{base}/{bob_id}", json={"name": "bob"}, headers=ADMIN, timeout=10).status_code == 200
     bob_wav = (VOICES / "bob_enroll_1.wav").read_bytes()
     bad = {
         "not audio": enroll_raw(service, {"name": "x"}, [("files", ("x.wav", b"hello", "audio/wav"))]),
@@ -117,13 +125,13 @@ def test_speaker_management_and_bad_requests(service, enrolled):
         "no files": 422,
     }
     assert "cannot decode" in bad["not audio"].json()["detail"] and "at least" in bad["too short"].json()["detail"]
-    assert httpx.get(f"{base}/nope", timeout=10).status_code == 404
-    assert httpx.delete(f"{base}/nope", timeout=10).status_code == 404
-    assert httpx.patch(f"{base}/{bob_id}", json={"name": ""}, timeout=10).status_code == 422
+    assert httpx.get(f"{base}/nope", headers=ADMIN, timeout=10).status_code == 404
+    assert httpx.delete(f"{base}/nope", headers=ADMIN, timeout=10).status_code == 404
+    assert httpx.patch(f"{base}/{bob_id}", json={"name": ""}, headers=ADMIN, timeout=10).status_code == 422
 
 
 def enroll_raw(service: str, data: dict, files: list) -> httpx.Response:
-    return httpx.post(f"http://{service}/v1/speakers", data=data, files=files or None, timeout=60)
+    return httpx.post(f"http://{service}/v1/speakers", data=data, files=files or None, headers=ADMIN, timeout=60)
 
 
 def test_voiceprints_survive_a_restart_of_the_service(service, service_args, enrolled):
@@ -132,7 +140,9 @@ def test_voiceprints_survive_a_restart_of_the_service(service, service_args, enr
     port = int(service.rsplit(":", 1)[1])
     base = run_local(service_args, port, name=APP)
     wait_healthy(f"http://{base}/healthz")
-    listed = httpx.get(f"http://{base}/v1/speakers", params={"group": GROUP}, timeout=10).json()["speakers"]
+    listed = httpx.get(f"http://{base}/v1/speakers", params={"group": GROUP}, headers=ADMIN, timeout=10).json()[
+        "speakers"
+    ]
     assert sorted(v["name"] for v in listed) == ["alice", "bob"]
-    results = stream_file(f"ws://{base}/v1/stream", THREE, speaker_group=GROUP)
+    results = stream_file(f"ws://{base}/v1/stream", THREE, speaker_group=GROUP, **as_device())
     assert [r["speaker"]["label"] for r in results] == ["alice", "bob", "unknown"]
