@@ -42,7 +42,6 @@ ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
 UTTERANCES_PER_LOOP = 2  # two_utterances.wav; 1.7 s of silence joins one loop to the next
 INGRESS_GRACE_S, DRAIN_MARGIN_S = 30, 20  # a stopping Ingress asks sessions to move 10 s after the stop
-SECRET_ENV = "SPEECH_SERVE_SCALING_TEST_SECRET"
 
 
 def _yaml(model_settings, http_port: int) -> dict:
@@ -54,7 +53,7 @@ def _yaml(model_settings, http_port: int) -> dict:
     args["asr"]["threads"] = args["speaker"]["threads"] = 1
     args["placement"] = {name: {"num_cpus": 0} for name in ("Ingress", "VADHost", "SenseVoice", "Speaker")}
     args["ingress"] |= {"drain_poll_s": 1.0, "drain_margin_s": DRAIN_MARGIN_S, "drain_idle_wait_s": 5.0}
-    args["xiaozhi"] |= {"auth_enabled": True, "secret_env": SECRET_ENV}  # a refused device feeds the metric
+    args["admission"] = {"max_connections_per_device": 1}  # a refused second connection feeds the metric
     fast = {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 2, "downscale_delay_s": 8,
             "metrics_interval_s": 1, "look_back_period_s": 3}  # fmt: skip
     deployments = {d["name"]: d for d in app["deployments"]}
@@ -94,8 +93,7 @@ def cluster(model_settings, tiny_models, tmp_path_factory):
     config = tmp_path_factory.mktemp("scaling") / "serve.yaml"
     config.write_text(yaml.safe_dump(_yaml(model_settings, http_port)))
     # Token auth, as `serve run` has by default: the node and every client use ~/.ray/auth_token.
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_MODE": "token",
-           SECRET_ENV: "scaling-test-secret"}  # fmt: skip
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_MODE": "token"}
     temp_dir = tempfile.mkdtemp(prefix="rs", dir="/tmp")  # short: Ray's unix socket paths must fit in 107 bytes
     head = subprocess.Popen(
         [BIN / "ray", "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=2", "--include-dashboard=true",
@@ -325,11 +323,12 @@ def _vad_sessions_by_replica(cluster: Cluster) -> dict[str, float]:
 
 
 def test_every_series_the_grafana_dashboard_queries_is_exported(cluster):
-    with pytest.raises(ConnectionClosed) as refused:  # no token: refused, counted
-        with connect(cluster.ws + "/xiaozhi/v1/", additional_headers={"Device-Id": "02:00:00:00:00:01",
-                     "Client-Id": "c1", "Protocol-Version": "1"}, open_timeout=30) as ws:  # fmt: skip
-            while True:
-                ws.recv(timeout=30)
+    device = {"Device-Id": "02:00:00:00:00:01", "Client-Id": "c1", "Protocol-Version": "1"}
+    with connect(cluster.ws + "/xiaozhi/v1/", additional_headers=device, open_timeout=30):
+        with pytest.raises(ConnectionClosed) as refused:  # a second connection of one device: refused, counted
+            with connect(cluster.ws + "/xiaozhi/v1/", additional_headers=device, open_timeout=30) as ws:
+                while True:
+                    ws.recv(timeout=30)
     assert refused.value.rcvd.code == 1008
     # The drain test above produced reconnects; Ray's agent exports about every 10 s.
     wanted = dashboard_series()
