@@ -9,13 +9,16 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from tests.integration.conftest import ALLOWED_DEVICE, DEVICE_CONNECTIONS_CAP, SESSIONS_CAP
+from serve_app.auth import device_headers
+from tests.integration.conftest import ALLOWED_DEVICE, DEVICE_CONNECTIONS_CAP, SESSIONS_CAP, as_device
 
 pytestmark = pytest.mark.integration
 
 
-def _open_plain(service: str):
-    ws = connect(f"ws://{service}/v1/stream", open_timeout=30)
+def _open_plain(service: str, n: int):
+    """Device n of the plain protocol (its own device id, so only the overall cap applies)."""
+    headers = device_headers(**as_device(f"02:00:00:00:10:{n:02x}"))
+    ws = connect(f"ws://{service}/v1/stream", additional_headers=headers, open_timeout=30)
     return ws, json.loads(ws.recv(timeout=30))
 
 
@@ -31,12 +34,12 @@ def _refusal(ws) -> tuple[dict, int]:
 def test_sessions_over_the_overall_cap_are_refused_at_once(service):
     admitted = []
     try:
-        for _ in range(SESSIONS_CAP):
-            ws, first = _open_plain(service)
+        for n in range(SESSIONS_CAP):
+            ws, first = _open_plain(service, n)
             admitted.append(ws)
             assert first["type"] == "ready", first
         started = time.monotonic()
-        ws, first = _open_plain(service)
+        ws, first = _open_plain(service, SESSIONS_CAP)
         refused_after_s = time.monotonic() - started
         assert first["type"] == "error" and first["code"] == "server_busy", first
         assert f"maximum of {SESSIONS_CAP}" in first["message"]
@@ -47,7 +50,7 @@ def test_sessions_over_the_overall_cap_are_refused_at_once(service):
         for ws in admitted:
             ws.close()
     time.sleep(1)  # releases reach the registry
-    ws, first = _open_plain(service)
+    ws, first = _open_plain(service, SESSIONS_CAP + 1)
     ws.close()
     assert first["type"] == "ready"  # the slots were given back
 
