@@ -69,3 +69,6 @@ class PlainStream(StreamHandler):
 
     def render_error(self, code: str, message: str) -> str:
         return plain.render_error(code, message)
+
+    def render_reconnect(self, message: str, received_ms: int) -> str:
+        return plain.render_reconnect(message, received_ms)

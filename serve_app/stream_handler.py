@@ -104,12 +104,24 @@ class StreamHandler:
         return time.monotonic() >= self._reconnect_by
 
     async def _move_client(self) -> None:
-        """Send every result owed (an open utterance is cut and transcribed), then 1012."""
+        """Send every result owed (an open utterance is cut and transcribed), then 1012 with
+        how much audio was taken: frames the client sent after that were never read."""
+        received_ms = 0
         if self.runner is not None:
+            received_ms = self.runner.session.received_ms
             await self.finish_runner()
         self.pipeline.metrics.session_reconnect(self.protocol)
-        logger.info("session %s: asked to reconnect (ingress replica stopping)", self.session_id)
-        await self.refuse(DRAINING)
+        logger.info("session %s: asked to reconnect (ingress replica stopping) after %d ms of audio",
+                    self.session_id, received_ms)  # fmt: skip
+        try:
+            await self.send(self.render_reconnect(DRAINING.message, received_ms))
+            await self.ws.close(DRAINING.close_code, f"{DRAINING.code}: {DRAINING.message}"[:120])
+        except Exception:  # the client may be gone already
+            pass
+
+    def render_reconnect(self, message: str, received_ms: int) -> str:
+        """The `reconnect` error frame; protocols that can carry it add `received_ms`."""
+        return self.render_error(DRAINING.code, message)
 
     async def refuse(self, refusal: Refusal) -> None:
         await self.close_with_error(refusal.code, refusal.message, refusal.close_code)

@@ -106,6 +106,11 @@ def render_error(code: str, message: str) -> str:
     return json.dumps({"type": "error", "code": code, "message": message})
 
 
+def render_reconnect(message: str, received_ms: int) -> str:
+    """Close 1012 follows: reconnect now and resend the audio from `received_ms` of this stream."""
+    return json.dumps({"type": "error", "code": "reconnect", "message": message, "received_ms": received_ms})
+
+
 def render_done(utterances: int, vad_replays: int = 0) -> str:
     """`vad_replays`: times the session's VAD state was rebuilt on another replica."""
     return json.dumps({"type": "done", "utterances": utterances, "vad_replays": vad_replays})

@@ -148,9 +148,13 @@ class LoopingDevice(threading.Thread):
             self.pcm = w.readframes(w.getnframes())
         self.url, self.frame_bytes, self.frame_s = url, 16 * frame_ms * 2, frame_ms / 1000
         self.stop = threading.Event()
-        self.loops = 0
+        self.sent = 0  # bytes of audio taken by the service, over all connections (loops x file size)
         self.connections: list[dict] = []  # per connection: results, close code, error frames
         self.failure: BaseException | None = None
+
+    @property
+    def loops(self) -> int:
+        return self.sent // len(self.pcm)
 
     @property
     def results(self) -> int:
@@ -162,14 +166,15 @@ class LoopingDevice(threading.Thread):
 
     def run(self) -> None:
         try:
-            pos = 0
-            while pos is not None:
-                pos = self._connection(pos)
+            while self._connection():
+                pass
         except BaseException as exc:  # reported by the test
             self.failure = exc
 
-    def _connection(self, pos: int) -> int | None:
-        """Stream from `pos`; the position to go on from after a 1012, or None when done."""
+    def _connection(self) -> bool:
+        """Stream from `self.sent` on; True if the service asked us to reconnect."""
+        start, n = self.sent, len(self.pcm)
+        pos = start
         conn = {"results": [], "close": None, "errors": [], "done": None}
         self.connections.append(conn)
         with connect(self.url + "/v1/stream", max_size=None, open_timeout=30) as ws:
@@ -180,22 +185,24 @@ class LoopingDevice(threading.Thread):
             reader.start()
             next_at = time.monotonic()
             while conn["close"] is None:
-                if pos >= len(self.pcm):
-                    pos, self.loops = 0, self.loops + 1
-                    if self.stop.is_set():
-                        ws.send(json.dumps({"type": "end"}))
-                        reader.join(60)
-                        return None
+                if pos % n == 0 and pos > start and self.stop.is_set():  # a loop boundary
+                    ws.send(json.dumps({"type": "end"}))
+                    reader.join(60)
+                    self.sent = pos
+                    return False
+                frame = self.pcm[pos % n : min(pos % n + self.frame_bytes, n)]
                 try:
-                    ws.send(self.pcm[pos : pos + self.frame_bytes])
+                    ws.send(frame)
                 except ConnectionClosed:
                     break
-                pos += self.frame_bytes
+                pos += len(frame)
                 next_at += self.frame_s
                 time.sleep(max(0.0, next_at - time.monotonic()))
             reader.join(30)
         assert conn["close"] == CLOSE_SERVICE_RESTART, f"closed with {conn['close']}: {conn['errors']}"
-        return pos
+        # Frames sent after the server stopped reading are gone: resend from what it took.
+        self.sent = start + conn["errors"][-1]["received_ms"] * 32  # bytes of 16 kHz PCM16
+        return True
 
     def _read(self, ws, conn: dict) -> None:
         try:
