@@ -19,6 +19,10 @@ def json_object(text: str) -> dict[str, Any]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ProtocolError("invalid_json", f"text frame is not JSON: {exc.msg}") from None
+    except RecursionError:  # '[[[[...' deeper than the decoder's recursion limit
+        raise ProtocolError("invalid_json", "text frame is nested too deeply") from None
+    except ValueError:  # an integer past Python's limit on digits (4300)
+        raise ProtocolError("invalid_json", "text frame holds a number with too many digits") from None
     if not isinstance(data, dict):
         raise ProtocolError("bad_message", "text frame must be a JSON object")
     return data
