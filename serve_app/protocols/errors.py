@@ -25,4 +25,17 @@ def json_object(text: str) -> dict[str, Any]:
         raise ProtocolError("invalid_json", "text frame holds a number with too many digits") from None
     if not isinstance(data, dict):
         raise ProtocolError("bad_message", "text frame must be a JSON object")
+    if "\\u" in text:  # only escapes can make a lone surrogate: the frame itself was UTF-8
+        _check_unicode(data)
     return data
+
+
+def _check_unicode(data: dict[str, Any]) -> None:
+    """A lone surrogate escape ("\\ud800") is valid JSON but not text: it cannot be echoed in a text frame
+    (FunASR answers echo wav_name) nor bound in SQLite (speaker_group)."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ProtocolError("invalid_json", "text frame escapes a lone UTF-16 surrogate (\\ud800-\\udfff)") from None
+    except RecursionError:
+        raise ProtocolError("invalid_json", "text frame is nested too deeply") from None
