@@ -2,6 +2,7 @@
 of every text frame."""
 
 import json
+import reprlib
 from typing import Any
 
 
@@ -11,6 +12,17 @@ class ProtocolError(ValueError):
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
+
+
+_brief = reprlib.Repr()
+_brief.maxstring = _brief.maxother = 40
+_brief.maxlist = _brief.maxdict = _brief.maxtuple = 4
+_brief.maxlevel = 2
+
+
+def brief(value: Any) -> str:
+    """A client's value, short enough to quote in an error message (the frame may be megabytes)."""
+    return _brief.repr(value)
 
 
 def json_object(text: str) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from serve_app.messages import UtteranceResult
 from serve_app.opus import OPUS_FRAME_MS, OPUS_RATES
-from serve_app.protocols.errors import ProtocolError, json_object
+from serve_app.protocols.errors import ProtocolError, brief, json_object
 
 V2_HEADER = struct.Struct(">HHIII")  # version, type, reserved, timestamp_ms, payload_size
 V3_HEADER = struct.Struct(">BBH")  # type, reserved, payload_size
@@ -40,7 +40,8 @@ def connect_params(headers: Mapping[str, str], query: Mapping[str, str]) -> Conn
 
     version_text = get("protocol-version", "protocol-version") or "1"
     if version_text not in ("1", "2", "3"):
-        raise ProtocolError("bad_protocol_version", f"Protocol-Version {version_text!r} not supported; use 1, 2 or 3")
+        message = f"Protocol-Version {brief(version_text)} not supported; use 1, 2 or 3"
+        raise ProtocolError("bad_protocol_version", message)
     return ConnectParams(
         device_id=get("device-id", "device-id"),
         client_id=get("client-id", "client-id"),
@@ -89,16 +90,16 @@ def parse_text(text: str) -> ControlMessage:
     if kind == "listen":
         state = data.get("state")
         if state not in ("start", "stop", "detect"):
-            raise ProtocolError("bad_message", f"listen state {state!r}; expected start, stop or detect")
+            raise ProtocolError("bad_message", f"listen state {brief(state)}; expected start, stop or detect")
         mode = data.get("mode", "auto")
         if mode not in LISTEN_MODES:
-            raise ProtocolError("bad_message", f"listen mode {mode!r}; expected one of {LISTEN_MODES}")
+            raise ProtocolError("bad_message", f"listen mode {brief(mode)}; expected one of {LISTEN_MODES}")
         return Listen(state=state, mode=mode, text=str(data.get("text", "")))
     if kind == "abort":
         return Abort(reason=str(data.get("reason", "")))
     if kind in KNOWN_IGNORED:
         return Ignored(kind)
-    raise ProtocolError("unknown_type", f"unknown message type {kind!r}")
+    raise ProtocolError("unknown_type", f"unknown message type {brief(kind)}")
 
 
 def _parse_hello(data: dict[str, Any]) -> Hello:
@@ -113,13 +114,14 @@ def _parse_hello(data: dict[str, Any]) -> Hello:
         features=data.get("features") if isinstance(data.get("features"), dict) else {},
     )
     if hello.audio_format != "opus":
-        raise ProtocolError("unsupported_audio", f"audio format {hello.audio_format!r} not supported; send opus")
+        raise ProtocolError("unsupported_audio", f"audio format {brief(hello.audio_format)} not supported; send opus")
     if hello.sample_rate not in OPUS_RATES:
-        raise ProtocolError("unsupported_audio", f"sample_rate {hello.sample_rate!r} not an Opus rate {OPUS_RATES}")
+        message = f"sample_rate {brief(hello.sample_rate)} not an Opus rate {OPUS_RATES}"
+        raise ProtocolError("unsupported_audio", message)
     if hello.channels != 1:
-        raise ProtocolError("unsupported_audio", f"channels {hello.channels!r}; send mono")
+        raise ProtocolError("unsupported_audio", f"channels {brief(hello.channels)}; send mono")
     if hello.frame_duration not in OPUS_FRAME_MS:
-        raise ProtocolError("unsupported_audio", f"frame_duration {hello.frame_duration!r} not in {OPUS_FRAME_MS}")
+        raise ProtocolError("unsupported_audio", f"frame_duration {brief(hello.frame_duration)} not in {OPUS_FRAME_MS}")
     return hello
 
 
