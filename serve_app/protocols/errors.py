@@ -51,3 +51,15 @@ def _check_unicode(data: dict[str, Any]) -> None:
         raise ProtocolError("invalid_json", "text frame escapes a lone UTF-16 surrogate (\\ud800-\\udfff)") from None
     except RecursionError:
         raise ProtocolError("invalid_json", "text frame is nested too deeply") from None
+
+
+def whole_number(value: Any) -> int | None:
+    """A JSON number that is a whole number (16000 or 16000.0) as an int; None for anything
+    else, booleans included (True == 1 in Python)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None

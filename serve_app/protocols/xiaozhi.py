@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from serve_app.messages import UtteranceResult
 from serve_app.opus import OPUS_FRAME_MS, OPUS_RATES
-from serve_app.protocols.errors import ProtocolError, brief, json_object
+from serve_app.protocols.errors import ProtocolError, brief, json_object, whole_number
 
 V2_HEADER = struct.Struct(">HHIII")  # version, type, reserved, timestamp_ms, payload_size
 V3_HEADER = struct.Struct(">BBH")  # type, reserved, payload_size
@@ -106,23 +106,22 @@ def _parse_hello(data: dict[str, Any]) -> Hello:
     params = data.get("audio_params") or {}
     if not isinstance(params, dict):
         raise ProtocolError("bad_message", "audio_params must be an object")
-    hello = Hello(
-        audio_format=params.get("format", "opus"),
-        sample_rate=params.get("sample_rate", 16000),
-        channels=params.get("channels", 1),
-        frame_duration=params.get("frame_duration", 60),
-        features=data.get("features") if isinstance(data.get("features"), dict) else {},
-    )
-    if hello.audio_format != "opus":
-        raise ProtocolError("unsupported_audio", f"audio format {brief(hello.audio_format)} not supported; send opus")
-    if hello.sample_rate not in OPUS_RATES:
-        message = f"sample_rate {brief(hello.sample_rate)} not an Opus rate {OPUS_RATES}"
-        raise ProtocolError("unsupported_audio", message)
-    if hello.channels != 1:
-        raise ProtocolError("unsupported_audio", f"channels {brief(hello.channels)}; send mono")
-    if hello.frame_duration not in OPUS_FRAME_MS:
-        raise ProtocolError("unsupported_audio", f"frame_duration {brief(hello.frame_duration)} not in {OPUS_FRAME_MS}")
-    return hello
+    audio_format = params.get("format", "opus")
+    if audio_format != "opus":
+        raise ProtocolError("unsupported_audio", f"audio format {brief(audio_format)} not supported; send opus")
+    rate = whole_number(params.get("sample_rate", 16000))
+    channels = whole_number(params.get("channels", 1))
+    frame_ms = whole_number(params.get("frame_duration", 60))
+    if rate not in OPUS_RATES:
+        given = brief(params.get("sample_rate"))
+        raise ProtocolError("unsupported_audio", f"sample_rate {given} not an Opus rate {OPUS_RATES}")
+    if channels != 1:
+        raise ProtocolError("unsupported_audio", f"channels {brief(params.get('channels'))}; send mono")
+    if frame_ms not in OPUS_FRAME_MS:
+        given = brief(params.get("frame_duration"))
+        raise ProtocolError("unsupported_audio", f"frame_duration {given} not in {OPUS_FRAME_MS}")
+    features = data.get("features")
+    return Hello("opus", rate, channels, frame_ms, features if isinstance(features, dict) else {})
 
 
 @dataclass(frozen=True)
