@@ -20,6 +20,7 @@ from serve_app.protocols.errors import ProtocolError, brief, json_object, whole_
 
 V2_HEADER = struct.Struct(">HHIII")  # version, type, reserved, timestamp_ms, payload_size
 V3_HEADER = struct.Struct(">BBH")  # type, reserved, payload_size
+V3_MAX_PAYLOAD = 2**16 - 1
 TYPE_OPUS, TYPE_JSON = 0, 1
 LISTEN_MODES = ("auto", "manual", "realtime")
 
@@ -153,10 +154,13 @@ def parse_binary(data: bytes, protocol_version: int, max_bytes: int) -> BinaryFr
 
 
 def frame_audio(packet: bytes, protocol_version: int, timestamp_ms: int = 0) -> bytes:
-    """The other way round, for device simulators."""
+    """The other way round, for device simulators. The v2 timestamp wraps at 2**32 ms as a
+    device's 32-bit clock does; a v3 header cannot state more than 65535 payload bytes."""
     if protocol_version == 2:
-        return V2_HEADER.pack(2, TYPE_OPUS, 0, timestamp_ms, len(packet)) + packet
+        return V2_HEADER.pack(2, TYPE_OPUS, 0, timestamp_ms % 2**32, len(packet)) + packet
     if protocol_version == 3:
+        if len(packet) > V3_MAX_PAYLOAD:
+            raise ValueError(f"a v3 frame carries at most {V3_MAX_PAYLOAD} bytes, not {len(packet)}")
         return V3_HEADER.pack(TYPE_OPUS, 0, len(packet)) + packet
     return packet
 
