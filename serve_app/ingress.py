@@ -18,7 +18,7 @@ from fastapi import FastAPI, File, Form, HTTPException, UploadFile, WebSocket
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
-from serve_app.audio import AudioFormatError, decode_file, ms_to_samples
+from serve_app.audio import AudioFormatError, AudioTooLongError, decode_file, ms_to_samples
 from serve_app.auth import DeviceAuth
 from serve_app.enrollment import (
     EnrollFromSession,
@@ -133,7 +133,9 @@ class Ingress:
         if len(data) > self.settings.ingress.max_upload_bytes:
             raise HTTPException(413, f"file larger than {self.settings.ingress.max_upload_bytes} bytes")
         try:
-            pcm, duration_s = decode_file(data)
+            pcm, duration_s = decode_file(data, self.settings.ingress.max_upload_s)
+        except AudioTooLongError as exc:
+            raise HTTPException(413, str(exc)) from None
         except AudioFormatError as exc:
             raise HTTPException(400, str(exc)) from None
         request_id = "file-" + uuid.uuid4().hex[:12]

@@ -109,6 +109,11 @@ class IngressSettings(_Strict):
     max_frame_bytes: int = Field(64_000, description="Largest binary frame accepted (2 s of PCM16).")
     max_utterance_ms: int = Field(30_000, description="Force-cut an utterance that runs this long.")
     max_upload_bytes: int = Field(50_000_000, description="Largest file for /v1/audio/transcriptions.")
+    max_upload_s: float = Field(
+        1800.0,
+        description="Longest audio in one /v1/audio/transcriptions file (413 past it): compressed silence "
+        "packs hours into a few kB, so bytes alone do not bound the memory a file takes.",
+    )
     speaker_enabled: bool = True
 
 
