@@ -14,15 +14,17 @@ class ProtocolError(ValueError):
         self.code = code
 
 
-_brief = reprlib.Repr()
-_brief.maxstring = _brief.maxother = 40
-_brief.maxlist = _brief.maxdict = _brief.maxtuple = 4
-_brief.maxlevel = 2
+_BRIEF_CHARS = 40
+_brief = reprlib.Repr()  # never builds the whole repr of a huge or deeply nested value
+_brief.maxstring = _brief.maxother = _BRIEF_CHARS
+_brief.maxlist = _brief.maxdict = _brief.maxtuple = 3
+_brief.maxlevel = 1
 
 
 def brief(value: Any) -> str:
     """A client's value, short enough to quote in an error message (the frame may be megabytes)."""
-    return _brief.repr(value)
+    text = _brief.repr(value)
+    return text if len(text) <= _BRIEF_CHARS else text[: _BRIEF_CHARS - 3] + "..."
 
 
 def json_object(text: str) -> dict[str, Any]:
