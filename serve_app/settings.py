@@ -115,6 +115,19 @@ class IngressSettings(_Strict):
         "packs hours into a few kB, so bytes alone do not bound the memory a file takes.",
     )
     speaker_enabled: bool = True
+    control_burst: int = Field(
+        50, description="Control (text) frames a session may send at once; past it and control_per_s, close 1008."
+    )
+    control_per_s: float = Field(
+        10.0,
+        description="Control frames per second a session may keep up. Each costs the ingress a parse and "
+        "maybe an answer: an unbounded flood would take its event loop from every other session.",
+    )
+    max_protocol_errors: int = Field(
+        20,
+        description="Error frames one session may earn (bad JSON, bad Opus packets, ...) before it is closed "
+        "with 1008: a client looping on bad input would otherwise get one answer per frame for ever.",
+    )
 
 
 class XiaozhiSettings(_Strict):

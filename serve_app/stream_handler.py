@@ -7,7 +7,9 @@ import logging
 
 from fastapi import WebSocket, WebSocketDisconnect
 
+from serve_app.limits import SessionLimitExceeded, TokenBucket
 from serve_app.pipeline import Pipeline, RecognitionOptions, StreamRunner
+from serve_app.protocols.errors import ProtocolError
 
 logger = logging.getLogger("ray.serve")
 
@@ -15,7 +17,7 @@ logger = logging.getLogger("ray.serve")
 CLOSE_NORMAL = 1000
 CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_UNSUPPORTED_DATA = 1003
-CLOSE_POLICY = 1008  # authentication refused
+CLOSE_POLICY = 1008  # policy violation: authentication refused, a per-session limit passed
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL = 1011
 
@@ -27,6 +29,9 @@ class StreamHandler:
         self.session_id = session_id
         self.runner: StreamRunner | None = None
         self._send_lock = asyncio.Lock()  # results and error frames come from different tasks
+        limits = pipeline.settings.ingress
+        self._control_budget = TokenBucket(limits.control_per_s, limits.control_burst)
+        self.protocol_errors = 0
 
     async def serve(self) -> None:
         raise NotImplementedError
@@ -40,6 +45,9 @@ class StreamHandler:
             await self.serve()
         except WebSocketDisconnect:
             logger.info("session %s: client disconnected", self.session_id)
+        except SessionLimitExceeded as exc:
+            logger.warning("session %s: %s; closing", self.session_id, exc)
+            await self.close_with_error(exc.code, str(exc), CLOSE_POLICY)
         except Exception:
             logger.exception("session %s: internal error", self.session_id)
             await self.close_with_error("internal", "internal error; the session is closed", CLOSE_INTERNAL)
@@ -83,8 +91,27 @@ class StreamHandler:
         except Exception:  # the client may be gone already
             pass
 
+    async def report(self, exc: ProtocolError) -> None:
+        """Answer a client mistake the session survives, up to `max_protocol_errors` of them."""
+        self.protocol_errors += 1
+        limit = self.pipeline.settings.ingress.max_protocol_errors
+        if self.protocol_errors > limit:
+            raise SessionLimitExceeded("too_many_errors", f"more than {limit} protocol errors (last: {exc.code})")
+        await self.send(self.render_error(exc.code, str(exc)))
+
+    def count_control(self) -> None:
+        """One control frame against the session's budget (`control_burst`, `control_per_s`)."""
+        if not self._control_budget.take():
+            bucket = self._control_budget
+            raise SessionLimitExceeded(
+                "too_many_messages",
+                f"more than {bucket.burst} control frames at once or {bucket.rate_per_s:g} per second",
+            )
+
     async def receive(self) -> dict:
         message = await self.ws.receive()
         if message["type"] == "websocket.disconnect":
             raise WebSocketDisconnect(message.get("code", CLOSE_NORMAL))
+        if message.get("text") is not None:
+            self.count_control()
         return message
