@@ -82,9 +82,13 @@ def parse_or_error(parse, arg, codes: set[str]):
 
 
 # ---- strategies ---------------------------------------------------------------------------
-# Text with lone UTF-16 surrogates now and then: JSON escapes them (\\ud800) and json.loads gives them back.
-surrogate_text = st.text(
-    st.characters(exclude_categories=[]) | st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), max_size=12
+# Client text, half of it with a lone UTF-16 surrogate inside: JSON escapes it (\\ud800) and
+# json.loads gives it back as a str with no UTF-8 form.
+_lone = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)
+surrogate_text = st.booleans().flatmap(
+    lambda lone: (
+        st.tuples(st.text(max_size=6), _lone, st.text(max_size=6)).map("".join) if lone else st.text(max_size=12)
+    )
 )
 
 
@@ -96,9 +100,22 @@ def _json(scalars: st.SearchStrategy) -> st.SearchStrategy:
 
 well_formed_json = _json(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40))
 json_values = _json(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40) | surrogate_text)
-# Values where a field expects a number: the right ones, the right ones as floats or strings, and anything.
-rates = st.sampled_from((8000, 12000, 16000, 24000, 44100, 48000, 11025, 0, -1))
-numberish = rates | rates.map(float) | rates.map(str) | st.booleans() | st.floats() | json_values
+
+
+def one_field_off(required: dict, optional: dict) -> st.SearchStrategy[dict]:
+    """Messages of a protocol's shape: every field right, or all right but one that is anything.
+    One wrong field among right ones reaches the parser's later checks; all-wrong messages stop
+    at the first."""
+    right = st.fixed_dictionaries(required, optional=optional)
+    keys = sorted({*required, *optional})
+    off = st.tuples(right, st.sampled_from(keys), json_values).map(lambda t: {**t[0], t[1]: t[2]})
+    return st.booleans().flatmap(lambda is_right: right if is_right else off)
+
+
+# "Right" includes what a parser must take, or refuse cleanly, and has got wrong before: whole
+# numbers as floats (16000.0), and free text with lone surrogates.
+rates = st.sampled_from((8000, 12000, 16000, 24000, 48000, 44100, 11025))
+whole = rates | rates.map(float)
 
 
 def _dumps(value) -> str:
@@ -106,13 +123,9 @@ def _dumps(value) -> str:
 
 
 def hostile_text(shaped: st.SearchStrategy) -> st.SearchStrategy[str]:
-    """Text frames: random text, any JSON, JSON of roughly the right shape with wrong values
-    (lone surrogate escapes in its free-text fields), and the pathological: deep nesting, huge numbers."""
-    shaped_text = shaped.map(_dumps)
-    return st.one_of(
-        shaped_text,  # listed three times: most of the search goes where the parser has branches
-        shaped_text,
-        shaped_text,
+    """Text frames: half of them shaped like the protocol's messages (see one_field_off), the
+    rest random text, any JSON, and the pathological: deep nesting, huge numbers."""
+    others = st.one_of(
         st.text(max_size=200),
         json_values.map(_dumps),
         st.integers(1, 20_000).map(lambda depth: "[" * depth + "]" * depth),
@@ -120,54 +133,52 @@ def hostile_text(shaped: st.SearchStrategy) -> st.SearchStrategy[str]:
         st.integers(4000, 6000).map(lambda digits: '{"type": "start", "sample_rate": ' + "9" * digits + "}"),
         st.binary(max_size=200).map(lambda b: b.decode("utf-8", errors="replace")),
     )
+    return st.booleans().flatmap(lambda is_shaped: shaped.map(_dumps) if is_shaped else others)
 
 
-# The typed dicts below are shaped like each protocol's messages, with every field drawn from
-# the right values and from anything else.
-plain_shaped = st.fixed_dictionaries(
-    {"type": st.sampled_from(["start", "end", "START", "", "ready"]) | json_values},
-    optional={
-        "sample_rate": numberish,
-        "language": st.sampled_from(["auto", "en", "zh"]) | surrogate_text | json_values,
-        "itn": st.booleans() | json_values,
-        "return_embedding": st.booleans() | json_values,
-        "speaker_group": surrogate_text | json_values,
+plain_shaped = one_field_off(
+    {"type": st.sampled_from(["start", "end"])},
+    {
+        "sample_rate": whole,
+        "language": st.sampled_from(["auto", "en", "zh"]) | surrogate_text,
+        "itn": st.booleans(),
+        "return_embedding": st.booleans(),
+        "speaker_group": surrogate_text,
     },
 )
 frame_durations = st.sampled_from(OPUS_FRAME_MS)
-xiaozhi_shaped = st.fixed_dictionaries(
-    {"type": st.sampled_from(["hello", "listen", "abort", "mcp", "iot", "goodbye", "ping", "stt"]) | json_values},
-    optional={
-        "state": st.sampled_from(["start", "stop", "detect", "pause"]) | json_values,
-        "mode": st.sampled_from(["auto", "manual", "realtime", "turbo"]) | json_values,
-        "text": surrogate_text | json_values,
-        "reason": surrogate_text | json_values,
-        "features": json_values,
-        "audio_params": st.fixed_dictionaries(
+xiaozhi_shaped = one_field_off(
+    {"type": st.sampled_from(["hello", "listen", "abort", "mcp", "iot", "goodbye", "ping"])},
+    {
+        "state": st.sampled_from(["start", "stop", "detect"]),
+        "mode": st.sampled_from(xiaozhi.LISTEN_MODES),
+        "text": surrogate_text,
+        "reason": surrogate_text,
+        "features": st.dictionaries(st.text(max_size=8), well_formed_json, max_size=3),
+        "audio_params": one_field_off(
             {},
-            optional={
-                "format": st.sampled_from(["opus", "pcm"]) | json_values,
-                "sample_rate": numberish,
-                "channels": st.sampled_from([1, 2, 1.0, True]) | json_values,
-                "frame_duration": frame_durations | frame_durations.map(float) | numberish,
+            {
+                "format": st.just("opus"),
+                "sample_rate": whole,
+                "channels": st.sampled_from([1, 1.0]),
+                "frame_duration": frame_durations | frame_durations.map(float),
             },
-        )
-        | json_values,
+        ),
     },
 )
-funasr_shaped = st.fixed_dictionaries(
+funasr_shaped = one_field_off(
     {},
-    optional={
-        "mode": st.sampled_from(["offline", "online", "2pass", "batch"]) | json_values,
-        "audio_fs": numberish,
-        "wav_name": surrogate_text | json_values,
-        "wav_format": st.sampled_from(["pcm", "wav", "mp3"]) | json_values,
-        "is_speaking": st.booleans() | json_values,
-        "is_end": st.booleans() | json_values,
-        "itn": st.booleans() | json_values,
-        "hotwords": surrogate_text | json_values,
-        "speaker_group": surrogate_text | json_values,
-        "chunk_size": st.just([5, 10, 5]) | json_values,
+    {
+        "mode": st.sampled_from(funasr.MODES),
+        "audio_fs": whole,
+        "wav_name": surrogate_text,
+        "wav_format": st.sampled_from(["pcm", "wav"]),
+        "is_speaking": st.booleans(),
+        "is_end": st.booleans(),
+        "itn": st.booleans(),
+        "hotwords": surrogate_text,
+        "speaker_group": surrogate_text,
+        "chunk_size": st.just([5, 10, 5]),
     },
 )
 
