@@ -10,7 +10,7 @@ from dataclasses import asdict
 import numpy as np
 from pydantic import BaseModel, Field
 
-from serve_app.audio import AudioFormatError, decode_file
+from serve_app.audio import AudioFormatError, AudioTooLongError, decode_file
 from serve_app.settings import VoiceprintSettings
 from serve_app.voiceprints import Voiceprint
 
@@ -52,16 +52,14 @@ def decode_uploads(files: list[tuple[str, bytes]], settings: VoiceprintSettings)
     clips = []
     for name, data in files:
         try:
-            pcm, seconds = decode_file(data)
+            pcm, seconds = decode_file(data, settings.max_enroll_s)
+        except AudioTooLongError:
+            raise EnrollmentError(413, f"{name}: at most {settings.max_enroll_s:g} s of audio per file") from None
         except AudioFormatError as exc:
             raise EnrollmentError(400, f"{name}: {exc}") from None
         if seconds < settings.min_enroll_s:
             raise EnrollmentError(
                 400, f"{name}: {seconds:.2f} s of audio; enrolment needs at least {settings.min_enroll_s:g} s"
-            )
-        if seconds > settings.max_enroll_s:
-            raise EnrollmentError(
-                413, f"{name}: {seconds:.1f} s of audio; at most {settings.max_enroll_s:g} s per file"
             )
         clips.append(pcm)
     return clips

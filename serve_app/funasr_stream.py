@@ -53,7 +53,7 @@ class FunasrStream(StreamHandler):
                 if exc.code in FATAL:
                     await self.close_with_error(exc.code, str(exc), FATAL[exc.code])
                     return
-                await self.send(self.render_error(exc.code, str(exc)))
+                await self.report(exc)
 
     def _start(self, config: funasr.Config) -> None:
         self.config = config

@@ -28,7 +28,7 @@ from starlette.datastructures import FormData
 
 from serve_app import redact
 from serve_app.admission import DRAINING, Refusal, replica_full
-from serve_app.audio import AudioFormatError, decode_file, ms_to_samples
+from serve_app.audio import AudioFormatError, AudioTooLongError, decode_file, ms_to_samples
 from serve_app.auth import MISSING, AdminAuth, DeviceAuth, device_credentials, serve_bind_host
 from serve_app.draining import DrainWatch, controller_states
 from serve_app.enrollment import (
@@ -283,7 +283,9 @@ class Ingress:
         finally:
             await form.close()
         try:
-            pcm, duration_s = decode_file(data)
+            pcm, duration_s = decode_file(data, self.settings.ingress.max_upload_s)
+        except AudioTooLongError as exc:
+            raise HTTPException(413, str(exc)) from None
         except AudioFormatError as exc:
             raise HTTPException(400, str(exc)) from None
         request_id = "file-" + uuid.uuid4().hex[:12]

@@ -42,7 +42,7 @@ class PlainStream(StreamHandler):
             if exc.code in FATAL_PROTOCOL_ERRORS:
                 await self.close_with_error(exc.code, str(exc), FATAL_PROTOCOL_ERRORS[exc.code])
                 return False
-            await self.send(self.render_error(exc.code, str(exc)))
+            await self.report(exc)
             return True
 
     def _runner(self) -> StreamRunner:

@@ -114,7 +114,25 @@ class IngressSettings(_Strict):
         description="Largest uploaded file (transcriptions, enrolment). Uploads are held in memory up to this "
         "size and refused above it; never spooled to disk.",
     )
+    max_upload_s: float = Field(
+        1800.0,
+        description="Longest audio in one /v1/audio/transcriptions file (413 past it): compressed silence "
+        "packs hours into a few kB, so bytes alone do not bound the memory a file takes.",
+    )
     speaker_enabled: bool = True
+    control_burst: int = Field(
+        50, description="Control (text) frames a session may send at once; past it and control_per_s, close 1008."
+    )
+    control_per_s: float = Field(
+        10.0,
+        description="Control frames per second a session may keep up. Each costs the ingress a parse and "
+        "maybe an answer: an unbounded flood would take its event loop from every other session.",
+    )
+    max_protocol_errors: int = Field(
+        20,
+        description="Error frames one session may earn (bad JSON, bad Opus packets, ...) before it is closed "
+        "with 1008: a client looping on bad input would otherwise get one answer per frame for ever.",
+    )
     idle_timeout_s: float = Field(
         300.0, description="Close a session that sends nothing for this long (error `idle_timeout`, close 1000)."
     )

@@ -9,8 +9,10 @@ import time
 from fastapi import WebSocket, WebSocketDisconnect
 
 from serve_app.admission import DRAINING, Refusal
+from serve_app.limits import SessionLimitExceeded, TokenBucket
 from serve_app.messages import UtteranceResult
 from serve_app.pipeline import Pipeline, RecognitionOptions, StreamRunner
+from serve_app.protocols.errors import ProtocolError
 
 logger = logging.getLogger("ray.serve")
 
@@ -18,7 +20,7 @@ logger = logging.getLogger("ray.serve")
 CLOSE_NORMAL = 1000
 CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_UNSUPPORTED_DATA = 1003
-CLOSE_POLICY = 1008  # authentication refused
+CLOSE_POLICY = 1008  # policy violation: authentication refused, a per-session limit passed
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL = 1011
 
@@ -47,6 +49,9 @@ class StreamHandler:
         self._reconnect_asked: asyncio.Future | None = None
         self._reconnect_by: float | None = None  # monotonic deadline; before it, wait for a pause
         self._answered_since_asked = False
+        limits = pipeline.settings.ingress
+        self._control_budget = TokenBucket(limits.control_per_s, limits.control_burst)
+        self.protocol_errors = 0
 
     async def serve(self) -> None:
         raise NotImplementedError
@@ -64,6 +69,9 @@ class StreamHandler:
             await self._move_client()
         except SessionIdle:
             await self._close_idle()
+        except SessionLimitExceeded as exc:
+            logger.warning("session %s: %s; closing", self.session_id, exc)
+            await self.close_with_error(exc.code, str(exc), CLOSE_POLICY)
         except Exception:
             logger.exception("session %s: internal error", self.session_id)
             await self.close_with_error("internal", "internal error; the session is closed", CLOSE_INTERNAL)
@@ -165,6 +173,23 @@ class StreamHandler:
         except Exception:  # the client may be gone already
             pass
 
+    async def report(self, exc: ProtocolError) -> None:
+        """Answer a client mistake the session survives, up to `max_protocol_errors` of them."""
+        self.protocol_errors += 1
+        limit = self.pipeline.settings.ingress.max_protocol_errors
+        if self.protocol_errors > limit:
+            raise SessionLimitExceeded("too_many_errors", f"more than {limit} protocol errors (last: {exc.code})")
+        await self.send(self.render_error(exc.code, str(exc)))
+
+    def count_control(self) -> None:
+        """One control frame against the session's budget (`control_burst`, `control_per_s`)."""
+        if not self._control_budget.take():
+            bucket = self._control_budget
+            raise SessionLimitExceeded(
+                "too_many_messages",
+                f"more than {bucket.burst} control frames at once or {bucket.rate_per_s:g} per second",
+            )
+
     async def receive(self) -> dict:
         """The next frame. Raises WebSocketDisconnect when the client has gone,
         ReconnectRequested once the session should move (between utterances), and SessionIdle
@@ -191,4 +216,6 @@ class StreamHandler:
         message, self._next_frame = self._next_frame.result(), None
         if message["type"] == "websocket.disconnect":
             raise WebSocketDisconnect(message.get("code", CLOSE_NORMAL))
+        if message.get("text") is not None:
+            self.count_control()
         return message

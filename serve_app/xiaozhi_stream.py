@@ -67,7 +67,7 @@ class XiaozhiStream(StreamHandler):
                 if exc.code in FATAL:
                     await self.close_with_error(exc.code, str(exc), FATAL[exc.code])
                     return
-                await self.send(self.render_error(exc.code, str(exc)))
+                await self.report(exc)
 
     async def _await_hello(self) -> bool:
         """Until the device's hello: answer it, or explain what is missing. False if closed."""
@@ -90,7 +90,7 @@ class XiaozhiStream(StreamHandler):
                 if exc.code in FATAL:
                     await self.close_with_error(exc.code, str(exc), FATAL[exc.code])
                     return False
-                await self.send(self.render_error(exc.code, str(exc)))
+                await self.report(exc)
                 continue
             await self.send(xiaozhi.render_hello(self.session_id, self.pipeline.settings.xiaozhi.hello_audio_params))
             self.decoder = OpusDecoder()
@@ -106,6 +106,7 @@ class XiaozhiStream(StreamHandler):
                 message["bytes"], self.params.protocol_version, self.pipeline.settings.ingress.max_frame_bytes
             )
             if frame.kind == "json":
+                self.count_control()
                 await self._control(xiaozhi.parse_text(frame.payload.decode("utf-8", errors="replace")))
                 return
             try:

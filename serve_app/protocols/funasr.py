@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from serve_app.messages import UtteranceResult
-from serve_app.protocols.errors import ProtocolError, json_object
+from serve_app.protocols.errors import ProtocolError, brief, json_object, whole_number
 
 MODES = ("offline", "online", "2pass")
 SUPPORTED_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
@@ -54,13 +54,14 @@ def parse_text(text: str, configured: bool) -> Config | EndOfSpeech:
 def _parse_config(data: dict[str, Any]) -> Config:
     mode = data.get("mode", "2pass")
     if mode not in MODES:
-        raise ProtocolError("bad_mode", f"mode {mode!r} not supported; use one of {MODES}")
-    fs = data.get("audio_fs", 16000)
+        raise ProtocolError("bad_mode", f"mode {brief(mode)} not supported; use one of {MODES}")
+    given = data.get("audio_fs", 16000)
+    fs = whole_number(given)
     if fs not in SUPPORTED_RATES:
-        raise ProtocolError("bad_sample_rate", f"audio_fs {fs!r} not supported; use one of {SUPPORTED_RATES}")
+        raise ProtocolError("bad_sample_rate", f"audio_fs {brief(given)} not supported; use one of {SUPPORTED_RATES}")
     wav_format = str(data.get("wav_format", "pcm"))
     if wav_format not in ("pcm", "wav"):
-        raise ProtocolError("unsupported_audio", f"wav_format {wav_format!r}: send raw PCM16 ('pcm')")
+        raise ProtocolError("unsupported_audio", f"wav_format {brief(wav_format)}: send raw PCM16 ('pcm')")
     itn = data.get("itn", True)
     return Config(
         mode=mode, wav_name=str(data.get("wav_name", "demo")), audio_fs=fs, wav_format=wav_format,

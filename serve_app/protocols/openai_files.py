@@ -9,6 +9,7 @@ import json
 from collections import Counter
 
 from serve_app.messages import UtteranceResult
+from serve_app.protocols.errors import brief
 
 RESPONSE_FORMATS = ("json", "text", "verbose_json")
 
@@ -20,7 +21,7 @@ class TranscriptionRequestError(ValueError):
 def check_response_format(response_format: str) -> str:
     if response_format not in RESPONSE_FORMATS:
         raise TranscriptionRequestError(
-            f"response_format {response_format!r} is not supported; use one of {', '.join(RESPONSE_FORMATS)}"
+            f"response_format {brief(response_format)} is not supported; use one of {', '.join(RESPONSE_FORMATS)}"
         )
     return response_format
 

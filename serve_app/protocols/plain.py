@@ -24,7 +24,7 @@ import numpy as np
 
 from serve_app.audio import AudioFormatError, pcm16_from_bytes
 from serve_app.messages import UtteranceResult
-from serve_app.protocols.errors import ProtocolError, json_object
+from serve_app.protocols.errors import ProtocolError, brief, json_object, whole_number
 
 SUPPORTED_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
 
@@ -53,13 +53,15 @@ def parse_text(text: str) -> ClientMessage:
         return EndMessage()
     if kind == "start":
         return _parse_start(data)
-    raise ProtocolError("unknown_type", f"unknown message type {kind!r}; expected 'start' or 'end'")
+    raise ProtocolError("unknown_type", f"unknown message type {brief(kind)}; expected 'start' or 'end'")
 
 
 def _parse_start(data: dict[str, Any]) -> StartMessage:
-    rate = data.get("sample_rate", 16000)
+    given = data.get("sample_rate", 16000)
+    rate = whole_number(given)
     if rate not in SUPPORTED_RATES:
-        raise ProtocolError("bad_sample_rate", f"sample_rate {rate!r} not supported; use one of {SUPPORTED_RATES}")
+        message = f"sample_rate {brief(given)} not supported; use one of {SUPPORTED_RATES}"
+        raise ProtocolError("bad_sample_rate", message)
     language = data.get("language", "auto")
     if not isinstance(language, str):
         raise ProtocolError("bad_message", "language must be a string")

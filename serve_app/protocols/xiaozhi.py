@@ -17,10 +17,11 @@ from typing import Any, Literal
 
 from serve_app.messages import UtteranceResult
 from serve_app.opus import OPUS_FRAME_MS, OPUS_RATES
-from serve_app.protocols.errors import ProtocolError, json_object
+from serve_app.protocols.errors import ProtocolError, brief, json_object, whole_number
 
 V2_HEADER = struct.Struct(">HHIII")  # version, type, reserved, timestamp_ms, payload_size
 V3_HEADER = struct.Struct(">BBH")  # type, reserved, payload_size
+V3_MAX_PAYLOAD = 2**16 - 1
 TYPE_OPUS, TYPE_JSON = 0, 1
 LISTEN_MODES = ("auto", "manual", "realtime")
 
@@ -41,7 +42,8 @@ def connect_params(headers: Mapping[str, str], query: Mapping[str, str]) -> Conn
 
     version_text = get("protocol-version", "protocol-version") or "1"
     if version_text not in ("1", "2", "3"):
-        raise ProtocolError("bad_protocol_version", f"Protocol-Version {version_text!r} not supported; use 1, 2 or 3")
+        message = f"Protocol-Version {brief(version_text)} not supported; use 1, 2 or 3"
+        raise ProtocolError("bad_protocol_version", message)
     return ConnectParams(
         device_id=get("device-id", "device-id"),
         client_id=get("client-id", "client-id"),
@@ -90,38 +92,38 @@ def parse_text(text: str) -> ControlMessage:
     if kind == "listen":
         state = data.get("state")
         if state not in ("start", "stop", "detect"):
-            raise ProtocolError("bad_message", f"listen state {state!r}; expected start, stop or detect")
+            raise ProtocolError("bad_message", f"listen state {brief(state)}; expected start, stop or detect")
         mode = data.get("mode", "auto")
         if mode not in LISTEN_MODES:
-            raise ProtocolError("bad_message", f"listen mode {mode!r}; expected one of {LISTEN_MODES}")
+            raise ProtocolError("bad_message", f"listen mode {brief(mode)}; expected one of {LISTEN_MODES}")
         return Listen(state=state, mode=mode, text=str(data.get("text", "")))
     if kind == "abort":
         return Abort(reason=str(data.get("reason", "")))
     if kind in KNOWN_IGNORED:
         return Ignored(kind)
-    raise ProtocolError("unknown_type", f"unknown message type {kind!r}")
+    raise ProtocolError("unknown_type", f"unknown message type {brief(kind)}")
 
 
 def _parse_hello(data: dict[str, Any]) -> Hello:
     params = data.get("audio_params") or {}
     if not isinstance(params, dict):
         raise ProtocolError("bad_message", "audio_params must be an object")
-    hello = Hello(
-        audio_format=params.get("format", "opus"),
-        sample_rate=params.get("sample_rate", 16000),
-        channels=params.get("channels", 1),
-        frame_duration=params.get("frame_duration", 60),
-        features=data.get("features") if isinstance(data.get("features"), dict) else {},
-    )
-    if hello.audio_format != "opus":
-        raise ProtocolError("unsupported_audio", f"audio format {hello.audio_format!r} not supported; send opus")
-    if hello.sample_rate not in OPUS_RATES:
-        raise ProtocolError("unsupported_audio", f"sample_rate {hello.sample_rate!r} not an Opus rate {OPUS_RATES}")
-    if hello.channels != 1:
-        raise ProtocolError("unsupported_audio", f"channels {hello.channels!r}; send mono")
-    if hello.frame_duration not in OPUS_FRAME_MS:
-        raise ProtocolError("unsupported_audio", f"frame_duration {hello.frame_duration!r} not in {OPUS_FRAME_MS}")
-    return hello
+    audio_format = params.get("format", "opus")
+    if audio_format != "opus":
+        raise ProtocolError("unsupported_audio", f"audio format {brief(audio_format)} not supported; send opus")
+    rate = whole_number(params.get("sample_rate", 16000))
+    channels = whole_number(params.get("channels", 1))
+    frame_ms = whole_number(params.get("frame_duration", 60))
+    if rate not in OPUS_RATES:
+        given = brief(params.get("sample_rate"))
+        raise ProtocolError("unsupported_audio", f"sample_rate {given} not an Opus rate {OPUS_RATES}")
+    if channels != 1:
+        raise ProtocolError("unsupported_audio", f"channels {brief(params.get('channels'))}; send mono")
+    if frame_ms not in OPUS_FRAME_MS:
+        given = brief(params.get("frame_duration"))
+        raise ProtocolError("unsupported_audio", f"frame_duration {given} not in {OPUS_FRAME_MS}")
+    features = data.get("features")
+    return Hello("opus", rate, channels, frame_ms, features if isinstance(features, dict) else {})
 
 
 @dataclass(frozen=True)
@@ -153,10 +155,13 @@ def parse_binary(data: bytes, protocol_version: int, max_bytes: int) -> BinaryFr
 
 
 def frame_audio(packet: bytes, protocol_version: int, timestamp_ms: int = 0) -> bytes:
-    """The other way round, for device simulators."""
+    """The other way round, for device simulators. The v2 timestamp wraps at 2**32 ms as a
+    device's 32-bit clock does; a v3 header cannot state more than 65535 payload bytes."""
     if protocol_version == 2:
-        return V2_HEADER.pack(2, TYPE_OPUS, 0, timestamp_ms, len(packet)) + packet
+        return V2_HEADER.pack(2, TYPE_OPUS, 0, timestamp_ms % 2**32, len(packet)) + packet
     if protocol_version == 3:
+        if len(packet) > V3_MAX_PAYLOAD:
+            raise ValueError(f"a v3 frame carries at most {V3_MAX_PAYLOAD} bytes, not {len(packet)}")
         return V3_HEADER.pack(TYPE_OPUS, 0, len(packet)) + packet
     return packet
 

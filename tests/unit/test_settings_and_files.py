@@ -5,7 +5,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from serve_app.audio import AudioFormatError, StreamResampler, decode_file, resample
+from serve_app.audio import AudioFormatError, AudioTooLongError, StreamResampler, decode_file, resample
 from serve_app.messages import SpeakerInfo, UtteranceResult
 from serve_app.protocols import openai_files
 from serve_app.settings import AppSettings, Placement
@@ -62,10 +62,12 @@ def test_decode_file_resamples_to_16k(tmp_path):
     t = np.arange(48000) / 48000
     path = tmp_path / "tone.wav"
     sf.write(path, (0.5 * np.sin(2 * np.pi * 440 * t) * 32767).astype(np.int16), 48000)
-    pcm, duration = decode_file(path.read_bytes())
+    pcm, duration = decode_file(path.read_bytes(), max_seconds=60)
     assert duration == pytest.approx(1.0) and abs(len(pcm) - 16000) <= 2 and pcm.dtype == np.int16
     with pytest.raises(AudioFormatError):
-        decode_file(b"this is not audio")
+        decode_file(b"this is not audio", max_seconds=60)
+    with pytest.raises(AudioTooLongError, match="longer than 0.5 s"):
+        decode_file(path.read_bytes(), max_seconds=0.5)
 
 
 def test_resample_identity_and_ratio():
