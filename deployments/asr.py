@@ -23,7 +23,10 @@ class AsrCore:
     def __init__(self, source: ModelSource, settings: AsrSettings, device: str = "cpu"):
         self.settings = settings
         self.device = device
-        self.model = load_automodel(source, device=device, threads=settings.threads)
+        # funasr's fbank frontend dithers by default: random noise that can change the words
+        self.model = load_automodel(
+            source, device=device, threads=settings.threads, frontend_conf={"dither": settings.dither}
+        )
 
     def transcribe_batch(self, requests: list[AsrRequest]) -> list[Transcript]:
         """One generate() per (language, itn) group; results in request order."""

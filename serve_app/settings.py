@@ -71,6 +71,11 @@ class AsrSettings(_Strict):
     language: str = Field("auto", description="auto, zh, en, yue, ja, ko")
     use_itn: bool = Field(True, description="Inverse text normalisation (punctuation, numbers).")
     threads: int = Field(2, description="torch threads per SenseVoice replica on CPU.")
+    dither: float = Field(
+        0.0,
+        description="Random noise the fbank frontend adds to the audio (FunASR's default is 1.0). "
+        "0: the same audio always gives the same transcript.",
+    )
 
 
 class SpeakerSettings(_Strict):
