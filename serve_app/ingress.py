@@ -137,7 +137,7 @@ class Ingress:
         except AudioFormatError as exc:
             raise HTTPException(400, str(exc)) from None
         request_id = "file-" + uuid.uuid4().hex[:12]
-        segments = await self.pipeline.vad.segment.remote(pcm)
+        segments = await self.pipeline.segment(pcm, request_id)
         options = RecognitionOptions(language=language or "auto")
         utterances = [
             Utterance(i, a, b, pcm[ms_to_samples(a) : ms_to_samples(b)]) for i, (a, b) in enumerate(segments) if b > a
@@ -149,7 +149,7 @@ class Ingress:
     # ---- voiceprint enrolment ---------------------------------------------------------------
     async def _embed_clips(self, clips) -> tuple[str, list]:
         results = await asyncio.gather(*(self.pipeline.embed(c, None, "enrolment") for c in clips))
-        embeddings = [e for e, _ in results]
+        embeddings = [e for e, _, _ in results]
         if any(e is None for e in embeddings):
             raise HTTPException(503, "the speaker model is disabled (ingress.speaker_enabled: false)")
         return embeddings[0].model, [e.vector for e in embeddings]

@@ -137,6 +137,21 @@ class FunasrSettings(_Strict):
     )
 
 
+class RetrySettings(_Strict):
+    """Retries of a call whose replica was lost (SenseVoice, Speaker, VADHost). With one replica
+    the retry waits for its replacement: Serve notices the death within the deployment's
+    `health_check_period_s` (2 s) and the new replica reloads its model (about 10 s with the test
+    models on 2 cores), so the deadline must cover both, with room for a loaded host."""
+
+    deadline_s: float = Field(
+        60.0,
+        description="Give up on a call this long after its first failure; the utterance then gets "
+        "recognition_failed and the session goes on.",
+    )
+    backoff_s: float = Field(0.5, description="Wait before the second retry (the first goes at once); doubles after.")
+    max_backoff_s: float = Field(5.0, description="Longest wait between two retries.")
+
+
 PlacementName = Literal["Ingress", "VADHost", "SenseVoice", "Speaker"]
 
 
@@ -189,4 +204,5 @@ class AppSettings(_Strict):
     ingress: IngressSettings = IngressSettings()
     xiaozhi: XiaozhiSettings = XiaozhiSettings()
     funasr: FunasrSettings = FunasrSettings()
+    retry: RetrySettings = RetrySettings()
     placement: dict[PlacementName, Placement] = Field(default_factory=_default_placement)
