@@ -31,7 +31,7 @@ from serve_app.enrollment import (
 from serve_app.funasr_stream import FunasrStream
 from serve_app.messages import Utterance
 from serve_app.models import ResolvedModels
-from serve_app.pipeline import Pipeline, RecognitionOptions
+from serve_app.pipeline import Pipeline, RecognitionOptions, live_runner_tasks
 from serve_app.plain_stream import PlainStream
 from serve_app.protocols import openai_files
 from serve_app.settings import AppSettings
@@ -74,6 +74,7 @@ class Ingress:
             "models": self.models.label,
             "model_sources": {s.role: s.describe() for s in (self.models.vad, self.models.asr, self.models.speaker)},
             "live_sessions_this_replica": len(self.handlers),
+            "stream_tasks_this_replica": live_runner_tasks(),  # 0 when idle: a leak check for soak tests
         }
         if self.models.warning():
             body["warning"] = self.models.warning()

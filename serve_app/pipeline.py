@@ -188,6 +188,12 @@ class Pipeline:
         return result, embedding
 
 
+def live_runner_tasks() -> int:
+    """Tasks of `StreamRunner`s still running in this process (result sender, recognitions,
+    interims). Once every stream has ended this is 0; anything else is a leak."""
+    return sum(1 for t in asyncio.all_tasks() if getattr(t.get_coro(), "__qualname__", "").startswith("StreamRunner."))
+
+
 class StreamRunner:
     """One live stream: audio in, `on_result` called once per utterance, in order.
 
