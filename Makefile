@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install serve test lint models-full bench loadtest clean
+.PHONY: install serve test lint models-full bench loadtest soak clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,17 @@ PROTOCOL ?= mix
 RAMP ?= 5/10
 loadtest: install
 	$(BIN)/python -m loadtest.loadgen --clients $(CLIENTS) --duration $(DURATION) --protocol $(PROTOCOL) --ramp $(RAMP)
+
+# Against a running service on this machine (`make serve`): long sessions with replica kills, then
+# connection churn; see README "Long sessions and churn".
+#   make soak AUDIO_HOURS=1 SESSIONS=2 CHURN=500 KILL=SenseVoice,Speaker
+AUDIO_HOURS ?= 1
+SESSIONS ?= 2
+CHURN ?= 500
+KILL ?= SenseVoice,Speaker
+soak: install
+	$(BIN)/python -m loadtest.soak --url ws://127.0.0.1:8000 --audio-hours $(AUDIO_HOURS) --sessions $(SESSIONS) \
+		--churn $(CHURN) --kill $(KILL) --kill-every 30 --out loadtest/results/soak-1h
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -23,7 +23,10 @@ class AsrCore:
     def __init__(self, source: ModelSource, settings: AsrSettings, device: str = "cpu"):
         self.settings = settings
         self.device = device
-        self.model = load_automodel(source, device=device, threads=settings.threads)
+        # funasr's fbank frontend dithers by default: random noise that can change the words
+        self.model = load_automodel(
+            source, device=device, threads=settings.threads, frontend_conf={"dither": settings.dither}
+        )
 
     def transcribe_batch(self, requests: list[AsrRequest]) -> list[Transcript]:
         """One generate() per (language, itn) group; results in request order."""
@@ -44,7 +47,9 @@ class AsrCore:
         return results  # type: ignore[return-value]
 
 
-@serve.deployment(max_ongoing_requests=64)  # utterances queue here to be batched; same as config/serve.yaml
+# Same as config/serve.yaml. max_ongoing_requests: utterances queue here to be batched. health_check_period_s: a
+# dead replica is noticed (and replaced) within 2 s instead of Serve's 10; its callers wait for the replacement.
+@serve.deployment(max_ongoing_requests=64, health_check_period_s=2)
 class SenseVoice(BatchedModelHost):
     batched_methods = ("transcribe", "transcribe_interim")
 

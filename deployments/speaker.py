@@ -67,7 +67,7 @@ def _arch_of(source: ModelSource) -> str:
     return "campplus" if "campplus" in ref or "cam++" in ref else "eres2netv2"
 
 
-@serve.deployment(max_ongoing_requests=64)  # same as config/serve.yaml
+@serve.deployment(max_ongoing_requests=64, health_check_period_s=2)  # same as config/serve.yaml (see SenseVoice)
 class Speaker(BatchedModelHost):
     batched_methods = ("embed",)
 

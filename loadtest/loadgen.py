@@ -138,6 +138,55 @@ class Refused(Exception):
     """The service refused this connection at once (over a session cap): not a failure."""
 
 
+def connect_device(url: str, protocol: str, n: int, auth_secret: str | None = None):
+    """A WebSocket connection (an async context manager) as device `n` of `protocol` makes it."""
+    base = url.rstrip("/")
+    device_id = f"02:10:{n >> 8 & 255:02x}:{n & 255:02x}:00:01"
+    if protocol == "xiaozhi":
+        client_id = str(uuid.uuid4())
+        headers = {"Device-Id": device_id, "Client-Id": client_id, "Protocol-Version": "1"}
+        if auth_secret:
+            headers["Authorization"] = "Bearer " + issue_token(auth_secret, client_id, device_id)
+        return connect(f"{base}/xiaozhi/v1/", additional_headers=headers, max_size=None, open_timeout=60)
+    token = issue_token(auth_secret, "", device_id) if auth_secret else None
+    if protocol == "funasr":  # FunASR clients put credentials in the URL
+        url = url_with_token(f"{base}/", device_id, token)
+        return connect(url, subprotocols=["binary"], max_size=None, open_timeout=60)
+    headers = device_headers(device_id, token)
+    return connect(f"{base}/v1/stream", additional_headers=headers, max_size=None, open_timeout=60)
+
+
+def _refused(message: dict) -> None:
+    if message.get("type") == "error" and message.get("code") in REFUSAL_CLOSE_CODES.values():
+        raise Refused(message["code"])
+
+
+async def handshake(ws, protocol: str, n: int) -> dict | None:
+    """What the protocol does before audio: Xiaozhi hello + listen (auto), FunASR 2pass config,
+    plain: wait for ready. Returns the server's hello or ready where there is one. Raises
+    Refused when the service refuses the connection (FunASR's refusal shows as a close)."""
+    if protocol == "xiaozhi":
+        await ws.send(json.dumps({"type": "hello", "audio_params": {"format": "opus", "sample_rate": 16000,
+                                  "channels": 1, "frame_duration": FRAME_MS}}))  # fmt: skip
+        hello = json.loads(await asyncio.wait_for(ws.recv(), 15))
+        _refused(hello)
+        if hello.get("type") != "hello":
+            raise RuntimeError(f"no hello: {hello}")
+        await ws.send(json.dumps({"session_id": hello["session_id"], "type": "listen", "state": "start",
+                                  "mode": "auto"}))  # fmt: skip
+        return hello
+    if protocol == "funasr":
+        await ws.send(json.dumps({"mode": "2pass", "chunk_size": [5, 10, 5], "chunk_interval": 10,
+                                  "audio_fs": 16000, "wav_name": f"device{n}", "wav_format": "pcm",
+                                  "is_speaking": True, "hotwords": "", "itn": True}))  # fmt: skip
+        return None
+    ready = json.loads(await asyncio.wait_for(ws.recv(), 15))
+    _refused(ready)
+    if ready.get("type") != "ready":
+        raise RuntimeError(f"no ready: {ready}")
+    return ready
+
+
 class Device:
     def __init__(self, n: int, protocol: str, cfg: LoadConfig, clips: list[Clip], silence: bytes, state: RunState):
         self.n, self.protocol, self.cfg, self.clips, self.state = n, protocol, cfg, clips, state
@@ -177,42 +226,10 @@ class Device:
         self.mine = []
 
     def _connect(self):
-        base = self.cfg.url.rstrip("/")
-        device_id = f"02:10:{self.n >> 8 & 255:02x}:{self.n & 255:02x}:00:01"
-        if self.protocol == "xiaozhi":
-            client_id = str(uuid.uuid4())
-            headers = {"Device-Id": device_id, "Client-Id": client_id, "Protocol-Version": "1"}
-            if self.cfg.auth_secret:
-                headers["Authorization"] = "Bearer " + issue_token(self.cfg.auth_secret, client_id, device_id)
-            return connect(f"{base}/xiaozhi/v1/", additional_headers=headers, max_size=None, open_timeout=60)
-        token = issue_token(self.cfg.auth_secret, "", device_id) if self.cfg.auth_secret else None
-        if self.protocol == "funasr":  # FunASR clients put credentials in the URL
-            url = url_with_token(f"{base}/", device_id, token)
-            return connect(url, subprotocols=["binary"], max_size=None, open_timeout=60)
-        headers = device_headers(device_id, token)
-        return connect(f"{base}/v1/stream", additional_headers=headers, max_size=None, open_timeout=60)
+        return connect_device(self.cfg.url, self.protocol, self.n, self.cfg.auth_secret)
 
     async def _handshake(self, ws) -> None:
-        if self.protocol == "xiaozhi":
-            await ws.send(json.dumps({"type": "hello", "audio_params": {"format": "opus", "sample_rate": 16000,
-                                      "channels": 1, "frame_duration": FRAME_MS}}))  # fmt: skip
-            hello = json.loads(await asyncio.wait_for(ws.recv(), 15))
-            if hello.get("type") == "error" and hello.get("code") in REFUSAL_CLOSE_CODES.values():
-                raise Refused(hello["code"])
-            if hello.get("type") != "hello":
-                raise RuntimeError(f"no hello: {hello}")
-            await ws.send(json.dumps({"session_id": hello["session_id"], "type": "listen", "state": "start",
-                                      "mode": "auto"}))  # fmt: skip
-        elif self.protocol == "funasr":
-            await ws.send(json.dumps({"mode": "2pass", "chunk_size": [5, 10, 5], "chunk_interval": 10,
-                                      "audio_fs": 16000, "wav_name": f"device{self.n}", "wav_format": "pcm",
-                                      "is_speaking": True, "hotwords": "", "itn": True}))  # fmt: skip
-        else:
-            ready = json.loads(await asyncio.wait_for(ws.recv(), 15))
-            if ready.get("type") == "error" and ready.get("code") in REFUSAL_CLOSE_CODES.values():
-                raise Refused(ready["code"])
-            if ready.get("type") != "ready":
-                raise RuntimeError(f"no ready: {ready}")
+        await handshake(ws, self.protocol, self.n)
 
     def _frames(self, clip: Clip) -> list[bytes]:
         if self.protocol == "xiaozhi":

@@ -43,7 +43,7 @@ from serve_app.funasr_stream import FunasrStream
 from serve_app.messages import Utterance
 from serve_app.metrics import IngressMetrics
 from serve_app.models import ResolvedModels
-from serve_app.pipeline import Pipeline, RecognitionOptions
+from serve_app.pipeline import Pipeline, RecognitionOptions, live_runner_tasks
 from serve_app.plain_stream import PlainStream
 from serve_app.protocols import funasr as funasr_protocol
 from serve_app.protocols import openai_files, plain
@@ -113,6 +113,7 @@ class Ingress:
             "models": self.models.label,
             "model_sources": {s.role: s.describe() for s in (self.models.vad, self.models.asr, self.models.speaker)},
             "live_sessions_this_replica": len(self.handlers),
+            "stream_tasks_this_replica": live_runner_tasks(),  # 0 when idle: a leak check for soak tests
         }
         if self.models.warning():
             body["warning"] = self.models.warning()
@@ -289,7 +290,7 @@ class Ingress:
         except AudioFormatError as exc:
             raise HTTPException(400, str(exc)) from None
         request_id = "file-" + uuid.uuid4().hex[:12]
-        segments = await self.pipeline.vad.segment.remote(pcm)
+        segments = await self.pipeline.segment(pcm, request_id)
         options = RecognitionOptions(language=language or "auto")
         utterances = [
             Utterance(i, a, b, pcm[ms_to_samples(a) : ms_to_samples(b)]) for i, (a, b) in enumerate(segments) if b > a
@@ -309,7 +310,7 @@ class Ingress:
 
     async def _embed_clips(self, clips) -> tuple[str, list]:
         results = await asyncio.gather(*(self.pipeline.embed(c, None, "enrolment") for c in clips))
-        embeddings = [e for e, _ in results]
+        embeddings = [e for e, _, _ in results]
         if any(e is None for e in embeddings):
             raise HTTPException(503, "the speaker model is disabled (ingress.speaker_enabled: false)")
         return embeddings[0].model, [e.vector for e in embeddings]

@@ -112,3 +112,4 @@ class UtteranceResult:
     forced_cut: bool = False
     latency_ms: dict[str, float] = field(default_factory=dict)
     batch_sizes: dict[str, int] = field(default_factory=dict)
+    retries: dict[str, int] = field(default_factory=dict)  # per stage, calls repeated after a lost replica

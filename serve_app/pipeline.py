@@ -11,6 +11,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 from ray.exceptions import ActorUnavailableError, RayActorError
@@ -27,6 +28,7 @@ from serve_app.messages import (
     VadFeedResult,
 )
 from serve_app.metrics import IngressMetrics
+from serve_app.retry import ReplicaLostError, RetryClock
 from serve_app.session import Session
 from serve_app.settings import AppSettings
 
@@ -34,8 +36,6 @@ logger = logging.getLogger("ray.serve")
 
 # A replica that died or is stopping mid-call: the call is safe to repeat on another one.
 REPLICA_GONE = (RayActorError, ActorUnavailableError)
-MAX_ATTEMPTS = 4
-RETRY_BACKOFF_S = 0.5  # times the attempt number: a replacement replica takes seconds to start
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,11 @@ class RecognitionOptions:
 
 def _ms_since(t: float) -> float:
     return round((time.perf_counter() - t) * 1000, 1)
+
+
+async def _awaited(response):
+    """A Serve response as a coroutine, for asyncio.wait_for."""
+    return await response
 
 
 class Pipeline:
@@ -69,19 +74,24 @@ class Pipeline:
         Returns the result and how many replays it took.
         """
         sid = session.session_id
-        for attempt in range(MAX_ATTEMPTS):
+        clock = RetryClock(self.settings.retry)
+        replays = 0
+        feed = self.vad.feed.remote
+        while True:
             try:
-                result = await self.vad.feed.remote(sid, chunk.pcm, chunk.start_ms, chunk.final, chunk.restart)
-            except REPLICA_GONE as exc:
-                logger.warning("session %s: VAD replica lost (%s); replaying", sid, type(exc).__name__)
-                await asyncio.sleep(RETRY_BACKOFF_S * attempt)
-                result = VadFeedResult(events=[], state_lost=True)
-            if not result.state_lost:
-                return result, attempt
+                call = partial(feed, sid, chunk.pcm, chunk.start_ms, chunk.final, chunk.restart)
+                result = await self._try(clock, call, "VADHost")
+            except REPLICA_GONE as exc:  # the state went with the replica: replay on the next one
+                await self._before_retry(clock, exc, "VADHost", sid)
+            else:
+                if not result.state_lost:
+                    return result, replays
+                if chunk.restart:  # a fresh start is never refused; if it is, spend the budget, never loop
+                    await self._before_retry(clock, RuntimeError("state lost on a restart"), "VADHost", sid)
             chunk = session.replay_chunk()
-            logger.info("session %s: replaying %d ms of audio from %d ms (attempt %d)",
-                        sid, len(chunk.pcm) // 16, chunk.start_ms, attempt + 1)  # fmt: skip
-        raise RuntimeError(f"session {sid}: VAD state could not be rebuilt after {MAX_ATTEMPTS} replays")
+            replays += 1
+            logger.info("session %s: replaying %d ms of audio from %d ms (replay %d)",
+                        sid, len(chunk.pcm) // 16, chunk.start_ms, replays)  # fmt: skip
 
     async def close_vad(self, session_id: str) -> None:
         try:
@@ -89,43 +99,76 @@ class Pipeline:
         except Exception:  # the replica may be gone already; nothing to clean up then
             logger.info("session %s: VAD close failed; replica gone", session_id)
 
-    async def _retrying(self, call: Callable[[], Awaitable], what: str, session_id: str):
-        for attempt in range(MAX_ATTEMPTS):
+    async def segment(self, pcm: np.ndarray, request_id: str) -> list[tuple[int, int]]:
+        """Speech segments of a whole file."""
+        segments, _ = await self._retrying(partial(self.vad.segment.remote, pcm), "VADHost", request_id)
+        return segments
+
+    async def _try(self, clock: RetryClock, call: Callable[[], Awaitable], what: str):
+        """One try. A try after a failure gets only the time left in the budget: with one replica
+        it waits in Serve's router for the replacement, and that wait must end."""
+        left = clock.remaining_s()
+        if left is None:
+            return await call()
+        try:
+            return await asyncio.wait_for(_awaited(call()), left)
+        except TimeoutError:
+            raise ReplicaLostError(
+                f"{what} replica lost; none answered within {clock.settings.deadline_s:g} s (retry.deadline_s)"
+            ) from None
+
+    async def _before_retry(self, clock: RetryClock, exc: Exception, what: str, session_id: str) -> None:
+        wait = clock.failed()
+        if wait is None:
+            raise ReplicaLostError(
+                f"{what} replica lost; gave up after {clock.retries} retries in {clock.settings.deadline_s:g} s "
+                "(retry.deadline_s)"
+            ) from exc
+        logger.warning("session %s: %s replica lost (%s); retry %d in %.1f s",
+                       session_id, what, type(exc).__name__, clock.retries, wait)  # fmt: skip
+        await asyncio.sleep(wait)
+
+    async def _retrying(self, call: Callable[[], Awaitable], what: str, session_id: str) -> tuple[object, int]:
+        """The call's result and how many retries it took."""
+        clock = RetryClock(self.settings.retry)
+        while True:
             try:
-                return await call()
-            except REPLICA_GONE:
-                if attempt == MAX_ATTEMPTS - 1:
-                    raise
-                logger.warning("session %s: %s replica lost; retrying", session_id, what)
-                await asyncio.sleep(RETRY_BACKOFF_S * attempt)
+                return await self._try(clock, call, what), clock.retries
+            except REPLICA_GONE as exc:
+                await self._before_retry(clock, exc, what, session_id)
 
     async def transcribe(
         self, pcm: np.ndarray, options: RecognitionOptions, session_id: str
-    ) -> tuple[Transcript, float]:
+    ) -> tuple[Transcript, float, int]:
+        """Transcript, round trip in ms, retries."""
         started = time.perf_counter()
         request = AsrRequest(pcm, options.language, options.use_itn)
-        transcript = await self._retrying(lambda: self.asr.transcribe.remote(request), "SenseVoice", session_id)
-        return transcript, _ms_since(started)
+        call = partial(self.asr.transcribe.remote, request)
+        transcript, retries = await self._retrying(call, "SenseVoice", session_id)
+        return transcript, _ms_since(started), retries
 
     async def transcribe_interim(self, pcm: np.ndarray, options: RecognitionOptions) -> Transcript:
         """Text of an unfinished utterance; runs behind every final on the SenseVoice replica."""
         return await self.asr.transcribe_interim.remote(AsrRequest(pcm, options.language, options.use_itn))
 
-    async def embed(self, pcm: np.ndarray, group: str | None, session_id: str) -> tuple[SpeakerEmbedding | None, float]:
-        """Embedding and, when `group` is given, the best match among its voiceprints."""
+    async def embed(
+        self, pcm: np.ndarray, group: str | None, session_id: str
+    ) -> tuple[SpeakerEmbedding | None, float, int]:
+        """Embedding and, when `group` is given, the best match among its voiceprints; round trip
+        in ms; retries."""
         if not self.settings.ingress.speaker_enabled:
-            return None, 0.0
+            return None, 0.0, 0
         started = time.perf_counter()
         request = SpeakerRequest(pcm, group)
-        embedding = await self._retrying(lambda: self.speaker.embed.remote(request), "Speaker", session_id)
-        return embedding, _ms_since(started)
+        embedding, retries = await self._retrying(partial(self.speaker.embed.remote, request), "Speaker", session_id)
+        return embedding, _ms_since(started), retries
 
     async def recognise(
         self, session_id: str, utt: Utterance, options: RecognitionOptions
     ) -> tuple[UtteranceResult, SpeakerEmbedding | None]:
         """Transcript and speaker embedding of one utterance, computed concurrently."""
         group = options.speaker_group or self.settings.voiceprints.default_group
-        (transcript, asr_ms), (embedding, spk_ms) = await asyncio.gather(
+        (transcript, asr_ms, asr_retries), (embedding, spk_ms, spk_retries) = await asyncio.gather(
             self.transcribe(utt.pcm, options, session_id), self.embed(utt.pcm, group, session_id)
         )
         speaker = SpeakerInfo()
@@ -142,8 +185,15 @@ class Pipeline:
             event=transcript.event, raw_text=transcript.raw_text, speaker=speaker,
             models=self.models_label, forced_cut=utt.forced_cut, latency_ms=latency,
             batch_sizes={"asr": transcript.batch_size, **({"speaker": embedding.batch_size} if embedding else {})},
+            retries={k: n for k, n in (("asr", asr_retries), ("speaker", spk_retries)) if n},
         )  # fmt: skip
         return result, embedding
+
+
+def live_runner_tasks() -> int:
+    """Tasks of `StreamRunner`s still running in this process (result sender, recognitions,
+    interims). Once every stream has ended this is 0; anything else is a leak."""
+    return sum(1 for t in asyncio.all_tasks() if getattr(t.get_coro(), "__qualname__", "").startswith("StreamRunner."))
 
 
 class StreamRunner:

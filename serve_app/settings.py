@@ -72,6 +72,11 @@ class AsrSettings(_Strict):
     language: str = Field("auto", description="auto, zh, en, yue, ja, ko")
     use_itn: bool = Field(True, description="Inverse text normalisation (punctuation, numbers).")
     threads: int = Field(2, description="torch threads per SenseVoice replica on CPU.")
+    dither: float = Field(
+        0.0,
+        description="Random noise the fbank frontend adds to the audio (FunASR's default is 1.0). "
+        "0: the same audio always gives the same transcript.",
+    )
 
 
 class SpeakerSettings(_Strict):
@@ -242,6 +247,21 @@ class FunasrSettings(_Strict):
     )
 
 
+class RetrySettings(_Strict):
+    """Retries of a call whose replica was lost (SenseVoice, Speaker, VADHost). With one replica
+    the retry waits for its replacement: Serve notices the death within the deployment's
+    `health_check_period_s` (2 s) and the new replica reloads its model (about 10 s with the test
+    models on 2 cores), so the deadline must cover both, with room for a loaded host."""
+
+    deadline_s: float = Field(
+        60.0,
+        description="Give up on a call this long after its first failure; the utterance then gets "
+        "recognition_failed and the session goes on.",
+    )
+    backoff_s: float = Field(0.5, description="Wait before the second retry (the first goes at once); doubles after.")
+    max_backoff_s: float = Field(5.0, description="Longest wait between two retries.")
+
+
 PlacementName = Literal["Ingress", "VADHost", "SenseVoice", "Speaker"]
 
 
@@ -299,4 +319,5 @@ class AppSettings(_Strict):
     xiaozhi: XiaozhiSettings = XiaozhiSettings()
     funasr: FunasrSettings = FunasrSettings()
     security: SecuritySettings = SecuritySettings()
+    retry: RetrySettings = RetrySettings()
     placement: dict[PlacementName, Placement] = Field(default_factory=_default_placement)

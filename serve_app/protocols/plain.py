@@ -9,7 +9,8 @@ Client -> server
 Server -> client
   {"type": "ready", "session_id": ..., "sample_rate": 16000, "models": "real"|"test", ...}
   {"type": "result", "index": 0, "text": ..., "language": ..., "emotion": ..., "event": ...,
-   "start_ms": ..., "end_ms": ..., "speaker": {...}, "latency_ms": {...}, "models": ...}
+   "start_ms": ..., "end_ms": ..., "speaker": {...}, "latency_ms": {...}, "models": ...,
+   "retries": {"asr": 1}}   stages called again after their replica was lost ({} normally)
   {"type": "error", "code": ..., "message": ...}
   {"type": "done", "utterances": N, "vad_replays": R}
 """

@@ -3,6 +3,7 @@ simulated Xiaozhi devices with real Opus frames and FunASR-protocol clients. Hos
 beside a healthy session: test_hostile_sessions.py."""
 
 import json
+import time
 import uuid
 import wave
 

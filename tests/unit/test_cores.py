@@ -1,8 +1,6 @@
 """The plain model classes behind the deployments, without Serve: real fsmn-vad weights,
 tiny random SenseVoice and ERes2NetV2 built locally."""
 
-import difflib
-
 import numpy as np
 import pytest
 
@@ -84,15 +82,20 @@ def test_asr_batches_and_keeps_order(tiny_models, two_utterances):
     batch = asr.transcribe_batch([AsrRequest(a), AsrRequest(b), AsrRequest(a, use_itn=False)])
     assert [t.batch_size for t in batch] == [2, 2, 1]  # grouped by (language, itn)
     alone_a, alone_b = (asr.transcribe_batch([AsrRequest(x)])[0].raw_text for x in (a, b))
-    # Random weights give near-flat logits, so a few argmaxes flip between batch shapes;
-    # each batched result must still be far closer to its own clip's than to the other's.
-    assert similarity(batch[0].raw_text, alone_a) > similarity(batch[0].raw_text, alone_b)
-    assert similarity(batch[1].raw_text, alone_b) > similarity(batch[1].raw_text, alone_a)
+    assert alone_a != alone_b
+    # Without dither the same audio gives the same text, alone or in any batch, run after run.
+    assert [batch[0].raw_text, batch[1].raw_text] == [alone_a, alone_b]
+    assert asr.transcribe_batch([AsrRequest(b), AsrRequest(a)])[1].raw_text == alone_a
     assert all(t.model_ms > 0 for t in batch)
 
 
-def similarity(x: str, y: str) -> float:
-    return difflib.SequenceMatcher(None, x.split(), y.split()).ratio()
+def test_asr_with_funasr_default_dither_is_not_repeatable(tiny_models, two_utterances):
+    """Why `asr.dither` defaults to 0: funasr's frontend adds random noise to every call, and
+    the random-weight test model's near-flat logits show it (real weights flip words less often)."""
+    asr = AsrCore(tiny_models.asr, AsrSettings(threads=1, dither=1.0))
+    a = two_utterances[8000:44800]
+    texts = {asr.transcribe_batch([AsrRequest(a)])[0].raw_text for _ in range(6)}
+    assert len(texts) > 1
 
 
 def test_speaker_batched_embedding_matches_single(tiny_models, two_utterances):
