@@ -35,6 +35,13 @@ def replica_full(limit: int) -> Refusal:
 DRAINING = Refusal("reconnect", "this server is shutting down; reconnect now", CLOSE_SERVICE_RESTART)
 
 
+def replica_refusal(draining: bool, live_here: int, max_per_replica: int) -> Refusal | None:
+    """One Ingress replica's own answer to a new session, before the application-wide caps."""
+    if draining:
+        return DRAINING
+    return replica_full(max_per_replica) if live_here >= max_per_replica else None
+
+
 @dataclass(frozen=True)
 class Limits:
     max_sessions_total: int | None  # None: no overall cap

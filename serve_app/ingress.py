@@ -27,7 +27,7 @@ from ray import serve
 from starlette.datastructures import FormData
 
 from serve_app import redact
-from serve_app.admission import DRAINING, Refusal, replica_full
+from serve_app.admission import Refusal, replica_refusal
 from serve_app.audio import AudioFormatError, AudioTooLongError, decode_file, ms_to_samples
 from serve_app.auth import MISSING, AdminAuth, DeviceAuth, device_credentials, serve_bind_host
 from serve_app.draining import DrainWatch, controller_states
@@ -154,10 +154,8 @@ class Ingress:
             await self._release(handler.session_id)
 
     def _local_refusal(self) -> Refusal | None:
-        if self._drain.draining:
-            return DRAINING
         cap = self.settings.admission.max_sessions_per_replica
-        return replica_full(cap) if len(self.handlers) >= cap else None
+        return replica_refusal(self._drain.draining, len(self.handlers), cap)
 
     async def _register(self, handler: StreamHandler) -> Refusal | None:
         """The application-wide caps. If the registry cannot answer, admit: a cap is not

@@ -3,7 +3,7 @@ and a session closed for idling."""
 
 import asyncio
 
-from serve_app.admission import CLOSE_POLICY, CLOSE_TRY_AGAIN_LATER, Limits, SessionLedger
+from serve_app.admission import CLOSE_POLICY, CLOSE_TRY_AGAIN_LATER, DRAINING, Limits, SessionLedger, replica_refusal
 from serve_app.metrics import IngressMetrics
 from serve_app.pipeline import Pipeline
 from serve_app.plain_stream import PlainStream
@@ -65,3 +65,11 @@ def test_a_session_that_sends_nothing_is_closed_for_idling():
     ws = asyncio.run(scenario())
     assert ws.sent[0]["type"] == "ready"
     assert ws.sent[-1]["code"] == "idle_timeout" and ws.closed[0] == 1000
+
+
+def test_an_ingress_replica_refuses_past_its_own_cap_and_while_draining():
+    assert replica_refusal(draining=False, live_here=149, max_per_replica=150) is None
+    full = replica_refusal(draining=False, live_here=150, max_per_replica=150)
+    assert full.code == "server_busy" and full.close_code == CLOSE_TRY_AGAIN_LATER and "150" in full.message
+    assert replica_refusal(draining=True, live_here=0, max_per_replica=150) is DRAINING
+    assert DRAINING.close_code == 1012
