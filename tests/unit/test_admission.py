@@ -1,5 +1,5 @@
-"""Admission without Ray: the application-wide ledger (overall cap, per-device limit, leases)
-and a session closed for idling."""
+"""Admission without Ray: the application-wide ledger (overall cap, per-device limit, leases),
+an Ingress replica's own cap, and sessions closed for idling or for never saying hello."""
 
 import asyncio
 
@@ -73,3 +73,20 @@ def test_an_ingress_replica_refuses_past_its_own_cap_and_while_draining():
     assert full.code == "server_busy" and full.close_code == CLOSE_TRY_AGAIN_LATER and "150" in full.message
     assert replica_refusal(draining=True, live_here=0, max_per_replica=150) is DRAINING
     assert DRAINING.close_code == 1012
+
+
+def test_a_device_that_sends_no_hello_is_closed_after_the_hello_timeout():
+    from serve_app.auth import DeviceAuth
+    from serve_app.xiaozhi_stream import XiaozhiStream
+
+    async def scenario():
+        ws = MemoryWebSocket()
+        ws.headers, ws.query_params = {"device-id": "02:00:00:00:00:09", "protocol-version": "1"}, {}
+        settings = AppSettings(xiaozhi={"hello_timeout_s": 0.2})
+        auth = DeviceAuth(enabled=False)
+        handler = XiaozhiStream(ws, Pipeline(None, None, None, settings, "test", IngressMetrics()), "s1", auth)
+        await asyncio.wait_for(handler.run(), 5)
+        return ws
+
+    ws = asyncio.run(scenario())
+    assert ws.sent[-1]["code"] == "hello_timeout" and ws.closed[0] == 1002
