@@ -128,7 +128,8 @@ def test_long_sessions_keep_ingress_and_vad_memory_flat(service, probe, clip, re
     """Two sessions stream 3 minutes of speech and silence each, faster than real time:
     every utterance is answered with the reference text, and once warm the Ingress and VADHost
     processes do not grow."""
-    cfg = SoakConfig(url=f"ws://{service}", audio_hours=3 / 60, sessions=2, warmup=0.25, progress_s=5)
+    cfg = SoakConfig(url=f"ws://{service}", audio_hours=3 / 60, sessions=2, warmup=0.25, progress_s=5,
+                     auth_secret=SECRET)  # fmt: skip
     long = asyncio.run(run_long_sessions(cfg, reference, clip, probe))
     assert long["expected"] == long["answered"] > 40
     assert (long["lost"], long["duplicated"], long["wrong_text"], long["errors"]) == (0, 0, 0, 0)
