@@ -54,9 +54,9 @@ def reference(service, clip):
 def test_sessions_survive_losing_a_vad_then_a_sense_voice_and_a_speaker_replica(service, probe, clip):
     """Four live sessions streaming as fast as they are answered. A VADHost replica holding
     sessions is killed: they re-pin to the other replica and replay their unfinished audio. Then
-    the SenseVoice replica and, right after it, the Speaker replica are killed, each with at least
+    the SenseVoice replica and the Speaker replica are killed, each at a moment it has at least
     two requests in flight; with one replica of each, the retried calls wait for the
-    replacements, which start together. Every utterance still gets exactly one result, in order,
+    replacements. Every utterance still gets exactly one result, in order,
     with the text and embedding of an undisturbed run of the same audio, and no session is closed."""
     url, sessions, start = f"ws://{service}", 4, {"return_embedding": True}
     undisturbed = asyncio.run(stream_session(url, clip, 2, SessionLog(), start=start, auth_secret=SECRET))
@@ -74,7 +74,7 @@ def test_sessions_survive_losing_a_vad_then_a_sense_voice_and_a_speaker_replica(
                 time.sleep(0.05)
 
         def kill(in_flight: dict[str, int]) -> None:
-            for k in probe.kill_when_busy(in_flight):
+            for k in probe.kill_when_busy(in_flight, timeout_s=60):
                 kills.append(k | {"wanted_in_flight": in_flight[k["deployment"]],
                                   "during_sessions": all(log.done is None for log in logs)})  # fmt: skip
 
@@ -82,8 +82,10 @@ def test_sessions_survive_losing_a_vad_then_a_sense_voice_and_a_speaker_replica(
             answered_each(2)
             kill({"VADHost": 1})  # VAD calls are short: one in flight will do
             answered_each(2)  # re-pinned sessions go on while the replacement starts
-            # Two accepted requests in flight on each, so one is still unanswered when its kill lands.
-            kill({"SenseVoice": 2, "Speaker": 2})
+            # Two accepted requests in flight, so one is still unanswered when the kill lands. One
+            # deployment at a time: both busy at the same instant may not happen (it did not in a CI run).
+            kill({"SenseVoice": 2})
+            kill({"Speaker": 2})
             for k in kills:
                 k["replaced_after_s"] = probe.wait_replaced(
                     k["deployment"], k["replica"], replica_counts[k["deployment"]]
