@@ -2,7 +2,7 @@
 and the per-device connection limit (`serve_app/admission.py` holds the logic).
 
 One replica, no model: its state is a dict, so it must not be scaled out. If it is lost,
-Serve restarts it empty and the ingress replicas' periodic sync refills it within `sync_s`.
+Serve restarts it empty; it undercounts until the sessions it forgot have ended.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ class SessionRegistry:
         limits = Limits(settings.max_sessions_total, settings.max_connections_per_device)
         self._ledger = SessionLedger(limits, lease_s=settings.lease_s)
 
-    def admit(self, session_id: str, ingress: str, device: str | None) -> Refusal | None:
-        return self._ledger.admit(session_id, ingress, device, time.monotonic())
+    def admit(self, session_id: str, ingress: str, device: str | None, seq: int = 0) -> Refusal | None:
+        return self._ledger.admit(session_id, ingress, device, time.monotonic(), seq)
 
     def release(self, session_id: str) -> None:
         self._ledger.release(session_id)
 
-    def sync(self, ingress: str, live: list[str]) -> int:
+    def sync(self, ingress: str, live: list[str], upto_seq: int) -> int:
         """Returns the application's live sessions, for the ingress's log and metrics."""
-        self._ledger.sync(ingress, set(live), time.monotonic())
+        self._ledger.sync(ingress, set(live), time.monotonic(), upto_seq)
         return self._ledger.live

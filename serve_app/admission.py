@@ -6,8 +6,9 @@ a proxy queue. Two layers:
     `max_ongoing_requests`, so the proxy never queues a WebSocket) and while it drains;
   * `SessionLedger`, held by the one-replica `SessionRegistry` deployment, sees every
     session of the application: the overall cap and the per-device connection limit.
-Ingress replicas re-sync their live sessions with the ledger periodically, so sessions of a
-replica that died without saying goodbye expire after `lease_s`.
+Ingress replicas re-sync their live sessions with the ledger periodically (dropping sessions
+whose release was lost), and the sessions of a replica that died without saying goodbye expire
+after `lease_s`. A restarted registry starts empty: it undercounts until those sessions end.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class Limits:
 class _Entry:
     ingress: str
     device: str | None
+    seq: int  # the ingress's admission number: a sync only speaks for admissions up to its own
 
 
 @dataclass
@@ -65,7 +67,7 @@ class SessionLedger:
     def live(self) -> int:
         return len(self._sessions)
 
-    def admit(self, session_id: str, ingress: str, device: str | None, now: float) -> Refusal | None:
+    def admit(self, session_id: str, ingress: str, device: str | None, now: float, seq: int = 0) -> Refusal | None:
         self.expire(now)
         self._heard[ingress] = now
         cap = self.limits.max_sessions_total
@@ -78,16 +80,20 @@ class SessionLedger:
             if open_now >= per_device:
                 return Refusal("too_many_connections", f"device {device!r} already has {open_now} open "
                                f"connection(s), the most allowed; close one first", CLOSE_POLICY)  # fmt: skip
-        self._sessions[session_id] = _Entry(ingress, device)
+        self._sessions[session_id] = _Entry(ingress, device, seq)
         return None
 
     def release(self, session_id: str) -> None:
         self._sessions.pop(session_id, None)
 
-    def sync(self, ingress: str, live: set[str], now: float) -> None:
-        """An ingress replica's full list of live sessions: forget its others (lost releases)."""
+    def sync(self, ingress: str, live: set[str], now: float, upto_seq: int | None = None) -> None:
+        """An ingress replica's live sessions as of its admission number `upto_seq`: forget its
+        others admitted up to then (lost releases). A session admitted after the snapshot was
+        taken may reach us before the snapshot does; its higher number keeps it."""
         self._heard[ingress] = now
-        for sid in [s for s, e in self._sessions.items() if e.ingress == ingress and s not in live]:
+        stale = [s for s, e in self._sessions.items()
+                 if e.ingress == ingress and s not in live and (upto_seq is None or e.seq <= upto_seq)]  # fmt: skip
+        for sid in stale:
             del self._sessions[sid]
         self.expire(now)
 

@@ -86,6 +86,8 @@ class Ingress:
         self.voiceprints = open_store(settings.voiceprints.store)
         self.handlers: dict[str, StreamHandler] = {}  # live sessions of this replica, for enrol-from-session
         self._drain: DrainWatch | None = None  # started with the first session (needs the event loop)
+        self._admit_seq = 0  # numbers our admissions, so a registry sync cannot drop a newer one
+        self._admitting: set[str] = set()  # sessions whose admission is on its way
         for source in (models.vad, models.asr, models.speaker):
             logger.info("model %s: %s", source.role, source.describe())
         if models.warning():
@@ -161,12 +163,16 @@ class Ingress:
         """The application-wide caps. If the registry cannot answer, admit: a cap is not
         worth refusing everyone over."""
         device = device_credentials(handler.ws.headers, handler.ws.query_params).device_id
+        self._admit_seq += 1
+        self._admitting.add(handler.session_id)
         try:
-            return await self.registry.admit.remote(handler.session_id, self._replica_id, device)
+            return await self.registry.admit.remote(handler.session_id, self._replica_id, device, self._admit_seq)
         except Exception:
             logger.warning("session %s: session registry unavailable; admitted unchecked", handler.session_id,
                            exc_info=True)  # fmt: skip
             return None
+        finally:  # from here to `self.handlers[...] = handler` nothing awaits: no sync sees a gap
+            self._admitting.discard(handler.session_id)
 
     async def _release(self, session_id: str) -> None:
         try:
@@ -178,7 +184,8 @@ class Ingress:
         while True:
             await asyncio.sleep(self.settings.admission.sync_s)
             try:
-                await self.registry.sync.remote(self._replica_id, list(self.handlers))
+                live = [*self.handlers, *self._admitting]  # taken together with the number below
+                await self.registry.sync.remote(self._replica_id, live, self._admit_seq)
             except Exception:
                 logger.info("session registry sync failed; retrying in %g s", self.settings.admission.sync_s)
 

@@ -41,6 +41,7 @@ def test_sessions_over_the_overall_cap_are_refused_at_once(service):
         started = time.monotonic()
         ws, first = _open_plain(service, SESSIONS_CAP)
         refused_after_s = time.monotonic() - started
+        admitted.append(ws)  # closed below even if it was wrongly admitted
         assert first["type"] == "error" and first["code"] == "server_busy", first
         assert f"maximum of {SESSIONS_CAP}" in first["message"]
         _, code = _refusal(ws)

@@ -90,3 +90,14 @@ def test_a_device_that_sends_no_hello_is_closed_after_the_hello_timeout():
 
     ws = asyncio.run(scenario())
     assert ws.sent[-1]["code"] == "hello_timeout" and ws.closed[0] == 1002
+
+
+def test_a_sync_does_not_drop_a_session_admitted_after_its_snapshot():
+    book = ledger(total=10)
+    book.admit("a", "ing1", None, 0, seq=1)
+    # ing1 snapshots its sessions ({"a"}, admissions up to 1), then admits "b"; "b" lands first.
+    book.admit("b", "ing1", None, 0, seq=2)
+    book.sync("ing1", {"a"}, now=1, upto_seq=1)
+    assert book.live == 2  # before the fix, "b" was dropped and the cap undercounted
+    book.sync("ing1", {"a"}, now=2, upto_seq=2)  # now "b" really is gone (its release was lost)
+    assert book.live == 1
