@@ -121,11 +121,8 @@ class StreamHandler:
         self.pipeline.metrics.session_reconnect(self.protocol)
         logger.info("session %s: asked to reconnect (ingress replica stopping) after %d ms of audio",
                     self.session_id, received_ms)  # fmt: skip
-        try:
-            await self.send(self.render_reconnect(DRAINING.message, received_ms))
-            await self.ws.close(DRAINING.close_code, f"{DRAINING.code}: {DRAINING.message}"[:120])
-        except Exception:  # the client may be gone already
-            pass
+        frame = self.render_reconnect(DRAINING.message, received_ms)
+        await self.close_with_error(DRAINING.code, DRAINING.message, DRAINING.close_code, frame)
 
     def render_reconnect(self, message: str, received_ms: int) -> str:
         """The `reconnect` error frame; protocols that can carry it add `received_ms`."""
@@ -166,9 +163,11 @@ class StreamHandler:
     async def on_failure(self, index: int, exc: Exception) -> None:
         await self.send(self.render_error("recognition_failed", f"utterance {index} could not be recognised"))
 
-    async def close_with_error(self, code: str, message: str, close_code: int) -> None:
+    async def close_with_error(self, code: str, message: str, close_code: int, frame: str | None = None) -> None:
+        """The error frame (the protocol's rendering of code and message, unless `frame` is
+        given), then the close."""
         try:
-            await self.send(self.render_error(code, message))
+            await self.send(frame if frame is not None else self.render_error(code, message))
             await self.ws.close(close_code, f"{code}: {message}"[:120])
         except Exception:  # the client may be gone already
             pass
