@@ -27,7 +27,7 @@ lint: install
 	$(BIN)/ruff check .
 
 models-full: install
-	$(BIN)/python -m serve_app.models build --size full
+	$(BIN)/python -m deployments.models build --size full
 
 bench: models-full
 	$(BIN)/python loadtest/bench_pipeline.py

@@ -1,22 +1,48 @@
-"""SenseVoice: batched transcription of whole utterances from all sessions."""
+"""SenseVoice: batched transcription of whole utterances from all sessions, and the parsing of
+its tagged output into fields."""
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import defaultdict
 
 from ray import serve
 
-from deployments.batching import INTERIM, BatchedModelHost, pick_device
-from serve_app.audio import to_float32
-from serve_app.messages import AsrRequest, Transcript
-from serve_app.models import ModelSource, load_automodel
+from deployments.models import ModelSource, load_automodel
+from deployments.worker import INTERIM, BatchedModelHost, pick_device
 from serve_app.settings import AsrSettings, BatchSettings
-from serve_app.transcript import parse_sensevoice
+from serve_app.wire import AsrRequest, Transcript, to_float32
 
 logger = logging.getLogger("ray.serve")
 _DEFAULT_BATCH = BatchSettings()
+
+
+# ---- transcript parsing --------------------------------------------------------------------------
+# Turn SenseVoice's tagged output into structured fields.
+#
+# SenseVoice writes `<|lang|><|EMOTION|><|Event|><|itn|>text`. funasr's
+# rich_transcription_postprocess turns tags into emoji; clients want fields instead.
+
+LANGUAGES = {"zh", "en", "yue", "ja", "ko", "nospeech"}
+EMOTIONS = {"HAPPY", "SAD", "ANGRY", "NEUTRAL", "FEARFUL", "DISGUSTED", "SURPRISED", "EMO_UNKNOWN"}
+EVENTS = {"Speech", "BGM", "Applause", "Laughter", "Cry", "Sneeze", "Breath", "Cough", "Event_UNK"}
+_TAG = re.compile(r"<\|([^|>]*)\|>")
+
+
+def parse_sensevoice(raw: str) -> tuple[str, str | None, str | None, str | None]:
+    """Return (text, language, emotion, event) from SenseVoice's raw text."""
+    language = emotion = event = None
+    for name in _TAG.findall(raw):
+        if name in LANGUAGES and language is None:
+            language = name
+        elif name in EMOTIONS and emotion is None:
+            emotion = name.lower() if name != "EMO_UNKNOWN" else "unknown"
+        elif name in EVENTS and event is None:
+            event = name
+    text = " ".join(_TAG.sub(" ", raw).split())
+    return text, language, emotion, event
 
 
 class AsrCore:
@@ -47,9 +73,7 @@ class AsrCore:
         return results  # type: ignore[return-value]
 
 
-# Same as config/serve.yaml. max_ongoing_requests: utterances queue here to be batched. health_check_period_s: a
-# dead replica is noticed (and replaced) within 2 s instead of Serve's 10; its callers wait for the replacement.
-@serve.deployment(max_ongoing_requests=64, health_check_period_s=2)
+@serve.deployment  # its options: settings.DEPLOYMENT_OPTIONS
 class SenseVoice(BatchedModelHost):
     batched_methods = ("transcribe", "transcribe_interim")
 

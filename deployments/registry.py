@@ -1,21 +1,88 @@
 """SessionRegistry: the application-wide view of live sessions, for the overall session cap
-and the per-device connection limit (`serve_app/admission.py` holds the logic).
+and the per-device connection limit. `SessionLedger` is the logic, pure.
 
-One replica, no model: its state is a dict, so it must not be scaled out. If it is lost,
-Serve restarts it empty; it undercounts until the sessions it forgot have ended.
+Ingress replicas admit through it, release, and re-sync their live sessions periodically
+(dropping sessions whose release was lost); the sessions of a replica that died without saying
+goodbye expire after `lease_s`. One replica, no model: its state is a dict, so it must not be
+scaled out. If it is lost, Serve restarts it empty; it undercounts until the sessions it forgot
+have ended.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 from ray import serve
 
-from serve_app.admission import Limits, Refusal, SessionLedger
 from serve_app.settings import AdmissionSettings
+from serve_app.wire import CLOSE_POLICY, CLOSE_TRY_AGAIN_LATER, Refusal
 
 
-@serve.deployment(num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
+@dataclass(frozen=True)
+class Limits:
+    max_sessions_total: int | None  # None: no overall cap
+    max_connections_per_device: int | None
+
+
+@dataclass
+class _Entry:
+    ingress: str
+    device: str | None
+    seq: int  # the ingress's admission number: a sync only speaks for admissions up to its own
+
+
+@dataclass
+class SessionLedger:
+    limits: Limits
+    lease_s: float
+    _sessions: dict[str, _Entry] = field(default_factory=dict)
+    _heard: dict[str, float] = field(default_factory=dict)  # ingress replica -> last time it spoke
+
+    @property
+    def live(self) -> int:
+        return len(self._sessions)
+
+    def admit(self, session_id: str, ingress: str, device: str | None, now: float, seq: int = 0) -> Refusal | None:
+        self.expire(now)
+        self._heard[ingress] = now
+        cap = self.limits.max_sessions_total
+        if cap is not None and len(self._sessions) >= cap:
+            return Refusal("server_busy", f"the service holds its maximum of {cap} sessions; retry later",
+                           CLOSE_TRY_AGAIN_LATER)  # fmt: skip
+        per_device = self.limits.max_connections_per_device
+        if device and per_device is not None:
+            open_now = sum(e.device == device for e in self._sessions.values())
+            if open_now >= per_device:
+                return Refusal("too_many_connections", f"device {device!r} already has {open_now} open "
+                               f"connection(s), the most allowed; close one first", CLOSE_POLICY)  # fmt: skip
+        self._sessions[session_id] = _Entry(ingress, device, seq)
+        return None
+
+    def release(self, session_id: str) -> None:
+        self._sessions.pop(session_id, None)
+
+    def sync(self, ingress: str, live: set[str], now: float, upto_seq: int | None = None) -> None:
+        """An ingress replica's live sessions as of its admission number `upto_seq`: forget its
+        others admitted up to then (lost releases). A session admitted after the snapshot was
+        taken may reach us before the snapshot does; its higher number keeps it."""
+        self._heard[ingress] = now
+        stale = [s for s, e in self._sessions.items()
+                 if e.ingress == ingress and s not in live and (upto_seq is None or e.seq <= upto_seq)]  # fmt: skip
+        for sid in stale:
+            del self._sessions[sid]
+        self.expire(now)
+
+    def expire(self, now: float) -> None:
+        """Forget the sessions of ingress replicas silent for longer than the lease (they died)."""
+        gone = {i for i, t in self._heard.items() if now - t > self.lease_s}
+        if gone:
+            self._sessions = {s: e for s, e in self._sessions.items() if e.ingress not in gone}
+            for ingress in gone:
+                del self._heard[ingress]
+
+
+@serve.deployment  # its options: settings.DEPLOYMENT_OPTIONS (one replica, 0 CPUs)
 class SessionRegistry:
     def __init__(self, settings: AdmissionSettings):
         limits = Limits(settings.max_sessions_total, settings.max_connections_per_device)

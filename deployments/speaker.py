@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 
 import numpy as np
 from ray import serve
 
-from deployments.batching import BatchedModelHost, pick_device
-from serve_app.audio import to_float32
-from serve_app.messages import SpeakerEmbedding, SpeakerRequest
-from serve_app.models import ModelSource, load_automodel
+from deployments.models import ModelSource, load_automodel
+from deployments.worker import BatchedModelHost, pick_device
 from serve_app.settings import BatchSettings, SpeakerSettings, VoiceprintSettings
-from serve_app.voiceprints import Identifier, open_store
+from serve_app.voiceprints import Candidate, Match, VoiceprintStore, open_store, unit
+from serve_app.wire import SpeakerEmbedding, SpeakerRequest, to_float32
 
 logger = logging.getLogger("ray.serve")
 _DEFAULT_BATCH = BatchSettings()
@@ -67,7 +67,46 @@ def _arch_of(source: ModelSource) -> str:
     return "campplus" if "campplus" in ref or "cam++" in ref else "eres2netv2"
 
 
-@serve.deployment(max_ongoing_requests=64, health_check_period_s=2)  # same as config/serve.yaml (see SenseVoice)
+# ---- voiceprint matching ---------------------------------------------------------------------------
+
+
+def best_match(vector: np.ndarray, candidates: Sequence[Candidate], threshold: float) -> Match:
+    """The closest enrolled speaker by cosine, if it clears the threshold; else unknown."""
+    if not candidates:
+        return Match("unknown", None)
+    v = unit(vector)
+    scores = [float(c.centroid @ v) for c in candidates]
+    best = int(np.argmax(scores))
+    score = round(scores[best], 4)
+    if score >= threshold:
+        return Match(candidates[best].name, score, candidates[best].speaker_id)
+    return Match("unknown", score)
+
+
+class Identifier:
+    """Per-replica cache of each group's candidates, refreshed when the store's revision moves
+    (checked at most every `refresh_s`), so enrolments show up without a restart."""
+
+    def __init__(self, store: VoiceprintStore, model: str, threshold: float, refresh_s: float = 1.0):
+        self.store, self.model, self.threshold, self.refresh_s = store, model, threshold, refresh_s
+        self._cache: dict[str, list[Candidate]] = {}
+        self._revision = -1
+        self._checked_at = 0.0
+
+    def identify(self, vector: np.ndarray, group: str) -> Match:
+        now = time.monotonic()
+        if now - self._checked_at >= self.refresh_s:
+            self._checked_at = now
+            revision = self.store.revision()
+            if revision != self._revision:
+                self._cache.clear()
+                self._revision = revision
+        if group not in self._cache:
+            self._cache[group] = self.store.candidates(group, self.model)
+        return best_match(vector, self._cache[group], self.threshold)
+
+
+@serve.deployment  # its options: settings.DEPLOYMENT_OPTIONS
 class Speaker(BatchedModelHost):
     batched_methods = ("embed",)
 

@@ -1,4 +1,5 @@
-"""VADHost: streaming fsmn-vad for many sessions on one CPU replica.
+"""VADHost: streaming fsmn-vad for many sessions on one CPU replica, and its autoscaling policy
+(its sticky request router is deployments/routing.py).
 
 `VadCore` is the plain class (testable without Serve); `VADHost` is its Serve wrapper.
 All per-session state lives in the fsmn `cache` dict, so sessions interleave safely on one
@@ -8,19 +9,20 @@ model instance, but `generate()` is not thread-safe: every call goes through one
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from ray import serve
 
-from deployments.batching import FINAL, PriorityWorker
-from serve_app.audio import ms_to_samples, samples_to_ms, to_float32
-from serve_app.messages import VadEvent, VadFeedResult
-from serve_app.metrics import VadMetrics
-from serve_app.models import ModelSource, load_automodel
-from serve_app.routing import LIVE_SESSIONS_STAT
+from deployments.metrics import VadMetrics
+from deployments.models import ModelSource, load_automodel
+from deployments.routing import LIVE_SESSIONS_STAT
+from deployments.worker import FINAL, PriorityWorker
 from serve_app.settings import VadSettings
+from serve_app.wire import VadEvent, VadFeedResult, ms_to_samples, samples_to_ms, to_float32
 
 logger = logging.getLogger("ray.serve")
 
@@ -99,11 +101,7 @@ class VadCore:
         return [(int(a), int(b)) for a, b in (out[0]["value"] if out else [])]
 
 
-@serve.deployment(
-    max_ongoing_requests=1000,  # short calls from many sessions; same as config/serve.yaml
-    health_check_period_s=2,  # a dead replica is replaced within 2 s, not Serve's 10 (see SenseVoice)
-    request_router_config={"request_router_class": "serve_app.routing:StickySessionRouter"},
-)
+@serve.deployment  # its options (sticky router included): settings.DEPLOYMENT_OPTIONS
 class VADHost:
     def __init__(self, source: ModelSource, settings: VadSettings):
         self._core = VadCore(source, settings)
@@ -132,3 +130,35 @@ class VADHost:
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         return {LIVE_SESSIONS_STAT: float(self._core.live_sessions)}
+
+
+# ---- autoscaling policy -------------------------------------------------------------------------
+# Autoscaling policy for VADHost: replicas from live sessions, not from queued requests.
+#
+# A VADHost call lasts a few milliseconds, so its request queue says little about load; the
+# number of sessions pinned to it does. Each replica reports `live_sessions` through
+# `record_autoscaling_stats()`; this policy sums them and asks for
+# ceil(sessions / sessions_per_replica) replicas. Serve then applies the deployment's
+# min/max replicas, up/down delays and scaling factors around the decision.
+
+
+def replicas_for_sessions(live_sessions: float, sessions_per_replica: int) -> int:
+    """At least one replica; one more for every `sessions_per_replica` sessions begun."""
+    return max(1, math.ceil(live_sessions / sessions_per_replica))
+
+
+class SessionsPolicy:
+    """`autoscaling_config.policy: {policy_function: deployments.vad:SessionsPolicy,
+    policy_kwargs: {sessions_per_replica: 50}}` (Ray 2.60 custom autoscaling policy)."""
+
+    def __init__(self, sessions_per_replica: int = 50):
+        if sessions_per_replica < 1:
+            raise ValueError("sessions_per_replica must be at least 1")
+        self.sessions_per_replica = sessions_per_replica
+
+    def __call__(self, ctx) -> tuple[int, dict[str, Any]]:
+        per_replica = (ctx.aggregated_metrics or {}).get(LIVE_SESSIONS_STAT)
+        if not per_replica:  # no report yet (replicas starting): keep what we have
+            return ctx.target_num_replicas, {}
+        total = float(sum(per_replica.values()))
+        return replicas_for_sessions(total, self.sessions_per_replica), {"live_sessions": total}

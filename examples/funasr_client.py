@@ -19,8 +19,8 @@ import time
 
 from websockets.sync.client import connect
 
+from clients.tokens import url_with_token
 from examples.plain_client import env_token, read_wav
-from serve_app.auth import url_with_token
 
 
 def run_funasr(

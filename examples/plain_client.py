@@ -21,8 +21,7 @@ import wave
 
 from websockets.sync.client import connect
 
-from serve_app.auth import device_headers, issue_token
-from serve_app.settings import SecuritySettings
+from clients.tokens import DEFAULT_SECRET_ENV, device_headers, issue_token
 
 
 def read_wav(path: str) -> tuple[bytes, int]:
@@ -34,7 +33,7 @@ def read_wav(path: str) -> tuple[bytes, int]:
 
 def env_token(device_id: str, client_id: str = "", env: str | None = None) -> str | None:
     """A fresh device token when the secret is in the environment (device auth on), else None."""
-    secret = os.environ.get(env or SecuritySettings().device_secret_env)
+    secret = os.environ.get(env or DEFAULT_SECRET_ENV)
     return issue_token(secret, client_id, device_id) if secret else None
 
 

@@ -20,9 +20,9 @@ import uuid
 import numpy as np
 from websockets.sync.client import connect
 
+from clients.opus import OpusEncoder
+from clients.xiaozhi import frame_audio
 from examples.plain_client import env_token, read_wav
-from serve_app.opus import OpusEncoder
-from serve_app.protocols.xiaozhi import frame_audio
 
 
 def speech_windows(pcm: np.ndarray, frame_ms: int = 60, gap_ms: int = 600, pad_ms: int = 240) -> list[tuple[int, int]]:

@@ -28,8 +28,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from deployments.models import load_automodel, materialize, resolve_models  # noqa: E402
 from examples.plain_client import stream_file  # noqa: E402
-from serve_app.models import load_automodel, materialize, resolve_models  # noqa: E402
 from serve_app.settings import ModelSettings, VadSettings  # noqa: E402
 
 DEFAULT_WAV = ROOT / "tests" / "fixtures" / "two_utterances.wav"
@@ -47,7 +47,7 @@ def timed(fn, *args, **kwargs) -> float:
 
 def bare(models, clips: list[np.ndarray], runs: int, threads: int) -> dict:
     from deployments.vad import VadCore
-    from serve_app.audio import to_float32
+    from serve_app.wire import to_float32
 
     asr = load_automodel(models.asr, device="cpu", threads=threads)
     spk = load_automodel(models.speaker, device="cpu", threads=threads)
@@ -126,7 +126,7 @@ def main() -> None:
         print(f"preparing {source.describe()} ...", flush=True)
         materialize(source)
 
-    from serve_app.audio import ms_to_samples
+    from serve_app.wire import ms_to_samples
     from tests.conftest import read_pcm
 
     pcm = read_pcm(args.wav)

@@ -32,11 +32,10 @@ import soundfile as sf
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from serve_app.auth import device_headers, issue_token, url_with_token
-from serve_app.dashboard import auth_headers
-from serve_app.opus import encode_pcm
-from serve_app.protocols.xiaozhi import frame_audio
-from serve_app.settings import SecuritySettings
+from clients.dashboard import auth_headers
+from clients.opus import encode_pcm
+from clients.tokens import DEFAULT_SECRET_ENV, device_headers, issue_token, url_with_token
+from clients.xiaozhi import frame_audio
 
 FRAME_MS = 60
 FRAME_SAMPLES = 16 * FRAME_MS
@@ -68,9 +67,9 @@ def load_corpus(folder: Path) -> list[Clip]:
         data, rate = sf.read(path, dtype="int16", always_2d=True)
         pcm = data.mean(axis=1).astype(np.int16)
         if rate != 16000:
-            from serve_app.audio import resample
+            import soxr
 
-            pcm = resample(pcm, rate)
+            pcm = soxr.resample(pcm, rate, 16000)
         clips.append(Clip(path.name, pcm, texts.get(path.name)))
     if not clips:
         raise SystemExit(f"no .wav files in {folder}")
@@ -131,7 +130,7 @@ class RunState:
     cpu_seconds: dict[str, float] = field(default_factory=dict)  # by process kind, over the run
 
 
-REFUSAL_CLOSE_CODES = {1013: "server_busy", 1008: "too_many_connections"}  # as serve_app/admission.py
+REFUSAL_CLOSE_CODES = {1013: "server_busy", 1008: "too_many_connections"}  # as serve_app/wire.py
 
 
 class Refused(Exception):
@@ -448,7 +447,7 @@ def parse_args(argv: list[str] | None = None) -> LoadConfig:
     p.add_argument("--corpus", default=LoadConfig.corpus, help="folder of WAVs (+ transcripts.tsv)")
     p.add_argument("--seed", type=int, default=LoadConfig.seed)
     p.add_argument("--serve-api", default=LoadConfig.serve_api, help="Ray dashboard, for replica counts")
-    p.add_argument("--auth-secret-env", default=SecuritySettings().device_secret_env,
+    p.add_argument("--auth-secret-env", default=DEFAULT_SECRET_ENV,
                    help="env var with the device-token secret")  # fmt: skip
     p.add_argument("--out", default=None, help="report folder (default loadtest/reports/<time>)")
     a = p.parse_args(argv)

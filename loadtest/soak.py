@@ -40,9 +40,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from clients.opus import encode_pcm
+from clients.xiaozhi import frame_audio
 from loadtest.loadgen import FRAME_MS, FRAME_SAMPLES, connect_device, handshake
-from serve_app.opus import encode_pcm
-from serve_app.protocols.xiaozhi import frame_audio
 
 DEFAULT_CLIP = "tests/fixtures/two_utterances.wav"
 PROTOCOLS = ("plain", "xiaozhi", "funasr")
@@ -58,9 +58,9 @@ def load_clip(path: str, chunk_ms: int) -> np.ndarray:
     data, rate = sf.read(path, dtype="int16", always_2d=True)
     pcm = data.mean(axis=1).astype(np.int16)
     if rate != 16000:
-        from serve_app.audio import resample
+        import soxr
 
-        pcm = resample(pcm, rate)
+        pcm = soxr.resample(pcm, rate, 16000)
     step = chunk_ms * 16
     return np.concatenate([pcm, np.zeros((-len(pcm)) % step, dtype=np.int16)])
 

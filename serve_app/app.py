@@ -1,8 +1,10 @@
-"""The app builder: typed settings in, a bound Serve application out.
+"""The app builder: typed settings in, a bound Serve application out. The only module that sees
+both the Ingress side (serve_app/ingress/) and the replicas (deployments/).
 
 `config/serve.yaml` points `import_path` at `serve_app.app:build_app` and passes `args`.
-Placement (CPU and GPU fractions) is decided here from the cluster's resources, so one
-config runs on GPU and CPU hosts.
+Each deployment gets its options from `settings.DEPLOYMENT_OPTIONS` plus its `placement` (CPU
+and GPU fractions, decided here from the cluster's resources, so one config runs on GPU and CPU
+hosts); the YAML's `deployments:` section overrides both.
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ import ray
 from ray.serve import Application
 
 from deployments.asr import SenseVoice
+from deployments.models import resolve_models
 from deployments.registry import SessionRegistry
 from deployments.speaker import Speaker
 from deployments.vad import VADHost
-from serve_app.ingress import Ingress
-from serve_app.models import resolve_models
-from serve_app.settings import AppSettings
+from serve_app.ingress.deployment import Ingress
+from serve_app.settings import DEPLOYMENT_OPTIONS, AppSettings
 
 logger = logging.getLogger("ray.serve")
 
@@ -40,13 +42,16 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         print(f"\n{banner}\n{models.warning()}\n{banner}\n", flush=True)
 
     def placed(deployment, name: str):
-        return deployment.options(**settings.placement[name].deployment_options(gpu))
+        options = dict(DEPLOYMENT_OPTIONS[name])
+        if name in settings.placement:
+            options |= settings.placement[name].deployment_options(gpu)
+        return deployment.options(**options)
 
     vad = placed(VADHost, "VADHost").bind(models.vad, settings.vad)
     asr = placed(SenseVoice, "SenseVoice").bind(models.asr, settings.asr)
     speaker = placed(Speaker, "Speaker").bind(models.speaker, settings.speaker, settings.voiceprints)
-    registry = SessionRegistry.bind(settings.admission)  # no model, no placement: 0 CPUs, 1 replica
-    return placed(Ingress, "Ingress").bind(vad, asr, speaker, registry, settings, models)
+    registry = placed(SessionRegistry, "SessionRegistry").bind(settings.admission)  # no model, no placement
+    return placed(Ingress, "Ingress").bind(vad, asr, speaker, registry, settings, models.summary())
 
 
 def free_port() -> int:

@@ -1,4 +1,4 @@
-"""Typed settings for the whole application.
+"""Typed settings for the whole application, and the one table of Serve deployment options.
 
 `config/serve.yaml` passes `args` to the app builder; they are parsed into `AppSettings`.
 Every default here is a working value for a 2-core laptop; the YAML overrides what an
@@ -13,7 +13,28 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-SAMPLE_RATE = 16000  # every model here is a 16 kHz model
+from clients.tokens import DEFAULT_SECRET_ENV
+
+# Serve's options per deployment, stated once: the builder applies them (with `placement` below);
+# a deployment's entry under `deployments:` in config/serve.yaml overrides them, as Serve's config
+# always does (that file also holds autoscaling_config and user_config).
+DEPLOYMENT_OPTIONS: dict[str, dict[str, Any]] = {
+    # Each live WebSocket holds one request: Serve's default cap of 5 would queue the 6th session
+    # (and /healthz) in the proxy. A stopping replica's sessions may go on for the grace period.
+    "Ingress": {"max_ongoing_requests": 200, "graceful_shutdown_timeout_s": 600},
+    # Short calls from many sessions, each pinned to its replica by the sticky router.
+    "VADHost": {
+        "max_ongoing_requests": 1000,
+        "health_check_period_s": 2,
+        "request_router_config": {"request_router_class": "deployments.routing:StickySessionRouter"},
+    },
+    # Utterances queue here to be batched. health_check_period_s: a dead replica is noticed (and
+    # replaced) within 2 s instead of Serve's 10; its callers wait for the replacement.
+    "SenseVoice": {"max_ongoing_requests": 64, "health_check_period_s": 2},
+    "Speaker": {"max_ongoing_requests": 64, "health_check_period_s": 2},
+    # One replica, no model: its state is a dict, so it must not be scaled out.
+    "SessionRegistry": {"num_replicas": 1, "max_ongoing_requests": 1000, "ray_actor_options": {"num_cpus": 0}},
+}
 
 
 class _Strict(BaseModel):
@@ -217,7 +238,7 @@ class SecuritySettings(_Strict):
         "auto: on unless Serve's HTTP host is a loopback address (or cannot be learned).",
     )
     device_secret_env: str = Field(
-        "SPEECH_SERVE_DEVICE_SECRET", description="Environment variable holding the HMAC secret of device tokens."
+        DEFAULT_SECRET_ENV, description="Environment variable holding the HMAC secret of device tokens."
     )
     max_token_age_s: int = Field(30 * 24 * 3600, description="Device tokens older than this are refused.")
     allowed_devices: list[str] = Field(default_factory=list, description="Device ids admitted without a token.")

@@ -1,4 +1,6 @@
-"""Enrolled voiceprints: the store, and who-spoke matching against it.
+"""Enrolled voiceprints: the store, shared by the admin API (serve_app/ingress/speakers.py writes)
+and the Speaker replicas (deployments/speaker.py matches). Like wire.py, it is what crosses
+processes: here through a database rather than a call.
 
 `VoiceprintStore` is the interface the rest of the code uses; `SqliteVoiceprintStore` is the
 default (one file, survives restarts, safe under concurrent writers through SQLite's own
@@ -72,7 +74,7 @@ def open_store(url: str) -> VoiceprintStore:
     return SqliteVoiceprintStore(Path(path).expanduser())
 
 
-def _unit(v: np.ndarray) -> np.ndarray:
+def unit(v: np.ndarray) -> np.ndarray:
     v = np.asarray(v, dtype=np.float32).reshape(-1)
     norm = float(np.linalg.norm(v))
     if not np.isfinite(norm) or norm == 0:
@@ -133,7 +135,7 @@ class SqliteVoiceprintStore:
         return Voiceprint(*row) if row else None
 
     def create(self, name: str, group: str, model: str, vectors: Sequence[np.ndarray]) -> Voiceprint:
-        units = [_unit(v) for v in vectors]
+        units = [unit(v) for v in vectors]
         if not units:
             raise ValueError("at least one embedding is needed")
         speaker_id, now = uuid.uuid4().hex[:12], time.time()
@@ -167,7 +169,7 @@ class SqliteVoiceprintStore:
             return self._row(db, speaker_id)
 
     def replace_embeddings(self, speaker_id: str, model: str, vectors: Sequence[np.ndarray]) -> Voiceprint | None:
-        units = [_unit(v) for v in vectors]
+        units = [unit(v) for v in vectors]
         if not units:
             raise ValueError("at least one embedding is needed")
         with self._tx() as db:
@@ -202,43 +204,7 @@ class SqliteVoiceprintStore:
         by_speaker: dict[str, tuple[str, list[np.ndarray]]] = {}
         for sid, name, blob in rows:
             by_speaker.setdefault(sid, (name, []))[1].append(np.frombuffer(blob, dtype=np.float32))
-        return [Candidate(sid, name, _unit(np.mean(vs, axis=0))) for sid, (name, vs) in by_speaker.items()]
+        return [Candidate(sid, name, unit(np.mean(vs, axis=0))) for sid, (name, vs) in by_speaker.items()]
 
     def revision(self) -> int:
         return int(self._db().execute("SELECT value FROM meta WHERE key = 'revision'").fetchone()[0])
-
-
-def best_match(vector: np.ndarray, candidates: Sequence[Candidate], threshold: float) -> Match:
-    """The closest enrolled speaker by cosine, if it clears the threshold; else unknown."""
-    if not candidates:
-        return Match("unknown", None)
-    v = _unit(vector)
-    scores = [float(c.centroid @ v) for c in candidates]
-    best = int(np.argmax(scores))
-    score = round(scores[best], 4)
-    if score >= threshold:
-        return Match(candidates[best].name, score, candidates[best].speaker_id)
-    return Match("unknown", score)
-
-
-class Identifier:
-    """Per-replica cache of each group's candidates, refreshed when the store's revision moves
-    (checked at most every `refresh_s`), so enrolments show up without a restart."""
-
-    def __init__(self, store: VoiceprintStore, model: str, threshold: float, refresh_s: float = 1.0):
-        self.store, self.model, self.threshold, self.refresh_s = store, model, threshold, refresh_s
-        self._cache: dict[str, list[Candidate]] = {}
-        self._revision = -1
-        self._checked_at = 0.0
-
-    def identify(self, vector: np.ndarray, group: str) -> Match:
-        now = time.monotonic()
-        if now - self._checked_at >= self.refresh_s:
-            self._checked_at = now
-            revision = self.store.revision()
-            if revision != self._revision:
-                self._cache.clear()
-                self._revision = revision
-        if group not in self._cache:
-            self._cache[group] = self.store.candidates(group, self.model)
-        return best_match(vector, self._cache[group], self.threshold)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serve_app.models import ModelSource, ResolvedModels, materialize, resolve_models
+from deployments.models import ModelSource, ResolvedModels, materialize, resolve_models
 from serve_app.settings import ModelSettings
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -12,8 +12,8 @@ import pytest
 import ray
 from ray import serve
 
+from clients.tokens import issue_token
 from serve_app.app import free_port, run_local
-from serve_app.auth import issue_token
 
 APP = "speech"
 SECRET_ENV, SECRET = "SPEECH_SERVE_TEST_SECRET", "test-secret-not-for-production"

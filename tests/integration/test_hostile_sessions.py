@@ -21,10 +21,11 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
+from clients.opus import encode_pcm
+from clients.tokens import device_headers as credentials
+from clients.xiaozhi import frame_audio
 from examples.xiaozhi_device import run_device
-from serve_app.auth import device_headers as credentials
-from serve_app.opus import encode_pcm
-from serve_app.protocols import xiaozhi
+from serve_app.ingress import xiaozhi
 from serve_app.settings import IngressSettings
 from tests.conftest import TWO_UTTERANCES_WAV, read_pcm
 from tests.integration.conftest import as_device, vad_live_sessions
@@ -98,7 +99,7 @@ def random_bytes_as_opus(service: str):
 def truncated_and_lying_frames(service: str, version: int):
     """v2/v3 frames cut inside the header, or whose header states another payload length."""
     header = xiaozhi.V2_HEADER if version == 2 else xiaozhi.V3_HEADER
-    real = xiaozhi.frame_audio(encode_pcm(read_pcm(TWO_UTTERANCES_WAV)[:960])[0], version)
+    real = frame_audio(encode_pcm(read_pcm(TWO_UTTERANCES_WAV)[:960])[0], version)
     frames = [
         real[: header.size - 1],  # truncated header
         real[:1],

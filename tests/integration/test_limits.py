@@ -9,7 +9,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from serve_app.auth import device_headers
+from clients.tokens import device_headers
 from tests.integration.conftest import ALLOWED_DEVICE, DEVICE_CONNECTIONS_CAP, SESSIONS_CAP, as_device
 
 pytestmark = pytest.mark.integration

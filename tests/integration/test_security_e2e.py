@@ -17,8 +17,9 @@ import ray
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from clients.tokens import device_headers, issue_token, url_with_token
 from examples.plain_client import stream_file
-from serve_app.auth import device_auth_required, device_headers, issue_token, serve_bind_host, url_with_token
+from serve_app.ingress.security import device_auth_required, serve_bind_host
 from tests.conftest import TWO_UTTERANCES_WAV, read_pcm
 from tests.integration.conftest import (
     ADMIN,

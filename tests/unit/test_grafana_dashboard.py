@@ -5,7 +5,10 @@ import json
 import re
 from pathlib import Path
 
-from serve_app.metrics import DEFINED
+from deployments.metrics import DEFINED as REPLICA_METRICS
+from serve_app.ingress.metrics import DEFINED as INGRESS_METRICS
+
+DEFINED = {**INGRESS_METRICS, **REPLICA_METRICS}  # every metric we export, from either side
 
 DASHBOARD = Path(__file__).parents[2] / "config" / "grafana" / "speech-serve.json"
 RAY_BUILTIN = {"ray_serve_deployment_replica_healthy"}

@@ -5,10 +5,10 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from serve_app.audio import AudioFormatError, AudioTooLongError, StreamResampler, decode_file, resample
-from serve_app.messages import SpeakerInfo, UtteranceResult
-from serve_app.protocols import openai_files
+from serve_app.ingress import files as openai_files
+from serve_app.ingress.audio import AudioTooLongError, StreamResampler, decode_file, resample
 from serve_app.settings import AppSettings, Placement
+from serve_app.wire import AudioFormatError, SpeakerInfo, UtteranceResult
 
 
 def test_the_shipped_config_parses_into_settings():

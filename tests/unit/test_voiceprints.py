@@ -4,9 +4,10 @@ import threading
 import numpy as np
 import pytest
 
-from serve_app.enrollment import EnrollmentError, decode_uploads
+from deployments.speaker import Identifier, best_match
+from serve_app.ingress.speakers import EnrollmentError, decode_uploads
 from serve_app.settings import VoiceprintSettings
-from serve_app.voiceprints import Candidate, Identifier, SqliteVoiceprintStore, best_match, open_store
+from serve_app.voiceprints import Candidate, SqliteVoiceprintStore, open_store
 from tests.conftest import FIXTURES
 
 

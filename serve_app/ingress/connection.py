@@ -1,0 +1,362 @@
+"""What every WebSocket protocol shares: the connection loop (receive -> dispatch -> error or
+close), the send lock, idle and control-frame limits, moving to another replica when this one
+stops, and the pure helpers every protocol's parser uses.
+
+A protocol is one module (plain.py, xiaozhi.py, funasr.py) that fills in the hooks:
+`render_error()`, `open()` (optional: what happens before the first frame), `on_frame()` and
+`on_result()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import reprlib
+import time
+from typing import Any
+
+from fastapi import WebSocket, WebSocketDisconnect
+
+from serve_app.ingress.metrics import IngressMetrics
+from serve_app.ingress.recognition import RecognitionOptions, UtteranceStream, UtteranceStreams
+from serve_app.ingress.security import (
+    AuthDecision,
+    DeviceAuth,
+    SessionLimitExceeded,
+    TokenBucket,
+    device_credentials,
+    request_target,
+)
+from serve_app.settings import IngressSettings
+from serve_app.wire import (
+    CLOSE_INTERNAL,
+    CLOSE_NORMAL,
+    CLOSE_POLICY,
+    CLOSE_PROTOCOL_ERROR,
+    CLOSE_SERVICE_RESTART,
+    CLOSE_TOO_BIG,
+    CLOSE_UNSUPPORTED_DATA,
+    Refusal,
+    UtteranceResult,
+)
+
+logger = logging.getLogger("ray.serve")
+
+# A protocol error with one of these codes ends the connection with this close code; any other
+# is answered with an error frame and the session goes on (up to `max_protocol_errors`).
+FATAL_ERRORS = {
+    "frame_too_large": CLOSE_TOO_BIG,
+    "bad_audio": CLOSE_UNSUPPORTED_DATA,  # plain, FunASR: odd-length PCM (a bad Opus packet is only dropped)
+    "unsupported_audio": CLOSE_UNSUPPORTED_DATA,
+    "bad_protocol_version": CLOSE_PROTOCOL_ERROR,
+    "hello_timeout": CLOSE_PROTOCOL_ERROR,
+}
+DRAINING = Refusal("reconnect", "this server is shutting down; reconnect now", CLOSE_SERVICE_RESTART)
+RECONNECT_POLL_S = 0.1  # while asked to reconnect: how often to look for a pause between utterances
+
+
+class ProtocolError(ValueError):
+    """The client broke the protocol. `code` goes into the error frame."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+_BRIEF_CHARS = 40
+_brief = reprlib.Repr()  # never builds the whole repr of a huge or deeply nested value
+_brief.maxstring = _brief.maxother = _BRIEF_CHARS
+_brief.maxlist = _brief.maxdict = _brief.maxtuple = 3
+_brief.maxlevel = 1
+
+
+def brief(value: Any) -> str:
+    """A client's value, short enough to quote in an error message (the frame may be megabytes)."""
+    text = _brief.repr(value)
+    return text if len(text) <= _BRIEF_CHARS else text[: _BRIEF_CHARS - 3] + "..."
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """A text frame as a JSON object, or the protocol error every adapter answers with."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ProtocolError("invalid_json", f"text frame is not JSON: {exc.msg}") from None
+    except RecursionError:  # '[[[[...' deeper than the decoder's recursion limit
+        raise ProtocolError("invalid_json", "text frame is nested too deeply") from None
+    except ValueError:  # an integer past Python's limit on digits (4300)
+        raise ProtocolError("invalid_json", "text frame holds a number with too many digits") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("bad_message", "text frame must be a JSON object")
+    if "\\u" in text:  # only escapes can make a lone surrogate: the frame itself was UTF-8
+        _check_unicode(data)
+    return data
+
+
+def _check_unicode(data: dict[str, Any]) -> None:
+    """A lone surrogate escape ("\\ud800") is valid JSON but not text: it cannot be echoed in a text frame
+    (FunASR answers echo wav_name) nor bound in SQLite (speaker_group)."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ProtocolError("invalid_json", "text frame escapes a lone UTF-16 surrogate (\\ud800-\\udfff)") from None
+    except RecursionError:
+        raise ProtocolError("invalid_json", "text frame is nested too deeply") from None
+
+
+def whole_number(value: Any) -> int | None:
+    """A JSON number that is a whole number (16000 or 16000.0) as an int; None for anything
+    else, booleans included (True == 1 in Python)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+class ReconnectRequested(Exception):
+    """Raised inside the frame loop once the session should move to another replica."""
+
+
+class SessionIdle(Exception):
+    """Raised inside the frame loop when the client has sent nothing for idle_timeout_s."""
+
+
+class Connection:
+    """One WebSocket, from its first frame to its close. Owns at most one `UtteranceStream` at a time."""
+
+    protocol = "?"  # metrics tag: plain, xiaozhi, funasr
+
+    def __init__(
+        self,
+        ws: WebSocket,
+        session_id: str,
+        streams: UtteranceStreams,
+        limits: IngressSettings,
+        metrics: IngressMetrics,
+    ):
+        self.ws = ws
+        self.session_id = session_id
+        self.streams = streams
+        self.limits = limits
+        self.metrics = metrics
+        self.stream: UtteranceStream | None = None
+        self._send_lock = asyncio.Lock()  # results and error frames come from different tasks
+        self._next_frame: asyncio.Future | None = None  # kept across receive() calls: never cancelled
+        self._reconnect = asyncio.Event()
+        self._reconnect_asked: asyncio.Future | None = None
+        self._reconnect_by: float | None = None  # monotonic deadline; before it, wait for a pause
+        self._answered_since_asked = False
+        self._control_budget = TokenBucket(limits.control_per_s, limits.control_burst)
+        self.protocol_errors = 0
+
+    # ---- the hooks a protocol fills in ------------------------------------------------------
+    def render_error(self, code: str, message: str) -> str:
+        raise NotImplementedError
+
+    async def open(self) -> bool:
+        """Before the first frame (after admission). False if the connection is already closed."""
+        return True
+
+    async def on_frame(self, message: dict) -> bool:
+        """One frame; False when the connection is over. A ProtocolError is answered by the loop."""
+        raise NotImplementedError
+
+    async def on_result(self, result: UtteranceResult) -> None:
+        raise NotImplementedError
+
+    async def on_failure(self, index: int, exc: Exception) -> None:
+        await self.send(self.render_error("recognition_failed", f"utterance {index} could not be recognised"))
+
+    def render_reconnect(self, message: str, received_ms: int) -> str:
+        """The `reconnect` error frame; protocols that can carry it add `received_ms`."""
+        return self.render_error(DRAINING.code, message)
+
+    def credentials(self):
+        """What the connection says about itself (device id, client id, token), for device auth."""
+        return device_credentials(self.ws.headers, self.ws.query_params)
+
+    # ---- the loop ---------------------------------------------------------------------------
+    async def authenticate(self, auth: DeviceAuth) -> bool:
+        """Device authentication, before any session exists: a refusal is one error frame and
+        close 1008."""
+        decision: AuthDecision = auth.check(self.credentials())
+        if decision.ok:
+            return True
+        logger.warning("refused %s (%s): %s", request_target(self.ws.scope), self.protocol, decision.reason)
+        self.metrics.session_rejected(self.protocol, "unauthorized")
+        await self.close_with_error("unauthorized", decision.reason, CLOSE_POLICY)
+        return False
+
+    async def run(self) -> None:
+        """Serve the connection until it ends, however it ends, and free what it held."""
+        try:
+            if await self.open():
+                while await self._dispatch(await self.receive()):
+                    pass
+        except WebSocketDisconnect:
+            logger.info("session %s: client disconnected", self.session_id)
+        except ReconnectRequested:
+            await self._move_client()
+        except SessionIdle:
+            await self._close_idle()
+        except SessionLimitExceeded as exc:
+            logger.warning("session %s: %s; closing", self.session_id, exc)
+            await self.close_with_error(exc.code, str(exc), CLOSE_POLICY)
+        except Exception:
+            logger.exception("session %s: internal error", self.session_id)
+            await self.close_with_error("internal", "internal error; the session is closed", CLOSE_INTERNAL)
+        finally:
+            for waiting in (self._next_frame, self._reconnect_asked):
+                if waiting is not None:
+                    waiting.cancel()
+            await self.drop_stream()
+
+    async def _dispatch(self, message: dict) -> bool:
+        try:
+            return await self.on_frame(message)
+        except ProtocolError as exc:
+            return await self.answer(exc)
+
+    async def answer(self, exc: ProtocolError) -> bool:
+        """A client mistake: a fatal one closes the connection (False); others are reported."""
+        if exc.code in FATAL_ERRORS:
+            await self.close_with_error(exc.code, str(exc), FATAL_ERRORS[exc.code])
+            return False
+        await self.report(exc)
+        return True
+
+    async def report(self, exc: ProtocolError) -> None:
+        """Answer a client mistake the session survives, up to `max_protocol_errors` of them."""
+        self.protocol_errors += 1
+        limit = self.limits.max_protocol_errors
+        if self.protocol_errors > limit:
+            raise SessionLimitExceeded("too_many_errors", f"more than {limit} protocol errors (last: {exc.code})")
+        await self.send(self.render_error(exc.code, str(exc)))
+
+    async def receive(self, timeout_s: float | None = None) -> dict:
+        """The next frame. Raises WebSocketDisconnect when the client has gone,
+        ReconnectRequested once the session should move (between utterances), SessionIdle after
+        idle_timeout_s without a frame, and TimeoutError after `timeout_s`, if given."""
+        if self._next_frame is None:
+            self._next_frame = asyncio.ensure_future(self.ws.receive())
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            if self._reconnect.is_set():
+                if self._may_move_now():
+                    raise ReconnectRequested
+                await asyncio.wait({self._next_frame}, timeout=RECONNECT_POLL_S)
+            else:
+                if self._reconnect_asked is None:
+                    self._reconnect_asked = asyncio.ensure_future(self._reconnect.wait())
+                wait_s = self.limits.idle_timeout_s
+                if deadline is not None and deadline - time.monotonic() < wait_s:
+                    wait_s = max(deadline - time.monotonic(), 0.001)
+                done, _ = await asyncio.wait(
+                    {self._next_frame, self._reconnect_asked}, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise TimeoutError
+                    raise SessionIdle
+            if self._next_frame.done():
+                break
+        message, self._next_frame = self._next_frame.result(), None
+        if message["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(message.get("code", CLOSE_NORMAL))
+        if message.get("text") is not None:
+            self.count_control()
+        return message
+
+    def count_control(self) -> None:
+        """One control frame against the session's budget (`control_burst`, `control_per_s`)."""
+        if not self._control_budget.take():
+            bucket = self._control_budget
+            raise SessionLimitExceeded(
+                "too_many_messages",
+                f"more than {bucket.burst} control frames at once or {bucket.rate_per_s:g} per second",
+            )
+
+    async def send(self, text: str) -> None:
+        async with self._send_lock:
+            await self.ws.send_text(text)
+
+    async def close_with_error(self, code: str, message: str, close_code: int, frame: str | None = None) -> None:
+        """The error frame (the protocol's rendering of code and message, unless `frame` is
+        given), then the close."""
+        try:
+            await self.send(frame if frame is not None else self.render_error(code, message))
+            await self.ws.close(close_code, f"{code}: {message}"[:120])
+        except Exception:  # the client may be gone already
+            pass
+
+    async def refuse(self, refusal: Refusal) -> None:
+        await self.close_with_error(refusal.code, refusal.message, refusal.close_code)
+
+    # ---- the utterance stream ---------------------------------------------------------------
+    def start_stream(self, options: RecognitionOptions, **kwargs) -> UtteranceStream:
+        self.stream = self.streams.open(self.session_id, options, self._deliver, self._failed, **kwargs)
+        return self.stream
+
+    async def _deliver(self, result: UtteranceResult) -> None:
+        self.metrics.utterance_answered(self.protocol, result)
+        await self.on_result(result)
+        self._answered_since_asked = self._reconnect.is_set()
+
+    async def _failed(self, index: int, exc: Exception) -> None:
+        self.metrics.utterance_failed(self.protocol)
+        await self.on_failure(index, exc)
+
+    async def drop_stream(self) -> None:
+        """Cancel what the stream still has in flight and free its VAD state."""
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            await stream.close()
+        else:
+            await self.streams.models.close_vad(self.session_id)
+
+    async def finish_stream(self) -> tuple[int, int]:
+        """End of stream: every result sent. Returns (utterances, VAD replays)."""
+        stream = self.stream
+        count = await stream.finish()
+        await self.drop_stream()
+        return count, stream.vad_replays
+
+    async def _close_idle(self) -> None:
+        if self.stream is not None:
+            await self.finish_stream()
+        timeout = self.limits.idle_timeout_s
+        logger.info("session %s: idle for %g s; closing", self.session_id, timeout)
+        await self.close_with_error("idle_timeout", f"nothing received for {timeout:g} s", CLOSE_NORMAL)
+
+    # ---- draining: move the client to another replica -------------------------------------
+    def ask_to_reconnect(self, within_s: float) -> None:
+        """Close with 1012 in the pause after the next result, or after `within_s` at the latest."""
+        self._reconnect_by = time.monotonic() + within_s
+        self._reconnect.set()
+
+    def _may_move_now(self) -> bool:
+        # Right after a result the speaker has just paused (the VAD saw max_end_silence_ms of
+        # silence). Any other "idle" moment may be the start of speech the VAD has not reported
+        # yet, and closing then would cut that utterance in two.
+        if self.stream is None:
+            return True
+        if self.stream.idle and self._answered_since_asked:
+            return True
+        return time.monotonic() >= self._reconnect_by
+
+    async def _move_client(self) -> None:
+        """Send every result owed (an open utterance is cut and transcribed), then 1012 with
+        how much audio was taken: frames the client sent after that were never read."""
+        received_ms = 0
+        if self.stream is not None:
+            received_ms = self.stream.timeline.received_ms
+            await self.finish_stream()
+        self.metrics.session_reconnect(self.protocol)
+        logger.info("session %s: asked to reconnect (ingress replica stopping) after %d ms of audio",
+                    self.session_id, received_ms)  # fmt: skip
+        frame = self.render_reconnect(DRAINING.message, received_ms)
+        await self.close_with_error(DRAINING.code, DRAINING.message, DRAINING.close_code, frame)

@@ -1,0 +1,177 @@
+"""Ingress: the FastAPI app under @serve.ingress. Thin routes; each delegates to the module
+that owns its concern.
+
+Routes
+  GET  /healthz                   models real or test, replicas per deployment
+  WS   /v1/stream                 plain JSON protocol (plain.py)
+  WS   /xiaozhi/v1/               Xiaozhi devices: Opus, hello/listen/abort, stt (xiaozhi.py)
+  WS   /  and  /funasr            FunASR runtime protocol, subprotocol "binary" (funasr.py)
+  POST /v1/audio/transcriptions   whole files, shaped like OpenAI's endpoint (files.py)
+  /v1/speakers ...                voiceprint enrolment: create, list, get, rename, re-enrol, delete (speakers.py)
+
+Who may call what (security.py): every device path (the WebSockets and the file endpoint)
+takes device tokens when device authentication is on; /v1/speakers* always takes the admin
+bearer token; /healthz is open. Refusals come before any session, body or model work.
+"""
+
+import logging
+import uuid
+
+from fastapi import Depends, FastAPI, Request, WebSocket
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+
+from serve_app.ingress.files import FileTranscriptions
+from serve_app.ingress.funasr import FunasrConnection
+from serve_app.ingress.metrics import IngressMetrics
+from serve_app.ingress.plain import PlainConnection
+from serve_app.ingress.recognition import ModelCalls, UtteranceStreams, live_stream_tasks
+from serve_app.ingress.security import AdminAuth, DeviceAuth, install_redaction, serve_bind_host
+from serve_app.ingress.sessions import Sessions
+from serve_app.ingress.speakers import SpeakerAdmin, admin_only
+from serve_app.ingress.xiaozhi import XiaozhiConnection
+from serve_app.settings import AppSettings
+from serve_app.voiceprints import open_store
+from serve_app.wire import ModelsSummary
+
+logger = logging.getLogger("ray.serve")
+app = FastAPI(title="speech-serve", description="Realtime speech front-end: transcripts and speakers.")
+
+
+def admin(method: str, path: str, **kwargs):
+    """An admin API route: `admin_only` checks the admin token before anything else."""
+    return app.api_route(path, methods=[method], dependencies=[Depends(admin_only)], **kwargs)
+
+
+def new_session_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+@serve.deployment  # its options: settings.DEPLOYMENT_OPTIONS, applied by the builder
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, vad, asr, speaker, registry, settings: AppSettings, models: ModelsSummary):
+        self.models = models
+        self.limits = settings.ingress
+        self.xiaozhi_settings, self.funasr_settings = settings.xiaozhi, settings.funasr
+        self.metrics = IngressMetrics()
+        security = settings.security
+        self.device_auth = DeviceAuth.from_settings(security, serve_bind_host(security.bind_host_timeout_s))
+        self.admin_auth = AdminAuth.from_settings(security)
+        install_redaction(secrets=(self.device_auth.secret, self.admin_auth.token))  # before anything is logged
+        self._log_security()
+        calls = ModelCalls(vad, asr, speaker, settings.retry, models.label, settings.ingress.speaker_enabled,
+                           settings.voiceprints.default_group)  # fmt: skip
+        self.streams = UtteranceStreams(calls, settings.ingress, settings.speaker.keep_embeddings, self.metrics)
+        self.sessions = Sessions(registry, settings.admission, settings.ingress, self.device_auth, self.metrics)
+        self.files = FileTranscriptions(calls, self.device_auth, settings.ingress)
+        self.speakers = SpeakerAdmin(open_store(settings.voiceprints.store), calls, settings.voiceprints,
+                                     settings.ingress)  # fmt: skip
+        for role, source in models.sources.items():
+            logger.info("model %s: %s", role, source)
+        if models.warning:
+            logger.warning(models.warning)
+
+    def _log_security(self) -> None:
+        auth = self.device_auth
+        logger.info("device authentication %s: %s", "ON" if auth.enabled else "off", auth.why)
+        if auth.problem:  # start anyway (health checks, the admin API) but say it loudly
+            banner = "!" * 100
+            logger.warning("\n%s\n%s\n%s", banner, auth.problem, banner)
+        if not self.admin_auth.token:
+            logger.warning(
+                "the admin API (/v1/speakers*) answers 503 until %s is set in the environment",
+                self.admin_auth.env_name,
+            )
+
+    @app.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        """200 when every deployment has a running replica, 503 while any is starting."""
+        ready = False
+        body = {
+            "status": "starting",
+            "models": self.models.label,
+            "model_sources": dict(self.models.sources),
+            "live_sessions_this_replica": len(self.sessions.live),
+            "stream_tasks_this_replica": live_stream_tasks(),  # 0 when idle: a leak check for soak tests
+        }
+        if self.models.warning:
+            body["warning"] = self.models.warning
+        body["device_auth"] = {"enabled": self.device_auth.enabled, "why": self.device_auth.why}
+        if self.device_auth.problem:
+            body["device_auth"]["problem"] = self.device_auth.problem
+        body["admin_api"] = "enabled" if self.admin_auth.token else f"disabled: {self.admin_auth.env_name} is not set"
+        try:
+            app_name = serve.get_replica_context().app_name
+            status = serve.status().applications[app_name]
+            body["deployments"] = {
+                name: {"status": str(d.status.value), "replicas": dict(d.replica_states)}
+                for name, d in status.deployments.items()
+            }
+            ready = all(d["replicas"].get("RUNNING", 0) > 0 for d in body["deployments"].values())
+        except Exception as exc:  # the controller may be busy: report it, do not fail the probe's caller
+            body["deployments"] = f"unavailable: {type(exc).__name__}"
+        body["status"] = "ok" if ready else "starting"
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    # ---- WebSockets: one connection class per protocol ----------------------------------------
+    def _connection(self, cls, ws: WebSocket, *extra):
+        return cls(ws, new_session_id(), self.streams, self.limits, self.metrics, *extra)
+
+    @app.websocket("/v1/stream")
+    async def stream(self, ws: WebSocket) -> None:
+        await ws.accept()
+        await self.sessions.serve(self._connection(PlainConnection, ws))
+
+    @app.websocket("/xiaozhi/v1/")
+    @app.websocket("/xiaozhi/v1")
+    async def xiaozhi(self, ws: WebSocket) -> None:
+        await ws.accept()
+        await self.sessions.serve(self._connection(XiaozhiConnection, ws, self.xiaozhi_settings))
+
+    @app.websocket("/")
+    @app.websocket("/funasr")
+    async def funasr(self, ws: WebSocket) -> None:
+        # FunASR's client asks for the subprotocol "binary" and drops a connection without it.
+        await ws.accept(subprotocol="binary" if "binary" in ws.scope.get("subprotocols", ()) else None)
+        interim_ms = self.funasr_settings.interim_interval_ms
+        await self.sessions.serve(self._connection(FunasrConnection, ws, interim_ms))
+
+    # ---- HTTP ---------------------------------------------------------------------------------
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(self, request: Request) -> Response:
+        """Form fields as OpenAI's: `file` (required), `model`, `language`, `response_format`."""
+        return await self.files(request)
+
+    @admin("POST", "/v1/speakers", status_code=201)
+    async def enroll(self, request: Request) -> dict:
+        """Enrol a speaker from recordings of their voice (WAV, FLAC, OGG, MP3): multipart
+        form with `name`, one or more `files`, and optionally `group`."""
+        return await self.speakers.enroll(request)
+
+    @admin("POST", "/v1/speakers/from-session", status_code=201)
+    async def enroll_from_session(self, request: Request) -> dict:
+        """Enrol from the latest utterances of a live session on this ingress replica
+        (JSON: name, session_id, last_n, group)."""
+        return await self.speakers.enroll_from_session(request, self.sessions.live)
+
+    @admin("GET", "/v1/speakers")
+    async def list_speakers(self, group: str | None = None) -> dict:
+        return self.speakers.list(group)
+
+    @admin("GET", "/v1/speakers/{speaker_id}")
+    async def get_speaker(self, speaker_id: str) -> dict:
+        return self.speakers.get(speaker_id)
+
+    @admin("PATCH", "/v1/speakers/{speaker_id}")
+    async def rename_speaker(self, request: Request, speaker_id: str) -> dict:
+        return await self.speakers.rename(request, speaker_id)
+
+    @admin("PUT", "/v1/speakers/{speaker_id}/embeddings")
+    async def reenroll(self, request: Request, speaker_id: str) -> dict:
+        """Replace a speaker's voiceprint with new recordings (multipart `files`)."""
+        return await self.speakers.reenroll(request, speaker_id)
+
+    @admin("DELETE", "/v1/speakers/{speaker_id}", status_code=204)
+    async def delete_speaker(self, speaker_id: str) -> Response:
+        return self.speakers.delete(speaker_id)

@@ -1,0 +1,117 @@
+"""`POST /v1/audio/transcriptions`, shaped like OpenAI's endpoint: pure request checks and
+rendering, then the route's body (a device path: device authentication).
+
+Form fields as OpenAI's: `file` (required), `model`, `language`, `response_format`. One entry in
+`segments` per VAD segment, with our extra fields beside OpenAI's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections import Counter
+
+from fastapi import HTTPException, Request
+from fastapi.responses import Response
+
+from serve_app.ingress.audio import AudioTooLongError, decode_file
+from serve_app.ingress.connection import brief
+from serve_app.ingress.recognition import ModelCalls, RecognitionOptions, utterances_of
+from serve_app.ingress.security import (
+    DeviceAuth,
+    UploadError,
+    file_fields,
+    read_upload_form,
+    require_device,
+    text_field,
+)
+from serve_app.settings import IngressSettings
+from serve_app.wire import AudioFormatError, UtteranceResult
+
+RESPONSE_FORMATS = ("json", "text", "verbose_json")
+
+
+class TranscriptionRequestError(ValueError):
+    """A bad request; the ingress answers it with HTTP 400 and this message."""
+
+
+def check_response_format(response_format: str) -> str:
+    if response_format not in RESPONSE_FORMATS:
+        raise TranscriptionRequestError(
+            f"response_format {brief(response_format)} is not supported; use one of {', '.join(RESPONSE_FORMATS)}"
+        )
+    return response_format
+
+
+def _join(results: list[UtteranceResult]) -> str:
+    return " ".join(r.text for r in results if r.text).strip()
+
+
+def _main_language(results: list[UtteranceResult]) -> str | None:
+    langs = Counter(r.language for r in results if r.language)
+    return langs.most_common(1)[0][0] if langs else None
+
+
+def render(response_format: str, results: list[UtteranceResult], duration_s: float, models: str) -> tuple[str, str]:
+    """Return (body, media type)."""
+    text = _join(results)
+    if response_format == "text":
+        return text + "\n", "text/plain; charset=utf-8"
+    if response_format == "json":
+        return json.dumps({"text": text, "models": models}, ensure_ascii=False), "application/json"
+    body = {
+        "task": "transcribe",
+        "language": _main_language(results),
+        "duration": round(duration_s, 3),
+        "text": text,
+        "models": models,
+        "segments": [
+            {
+                "id": r.index,
+                "start": r.start_ms / 1000,
+                "end": r.end_ms / 1000,
+                "text": r.text,
+                "language": r.language,
+                "emotion": r.emotion,
+                "event": r.event,
+                "speaker": {"label": r.speaker.label, "score": r.speaker.score},
+                "latency_ms": r.latency_ms,
+            }  # fmt: skip
+            for r in results
+        ],
+    }
+    return json.dumps(body, ensure_ascii=False), "application/json"
+
+
+class FileTranscriptions:
+    def __init__(self, models: ModelCalls, device_auth: DeviceAuth, limits: IngressSettings):
+        self.models, self.device_auth, self.limits = models, device_auth, limits
+
+    async def __call__(self, request: Request) -> Response:
+        require_device(self.device_auth, request)
+        form = await read_upload_form(request, self.limits.max_upload_bytes, max_files=1)
+        try:
+            (upload,) = file_fields(form, "file")
+            fmt = check_response_format(text_field(form, "response_format", "json"))
+            language = text_field(form, "language")
+            data = await upload.read()
+        except UploadError as exc:
+            raise HTTPException(exc.status, str(exc)) from None
+        except TranscriptionRequestError as exc:
+            raise HTTPException(400, str(exc)) from None
+        finally:
+            await form.close()
+        try:
+            pcm, duration_s = decode_file(data, self.limits.max_upload_s)
+        except AudioTooLongError as exc:
+            raise HTTPException(413, str(exc)) from None
+        except AudioFormatError as exc:
+            raise HTTPException(400, str(exc)) from None
+        request_id = "file-" + uuid.uuid4().hex[:12]
+        segments = await self.models.segment(pcm, request_id)
+        options = RecognitionOptions(language=language or "auto")
+        utterances = utterances_of(pcm, segments)
+        recognised = await asyncio.gather(*(self.models.recognise(request_id, u, options) for u in utterances))
+        body, media_type = render(fmt, [r for r, _ in recognised], duration_s, self.models.models_label)
+        return Response(content=body, media_type=media_type)

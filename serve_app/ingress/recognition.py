@@ -1,0 +1,588 @@
+"""The utterance stream: audio in, one result per utterance out, in order.
+
+Every protocol feeds an `UtteranceStream` with 16 kHz PCM and gets `UtteranceResult`s back.
+Inside: the `Timeline` (the audio since the last finished utterance: a pure state machine),
+the VAD calls (sticky to one VADHost replica; replayed on a new one if that replica is lost),
+and the fan-out of each finished utterance to SenseVoice and Speaker (`ModelCalls`, retried
+within `retry.deadline_s` when a replica is lost).
+
+All times are milliseconds from the start of the stream's audio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+from ray.exceptions import ActorUnavailableError, RayActorError
+
+from serve_app.ingress.metrics import IngressMetrics
+from serve_app.settings import IngressSettings, RetrySettings
+from serve_app.wire import (
+    AsrRequest,
+    SpeakerEmbedding,
+    SpeakerInfo,
+    SpeakerRequest,
+    Transcript,
+    Utterance,
+    UtteranceResult,
+    VadChunk,
+    VadEvent,
+    VadFeedResult,
+    ms_to_samples,
+    samples_to_ms,
+)
+
+logger = logging.getLogger("ray.serve")
+
+# A replica that died or is stopping mid-call: the call is safe to repeat on another one.
+REPLICA_GONE = (RayActorError, ActorUnavailableError)
+_EMPTY = np.zeros(0, dtype=np.int16)
+
+
+@dataclass(frozen=True)
+class RecognitionOptions:
+    language: str = "auto"
+    use_itn: bool = True
+    return_embedding: bool = False
+    speaker_group: str | None = None  # whose voiceprints to match; None: the configured default
+
+
+def _ms_since(t: float) -> float:
+    return round((time.perf_counter() - t) * 1000, 1)
+
+
+async def _awaited(response):
+    """A Serve response as a coroutine, for asyncio.wait_for."""
+    return await response
+
+
+# ---- the timeline: pure ----------------------------------------------------------------------
+
+
+class Timeline:
+    """The audio of one utterance stream since its last finished utterance, and where the
+    utterance being spoken started: a pure state machine (no I/O, no Ray).
+
+    Audio goes in with `add_audio`, which returns the chunks to send to the VAD (at least
+    `vad_chunk_ms` each, to keep the number of Serve calls low). The VAD's events go back in with
+    `on_vad_events`, which returns the finished utterances sliced from the buffer. Push-to-talk
+    (`manual`) skips the VAD: `begin_manual` / `end_manual` cut the utterance.
+    """
+
+    def __init__(self, vad_chunk_ms: int, max_utterance_ms: int, idle_keep_ms: int = 1000):
+        self._chunk_samples = ms_to_samples(vad_chunk_ms)
+        self._max_utterance_ms = max_utterance_ms
+        # While nobody speaks, keep this much audio before the VAD's position: the VAD
+        # reports a start a few hundred ms after it happened (lookback + confirmation).
+        self._idle_keep_ms = idle_keep_ms + vad_chunk_ms
+        self._buffer = _EMPTY  # audio from _buffer_start_ms up to received_ms
+        self._buffer_start_ms = 0
+        self._pending = _EMPTY  # received, not yet sent to the VAD
+        self.sent_ms = 0  # stream position up to which the VAD has audio
+        self.speech_start_ms: int | None = None
+        self.utterances_done = 0
+        self.finished = False
+        self._restart_vad = False  # the next chunk starts a fresh VAD state (after abort / push-to-talk)
+        self.manual = False  # push-to-talk: the client, not the VAD, says where utterances end
+
+    @property
+    def received_ms(self) -> int:
+        return self._buffer_start_ms + samples_to_ms(len(self._buffer))
+
+    @property
+    def buffered_ms(self) -> int:
+        return samples_to_ms(len(self._buffer))
+
+    def add_audio(self, pcm: np.ndarray) -> list[VadChunk]:
+        """Take client audio; return the VAD chunks that are now full."""
+        if self.finished:
+            raise RuntimeError("session already finished")
+        self._buffer = np.concatenate([self._buffer, pcm])
+        self._pending = np.concatenate([self._pending, pcm])
+        chunks = []
+        while len(self._pending) >= self._chunk_samples:
+            chunks.append(self._take_chunk(self._chunk_samples, final=False))
+        return chunks
+
+    def flush(self) -> VadChunk:
+        """End of stream: the rest of the audio, marked final so the VAD closes open speech."""
+        self.finished = True
+        return self._take_chunk(len(self._pending), final=True)
+
+    def _take_chunk(self, n: int, final: bool) -> VadChunk:
+        chunk = VadChunk(pcm=self._pending[:n], start_ms=self.sent_ms, final=final, restart=self._restart_vad)
+        self._restart_vad = False
+        self._pending = self._pending[n:]
+        self.sent_ms += samples_to_ms(n)
+        return chunk
+
+    def replay_chunk(self) -> VadChunk:
+        """All audio the VAD has seen since the last finished utterance, for a fresh VAD state.
+
+        Used when the session's VAD replica is gone: the new replica rebuilds its state
+        from this and reports the unfinished utterance's start again.
+        """
+        self.speech_start_ms = None
+        n = ms_to_samples(self.sent_ms - self._buffer_start_ms)
+        return VadChunk(pcm=self._buffer[:n], start_ms=self._buffer_start_ms, final=self.finished, restart=True)
+
+    def speech_so_far(self) -> tuple[int, np.ndarray] | None:
+        """The unfinished utterance (its index and audio up to what the VAD has seen), for interim text."""
+        if self.speech_start_ms is None:
+            return None
+        a = ms_to_samples(self.speech_start_ms - self._buffer_start_ms)
+        b = ms_to_samples(self.sent_ms - self._buffer_start_ms)
+        return self.utterances_done, self._buffer[a:b].copy()
+
+    def begin_manual(self) -> None:
+        """Push-to-talk: the utterance starts now, whatever the VAD would say."""
+        self.manual = True
+        self._skip_pending()
+        self._trim(self.received_ms)
+        self.speech_start_ms = self.received_ms
+
+    def end_manual(self) -> Utterance | None:
+        """Push-to-talk released: everything since `begin_manual` is the utterance."""
+        start = self.speech_start_ms if self.speech_start_ms is not None else self._buffer_start_ms
+        self._skip_pending()
+        self.speech_start_ms = None
+        if self.received_ms <= start:
+            return None
+        return self._cut(start, self.received_ms, forced=False)
+
+    def abort(self) -> None:
+        """Drop the utterance being spoken and every buffered sample; the VAD starts afresh."""
+        self._skip_pending()
+        self.speech_start_ms = None
+        self._trim(self.received_ms)
+
+    def _skip_pending(self) -> None:
+        """Audio not yet sent to the VAD will not be; the VAD state restarts at the next chunk."""
+        self._pending = _EMPTY
+        self.sent_ms = self.received_ms
+        self._restart_vad = True
+
+    def on_vad_events(self, events: list[VadEvent]) -> list[Utterance]:
+        """Apply VAD events; return finished utterances in order."""
+        done: list[Utterance] = []
+        for event in events:
+            if event.kind == "start":
+                if self.speech_start_ms is None:
+                    self.speech_start_ms = max(event.ms, self._buffer_start_ms)
+            else:
+                start = self.speech_start_ms if self.speech_start_ms is not None else self._buffer_start_ms
+                end = max(min(event.ms, self.received_ms), start)
+                done.append(self._cut(start, end, forced=False))
+                self.speech_start_ms = None
+        if self.speech_start_ms is not None and self.sent_ms - self.speech_start_ms >= self._max_utterance_ms:
+            cut_at = self.sent_ms
+            done.append(self._cut(self.speech_start_ms, cut_at, forced=True))
+            self.speech_start_ms = cut_at  # the speech goes on; the VAD's end closes the next piece
+        if self.speech_start_ms is None:
+            self._trim(self.sent_ms - self._idle_keep_ms)
+        return done
+
+    def _cut(self, start_ms: int, end_ms: int, forced: bool) -> Utterance:
+        a = ms_to_samples(start_ms - self._buffer_start_ms)
+        b = ms_to_samples(end_ms - self._buffer_start_ms)
+        utterance = Utterance(self.utterances_done, start_ms, end_ms, self._buffer[a:b].copy(), forced)
+        self.utterances_done += 1
+        self._trim(end_ms)
+        return utterance
+
+    def _trim(self, keep_from_ms: int) -> None:
+        drop = ms_to_samples(keep_from_ms - self._buffer_start_ms)
+        if drop > 0:
+            self._buffer = self._buffer[drop:]
+            self._buffer_start_ms += samples_to_ms(drop)
+
+
+def utterances_of(pcm: np.ndarray, segments: list[tuple[int, int]]) -> list[Utterance]:
+    """A whole recording's utterances, from the VAD's (start_ms, end_ms) segments (empty ones skipped)."""
+    return [Utterance(i, a, b, pcm[ms_to_samples(a) : ms_to_samples(b)]) for i, (a, b) in enumerate(segments) if b > a]
+
+
+# ---- retries: when to retry a call whose replica was lost, and when to give up -----------------
+# A replica that dies mid-call (or is stopped by a scale-down) makes the call fail with
+# `RayActorError` / `ActorUnavailableError`; the call is safe to repeat. Where another replica
+# runs, Serve routes the retry there at once. Where the lost one was the only replica, the retry
+# waits in the handle's router until Serve has noticed the death (`health_check_period_s`) and
+# started a replacement (which reloads its model: seconds). `RetrySettings.deadline_s` bounds that
+# wait: counted from the first failure, it covers every retry and the waits between them.
+
+
+class ReplicaLostError(RuntimeError):
+    """A replica was lost and no other answered within the retry budget."""
+
+
+class RetryClock:
+    """The retries of one call. `failed()` after each failure says how long to wait before the
+    next try, or None once the budget is spent; `remaining_s()` bounds a try after a failure."""
+
+    def __init__(self, settings: RetrySettings, now: Callable[[], float] = time.monotonic):
+        self.settings = settings
+        self._now = now
+        self._first_failure: float | None = None
+        self.retries = 0
+
+    def failed(self) -> float | None:
+        """A try failed: seconds to wait before the next one, or None to give up.
+
+        The first retry goes at once (Serve routes it to a live replica, or holds it until one
+        runs); later ones back off exponentially, so a replica that keeps failing fast is not
+        hammered."""
+        now = self._now()
+        if self._first_failure is None:
+            self._first_failure = now
+        left = self.settings.deadline_s - (now - self._first_failure)
+        if left <= 0:
+            return None
+        s = self.settings
+        wait = 0.0 if self.retries == 0 else min(s.backoff_s * 2 ** (self.retries - 1), s.max_backoff_s)
+        self.retries += 1
+        return min(wait, left)
+
+    def remaining_s(self) -> float | None:
+        """Time the next try may take: None before any failure (a first try is never timed: it may
+        queue behind other sessions' work under load), else what is left of the deadline."""
+        if self._first_failure is None:
+            return None
+        return max(self.settings.deadline_s - (self._now() - self._first_failure), 0.0)
+
+
+# ---- model calls -------------------------------------------------------------------------------
+
+
+class ModelCalls:
+    """The calls to the replicas, one per Ingress replica: VADHost (sticky per session),
+    SenseVoice and Speaker, each retried when its replica is lost."""
+
+    def __init__(
+        self, vad, asr, speaker, retry: RetrySettings, models_label: str,
+        speaker_enabled: bool = True, default_group: str = "default",
+    ):  # fmt: skip
+        self.vad, self.asr, self.speaker = vad, asr, speaker
+        self.retry = retry
+        self.models_label = models_label
+        self.speaker_enabled = speaker_enabled
+        self.default_group = default_group  # voiceprints matched when the client names no group
+
+    async def feed_vad(self, sid: str, timeline: Timeline, chunk: VadChunk) -> tuple[VadFeedResult, int]:
+        """Send one chunk; if the session's VAD state is gone, replay the unfinished audio.
+
+        Returns the result and how many replays it took.
+        """
+        clock = RetryClock(self.retry)
+        replays = 0
+        feed = self.vad.feed.remote
+        while True:
+            try:
+                call = partial(feed, sid, chunk.pcm, chunk.start_ms, chunk.final, chunk.restart)
+                result = await self._try(clock, call, "VADHost")
+            except REPLICA_GONE as exc:  # the state went with the replica: replay on the next one
+                await self._before_retry(clock, exc, "VADHost", sid)
+            else:
+                if not result.state_lost:
+                    return result, replays
+                if chunk.restart:  # a fresh start is never refused; if it is, spend the budget, never loop
+                    await self._before_retry(clock, RuntimeError("state lost on a restart"), "VADHost", sid)
+            chunk = timeline.replay_chunk()
+            replays += 1
+            logger.info("session %s: replaying %d ms of audio from %d ms (replay %d)",
+                        sid, len(chunk.pcm) // 16, chunk.start_ms, replays)  # fmt: skip
+
+    async def close_vad(self, session_id: str) -> None:
+        try:
+            await self.vad.close.remote(session_id)
+        except Exception:  # the replica may be gone already; nothing to clean up then
+            logger.info("session %s: VAD close failed; replica gone", session_id)
+
+    async def segment(self, pcm: np.ndarray, request_id: str) -> list[tuple[int, int]]:
+        """Speech segments of a whole file."""
+        segments, _ = await self._retrying(partial(self.vad.segment.remote, pcm), "VADHost", request_id)
+        return segments
+
+    async def _try(self, clock: RetryClock, call: Callable[[], Awaitable], what: str):
+        """One try. A try after a failure gets only the time left in the budget: with one replica
+        it waits in Serve's router for the replacement, and that wait must end."""
+        left = clock.remaining_s()
+        if left is None:
+            return await call()
+        try:
+            return await asyncio.wait_for(_awaited(call()), left)
+        except TimeoutError:
+            raise ReplicaLostError(
+                f"{what} replica lost; none answered within {clock.settings.deadline_s:g} s (retry.deadline_s)"
+            ) from None
+
+    async def _before_retry(self, clock: RetryClock, exc: Exception, what: str, session_id: str) -> None:
+        wait = clock.failed()
+        if wait is None:
+            raise ReplicaLostError(
+                f"{what} replica lost; gave up after {clock.retries} retries in {clock.settings.deadline_s:g} s "
+                "(retry.deadline_s)"
+            ) from exc
+        logger.warning("session %s: %s replica lost (%s); retry %d in %.1f s",
+                       session_id, what, type(exc).__name__, clock.retries, wait)  # fmt: skip
+        await asyncio.sleep(wait)
+
+    async def _retrying(self, call: Callable[[], Awaitable], what: str, session_id: str) -> tuple[object, int]:
+        """The call's result and how many retries it took."""
+        clock = RetryClock(self.retry)
+        while True:
+            try:
+                return await self._try(clock, call, what), clock.retries
+            except REPLICA_GONE as exc:
+                await self._before_retry(clock, exc, what, session_id)
+
+    async def transcribe(
+        self, pcm: np.ndarray, options: RecognitionOptions, session_id: str
+    ) -> tuple[Transcript, float, int]:
+        """Transcript, round trip in ms, retries."""
+        started = time.perf_counter()
+        request = AsrRequest(pcm, options.language, options.use_itn)
+        call = partial(self.asr.transcribe.remote, request)
+        transcript, retries = await self._retrying(call, "SenseVoice", session_id)
+        return transcript, _ms_since(started), retries
+
+    async def transcribe_interim(self, pcm: np.ndarray, options: RecognitionOptions) -> Transcript:
+        """Text of an unfinished utterance; runs behind every final on the SenseVoice replica."""
+        return await self.asr.transcribe_interim.remote(AsrRequest(pcm, options.language, options.use_itn))
+
+    async def embed(
+        self, pcm: np.ndarray, group: str | None, session_id: str
+    ) -> tuple[SpeakerEmbedding | None, float, int]:
+        """Embedding and, when `group` is given, the best match among its voiceprints; round trip
+        in ms; retries."""
+        if not self.speaker_enabled:
+            return None, 0.0, 0
+        started = time.perf_counter()
+        request = SpeakerRequest(pcm, group)
+        embedding, retries = await self._retrying(partial(self.speaker.embed.remote, request), "Speaker", session_id)
+        return embedding, _ms_since(started), retries
+
+    async def recognise(
+        self, session_id: str, utt: Utterance, options: RecognitionOptions
+    ) -> tuple[UtteranceResult, SpeakerEmbedding | None]:
+        """Transcript and speaker embedding of one utterance, computed concurrently."""
+        group = options.speaker_group or self.default_group
+        (transcript, asr_ms, asr_retries), (embedding, spk_ms, spk_retries) = await asyncio.gather(
+            self.transcribe(utt.pcm, options, session_id), self.embed(utt.pcm, group, session_id)
+        )
+        speaker = SpeakerInfo()
+        if embedding is not None:
+            speaker = SpeakerInfo(embedding.label, embedding.score, embedding.speaker_id, f"{session_id}:{utt.index}")
+        if embedding is not None and options.return_embedding:
+            speaker.embedding = [round(float(x), 6) for x in embedding.vector]
+        latency = {"asr_ms": asr_ms, "asr_model_ms": round(transcript.model_ms, 1)}
+        if embedding is not None:
+            latency |= {"speaker_ms": spk_ms, "speaker_model_ms": round(embedding.model_ms, 1)}
+        result = UtteranceResult(
+            session_id=session_id, index=utt.index, start_ms=utt.start_ms, end_ms=utt.end_ms,
+            text=transcript.text, language=transcript.language, emotion=transcript.emotion,
+            event=transcript.event, raw_text=transcript.raw_text, speaker=speaker,
+            models=self.models_label, forced_cut=utt.forced_cut, latency_ms=latency,
+            batch_sizes={"asr": transcript.batch_size, **({"speaker": embedding.batch_size} if embedding else {})},
+            retries={k: n for k, n in (("asr", asr_retries), ("speaker", spk_retries)) if n},
+        )  # fmt: skip
+        return result, embedding
+
+
+# ---- the stream --------------------------------------------------------------------------------
+
+
+class UtteranceStreams:
+    """Opens utterance streams; one per Ingress replica."""
+
+    def __init__(self, models: ModelCalls, ingress: IngressSettings, keep_embeddings: int, metrics: IngressMetrics):
+        self.models = models
+        self.vad_chunk_ms, self.max_utterance_ms = ingress.vad_chunk_ms, ingress.max_utterance_ms
+        self.keep_embeddings = keep_embeddings
+        self.metrics = metrics
+
+    def timeline(self) -> Timeline:
+        return Timeline(vad_chunk_ms=self.vad_chunk_ms, max_utterance_ms=self.max_utterance_ms)
+
+    def open(
+        self,
+        session_id: str,
+        options: RecognitionOptions,
+        on_result: Callable[[UtteranceResult], Awaitable[None]],
+        on_failure: Callable[[int, Exception], Awaitable[None]],
+        on_interim: Callable[[int, str], Awaitable[None]] | None = None,
+        interim_interval_ms: int = 600,
+    ) -> UtteranceStream:
+        return UtteranceStream(
+            session_id, self.timeline(), self.models, self.metrics, options, on_result, on_failure,
+            on_interim=on_interim, interim_interval_ms=interim_interval_ms, keep_embeddings=self.keep_embeddings,
+        )  # fmt: skip
+
+
+def live_stream_tasks() -> int:
+    """Tasks of `UtteranceStream`s still running in this process (result sender, recognitions,
+    interims). Once every stream has ended this is 0; anything else is a leak."""
+    return sum(
+        1 for t in asyncio.all_tasks() if getattr(t.get_coro(), "__qualname__", "").startswith("UtteranceStream.")
+    )
+
+
+class UtteranceStream:
+    """One live stream: audio in, `on_result` called once per utterance, in order.
+
+    Optional: `on_interim(index, text)` with the growing text of the utterance being spoken,
+    every `interim_interval_ms` (at most one interim request in flight per stream).
+    Push-to-talk (`begin_utterance`) skips the VAD: `end_utterance()` cuts the utterance.
+    """
+
+    def __init__(
+        self,
+        session_id: str,
+        timeline: Timeline,
+        models: ModelCalls,
+        metrics: IngressMetrics,
+        options: RecognitionOptions,
+        on_result: Callable[[UtteranceResult], Awaitable[None]],
+        on_failure: Callable[[int, Exception], Awaitable[None]],
+        on_interim: Callable[[int, str], Awaitable[None]] | None = None,
+        interim_interval_ms: int = 600,
+        keep_embeddings: int = 20,
+    ):
+        self.session_id = session_id
+        self.timeline = timeline
+        self.models = models
+        self.metrics = metrics
+        self.options = options
+        self._on_result, self._on_failure, self._on_interim = on_result, on_failure, on_interim
+        self._interim_interval_ms = interim_interval_ms
+        self._interim_task: asyncio.Task | None = None
+        self._interim_at_ms = 0
+        self._queue: asyncio.Queue[tuple[int, asyncio.Task] | None] = asyncio.Queue()
+        self._in_flight: set[asyncio.Task] = set()
+        self._sender = asyncio.create_task(self._send_in_order())
+        self.embeddings: deque[tuple[str, SpeakerEmbedding]] = deque(maxlen=keep_embeddings)
+        self.results_sent = 0
+        self.vad_replays = 0
+
+    @property
+    def idle(self) -> bool:
+        """Between utterances with every result sent: a safe moment to close the stream."""
+        return self.timeline.speech_start_ms is None and not self._in_flight
+
+    async def push(self, pcm: np.ndarray) -> None:
+        for chunk in self.timeline.add_audio(pcm):
+            await self._process(chunk)
+
+    def begin_utterance(self) -> None:
+        """Push-to-talk pressed."""
+        self.timeline.begin_manual()
+
+    def use_vad(self) -> None:
+        """Back from push-to-talk: the VAD finds the utterances again."""
+        self.timeline.manual = False
+
+    def end_utterance(self) -> None:
+        """The client ends the utterance now: push-to-talk released, or listening stopped
+        mid-speech. Nothing happens if no utterance is open."""
+        if not self.timeline.manual and self.timeline.speech_start_ms is None:
+            return
+        utt = self.timeline.end_manual()
+        if utt is not None:
+            self._recognise_later(utt, time.perf_counter(), 0.0, 0.0, 0)
+
+    def abort(self) -> None:
+        """Drop the utterance being spoken and every result not sent yet."""
+        self.timeline.abort()
+        for task in self._in_flight:
+            task.cancel()
+        if self._interim_task is not None:
+            self._interim_task.cancel()
+
+    async def finish(self) -> int:
+        """End of stream: flush the VAD, wait for every result to be sent. Returns the count."""
+        if self.timeline.manual:
+            self.end_utterance()
+        else:
+            await self._process(self.timeline.flush())
+        await self._queue.put(None)
+        await self._sender
+        return self.results_sent
+
+    async def close(self) -> None:
+        """The client is gone: stop work for it and free its VAD state."""
+        self._sender.cancel()
+        for task in [*self._in_flight, self._interim_task]:
+            if task is not None:
+                task.cancel()
+        await self.models.close_vad(self.session_id)
+
+    async def _process(self, chunk: VadChunk) -> None:
+        started = time.perf_counter()
+        if self.timeline.manual:
+            result, vad_ms = VadFeedResult(events=[]), 0.0
+        else:
+            result, replays = await self.models.feed_vad(self.session_id, self.timeline, chunk)
+            self.vad_replays += replays
+            vad_ms = _ms_since(started)
+            self.metrics.vad_call(vad_ms)
+        for utt in self.timeline.on_vad_events(result.events):
+            endpoint_ms = self.timeline.sent_ms - utt.end_ms
+            self._recognise_later(utt, started, vad_ms, result.compute_ms, endpoint_ms)
+        self._maybe_interim()
+
+    def _recognise_later(self, utt: Utterance, started: float, vad_ms: float, vad_compute_ms: float, endpoint_ms: int):
+        task = asyncio.create_task(self._recognise(utt, started, vad_ms, vad_compute_ms, endpoint_ms))
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+        self._queue.put_nowait((utt.index, task))
+
+    def _maybe_interim(self) -> None:
+        if self._on_interim is None:
+            return
+        speech = self.timeline.speech_so_far()
+        if speech is None:
+            self._interim_at_ms = self.timeline.sent_ms
+            return
+        due = self.timeline.sent_ms - self._interim_at_ms >= self._interim_interval_ms
+        if due and (self._interim_task is None or self._interim_task.done()):
+            self._interim_at_ms = self.timeline.sent_ms
+            self._interim_task = asyncio.create_task(self._interim(*speech))
+
+    async def _interim(self, index: int, pcm: np.ndarray) -> None:
+        try:
+            transcript = await self.models.transcribe_interim(pcm, self.options)
+        except Exception:  # an interim is a courtesy: the final result still comes
+            logger.warning("session %s: interim recognition failed", self.session_id, exc_info=True)
+            return
+        if self.timeline.utterances_done == index and self._on_interim is not None:  # not final yet
+            await self._on_interim(index, transcript.text)
+
+    async def _recognise(self, utt: Utterance, started: float, vad_ms: float, vad_compute_ms: float, endpoint_ms: int):
+        result, embedding = await self.models.recognise(self.session_id, utt, self.options)
+        if embedding is not None and result.speaker.embedding_id:
+            self.embeddings.append((result.speaker.embedding_id, embedding))
+        result.latency_ms |= {
+            "vad_ms": vad_ms, "vad_compute_ms": round(vad_compute_ms, 1),
+            "endpoint_ms": float(endpoint_ms), "server_ms": _ms_since(started),
+        }  # fmt: skip
+        return result
+
+    async def _send_in_order(self) -> None:
+        while (item := await self._queue.get()) is not None:
+            index, task = item
+            await asyncio.wait([task])  # never raises for the task's own failure or cancellation
+            if task.cancelled():  # aborted by the client: answer nothing for it
+                continue
+            if task.exception() is not None:
+                logger.error("session %s: recognition of utterance %d failed", self.session_id, index,
+                             exc_info=task.exception())  # fmt: skip
+                await self._on_failure(index, task.exception())
+                continue
+            await self._on_result(task.result())
+            self.results_sent += 1

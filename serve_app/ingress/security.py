@@ -1,0 +1,440 @@
+"""Who may connect and what one client may make the ingress do: device tokens on every device
+path, the admin token, log redaction, in-memory uploads, per-session limits.
+
+Device tokens (minted by clients/tokens.py) are the Xiaozhi reference server's. Xiaozhi devices
+send them in headers; plain and FunASR clients, and file uploads, may use
+`Authorization: Bearer <token>` or the `token` query parameter (FunASR clients cannot always set
+headers), with `Device-Id` / `device_id` and optionally `Client-Id` / `client_id`. The admin API
+(`/v1/speakers*`) takes a bearer token from the environment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from fastapi import HTTPException
+from starlette.datastructures import FormData, Headers, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+
+from clients.tokens import sign
+from serve_app.settings import SecuritySettings
+
+logger = logging.getLogger("ray.serve")
+
+# HTTP statuses of a refusal (a WebSocket is closed with 1008 whatever the status).
+MISSING, FORBIDDEN, NOT_CONFIGURED = 401, 403, 503
+CLOCK_SKEW_S = 60  # tokens minted this far in the future still pass (device clocks drift)
+
+
+@dataclass(frozen=True)
+class AuthDecision:
+    ok: bool
+    reason: str = ""
+    status: int = 200
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What a connection says about itself; anything with these three fields will do
+    (Xiaozhi's `ConnectParams` too)."""
+
+    device_id: str | None
+    client_id: str | None
+    authorization: str | None
+
+
+def device_credentials(headers: Mapping[str, str], query: Mapping[str, str]) -> Credentials:
+    """Headers win; clients that cannot set headers use query parameters."""
+
+    def get(header: str, *params: str) -> str | None:
+        return headers.get(header) or next((query[p] for p in params if query.get(p)), None)
+
+    return Credentials(
+        device_id=get("device-id", "device_id", "device-id"),
+        client_id=get("client-id", "client_id", "client-id"),
+        authorization=get("authorization", "token", "authorization"),
+    )
+
+
+def _bearer(authorization: str) -> str:
+    scheme, _, rest = authorization.strip().partition(" ")
+    return rest.strip() if scheme.lower() == "bearer" and rest else authorization.strip()
+
+
+def check_device(
+    authorization: str | None,
+    client_id: str | None,
+    device_id: str | None,
+    secret: str,
+    max_age_s: int,
+    allowed_devices: frozenset[str] = frozenset(),
+    now: float | None = None,
+) -> AuthDecision:
+    """Allow-listed device ids pass without a token; everyone else needs a fresh, valid one."""
+    if not device_id:
+        return AuthDecision(False, "missing device id: send the Device-Id header or the device_id parameter", MISSING)
+    if device_id in allowed_devices:
+        return AuthDecision(True, "allow-listed")
+    if not authorization:
+        return AuthDecision(False, "missing token: send Authorization: Bearer <token> or the token parameter", MISSING)
+    sig, _, ts_text = _bearer(authorization).partition(".")
+    if not sig or not ts_text.isdigit():
+        return AuthDecision(False, "malformed token", FORBIDDEN)
+    ts = int(ts_text)
+    age = int(time.time() if now is None else now) - ts
+    if age > max_age_s:
+        return AuthDecision(False, "token expired", FORBIDDEN)
+    if age < -CLOCK_SKEW_S:
+        return AuthDecision(False, "token from the future", FORBIDDEN)
+    if not hmac.compare_digest(sig, sign(secret, client_id or "", device_id, ts)):
+        return AuthDecision(False, "invalid token", FORBIDDEN)
+    return AuthDecision(True, "token")
+
+
+# ---- when device authentication is on -----------------------------------------------------
+
+
+def is_loopback(host: str | None) -> bool:
+    """True only for hosts nobody else can reach: 127.0.0.0/8, ::1, localhost."""
+    if not host:
+        return False
+    if host.strip("[]").lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def device_auth_required(mode: str, bind_host: str | None) -> tuple[bool, str]:
+    """(on?, why). `bind_host` None means it could not be learned: then auto fails safe (on)."""
+    binds = f"Serve binds {bind_host}" if bind_host else "Serve's HTTP host could not be learned"
+    if mode in ("on", "off"):
+        return mode == "on", f"security.device_auth: {mode} ({binds})"
+    if bind_host is None:
+        return True, f"security.device_auth: auto, and {binds}: failing safe"
+    if is_loopback(bind_host):
+        return False, f"security.device_auth: auto, and {binds}, a loopback address"
+    return True, f"security.device_auth: auto, and {binds}, reachable from other machines"
+
+
+def serve_bind_host(timeout_s: float) -> str | None:
+    """The host Serve's HTTP proxies listen on, from the controller (the same config the
+    proxies were started with, whether by `serve run`, `serve deploy` or `serve.start`).
+    None when it cannot be learned."""
+    try:
+        import ray
+        from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+        if not ray.is_initialized():  # get_actor would start a Ray of its own
+            return None
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        if ray.get(controller.get_proxy_location.remote(), timeout=timeout_s) is None:
+            return None  # no proxy manager: get_http_config() would answer defaults, not the truth
+        return ray.get(controller.get_http_config.remote(), timeout=timeout_s).host
+    except Exception as exc:  # no controller, timeout, a Ray without these methods
+        logger.warning("cannot learn Serve's HTTP host (%s: %s)", type(exc).__name__, exc)
+        return None
+
+
+class DeviceAuth:
+    """The ingress's gate for every device connection and upload."""
+
+    def __init__(
+        self,
+        enabled: bool,
+        secret: str = "",
+        max_age_s: int = 0,
+        allowed_devices: frozenset[str] = frozenset(),
+        secret_env: str = "",
+        why: str = "",
+    ):
+        self.enabled, self.secret, self.max_age_s = enabled, secret, max_age_s
+        self.allowed_devices, self.secret_env, self.why = allowed_devices, secret_env, why
+
+    @classmethod
+    def from_settings(
+        cls, security: SecuritySettings, bind_host: str | None, environ: Mapping[str, str] = os.environ
+    ) -> DeviceAuth:
+        """Never fails: a missing secret refuses devices instead (see `problem`)."""
+        enabled, why = device_auth_required(security.device_auth, bind_host)
+        return cls(
+            enabled,
+            environ.get(security.device_secret_env, "") if enabled else "",
+            security.max_token_age_s,
+            frozenset(security.allowed_devices),
+            security.device_secret_env,
+            why,
+        )
+
+    @property
+    def problem(self) -> str | None:
+        """What stops devices from connecting at all, in words for the operator."""
+        if self.enabled and not self.secret:
+            return (
+                f"device authentication is on ({self.why}) but the environment variable {self.secret_env} is not "
+                f"set: every device except allowed_devices is refused. Set it before starting "
+                f"(`export {self.secret_env}=$(openssl rand -hex 32)`), or bind 127.0.0.1, "
+                f"or set security.device_auth: off."
+            )
+        return None
+
+    def check(self, credentials) -> AuthDecision:
+        """`credentials`: anything with authorization, client_id and device_id."""
+        if not self.enabled:
+            return AuthDecision(True, "authentication disabled")
+        if not self.secret and credentials.device_id not in self.allowed_devices:
+            return AuthDecision(
+                False, f"device authentication is on but {self.secret_env} is not set on the server", NOT_CONFIGURED
+            )
+        return check_device(
+            credentials.authorization,
+            credentials.client_id,
+            credentials.device_id,
+            self.secret,
+            self.max_age_s,
+            self.allowed_devices,
+        )
+
+
+class AdminAuth:
+    """The bearer token of the admin API (`/v1/speakers*`), from the environment."""
+
+    def __init__(self, token: str, env_name: str):
+        self.token, self.env_name = token, env_name
+
+    @classmethod
+    def from_settings(cls, security: SecuritySettings, environ: Mapping[str, str] = os.environ) -> AdminAuth:
+        return cls(environ.get(security.admin_token_env, ""), security.admin_token_env)
+
+    def check(self, authorization: str | None) -> AuthDecision:
+        if not self.token:
+            return AuthDecision(
+                False, f"the admin API is disabled: set the environment variable {self.env_name} on the server",
+                NOT_CONFIGURED,
+            )  # fmt: skip
+        if not authorization:
+            return AuthDecision(False, "missing Authorization: Bearer <admin token>", MISSING)
+        # Equal-length digests: the comparison leaks neither content nor length.
+        given = hashlib.sha256(_bearer(authorization).encode()).digest()
+        if not hmac.compare_digest(given, hashlib.sha256(self.token.encode()).digest()):
+            return AuthDecision(False, "wrong admin token", FORBIDDEN)
+        return AuthDecision(True, "admin token")
+
+
+def request_target(scope: dict) -> str:
+    """Path and query of a request, for refusal logs (the redaction filter masks any token)."""
+    query = scope.get("query_string", b"").decode("latin-1")
+    return scope.get("path", "") + (f"?{query}" if query else "")
+
+
+def require_device(auth: DeviceAuth, request: Request) -> None:
+    """Device authentication of an HTTP request (file uploads): 401/403/503 before the body is read."""
+    decision = auth.check(device_credentials(request.headers, request.query_params))
+    if not decision.ok:
+        logger.warning("refused %s: %s", request_target(request.scope), decision.reason)
+        headers = {"WWW-Authenticate": "Bearer"} if decision.status == MISSING else None
+        raise HTTPException(decision.status, decision.reason, headers=headers)
+
+
+def require_admin(auth: AdminAuth, request: Request) -> None:
+    """The admin token, before anything else the request carries is looked at (form, JSON body)."""
+    decision = auth.check(request.headers.get("authorization"))
+    if not decision.ok:
+        logger.warning("refused %s %s: %s", request.method, request.url.path, decision.reason)
+        headers = {"WWW-Authenticate": "Bearer"} if decision.status == MISSING else None
+        raise HTTPException(decision.status, decision.reason, headers=headers)
+
+
+# ---- log redaction ------------------------------------------------------------------------
+# Keep credentials out of the logs: a logging filter that masks tokens in every record.
+#
+# Masked: `token=` (and similar) query or form parameters, `Authorization` header values in
+# any of the shapes they get logged in (`Authorization: Bearer x`, a dict repr, an ASGI header
+# tuple), `Bearer <x>` anywhere, device-token values (`<43 base64url chars>.<unix time>`), and
+# the literal values of the secrets this process holds (device secret, admin token).
+
+
+MASK = "[REDACTED]"
+MIN_SECRET_LEN = 8  # shorter "secrets" would mask ordinary words; the settings refuse them anyway
+
+_PARAM = re.compile(
+    r"(?i)\b(token|access_token|authorization|api_key|apikey|password|secret)=(?!\[REDACTED\])([^&\s\"'<>#:,;)\]}]+)"
+)
+_HEADER = re.compile(  # atomic groups: no backtracking that would let "Bearer" itself pass as the value
+    r"(?i)\b(authorization|proxy-authorization|x-api-key)(?>(\"?'?\s*[:,=]\s*(?:(?-i:b)?[\"'])?))"
+    r"(?>(?:bearer\s+|basic\s+)?)(?![<\[])[^\s\"',;}\])]+"  # not `Bearer <token>` in a help text, nor a mask
+)
+_BEARER = re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]+")
+_DEVICE_TOKEN = re.compile(r"\b[A-Za-z0-9_-]{43}\.\d{9,11}\b")  # base64url(HMAC-SHA256).unix_time
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    for secret in secrets:
+        if len(secret) >= MIN_SECRET_LEN:
+            text = text.replace(secret, MASK)
+    text = _PARAM.sub(lambda m: f"{m.group(1)}={MASK}", text)
+    text = _HEADER.sub(lambda m: f"{m.group(1)}{m.group(2)}{MASK}", text)
+    text = _BEARER.sub(f"Bearer {MASK}", text)
+    return _DEVICE_TOKEN.sub(MASK, text)
+
+
+class RedactingFilter(logging.Filter):
+    """Rewrites a record's message (and traceback text) with `redact` before any handler
+    formats it. Never drops a record."""
+
+    def __init__(self, secrets: Iterable[str] = ()):
+        super().__init__()
+        self.secrets = tuple(s for s in secrets if s and len(s) >= MIN_SECRET_LEN)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken format string: logging reports it itself
+            return True
+        clean = redact(message, self.secrets)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text, self.secrets)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info, self.secrets)
+        return True
+
+
+def install_redaction(secrets: Iterable[str] = (), logger_names: Iterable[str] = ("ray.serve", "")) -> RedactingFilter:
+    """Put one filter on each named logger (records logged there) and on each of their
+    handlers (records that propagate into them from child loggers). Idempotent: a second
+    call replaces the first's filter."""
+    new = RedactingFilter(secrets)
+    for name in logger_names:
+        log = logging.getLogger(name)
+        for target in (log, *log.handlers):
+            for old in [f for f in target.filters if isinstance(f, RedactingFilter)]:
+                target.removeFilter(old)
+            target.addFilter(new)
+    return new
+
+
+# ---- uploads --------------------------------------------------------------------------------
+# Multipart uploads held in memory only: uploaded audio never touches the disk.
+#
+# Starlette (which FastAPI's `File()` / `UploadFile` parameters use) spools every file part into
+# a `SpooledTemporaryFile` that rolls over to a temporary file on disk past 1 MiB. Here the
+# spool limit is raised to the upload limit, and a file that would pass the limit is refused
+# (413) before its bytes are written, so the spool never rolls over. Memory per request is
+# bounded by max_files x max_file_bytes.
+
+
+MAX_FORM_FIELDS = 32  # text fields per form: ours use 4; room for OpenAI clients' extras
+MAX_FIELD_BYTES = 64 * 1024  # one text field (a name, a language code)
+
+
+class UploadError(ValueError):
+    """A bad upload: `status` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class InMemoryMultiPartParser(MultiPartParser):
+    def __init__(self, headers: Headers, stream, *, max_file_bytes: int, max_files: int):
+        super().__init__(
+            headers, stream, max_files=max_files, max_fields=MAX_FORM_FIELDS, max_part_size=MAX_FIELD_BYTES
+        )
+        self.spool_max_size = max_file_bytes  # rolls over only past this, which on_part_data never allows
+        self.max_file_bytes = max_file_bytes
+        self._file_bytes = 0
+
+    def on_part_begin(self) -> None:
+        super().on_part_begin()
+        self._file_bytes = 0
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._current_part.file is not None:
+            self._file_bytes += end - start
+            if self._file_bytes > self.max_file_bytes:
+                raise UploadError(413, f"each file must be at most {self.max_file_bytes} bytes")
+        super().on_part_data(data, start, end)
+
+
+async def read_form(request: Request, max_file_bytes: int, max_files: int) -> FormData:
+    """The request's form, files in memory. Raises UploadError."""
+    content_type = request.headers.get("content-type", "")
+    try:
+        if content_type.startswith("multipart/form-data"):
+            parser = InMemoryMultiPartParser(
+                request.headers, request.stream(), max_file_bytes=max_file_bytes, max_files=max_files
+            )
+            return await parser.parse()
+        # url-encoded or no body: no file parts, so nothing to spool
+        return await request.form(max_files=0, max_fields=MAX_FORM_FIELDS, max_part_size=MAX_FIELD_BYTES)
+    except MultiPartException as exc:
+        raise UploadError(400, exc.message) from None
+
+
+async def read_upload_form(request: Request, max_file_bytes: int, max_files: int) -> FormData:
+    """`read_form`, with a bad upload answered as its HTTP error."""
+    try:
+        return await read_form(request, max_file_bytes, max_files)
+    except UploadError as exc:
+        raise HTTPException(exc.status, str(exc)) from None
+
+
+def text_field(form: FormData, name: str, default: str | None = None, required: bool = False) -> str | None:
+    value = form.get(name)
+    if isinstance(value, UploadFile):
+        raise UploadError(422, f"form field {name!r} must be text, not a file")
+    if value is None and required:
+        raise UploadError(422, f"missing form field {name!r}")
+    return default if value is None else value
+
+
+def file_fields(form: FormData, name: str) -> list[UploadFile]:
+    files = [v for v in form.getlist(name) if isinstance(v, UploadFile)]
+    if not files:
+        raise UploadError(422, f"missing file field {name!r}: send the audio as multipart/form-data")
+    return files
+
+
+# ---- per-session limits (pure: the clock is injected) -----------------------------------------
+
+
+class SessionLimitExceeded(Exception):
+    """The client went past a per-session bound; the session is closed with `code` (1008)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class TokenBucket:
+    """`burst` events at once, then `rate_per_s` sustained."""
+
+    def __init__(self, rate_per_s: float, burst: int, clock: Callable[[], float] = time.monotonic):
+        self.rate_per_s, self.burst = rate_per_s, burst
+        self._clock = clock
+        self._tokens = float(burst)
+        self._at = clock()
+
+    def take(self) -> bool:
+        """One event: True if within the bound (and counted), False if over it."""
+        now = self._clock()
+        self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.rate_per_s)
+        self._at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True

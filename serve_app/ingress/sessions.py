@@ -1,0 +1,227 @@
+"""This Ingress replica's sessions: who may open one, the application-wide registry, and what
+the replica does once Serve has decided to stop it.
+
+Admission: a session over a cap is refused at once with a reason and a close code; it never
+waits in a proxy queue. Two layers:
+  * each Ingress replica refuses beyond `max_sessions_per_replica` (kept below Serve's
+    `max_ongoing_requests`, so the proxy never queues a WebSocket) and while it drains;
+  * the one-replica `SessionRegistry` (deployments/registry.py) sees every session of the
+    application: the overall cap and the per-device connection limit.
+This replica re-syncs its live sessions with the registry periodically (dropping sessions whose
+release was lost); admissions are numbered so a sync never drops one admitted after its snapshot.
+
+Draining: Ingress draining: what a replica does once Serve has decided to stop it.
+
+Serve picks which Ingress replica to stop (scale-down, redeploy) without looking at its
+WebSockets, then waits up to `graceful_shutdown_timeout_s` for its requests (our live
+sessions) to end before killing it. Serve has no drain hook for user code, so the replica
+polls the controller for its own state. From STOPPING on it:
+  * refuses new sessions at once (close 1012 "service restart": reconnect now), though
+    Serve's router already stops sending it any;
+  * lets live sessions go on untouched: most end by themselves within the grace period;
+  * `margin_s` before Serve's deadline, asks the rest to reconnect: each waits for a pause
+    between utterances (up to `idle_wait_s`), sends every result it owes, then closes 1012.
+Nothing is lost: an utterance still open at the deadline is cut and transcribed first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from ray import serve
+
+from serve_app.ingress.connection import DRAINING, Connection
+from serve_app.ingress.metrics import IngressMetrics
+from serve_app.ingress.security import DeviceAuth, device_credentials
+from serve_app.settings import AdmissionSettings, IngressSettings
+from serve_app.wire import CLOSE_TRY_AGAIN_LATER, Refusal
+
+logger = logging.getLogger("ray.serve")
+PROTOCOLS = ("plain", "xiaozhi", "funasr")
+
+
+def replica_full(limit: int) -> Refusal:
+    return Refusal("server_busy", f"this server holds its maximum of {limit} sessions; retry later",
+                   CLOSE_TRY_AGAIN_LATER)  # fmt: skip
+
+
+def replica_refusal(draining: bool, live_here: int, max_per_replica: int) -> Refusal | None:
+    """One Ingress replica's own answer to a new session, before the application-wide caps."""
+    if draining:
+        return DRAINING
+    return replica_full(max_per_replica) if live_here >= max_per_replica else None
+
+
+class Sessions:
+    """The live connections of this replica, from admission to release."""
+
+    def __init__(
+        self, registry, admission: AdmissionSettings, ingress: IngressSettings, device_auth: DeviceAuth,
+        metrics: IngressMetrics,
+    ):  # fmt: skip
+        self.registry = registry
+        self.admission, self.ingress = admission, ingress
+        self.device_auth = device_auth
+        self.metrics = metrics
+        self.live: dict[str, Connection] = {}  # for enrol-from-session and draining
+        self._drain: DrainWatch | None = None  # started with the first session (needs the event loop)
+        self._admit_seq = 0  # numbers our admissions, so a registry sync cannot drop a newer one
+        self._admitting: set[str] = set()  # sessions whose admission is on its way
+
+    async def serve(self, conn: Connection) -> None:
+        """Authenticate, admit, run the connection to its end, release."""
+        if not await conn.authenticate(self.device_auth):
+            return
+        self._start_background()
+        refusal = self._local_refusal() or await self._register(conn)
+        if refusal is not None:
+            self.metrics.session_rejected(conn.protocol, refusal.code)
+            logger.info("session %s (%s) refused: %s", conn.session_id, conn.protocol, refusal.message)
+            await conn.refuse(refusal)
+            return
+        self.live[conn.session_id] = conn
+        self.metrics.session_admitted(conn.protocol)
+        self._count()
+        try:
+            await conn.run()
+        finally:
+            self.live.pop(conn.session_id, None)
+            self._count()
+            await self._release(conn.session_id)
+
+    def _local_refusal(self) -> Refusal | None:
+        return replica_refusal(self._drain.draining, len(self.live), self.admission.max_sessions_per_replica)
+
+    async def _register(self, conn: Connection) -> Refusal | None:
+        """The application-wide caps. If the registry cannot answer, admit: a cap is not
+        worth refusing everyone over."""
+        device = device_credentials(conn.ws.headers, conn.ws.query_params).device_id
+        self._admit_seq += 1
+        self._admitting.add(conn.session_id)
+        try:
+            return await self.registry.admit.remote(conn.session_id, self._replica_id, device, self._admit_seq)
+        except Exception:
+            logger.warning("session %s: session registry unavailable; admitted unchecked", conn.session_id,
+                           exc_info=True)  # fmt: skip
+            return None
+        finally:  # from here to `self.live[...] = conn` nothing awaits: no sync sees a gap
+            self._admitting.discard(conn.session_id)
+
+    async def _release(self, session_id: str) -> None:
+        try:
+            await self.registry.release.remote(session_id)
+        except Exception:  # the periodic sync corrects the registry
+            logger.info("session %s: registry release failed; the next sync corrects it", session_id)
+
+    async def _sync_registry(self) -> None:
+        while True:
+            await asyncio.sleep(self.admission.sync_s)
+            try:
+                live = [*self.live, *self._admitting]  # taken together with the number below
+                await self.registry.sync.remote(self._replica_id, live, self._admit_seq)
+            except Exception:
+                logger.info("session registry sync failed; retrying in %g s", self.admission.sync_s)
+
+    def _count(self) -> None:
+        live = Counter(c.protocol for c in self.live.values())
+        self.metrics.sessions_now({p: live.get(p, 0) for p in PROTOCOLS})
+
+    def _start_background(self) -> None:
+        """Drain watch and registry sync: started with the first session (they need the loop)."""
+        if self._drain is not None:
+            return
+        ctx = serve.get_replica_context()
+        self._replica_id = ctx.replica_id.unique_id
+        grace_s = ctx._deployment_config.graceful_shutdown_timeout_s  # what Serve enforces for this replica
+        cap = self.admission.max_sessions_per_replica
+        if cap >= ctx._deployment_config.max_ongoing_requests:
+            logger.warning("admission.max_sessions_per_replica (%d) >= Ingress max_ongoing_requests (%d): "
+                           "excess sessions will queue in the proxy instead of being refused",
+                           cap, ctx._deployment_config.max_ongoing_requests)  # fmt: skip
+        s = self.ingress
+        self._drain = DrainWatch(lambda: controller_states(ctx.app_name, ctx.deployment), self._replica_id,
+                                 s.drain_poll_s, grace_s, s.drain_margin_s)  # fmt: skip
+        self._background = [
+            asyncio.create_task(self._move_sessions_when_stopping()),
+            asyncio.create_task(self._sync_registry()),
+        ]
+
+    async def _move_sessions_when_stopping(self) -> None:
+        plan = await self._drain.wait()
+        await asyncio.sleep(plan.reconnect_in(time.monotonic()))
+        logger.warning("ingress stopping: asking %d live sessions to reconnect", len(self.live))
+        for conn in list(self.live.values()):
+            conn.ask_to_reconnect(self.ingress.drain_idle_wait_s)
+
+
+# ---- draining ---------------------------------------------------------------------------------
+
+
+STOPPING = "STOPPING"
+
+
+def replica_is_stopping(states: dict[str, str], replica_id: str) -> bool:
+    """`states`: replica id -> state, as the controller lists them. An unknown replica is not
+    treated as stopping: sessions are never cut on uncertain information."""
+    return states.get(replica_id) == STOPPING
+
+
+@dataclass(frozen=True)
+class DrainPlan:
+    started: float  # time.monotonic() when the stop was seen
+    grace_s: float  # Serve's graceful_shutdown_timeout_s for this deployment
+    margin_s: float  # ask sessions to reconnect this long before Serve's deadline
+
+    def reconnect_in(self, now: float) -> float:
+        """Seconds until sessions are asked to reconnect (0: now)."""
+        return max(0.0, self.started + self.grace_s - self.margin_s - now)
+
+
+class DrainWatch:
+    """Polls this replica's state; `wait()` returns the plan once Serve starts stopping it."""
+
+    def __init__(
+        self,
+        fetch_states: Callable[[], Awaitable[dict[str, str]]],
+        replica_id: str,
+        poll_s: float,
+        grace_s: float,
+        margin_s: float,
+    ):
+        self._fetch, self.replica_id, self.poll_s = fetch_states, replica_id, poll_s
+        self.grace_s, self.margin_s = grace_s, margin_s
+        self.plan: DrainPlan | None = None
+
+    @property
+    def draining(self) -> bool:
+        return self.plan is not None
+
+    async def wait(self) -> DrainPlan:
+        while True:
+            try:
+                states = await self._fetch()
+            except Exception as exc:  # the controller may be restarting: keep serving, ask again
+                logger.info("drain watch: controller unavailable (%s)", type(exc).__name__)
+                states = {}
+            if replica_is_stopping(states, self.replica_id):
+                self.plan = DrainPlan(time.monotonic(), self.grace_s, self.margin_s)
+                wait_s = self.plan.reconnect_in(time.monotonic())
+                logger.warning("ingress replica %s is stopping: refusing new sessions; live ones asked to "
+                               "reconnect in %.0f s", self.replica_id, wait_s)  # fmt: skip
+                return self.plan
+            await asyncio.sleep(self.poll_s)
+
+
+async def controller_states(app_name: str, deployment: str) -> dict[str, str]:
+    """Replica id -> state for one deployment, from the Serve controller."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    details = await controller.get_deployment_details.remote(app_name, deployment)
+    return {r.replica_id: str(r.state.value) for r in details.replicas}

@@ -1,0 +1,173 @@
+"""What crosses processes: the messages between the Ingress and the replicas (all picklable for
+Ray), the PCM conventions both sides share, and the refusal and close codes every protocol uses.
+
+Inside the service audio is int16 mono at 16 kHz; times are milliseconds from the start of a
+session's audio stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+SAMPLE_RATE = 16000  # every model here is a 16 kHz model
+
+# WebSocket close codes (RFC 6455)
+CLOSE_NORMAL = 1000
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_UNSUPPORTED_DATA = 1003
+CLOSE_POLICY = 1008  # policy violation: authentication refused, a limit passed (retrying will not help)
+CLOSE_TOO_BIG = 1009
+CLOSE_INTERNAL = 1011
+CLOSE_SERVICE_RESTART = 1012  # the server is restarting; the client should reconnect
+CLOSE_TRY_AGAIN_LATER = 1013  # server overloaded; retry with backoff
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a connection is refused or ended: the error frame's code and message, and the close code."""
+
+    code: str  # error code in the protocol's error frame, and the metrics' `reason` tag
+    message: str
+    close_code: int
+
+
+class AudioFormatError(ValueError):
+    """Audio the user sent cannot be used; the message says why."""
+
+
+def pcm16_from_bytes(data: bytes) -> np.ndarray:
+    if len(data) % 2:
+        raise AudioFormatError(f"PCM16 frame has an odd length ({len(data)} bytes)")
+    return np.frombuffer(data, dtype="<i2").astype(np.int16, copy=False)
+
+
+def to_float32(pcm: np.ndarray) -> np.ndarray:
+    """What funasr wants: float32 in [-1, 1]. Never hand it raw bytes (it sniffs them as MP3)."""
+    return pcm.astype(np.float32) / 32768.0
+
+
+def ms_to_samples(ms: int) -> int:
+    return ms * SAMPLE_RATE // 1000
+
+
+def samples_to_ms(n: int) -> int:
+    return n * 1000 // SAMPLE_RATE
+
+
+@dataclass(frozen=True)
+class ModelsSummary:
+    """What the Ingress tells clients and /healthz about the models the replicas load."""
+
+    label: Literal["real", "test"]  # "test" when any model has random weights
+    sources: dict[str, str]  # role -> where it comes from, in words
+    warning: str | None = None
+
+
+@dataclass(frozen=True)
+class VadEvent:
+    kind: Literal["start", "end"]
+    ms: int  # offset in the session's audio stream
+
+
+@dataclass
+class VadFeedResult:
+    events: list[VadEvent]
+    # The replica has no state for this session (new replica after a re-pin, or a gap):
+    # the caller must replay the unfinished audio with `restart=True`.
+    state_lost: bool = False
+    compute_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class AsrRequest:
+    pcm: np.ndarray  # int16 mono 16 kHz
+    language: str = "auto"
+    use_itn: bool = True
+
+
+@dataclass
+class Transcript:
+    text: str
+    language: str | None
+    emotion: str | None
+    event: str | None
+    raw_text: str
+    model_ms: float = 0.0
+    batch_size: int = 1
+
+
+@dataclass(frozen=True)
+class SpeakerRequest:
+    pcm: np.ndarray  # int16 mono 16 kHz
+    group: str | None = None  # match against this group's voiceprints; None: embedding only
+
+
+@dataclass
+class SpeakerEmbedding:
+    vector: np.ndarray  # float32, (dim,)
+    model: str  # which speaker model made it: embeddings of different models are never compared
+    model_ms: float = 0.0
+    batch_size: int = 1
+    label: str = "unknown"
+    score: float | None = None
+    speaker_id: str | None = None
+
+
+@dataclass(frozen=True)
+class VadChunk:
+    """Audio for one VADHost call."""
+
+    pcm: np.ndarray  # int16
+    start_ms: int
+    final: bool = False
+    restart: bool = False
+
+
+@dataclass(frozen=True)
+class Utterance:
+    index: int
+    start_ms: int
+    end_ms: int
+    pcm: np.ndarray  # int16
+    forced_cut: bool = False  # cut at max_utterance_ms, not by the VAD
+
+
+@dataclass
+class SpeakerInfo:
+    label: str = "unknown"  # an enrolled name, or "unknown"
+    score: float | None = None
+    speaker_id: str | None = None
+    embedding_id: str | None = None
+    embedding: list[float] | None = None
+
+    def fields(self) -> dict:
+        """For the wire: the embedding only when the client asked for it."""
+        out = {
+            "label": self.label,
+            "score": self.score,
+            "speaker_id": self.speaker_id,
+            "embedding_id": self.embedding_id,
+        }
+        return out if self.embedding is None else {**out, "embedding": self.embedding}
+
+
+@dataclass
+class UtteranceResult:
+    session_id: str
+    index: int
+    start_ms: int
+    end_ms: int
+    text: str
+    language: str | None
+    emotion: str | None
+    event: str | None
+    raw_text: str
+    speaker: SpeakerInfo
+    models: Literal["real", "test"]
+    forced_cut: bool = False
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    batch_sizes: dict[str, int] = field(default_factory=dict)
+    retries: dict[str, int] = field(default_factory=dict)  # per stage, calls repeated after a lost replica

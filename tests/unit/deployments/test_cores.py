@@ -1,0 +1,128 @@
+"""The plain model classes behind the deployments, without Serve: real fsmn-vad weights,
+tiny random SenseVoice and ERes2NetV2 built locally."""
+
+import numpy as np
+import pytest
+
+from deployments.asr import AsrCore
+from deployments.speaker import SpeakerCore, tile_to
+from deployments.vad import VadCore
+from serve_app.settings import AsrSettings, SpeakerSettings, VadSettings
+from serve_app.wire import AsrRequest
+from tests.conftest import TWO_UTTERANCES_SPEECH_MS
+
+
+@pytest.fixture(scope="module")
+def vad(tiny_models):
+    return VadCore(tiny_models.vad, VadSettings(max_end_silence_ms=600))
+
+
+def stream(vad, session_id, pcm, chunk_ms=200):
+    events, step = [], chunk_ms * 16
+    for i in range(0, len(pcm), step):
+        final = i + step >= len(pcm)
+        result = vad.feed(session_id, pcm[i : i + step], i // 16, final=final)
+        assert not result.state_lost
+        events += result.events
+    return events
+
+
+def pairs(events):
+    starts = [e.ms for e in events if e.kind == "start"]
+    ends = [e.ms for e in events if e.kind == "end"]
+    return list(zip(starts, ends, strict=True))
+
+
+def test_vad_finds_both_utterances(vad, two_utterances):
+    found = pairs(stream(vad, "a", two_utterances))
+    assert len(found) == 2
+    for (start, end), (true_start, true_end) in zip(found, TWO_UTTERANCES_SPEECH_MS, strict=True):
+        assert abs(start - true_start) < 400 and abs(end - true_end) < 400
+    assert vad.live_sessions == 0  # the final chunk ends the stream
+
+
+def test_vad_sessions_interleave_without_mixing(vad, two_utterances):
+    step = 200 * 16
+    events = {"x": [], "y": []}
+    for i in range(0, len(two_utterances), step):
+        final = i + step >= len(two_utterances)
+        for sid in events:
+            events[sid] += vad.feed(sid, two_utterances[i : i + step], i // 16, final=final).events
+    assert pairs(events["x"]) == pairs(events["y"]) and len(pairs(events["x"])) == 2
+
+
+def test_vad_unknown_session_or_gap_asks_for_replay(vad, two_utterances):
+    assert vad.feed("late", two_utterances[:3200], 400).state_lost
+    vad.feed("gap", two_utterances[:3200], 0)
+    assert vad.feed("gap", two_utterances[:3200], 999).state_lost
+    assert vad.close("gap") is False  # already dropped by the gap
+    restarted = vad.feed("late", two_utterances[6400:9600], 400, restart=True)
+    assert not restarted.state_lost
+    assert vad.close("late") is True and vad.live_sessions == 0
+
+
+def test_vad_reset_between_utterances_keeps_segments(tiny_models, two_utterances):
+    """With a reset after every 1 s of silence, the cache stays small and both utterances are still found."""
+    vad = VadCore(tiny_models.vad, VadSettings(max_end_silence_ms=600, reset_after_ms=1000))
+    long_audio = np.concatenate([two_utterances] * 3)
+    found = pairs(stream(vad, "long", long_audio))
+    assert len(found) == 6
+    offset = len(two_utterances) // 16
+    for k, (start, _end) in enumerate(found):
+        assert abs(start - (TWO_UTTERANCES_SPEECH_MS[k % 2][0] + offset * (k // 2))) < 400
+
+
+def test_vad_segments_a_whole_file(vad, two_utterances):
+    assert len(vad.segment(two_utterances)) == 2
+
+
+def test_asr_batches_and_keeps_order(tiny_models, two_utterances):
+    asr = AsrCore(tiny_models.asr, AsrSettings(threads=1))
+    a, b = two_utterances[8000:44800], two_utterances[68800:112000]
+    batch = asr.transcribe_batch([AsrRequest(a), AsrRequest(b), AsrRequest(a, use_itn=False)])
+    assert [t.batch_size for t in batch] == [2, 2, 1]  # grouped by (language, itn)
+    alone_a, alone_b = (asr.transcribe_batch([AsrRequest(x)])[0].raw_text for x in (a, b))
+    assert alone_a != alone_b
+    # Without dither the same audio gives the same text, alone or in any batch, run after run.
+    assert [batch[0].raw_text, batch[1].raw_text] == [alone_a, alone_b]
+    assert asr.transcribe_batch([AsrRequest(b), AsrRequest(a)])[1].raw_text == alone_a
+    assert all(t.model_ms > 0 for t in batch)
+
+
+def test_asr_with_funasr_default_dither_is_not_repeatable(tiny_models, two_utterances):
+    """Why `asr.dither` defaults to 0: funasr's frontend adds random noise to every call, and
+    the random-weight test model's near-flat logits show it (real weights flip words less often)."""
+    asr = AsrCore(tiny_models.asr, AsrSettings(threads=1, dither=1.0))
+    a = two_utterances[8000:44800]
+    texts = {asr.transcribe_batch([AsrRequest(a)])[0].raw_text for _ in range(6)}
+    assert len(texts) > 1
+
+
+def test_speaker_batched_embedding_matches_single(tiny_models, two_utterances):
+    spk = SpeakerCore(tiny_models.speaker, SpeakerSettings(threads=1))
+    short, long = two_utterances[8000:30000], two_utterances[68800:112000]
+    batched = spk.embed_batch([short, long])
+    alone = spk.embed_batch([short])
+    assert batched[0].vector.shape == (192,) and batched[0].batch_size == 2
+    cos = float(
+        np.dot(batched[0].vector, alone[0].vector) / np.linalg.norm(batched[0].vector) / np.linalg.norm(alone[0].vector)
+    )
+    assert cos > 0.99
+
+
+def test_tile_to_repeats_the_clip():
+    assert tile_to(np.array([1, 2, 3], dtype=np.int16), 7).tolist() == [1, 2, 3, 1, 2, 3, 1]
+
+
+def test_vad_reset_keeps_the_session_cache_from_growing(tiny_models, two_utterances):
+    """fsmn keeps one output_data_buf entry per segment it ever found; resets drop them."""
+
+    def segments_held(reset_after_ms: int) -> int:
+        vad = VadCore(tiny_models.vad, VadSettings(max_end_silence_ms=600, reset_after_ms=reset_after_ms))
+        audio = np.concatenate([two_utterances] * 8)
+        for i in range(0, len(audio), 3200):
+            vad.feed("s", audio[i : i + 3200], i // 16)
+        return len(vad._streams["s"].cache["stats"].output_data_buf)
+
+    assert segments_held(reset_after_ms=10**9) >= 14  # without resets: grows with the session
+    assert segments_held(reset_after_ms=5000) <= 2

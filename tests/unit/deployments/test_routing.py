@@ -1,0 +1,54 @@
+from deployments.routing import choose_replica, replica_loads, session_of
+
+
+def test_new_session_goes_to_the_least_loaded_replica():
+    pins = {}
+    assert choose_replica("s1", pins, {"a": 3, "b": 1, "c": 2}) == "b"
+    assert pins == {"s1": "b"}
+
+
+def test_pinned_session_stays_even_when_its_replica_is_busiest():
+    pins = {"s1": "a"}
+    assert choose_replica("s1", pins, {"a": 50, "b": 0}) == "a"
+    assert pins == {"s1": "a"}
+
+
+def test_session_is_repinned_when_its_replica_is_gone():
+    pins = {"s1": "gone", "s2": "b"}
+    assert choose_replica("s1", pins, {"a": 2, "b": 1}) == "b"
+    assert pins["s1"] == "b"
+
+
+def test_ties_are_broken_deterministically():
+    assert choose_replica("s", {}, {"b": 0, "a": 0}) == "a"
+
+
+def test_no_replicas_means_no_choice_and_no_pin():
+    pins = {}
+    assert choose_replica("s", pins, {}) is None
+    assert pins == {}
+
+
+def test_calls_without_a_session_are_not_pinned():
+    pins = {}
+    assert choose_replica(None, pins, {"a": 1, "b": 0}) == "b"
+    assert pins == {}
+
+
+def test_loads_count_local_pins_not_yet_reported():
+    pins = {"s1": "a", "s2": "a", "s3": "b"}
+    assert replica_loads(pins, {"a": 0, "b": 5, "c": 1}) == {"a": 2, "b": 5, "c": 1}
+
+
+def test_a_burst_of_new_sessions_spreads_over_replicas():
+    pins: dict[str, str] = {}
+    reported = {"a": 0, "b": 0, "c": 0}  # stats lag: every replica still reports zero
+    for i in range(9):
+        choose_replica(f"s{i}", pins, replica_loads(pins, reported))
+    assert sorted(replica_loads(pins, reported).values()) == [3, 3, 3]
+
+
+def test_session_id_comes_from_session_methods_only():
+    assert session_of("feed", ("s1", b"", 0), {}) == "s1"
+    assert session_of("close", (), {"session_id": "s2"}) == "s2"
+    assert session_of("segment", ("not-a-session",), {}) is None

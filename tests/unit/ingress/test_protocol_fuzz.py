@@ -1,0 +1,483 @@
+"""Property-based fuzzing of the pure protocol adapters and the Opus decoder.
+
+Property: whatever a client sends (random text, random bytes, JSON of the wrong shape, binary
+frames whose headers are truncated or whose lengths lie) comes back as a typed event or as the
+module's documented error, with a short readable message; never any other exception. Where a
+render/parse pair exists, well-formed messages round-trip.
+
+Reproducible: derandomized (the examples follow from the test's code), no example database.
+A hang guard (faulthandler) ends the run with a traceback if one call never returns.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import io
+import json
+import struct
+import wave
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from clients.opus import OPUS_FRAME_MS, OPUS_RATES, encode_pcm
+from clients.xiaozhi import frame_audio
+from serve_app.ingress import files as openai_files
+from serve_app.ingress import funasr, plain, xiaozhi
+from serve_app.ingress.audio import AudioTooLongError, decode_file
+from serve_app.ingress.connection import ProtocolError
+from serve_app.ingress.xiaozhi import OpusDecoder
+from serve_app.wire import AudioFormatError, SpeakerInfo, UtteranceResult
+
+FUZZ = settings(
+    max_examples=300,
+    deadline=None,  # shared 2-core machines: timing noise is not a failure
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+HANG_GUARD_S = 120  # far beyond any one test here: only a hang gets there
+MAX_FRAME = 64_000
+MESSAGE_LIMIT = 300  # an error message a person can read, however large the input was
+
+CODES = {
+    "plain": {"invalid_json", "bad_message", "unknown_type", "bad_sample_rate"},
+    "plain_audio": {"frame_too_large", "bad_audio"},
+    "xiaozhi": {"invalid_json", "bad_message", "unknown_type", "unsupported_audio"},
+    "xiaozhi_binary": {"frame_too_large", "bad_frame"},
+    "xiaozhi_connect": {"bad_protocol_version"},
+    "funasr": {"invalid_json", "bad_message", "bad_mode", "bad_sample_rate", "unsupported_audio"},
+}
+
+
+@pytest.fixture(autouse=True)
+def hang_guard():
+    faulthandler.dump_traceback_later(HANG_GUARD_S, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
+def utf8_ok(text: str) -> bool:
+    """Text a WebSocket text frame (and SQLite, and a log line) can carry."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def assert_documented(exc: ProtocolError, codes: set[str]) -> None:
+    message = str(exc)
+    assert exc.code in codes, (exc.code, message)
+    assert message and len(message) <= MESSAGE_LIMIT and utf8_ok(message), message
+    assert message.isprintable(), message
+
+
+def parse_or_error(parse, arg, codes: set[str]):
+    """The parsed event, or None after checking the error is a documented one."""
+    try:
+        return parse(arg)
+    except ProtocolError as exc:
+        assert_documented(exc, codes)
+        return None
+
+
+# ---- strategies ---------------------------------------------------------------------------
+# Client text, half of it with a lone UTF-16 surrogate inside: JSON escapes it (\\ud800) and
+# json.loads gives it back as a str with no UTF-8 form.
+_lone = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)
+surrogate_text = st.booleans().flatmap(
+    lambda lone: (
+        st.tuples(st.text(max_size=6), _lone, st.text(max_size=6)).map("".join) if lone else st.text(max_size=12)
+    )
+)
+
+
+def _json(scalars: st.SearchStrategy) -> st.SearchStrategy:
+    return st.recursive(
+        scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    )
+
+
+well_formed_json = _json(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40))
+json_values = _json(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40) | surrogate_text)
+
+
+def one_field_off(required: dict, optional: dict) -> st.SearchStrategy[dict]:
+    """Messages of a protocol's shape: every field right, or all right but one that is anything.
+    One wrong field among right ones reaches the parser's later checks; all-wrong messages stop
+    at the first."""
+    right = st.fixed_dictionaries(required, optional=optional)
+    keys = sorted({*required, *optional})
+    off = st.tuples(right, st.sampled_from(keys), json_values).map(lambda t: {**t[0], t[1]: t[2]})
+    return st.booleans().flatmap(lambda is_right: right if is_right else off)
+
+
+# "Right" includes what a parser must take, or refuse cleanly, and has got wrong before: whole
+# numbers as floats (16000.0), and free text with lone surrogates.
+rates = st.sampled_from((8000, 12000, 16000, 24000, 48000, 44100, 11025))
+whole = rates | rates.map(float)
+
+
+def _dumps(value) -> str:
+    return json.dumps(value, allow_nan=True)
+
+
+def hostile_text(shaped: st.SearchStrategy) -> st.SearchStrategy[str]:
+    """Text frames: half of them shaped like the protocol's messages (see one_field_off), the
+    rest random text, any JSON, and the pathological: deep nesting, huge numbers."""
+    others = st.one_of(
+        st.text(max_size=200),
+        json_values.map(_dumps),
+        st.integers(1, 20_000).map(lambda depth: "[" * depth + "]" * depth),
+        st.integers(1, 20_000).map(lambda depth: '{"a":' * depth + "1" + "}" * depth),
+        st.integers(4000, 6000).map(lambda digits: '{"type": "start", "sample_rate": ' + "9" * digits + "}"),
+        st.binary(max_size=200).map(lambda b: b.decode("utf-8", errors="replace")),
+    )
+    return st.booleans().flatmap(lambda is_shaped: shaped.map(_dumps) if is_shaped else others)
+
+
+plain_shaped = one_field_off(
+    {"type": st.sampled_from(["start", "end"])},
+    {
+        "sample_rate": whole,
+        "language": st.sampled_from(["auto", "en", "zh"]) | surrogate_text,
+        "itn": st.booleans(),
+        "return_embedding": st.booleans(),
+        "speaker_group": surrogate_text,
+    },
+)
+frame_durations = st.sampled_from(OPUS_FRAME_MS)
+xiaozhi_shaped = one_field_off(
+    {"type": st.sampled_from(["hello", "listen", "abort", "mcp", "iot", "goodbye", "ping"])},
+    {
+        "state": st.sampled_from(["start", "stop", "detect"]),
+        "mode": st.sampled_from(xiaozhi.LISTEN_MODES),
+        "text": surrogate_text,
+        "reason": surrogate_text,
+        "features": st.dictionaries(st.text(max_size=8), well_formed_json, max_size=3),
+        "audio_params": one_field_off(
+            {},
+            {
+                "format": st.just("opus"),
+                "sample_rate": whole,
+                "channels": st.sampled_from([1, 1.0]),
+                "frame_duration": frame_durations | frame_durations.map(float),
+            },
+        ),
+    },
+)
+funasr_shaped = one_field_off(
+    {},
+    {
+        "mode": st.sampled_from(funasr.MODES),
+        "audio_fs": whole,
+        "wav_name": surrogate_text,
+        "wav_format": st.sampled_from(["pcm", "wav"]),
+        "is_speaking": st.booleans(),
+        "is_end": st.booleans(),
+        "itn": st.booleans(),
+        "hotwords": surrogate_text,
+        "speaker_group": surrogate_text,
+        "chunk_size": st.just([5, 10, 5]),
+    },
+)
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def results() -> st.SearchStrategy[UtteranceResult]:
+    def make(index, start, length, text, language, score):
+        return UtteranceResult(
+            session_id="s", index=index, start_ms=start, end_ms=start + length, text=text, language=language,
+            emotion=None, event=None, raw_text=text, speaker=SpeakerInfo(score=score), models="test",
+        )  # fmt: skip
+
+    return st.builds(
+        make,
+        st.integers(0, 1000),
+        st.integers(0, 10**7),
+        st.integers(0, 10**5),
+        st.text(max_size=30),
+        st.sampled_from([None, "en", "zh", "yue"]),
+        st.none() | st.floats(-1, 1),
+    )
+
+
+# ---- plain ----------------------------------------------------------------------------------
+@FUZZ
+@given(hostile_text(plain_shaped))
+@example("[" * 100_000)  # nested deeper than the JSON decoder's recursion limit
+@example('{"type": "start", "sample_rate": ' + "1" * 5000 + "}")  # past Python's int-digits limit
+@example('{"type": "start", "sample_rate": 16000.0}')  # a float where an int belongs
+@example('{"type": "start", "speaker_group": "\\ud800"}')  # a lone surrogate: no UTF-8 for it
+@example(json.dumps({"type": "x" * 100_000}))  # the error must not echo the whole frame
+def test_plain_text_frames(text):
+    msg = parse_or_error(plain.parse_text, text, CODES["plain"])
+    if isinstance(msg, plain.StartMessage):
+        assert is_int(msg.sample_rate) and msg.sample_rate in plain.SUPPORTED_RATES
+        assert isinstance(msg.language, str) and utf8_ok(msg.language)
+        assert isinstance(msg.itn, bool) and isinstance(msg.return_embedding, bool)
+        assert msg.speaker_group is None or (isinstance(msg.speaker_group, str) and utf8_ok(msg.speaker_group))
+        json.loads(plain.render_ready("s", msg, "test", 200))
+    else:
+        assert msg is None or isinstance(msg, plain.EndMessage)
+
+
+@FUZZ
+@given(st.binary(max_size=2 * MAX_FRAME) | st.integers(0, MAX_FRAME).map(lambda n: b"\x00" * n))
+def test_plain_audio_frames(data):
+    pcm = parse_or_error(lambda d: plain.parse_audio(d, MAX_FRAME), data, CODES["plain_audio"])
+    if pcm is not None:
+        assert pcm.dtype == np.int16 and pcm.tobytes() == data  # PCM16 round trip
+
+
+@FUZZ
+@given(st.text(max_size=50), st.text(max_size=50))
+def test_error_frames_are_json_whatever_the_message(code, message):
+    for rendered in (plain.render_error(code, message), funasr.render_error(code, message)):
+        assert utf8_ok(rendered)
+        assert json.loads(rendered)["code"] == code
+    rendered = xiaozhi.render_error("s", code, message)
+    assert utf8_ok(rendered) and json.loads(rendered)["message"] == message
+
+
+# ---- xiaozhi --------------------------------------------------------------------------------
+@FUZZ
+@given(hostile_text(xiaozhi_shaped))
+@example("[" * 100_000)
+@example('{"type": "hello", "audio_params": {"sample_rate": ' + "7" * 5000 + "}}")
+@example('{"type": "hello", "audio_params": {"channels": true}}')  # True == 1 in Python
+@example('{"type": "hello", "audio_params": {"sample_rate": 16000.5}}')
+@example(json.dumps({"type": "listen", "state": "s" * 100_000}))
+@example(json.dumps({"type": [{f"k{i}" * 10: "v" * 40 for i in range(4)}] * 4}))  # 40 chars a string, 1000 in all
+def test_xiaozhi_text_frames(text):
+    msg = parse_or_error(xiaozhi.parse_text, text, CODES["xiaozhi"])
+    if isinstance(msg, xiaozhi.Hello):
+        assert msg.audio_format == "opus" and is_int(msg.sample_rate) and msg.sample_rate in OPUS_RATES
+        assert is_int(msg.channels) and msg.channels == 1
+        assert is_int(msg.frame_duration) and msg.frame_duration in OPUS_FRAME_MS
+        assert isinstance(msg.features, dict)
+    elif isinstance(msg, xiaozhi.Listen):
+        assert msg.state in ("start", "stop", "detect") and msg.mode in xiaozhi.LISTEN_MODES
+        assert isinstance(msg.text, str) and utf8_ok(msg.text)
+    elif isinstance(msg, xiaozhi.Abort):
+        assert isinstance(msg.reason, str) and utf8_ok(msg.reason)
+    elif isinstance(msg, xiaozhi.Ignored):
+        assert msg.kind in xiaozhi.KNOWN_IGNORED
+    else:
+        assert msg is None
+
+
+@FUZZ
+@given(
+    st.dictionaries(st.sampled_from(["device-id", "client-id", "protocol-version", "authorization", "x"]), st.text()),
+    st.dictionaries(st.sampled_from(["device-id", "client-id", "protocol-version", "authorization", "y"]), st.text()),
+)
+def test_xiaozhi_connect_params(headers, query):
+    params = parse_or_error(lambda h: xiaozhi.connect_params(h, query), headers, CODES["xiaozhi_connect"])
+    assert params is None or params.protocol_version in (1, 2, 3)
+
+
+def lying_frames() -> st.SearchStrategy[tuple[bytes, int]]:
+    """v2/v3 frames whose header is truncated, whose type is unknown, or whose length lies."""
+
+    def v2(kind, stated, payload, cut):
+        return (xiaozhi.V2_HEADER.pack(2, kind, 0, 0, stated) + payload)[:cut], 2
+
+    def v3(kind, stated, payload, cut):
+        return (xiaozhi.V3_HEADER.pack(kind, 0, stated) + payload)[:cut], 3
+
+    kinds = st.sampled_from([0, 1, 2, 255])
+    payloads = st.binary(max_size=300)
+    cuts = st.integers(0, 400)
+    return st.one_of(
+        st.builds(v2, kinds | st.integers(0, 2**16 - 1), st.integers(0, 2**32 - 1), payloads, cuts),
+        st.builds(v3, kinds, st.integers(0, 2**16 - 1), payloads, cuts),
+        st.tuples(st.binary(max_size=400), st.sampled_from([1, 2, 3])),
+    )
+
+
+@FUZZ
+@given(lying_frames())
+@example((b"", 2))
+@example((b"\x00" * 15, 2))  # one byte short of the v2 header
+@example((b"\x00\x00\x00", 3))  # one byte short of the v3 header
+@example((xiaozhi.V3_HEADER.pack(0, 0, 0xFFFF) + b"x", 3))  # length says 65535, carries 1
+@example((xiaozhi.V2_HEADER.pack(2, 0, 0, 0, 0xFFFFFFFF), 2))  # length says 4 GiB, carries 0
+def test_xiaozhi_binary_frames(frame_and_version):
+    data, version = frame_and_version
+    frame = parse_or_error(lambda d: xiaozhi.parse_binary(d, version, MAX_FRAME), data, CODES["xiaozhi_binary"])
+    if frame is not None:
+        assert frame.kind in ("opus", "json") and isinstance(frame.payload, bytes)
+        header = {1: 0, 2: xiaozhi.V2_HEADER.size, 3: xiaozhi.V3_HEADER.size}[version]
+        assert frame.payload == data[header:]  # never more nor less than the frame carried
+
+
+@FUZZ
+@given(st.binary(max_size=2**16 + 10), st.sampled_from([1, 2, 3]), st.integers(0, 2**40))
+@example(b"x" * (2**16), 3, 0)  # one byte more than a v3 header can state
+def test_xiaozhi_framing_round_trip(packet, version, timestamp_ms):
+    try:
+        data = frame_audio(packet, version, timestamp_ms)
+    except ValueError as exc:  # the one documented refusal: more than the header can state
+        assert version == 3 and len(packet) > 0xFFFF and str(exc)
+        return
+    assert xiaozhi.parse_binary(data, version, len(data)) == xiaozhi.BinaryFrame("opus", packet)
+
+
+@FUZZ
+@given(
+    st.sampled_from(OPUS_RATES),
+    st.sampled_from(OPUS_FRAME_MS),
+    st.dictionaries(st.text(max_size=8), well_formed_json, max_size=3),
+    st.text(max_size=20),
+)
+def test_xiaozhi_hello_round_trip(rate, frame_ms, features, session_id):
+    """Our hello, read back by the device-side parser, says what we put in it."""
+    params = {"format": "opus", "sample_rate": rate, "channels": 1, "frame_duration": frame_ms}
+    rendered = json.loads(xiaozhi.render_hello(session_id, params))
+    hello = xiaozhi.parse_text(json.dumps({**rendered, "features": features}))
+    assert (hello.audio_format, hello.sample_rate, hello.channels, hello.frame_duration) == ("opus", rate, 1, frame_ms)
+    assert json.dumps(hello.features) == json.dumps(features)  # NaN != NaN, so compare as JSON
+
+
+# ---- funasr ---------------------------------------------------------------------------------
+@FUZZ
+@given(hostile_text(funasr_shaped), st.booleans(), results())
+@example("[" * 100_000, False, None)
+@example('{"mode": "offline", "audio_fs": ' + "8" * 5000 + "}", False, None)
+@example('{"mode": "offline", "audio_fs": 16000.0}', False, None)
+@example('{"mode": "2pass", "wav_name": "\\udc80"}', False, None)  # echoed in every answer
+@example(json.dumps({"mode": "m" * 100_000}), False, None)
+def test_funasr_text_frames(text, configured, result):
+    msg = parse_or_error(lambda t: funasr.parse_text(t, configured), text, CODES["funasr"])
+    if isinstance(msg, funasr.Config):
+        assert msg.mode in funasr.MODES and is_int(msg.audio_fs) and msg.audio_fs in funasr.SUPPORTED_RATES
+        assert isinstance(msg.wav_name, str) and isinstance(msg.hotwords, str) and isinstance(msg.itn, bool)
+        # every answer echoes wav_name: it must go out as a text frame
+        for answer in (funasr.render_interim(msg, "a"), funasr.render_end(msg, 1)):
+            assert utf8_ok(answer) and json.loads(answer)["wav_name"] == msg.wav_name
+        if result is not None:
+            answer = funasr.render_final(msg, result)
+            assert utf8_ok(answer) and json.loads(answer)["wav_name"] == msg.wav_name
+    else:
+        assert msg is None or isinstance(msg, funasr.EndOfSpeech)
+
+
+@FUZZ
+@given(st.text(max_size=20), st.text(max_size=20))
+def test_funasr_interim_deltas_add_up(sent, text):
+    delta = funasr.text_delta(sent, text)
+    if delta is None:
+        assert not text.startswith(sent)
+    else:
+        assert sent + delta == text
+
+
+# ---- openai_files ---------------------------------------------------------------------------
+@FUZZ
+@given(st.text(max_size=200) | st.sampled_from(openai_files.RESPONSE_FORMATS))
+@example("x" * 100_000)
+def test_openai_response_format(fmt):
+    try:
+        assert openai_files.check_response_format(fmt) in openai_files.RESPONSE_FORMATS
+    except openai_files.TranscriptionRequestError as exc:
+        assert fmt not in openai_files.RESPONSE_FORMATS
+        assert str(exc) and len(str(exc)) <= MESSAGE_LIMIT and utf8_ok(str(exc))
+
+
+@FUZZ
+@given(st.lists(results(), max_size=5), st.floats(0, 10**5))
+def test_openai_render_round_trip(results_, duration_s):
+    body, media = openai_files.render("verbose_json", results_, duration_s, "test")
+    doc = json.loads(body)
+    assert media == "application/json" and doc["text"] == " ".join(r.text for r in results_ if r.text).strip()
+    assert [(s["id"], s["text"]) for s in doc["segments"]] == [(r.index, r.text) for r in results_]
+    assert [s["end"] - s["start"] for s in doc["segments"]] == pytest.approx(
+        [(r.end_ms - r.start_ms) / 1000 for r in results_]
+    )
+    assert json.loads(openai_files.render("json", results_, duration_s, "test")[0])["text"] == doc["text"]
+    text, media = openai_files.render("text", results_, duration_s, "test")
+    assert text == doc["text"] + "\n" and media.startswith("text/plain")
+
+
+def wav_bytes(rate: int, frames: int, channels: int = 1) -> bytes:
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(channels), w.setsampwidth(2), w.setframerate(rate)
+        w.writeframes(b"\x01\x00" * (frames * channels))
+    return out.getvalue()
+
+
+MAX_UPLOAD_S = 30.0
+
+
+@FUZZ
+@given(
+    st.binary(max_size=2000)
+    | st.builds(lambda head, tail: wav_bytes(16000, 100)[:head] + tail, st.integers(0, 60), st.binary(max_size=50))
+    | st.builds(wav_bytes, st.integers(1, 4_000_000), st.integers(0, 4000), st.sampled_from([1, 2]))
+)
+@example(wav_bytes(1, 2000))  # 40 kB claiming 1 Hz: 2000 s of audio, 32 M samples once resampled
+@example(wav_bytes(1_000_003, 1000))  # a ratio that made a polyphase resampler build a huge filter
+@example(wav_bytes(2_000_000_000, 10))  # nanoseconds of audio: nothing left at 16 kHz
+def test_uploaded_files_decode_or_get_a_format_error(data):
+    """The /v1/audio/transcriptions upload: audio of at most `max_seconds`, AudioTooLongError
+    (HTTP 413) past it, AudioFormatError (HTTP 400) for the rest."""
+    try:
+        pcm, duration_s = decode_file(data, MAX_UPLOAD_S)
+    except AudioTooLongError as exc:
+        with wave.open(io.BytesIO(data)) as w:  # only a file that really is that long
+            assert w.getnframes() / w.getframerate() > MAX_UPLOAD_S, str(exc)
+        return
+    except AudioFormatError as exc:
+        assert str(exc) and len(str(exc)) <= MESSAGE_LIMIT
+        return
+    assert pcm.dtype == np.int16 and 0 < len(pcm) and 0 < duration_s <= MAX_UPLOAD_S
+    assert abs(len(pcm) - duration_s * 16000) <= 16  # the resampled length agrees with the header
+
+
+# ---- Opus decoder ---------------------------------------------------------------------------
+TOC = st.integers(0, 255)
+
+
+@pytest.fixture(scope="module")
+def good_packet(two_utterances) -> bytes:
+    return encode_pcm(two_utterances[16000:16960])[0]
+
+
+@FUZZ
+@given(
+    st.lists(
+        st.binary(max_size=1500) | st.builds(lambda toc, rest: bytes([toc]) + rest, TOC, st.binary(max_size=400)),
+        min_size=1,
+        max_size=8,
+    )
+)
+@example([b""])
+@example([b"\xfc"])  # code 3 TOC with no frame-count byte
+@example([b"\xff\xff" + b"\xff" * 1000])
+def test_opus_decoder_fed_random_bytes(good_packet, packets):
+    """Garbage packets are AudioFormatError or noise, never bigger than Opus allows (120 ms),
+    and the session's decoder still decodes a real packet afterwards."""
+    decoder = OpusDecoder()
+    for packet in packets:
+        try:
+            pcm = decoder.decode(packet)
+        except AudioFormatError as exc:
+            assert str(exc) and len(str(exc)) <= MESSAGE_LIMIT
+            continue
+        assert pcm.dtype == np.int16 and pcm.ndim == 1
+        assert len(pcm) <= 16 * 120 + 256  # one packet holds at most 120 ms (+ the resampler's carry)
+    assert len(decoder.decode(good_packet)) > 0
+
+
+def test_the_v2_header_is_what_the_firmware_sends():
+    """Not a fuzz property: the layout the lying-length cases above are built on."""
+    assert xiaozhi.V2_HEADER.size == 16 and xiaozhi.V3_HEADER.size == 4
+    assert struct.unpack(">HHIII", frame_audio(b"ab", 2, 7)[:16]) == (2, 0, 0, 7, 2)

@@ -1,0 +1,126 @@
+import numpy as np
+import pytest
+
+from serve_app.ingress.recognition import Timeline
+from serve_app.wire import VadEvent
+
+
+def tone(ms: int, value: int = 1000) -> np.ndarray:
+    return np.full(ms * 16, value, dtype=np.int16)
+
+
+def test_audio_is_sent_to_vad_in_chunks_of_at_least_vad_chunk_ms():
+    s = Timeline(vad_chunk_ms=200, max_utterance_ms=30_000)
+    assert s.add_audio(tone(60)) == []
+    assert s.add_audio(tone(60)) == []
+    assert s.add_audio(tone(60)) == []
+    chunks = s.add_audio(tone(60))  # 240 ms received: one 200 ms chunk, 40 ms pending
+    assert [(c.start_ms, len(c.pcm)) for c in chunks] == [(0, 200 * 16)]
+    final = s.flush()
+    assert (final.start_ms, len(final.pcm), final.final) == (200, 40 * 16, True)
+
+
+def test_start_and_end_events_cut_the_utterance_from_the_buffer():
+    s = Timeline(vad_chunk_ms=100, max_utterance_ms=30_000)
+    audio = np.arange(1000 * 16, dtype=np.int32).astype(np.int16)  # sample i identifies its position
+    s.add_audio(audio)
+    done = s.on_vad_events([VadEvent("start", 300), VadEvent("end", 700)])
+    assert len(done) == 1
+    utt = done[0]
+    assert (utt.index, utt.start_ms, utt.end_ms, utt.forced_cut) == (0, 300, 700, False)
+    assert np.array_equal(utt.pcm, audio[300 * 16 : 700 * 16])
+
+
+def test_utterances_are_numbered_and_each_slice_is_its_own():
+    s = Timeline(vad_chunk_ms=100, max_utterance_ms=30_000)
+    s.add_audio(tone(500, 1))
+    first = s.on_vad_events([VadEvent("start", 100), VadEvent("end", 300)])
+    s.add_audio(tone(500, 2))
+    second = s.on_vad_events([VadEvent("start", 600), VadEvent("end", 900)])
+    assert [u.index for u in first + second] == [0, 1]
+    assert set(second[0].pcm.tolist()) == {2}
+    assert (second[0].start_ms, second[0].end_ms) == (600, 900)
+
+
+def test_start_and_end_in_separate_calls():
+    s = Timeline(vad_chunk_ms=100, max_utterance_ms=30_000)
+    s.add_audio(tone(400))
+    assert s.on_vad_events([VadEvent("start", 150)]) == []
+    s.add_audio(tone(400))
+    (utt,) = s.on_vad_events([VadEvent("end", 650)])
+    assert (utt.start_ms, utt.end_ms, len(utt.pcm)) == (150, 650, 500 * 16)
+
+
+def test_long_speech_is_force_cut_and_continues():
+    s = Timeline(vad_chunk_ms=100, max_utterance_ms=1000)
+    s.add_audio(tone(600))
+    assert s.on_vad_events([VadEvent("start", 0)]) == []
+    s.add_audio(tone(600))  # VAD has 1200 ms now
+    (cut,) = s.on_vad_events([])
+    assert (cut.start_ms, cut.end_ms, cut.forced_cut) == (0, 1200, True)
+    s.add_audio(tone(300))
+    (rest,) = s.on_vad_events([VadEvent("end", 1400)])
+    assert (rest.start_ms, rest.end_ms, rest.forced_cut) == (1200, 1400, False)
+
+
+def test_idle_audio_is_trimmed_so_the_buffer_stays_small():
+    s = Timeline(vad_chunk_ms=200, max_utterance_ms=30_000, idle_keep_ms=1000)
+    for _ in range(100):  # 20 s of silence
+        s.add_audio(tone(200, 0))
+        s.on_vad_events([])
+    assert s.buffered_ms <= 1200 + 200
+
+
+def test_replay_covers_the_unfinished_audio_and_restarts():
+    s = Timeline(vad_chunk_ms=100, max_utterance_ms=30_000)
+    s.add_audio(tone(500, 1))
+    s.on_vad_events([VadEvent("start", 100), VadEvent("end", 300)])  # buffer now starts at 300
+    s.add_audio(tone(400, 2))
+    s.on_vad_events([VadEvent("start", 600)])
+    replay = s.replay_chunk()
+    assert replay.restart and replay.start_ms == 300
+    assert len(replay.pcm) == (s.sent_ms - 300) * 16
+    assert s.speech_start_ms is None  # the new VAD state reports the start again
+    (utt,) = s.on_vad_events([VadEvent("start", 610), VadEvent("end", 850)])
+    assert (utt.start_ms, utt.end_ms) == (610, 850)
+
+
+def test_end_without_start_uses_the_buffer_start():
+    s = Timeline(vad_chunk_ms=100, max_utterance_ms=30_000)
+    s.add_audio(tone(300))
+    (utt,) = s.on_vad_events([VadEvent("end", 250)])
+    assert (utt.start_ms, utt.end_ms) == (0, 250)
+
+
+def test_no_audio_after_finish():
+    s = Timeline(vad_chunk_ms=100, max_utterance_ms=30_000)
+    s.flush()
+    with pytest.raises(RuntimeError):
+        s.add_audio(tone(10))
+
+
+def test_push_to_talk_takes_everything_between_start_and_stop():
+    s = Timeline(vad_chunk_ms=100, max_utterance_ms=30_000)
+    s.add_audio(tone(300, 1))  # before the button: not part of the utterance
+    s.begin_manual()
+    s.add_audio(tone(250, 2))
+    for _ in s.add_audio(tone(10, 2)):
+        pass
+    utt = s.end_manual()
+    assert (utt.start_ms, utt.end_ms, set(utt.pcm.tolist())) == (300, 560, {2})
+    assert s.end_manual() is None  # nothing new since
+    (chunk,) = s.add_audio(tone(100))
+    assert chunk.restart and chunk.start_ms == 560  # the VAD starts afresh after push-to-talk
+
+
+def test_abort_drops_the_utterance_in_progress():
+    s = Timeline(vad_chunk_ms=100, max_utterance_ms=30_000)
+    s.add_audio(tone(400))
+    s.on_vad_events([VadEvent("start", 100)])
+    assert s.speech_so_far()[0] == 0 and len(s.speech_so_far()[1]) == 300 * 16
+    s.abort()
+    assert s.speech_so_far() is None and s.buffered_ms == 0
+    (chunk,) = s.add_audio(tone(100))
+    assert chunk.restart and chunk.start_ms == 400
+    (utt,) = s.on_vad_events([VadEvent("start", 420), VadEvent("end", 480)])
+    assert (utt.index, utt.start_ms) == (0, 420)  # nothing of the aborted speech is left

@@ -1,0 +1,33 @@
+"""`live_stream_tasks` (the leak check /healthz reports) counts an utterance stream's tasks while
+it lives and none after it is closed. No Ray here: a stream that never sends audio makes no model
+call."""
+
+import asyncio
+
+from serve_app.ingress.metrics import IngressMetrics
+from serve_app.ingress.recognition import ModelCalls, RecognitionOptions, UtteranceStreams, live_stream_tasks
+from serve_app.settings import AppSettings
+
+
+async def _noop(*_args) -> None:
+    return None
+
+
+def test_stream_tasks_are_counted_while_it_lives_and_gone_after_close():
+    async def scenario() -> list[int]:
+        # No deployments behind it: closing only tries to free VAD state, and that failure is
+        # logged and ignored as for a VAD replica that is already gone.
+        settings = AppSettings()
+        models = ModelCalls(None, None, None, settings.retry, "test")
+        streams = UtteranceStreams(models, settings.ingress, settings.speaker.keep_embeddings, IngressMetrics())
+        counts = [live_stream_tasks()]
+        runners = [streams.open(f"s{i}", RecognitionOptions(), _noop, _noop) for i in range(3)]
+        await asyncio.sleep(0)
+        counts.append(live_stream_tasks())
+        for runner in runners:
+            await runner.close()
+        await asyncio.sleep(0)
+        counts.append(live_stream_tasks())
+        return counts
+
+    assert asyncio.run(scenario()) == [0, 3, 0]

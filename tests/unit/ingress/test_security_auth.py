@@ -1,0 +1,168 @@
+import subprocess
+import sys
+from urllib.parse import parse_qsl, urlsplit
+
+import pytest
+
+from clients.tokens import device_headers, issue_token, main, url_with_token
+from serve_app.ingress.security import (
+    AdminAuth,
+    DeviceAuth,
+    check_device,
+    device_auth_required,
+    device_credentials,
+    is_loopback,
+)
+from serve_app.ingress.xiaozhi import ConnectParams, connect_params
+from serve_app.settings import SecuritySettings
+
+SECRET, NOW, DAY = "s3cret-for-unit-tests", 1_800_000_000, 86400
+
+
+def check(token, client="c1", device="d1", now=NOW, allowed=frozenset()):
+    return check_device(token, client, device, SECRET, 30 * DAY, allowed, now=now)
+
+
+def test_a_fresh_token_for_this_device_and_client_passes():
+    token = issue_token(SECRET, "c1", "d1", now=NOW)
+    assert check(f"Bearer {token}").ok and check(token).ok and check(f"bearer  {token}").ok
+
+
+def test_a_token_minted_without_client_id_serves_clients_that_send_none():
+    """Plain and FunASR clients send no Client-Id: the token is signed over an empty one."""
+    token = issue_token(SECRET, "", "kitchen", now=NOW)
+    assert check(token, client=None, device="kitchen").ok
+    assert not check(token, client="c1", device="kitchen").ok
+
+
+@pytest.mark.parametrize(
+    "token, kwargs, reason, status",
+    [
+        (issue_token("other", "c1", "d1", now=NOW), {}, "invalid token", 403),
+        (issue_token(SECRET, "c1", "d2", now=NOW), {}, "invalid token", 403),  # issued to another device
+        (issue_token(SECRET, "c9", "d1", now=NOW), {}, "invalid token", 403),  # or another client
+        (issue_token(SECRET, "c1", "d1", now=NOW - 31 * DAY), {}, "token expired", 403),
+        (issue_token(SECRET, "c1", "d1", now=NOW + 3600), {}, "token from the future", 403),
+        ("garbage", {}, "malformed token", 403),
+        (None, {}, "missing token", 401),
+        (issue_token(SECRET, "c1", "d1", now=NOW), {"device": None}, "missing device id", 401),
+    ],
+)
+def test_bad_tokens_are_refused_with_a_reason(token, kwargs, reason, status):
+    decision = check(token, **kwargs)
+    assert not decision.ok and decision.reason.startswith(reason) and decision.status == status
+
+
+def test_missing_credentials_say_how_to_send_them():
+    assert "Device-Id header or the device_id parameter" in check("x", device=None).reason
+    assert "Authorization: Bearer <token> or the token parameter" in check(None).reason
+
+
+def test_allow_listed_devices_need_no_token():
+    assert check(None, device="trusted", allowed=frozenset({"trusted"})).ok
+
+
+@pytest.mark.parametrize(
+    "mode, host, on",
+    [
+        ("auto", "127.0.0.1", False),
+        ("auto", "127.0.1.1", False),
+        ("auto", "::1", False),
+        ("auto", "[::1]", False),
+        ("auto", "localhost", False),
+        ("auto", "0.0.0.0", True),
+        ("auto", "::", True),
+        ("auto", "192.168.1.20", True),
+        ("auto", "speech.lan", True),  # a name may resolve to anything
+        ("auto", None, True),  # unknown: fail safe
+        ("on", "127.0.0.1", True),
+        ("off", "0.0.0.0", False),
+    ],
+)
+def test_device_auth_is_on_unless_bound_to_loopback_or_switched(mode, host, on):
+    enabled, why = device_auth_required(mode, host)
+    assert enabled is on and f"device_auth: {mode}" in why
+    assert (host or "could not be learned") in why
+
+
+def test_bind_host_is_unknown_outside_a_ray_cluster_and_no_ray_is_started():
+    """In a fresh process (this one may hold the integration tests' Ray)."""
+    code = (
+        "import ray; from serve_app.ingress.security import serve_bind_host; "
+        "print(serve_bind_host(timeout_s=1), ray.is_initialized())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["None", "False"], out.stderr[-2000:]
+    assert device_auth_required("auto", None)[0] is True  # which fails safe
+
+
+def test_is_loopback_rejects_empty_and_names():
+    assert not is_loopback("") and not is_loopback(None) and not is_loopback("example.com")
+
+
+def test_device_auth_from_settings():
+    settings = SecuritySettings(device_secret_env="TEST_SECRET", allowed_devices=["trusted"])
+    off = DeviceAuth.from_settings(settings, "127.0.0.1", environ={"TEST_SECRET": SECRET})
+    assert not off.enabled and off.secret == "" and off.check(ConnectParams(None, None, 1, None)).ok
+    auth = DeviceAuth.from_settings(settings, "0.0.0.0", environ={"TEST_SECRET": SECRET})
+    assert auth.enabled and auth.problem is None
+    assert auth.check(ConnectParams("d1", "c1", 1, "Bearer " + issue_token(SECRET, "c1", "d1"))).ok
+    assert not auth.check(ConnectParams("d1", "c1", 1, None)).ok
+
+
+def test_auth_on_without_a_secret_starts_but_refuses_devices_naming_the_variable():
+    settings = SecuritySettings(device_auth="on", device_secret_env="TEST_SECRET", allowed_devices=["trusted"])
+    auth = DeviceAuth.from_settings(settings, None, environ={})
+    assert auth.enabled and "TEST_SECRET" in auth.problem and "device_auth: on" in auth.problem
+    refused = auth.check(ConnectParams("d1", "", 1, "Bearer " + issue_token("", "", "d1")))  # even a token signed
+    assert not refused.ok and refused.status == 503 and "TEST_SECRET" in refused.reason  # with the empty secret
+    assert auth.check(ConnectParams("trusted", None, 1, None)).ok  # the allow-list needs no secret
+
+
+def test_credentials_from_headers_or_query_parameters():
+    by_header = device_credentials({"device-id": "d1", "client-id": "c1", "authorization": "Bearer t"}, {})
+    assert (by_header.device_id, by_header.client_id, by_header.authorization) == ("d1", "c1", "Bearer t")
+    by_query = device_credentials({}, {"device_id": "d2", "token": "t2"})
+    assert (by_query.device_id, by_query.client_id, by_query.authorization) == ("d2", None, "t2")
+    both = device_credentials({"device-id": "header"}, {"device_id": "query", "device-id": "q2"})
+    assert both.device_id == "header"  # headers win
+
+
+def test_client_helpers_put_credentials_where_the_server_reads_them():
+    token = issue_token(SECRET, "", "d 1")
+    headers = {k.lower(): v for k, v in device_headers("d 1", token).items()}
+    assert device_credentials(headers, {}).authorization == f"Bearer {token}"
+    url = url_with_token("ws://h:1/funasr?x=1", "d 1", token)
+    query = dict(parse_qsl(urlsplit(url).query))
+    creds = device_credentials({}, query)
+    assert query["x"] == "1" and (creds.device_id, creds.authorization) == ("d 1", token)
+    assert url_with_token("ws://h:1/", None, None) == "ws://h:1/" and device_headers(None, None) == {}
+
+
+def test_xiaozhi_takes_the_token_query_parameter_too():
+    params = connect_params({}, {"device-id": "d1", "client-id": "c1", "token": "abc.1"})
+    assert params.authorization == "abc.1"
+    params = connect_params({"authorization": "Bearer h"}, {"token": "q"})
+    assert params.authorization == "Bearer h"
+
+
+def test_admin_token():
+    settings = SecuritySettings(admin_token_env="TEST_ADMIN")
+    unset = AdminAuth.from_settings(settings, environ={}).check("Bearer anything")
+    assert (unset.ok, unset.status) == (False, 503) and "TEST_ADMIN" in unset.reason
+    admin = AdminAuth.from_settings(settings, environ={"TEST_ADMIN": "right-admin-token"})
+    assert admin.check(None).status == 401 and admin.check("").status == 401
+    for wrong in ("Bearer wrong", "Bearer right-admin-toke", "Bearer right-admin-token-and-more", "Basic x"):
+        decision = admin.check(wrong)
+        assert (decision.ok, decision.status) == (False, 403), wrong
+    assert admin.check("Bearer right-admin-token").ok and admin.check("right-admin-token").ok
+
+
+def test_mint_cli_reads_the_secret_from_the_environment(monkeypatch, capsys):
+    monkeypatch.setenv("TEST_MINT_SECRET", SECRET)
+    main(["--device-id", "aa:bb", "--secret-env", "TEST_MINT_SECRET"])
+    token = capsys.readouterr().out.strip()
+    assert check(token, client=None, device="aa:bb", now=None).ok
+    monkeypatch.delenv("TEST_MINT_SECRET")
+    with pytest.raises(SystemExit, match="TEST_MINT_SECRET"):
+        main(["--device-id", "aa:bb", "--secret-env", "TEST_MINT_SECRET"])

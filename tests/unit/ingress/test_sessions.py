@@ -1,0 +1,142 @@
+"""An Ingress replica's sessions without Ray: its own cap, draining (the stop detection, the timing
+plan, and a session asked to reconnect: a real PlainConnection over an in-memory WebSocket), and
+sessions closed for idling or for never saying hello."""
+
+import asyncio
+import json
+
+from serve_app.ingress.connection import DRAINING
+from serve_app.ingress.metrics import IngressMetrics
+from serve_app.ingress.plain import PlainConnection
+from serve_app.ingress.recognition import ModelCalls, UtteranceStreams
+from serve_app.ingress.sessions import DrainPlan, DrainWatch, replica_is_stopping, replica_refusal
+from serve_app.settings import AppSettings
+from serve_app.wire import CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER
+
+
+def connection(cls, ws, settings: AppSettings, session_id: str, *extra):
+    """A connection with no deployments behind it: fine as long as no audio is sent."""
+    metrics = IngressMetrics()
+    models = ModelCalls(None, None, None, settings.retry, "test")
+    streams = UtteranceStreams(models, settings.ingress, settings.speaker.keep_embeddings, metrics)
+    return cls(ws, session_id, streams, settings.ingress, metrics, *extra)
+
+
+def test_only_a_listed_stopping_replica_is_draining():
+    states = {"a": "RUNNING", "b": "STOPPING"}
+    assert replica_is_stopping(states, "b")
+    assert not replica_is_stopping(states, "a")
+    assert not replica_is_stopping(states, "c")  # unknown: never cut sessions on a guess
+    assert not replica_is_stopping({}, "b")
+
+
+def test_plan_asks_to_reconnect_margin_before_the_deadline():
+    plan = DrainPlan(started=100.0, grace_s=600.0, margin_s=30.0)
+    assert plan.reconnect_in(100.0) == 570.0
+    assert plan.reconnect_in(669.0) == 1.0
+    assert plan.reconnect_in(700.0) == 0.0
+    assert DrainPlan(started=0.0, grace_s=20.0, margin_s=30.0).reconnect_in(0.0) == 0.0  # grace shorter: at once
+
+
+def test_watch_polls_until_stopping_and_survives_controller_errors():
+    replies = [RuntimeError("controller restarting"), {"me": "RUNNING"}, {"me": "STOPPING", "other": "RUNNING"}]
+    calls = []
+
+    async def fetch():
+        calls.append(1)
+        reply = replies[len(calls) - 1]
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    watch = DrainWatch(fetch, "me", poll_s=0.001, grace_s=60, margin_s=10)
+    assert not watch.draining
+    plan = asyncio.run(asyncio.wait_for(watch.wait(), 5))
+    assert watch.draining and len(calls) == 3
+    assert (plan.grace_s, plan.margin_s) == (60, 10)
+
+
+class MemoryWebSocket:
+    """The slice of Starlette's WebSocket the handlers use; the client side is a queue."""
+
+    def __init__(self):
+        self.inbox: asyncio.Queue = asyncio.Queue()
+        self.sent: list[dict] = []
+        self.closed: tuple[int, str] | None = None
+
+    async def receive(self) -> dict:
+        return await self.inbox.get()
+
+    async def send_text(self, text: str) -> None:
+        self.sent.append(json.loads(text))
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        self.closed = (code, reason)
+
+
+def test_idle_session_asked_to_reconnect_gets_1012_and_a_reconnect_frame():
+    async def scenario():
+        ws = MemoryWebSocket()
+        # No audio is sent, so no deployment is called: the handles can be absent.
+        handler = connection(PlainConnection, ws, AppSettings(), "s1")
+        session = asyncio.create_task(handler.run())
+        await asyncio.sleep(0.05)
+        assert not session.done() and ws.sent[0]["type"] == "ready"  # blocked waiting for the client
+        handler.ask_to_reconnect(within_s=5)
+        await asyncio.wait_for(session, 2)
+        return ws
+
+    ws = asyncio.run(scenario())
+    assert ws.closed[0] == CLOSE_SERVICE_RESTART
+    assert ws.sent[-1]["type"] == "error" and ws.sent[-1]["code"] == "reconnect"
+
+
+def test_frames_still_arrive_in_order_when_no_reconnect_is_asked():
+    async def scenario():
+        ws = MemoryWebSocket()
+        handler = connection(PlainConnection, ws, AppSettings(), "s2")
+        for _ in range(3):
+            ws.inbox.put_nowait({"type": "websocket.receive", "text": json.dumps({"type": "start", "language": "en"})})
+        ws.inbox.put_nowait({"type": "websocket.disconnect", "code": 1000})
+        await asyncio.wait_for(handler.run(), 2)
+        return ws
+
+    ws = asyncio.run(scenario())
+    assert [m["type"] for m in ws.sent] == ["ready"] * 4  # one at connect, one per start
+    assert ws.closed is None  # the client left; nothing to close
+
+
+def test_a_session_that_sends_nothing_is_closed_for_idling():
+    async def scenario():
+        ws = MemoryWebSocket()
+        settings = AppSettings(ingress={"idle_timeout_s": 0.2})
+        handler = connection(PlainConnection, ws, settings, "s1")
+        await asyncio.wait_for(handler.run(), 5)
+        return ws
+
+    ws = asyncio.run(scenario())
+    assert ws.sent[0]["type"] == "ready"
+    assert ws.sent[-1]["code"] == "idle_timeout" and ws.closed[0] == 1000
+
+
+def test_an_ingress_replica_refuses_past_its_own_cap_and_while_draining():
+    assert replica_refusal(draining=False, live_here=149, max_per_replica=150) is None
+    full = replica_refusal(draining=False, live_here=150, max_per_replica=150)
+    assert full.code == "server_busy" and full.close_code == CLOSE_TRY_AGAIN_LATER and "150" in full.message
+    assert replica_refusal(draining=True, live_here=0, max_per_replica=150) is DRAINING
+    assert DRAINING.close_code == 1012
+
+
+def test_a_device_that_sends_no_hello_is_closed_after_the_hello_timeout():
+    from serve_app.ingress.xiaozhi import XiaozhiConnection
+
+    async def scenario():
+        ws = MemoryWebSocket()
+        ws.headers, ws.query_params = {"device-id": "02:00:00:00:00:09", "protocol-version": "1"}, {}
+        settings = AppSettings(xiaozhi={"hello_timeout_s": 0.2})
+        handler = connection(XiaozhiConnection, ws, settings, "s1", settings.xiaozhi)
+        await asyncio.wait_for(handler.run(), 5)
+        return ws
+
+    ws = asyncio.run(scenario())
+    assert ws.sent[-1]["code"] == "hello_timeout" and ws.closed[0] == 1002
