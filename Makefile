@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install serve test lint models-full bench loadtest soak clean
+.PHONY: install serve serve-bench test lint models-full bench loadtest soak clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,7 +32,12 @@ models-full: install
 bench: models-full
 	$(BIN)/python loadtest/bench_pipeline.py
 
-# Against a running service (`make serve`, or `serve run config/bench-full.yaml`):
+# The benchmark profile: config/bench-full.yaml, an overlay of config/serve.yaml, merged and run.
+serve-bench: models-full
+	$(BIN)/python -m serve_app.cli.profile config/bench-full.yaml -o $(VENV)/bench-full.merged.yaml
+	PATH=$(abspath $(BIN)):$$PATH serve run $(VENV)/bench-full.merged.yaml
+
+# Against a running service (`make serve`, or `make serve-bench`):
 #   make loadtest CLIENTS=8 DURATION=60 PROTOCOL=xiaozhi RAMP=4/10
 CLIENTS ?= 20
 DURATION ?= 60

@@ -410,18 +410,11 @@ class UtteranceStreams:
     def timeline(self) -> Timeline:
         return Timeline(vad_chunk_ms=self.vad_chunk_ms, max_utterance_ms=self.max_utterance_ms)
 
-    def open(
-        self,
-        session_id: str,
-        options: RecognitionOptions,
-        on_result: Callable[[UtteranceResult], Awaitable[None]],
-        on_failure: Callable[[int, Exception], Awaitable[None]],
-        on_interim: Callable[[int, str], Awaitable[None]] | None = None,
-        interim_interval_ms: int = 600,
-    ) -> UtteranceStream:
+    def open(self, session_id: str, options: RecognitionOptions, on_result, on_failure, **interim) -> UtteranceStream:
+        """A new stream; `interim`: `on_interim` and `interim_interval_ms` (see UtteranceStream)."""
         return UtteranceStream(
             session_id, self.timeline(), self.models, self.metrics, options, on_result, on_failure,
-            on_interim=on_interim, interim_interval_ms=interim_interval_ms, keep_embeddings=self.keep_embeddings,
+            keep_embeddings=self.keep_embeddings, **interim,
         )  # fmt: skip
 
 

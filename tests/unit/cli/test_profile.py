@@ -1,0 +1,34 @@
+"""Config profiles are overlays of config/serve.yaml, merged by serve_app/cli/profile.py."""
+
+from pathlib import Path
+
+import yaml
+
+from serve_app.cli.profile import load, merge
+from serve_app.settings import AppSettings
+
+CONFIG = Path(__file__).parents[3] / "config"
+
+
+def test_mappings_merge_named_lists_merge_by_name_and_the_rest_is_replaced():
+    base = {"a": {"x": 1, "y": 2}, "apps": [{"name": "s", "args": {"k": 1}}], "tags": [1, 2]}
+    overlay = {"a": {"y": 3}, "apps": [{"name": "s", "args": {"j": 2}}, {"name": "t"}], "tags": [3]}
+    assert merge(base, overlay) == {
+        "a": {"x": 1, "y": 3},
+        "apps": [{"name": "s", "args": {"k": 1, "j": 2}}, {"name": "t"}],
+        "tags": [3],
+    }
+    assert base["a"] == {"x": 1, "y": 2}  # inputs untouched
+
+
+def test_the_bench_profile_is_serve_yaml_with_full_models_and_small_reservations():
+    overlay = CONFIG / "bench-full.yaml"
+    assert len(overlay.read_text().splitlines()) <= 30
+    bench, serve = load(overlay), yaml.safe_load((CONFIG / "serve.yaml").read_text())
+    args = bench["applications"][0]["args"]
+    assert args["models"]["test_model_size"] == "full"
+    assert args["placement"]["SenseVoice"] == {"num_cpus": 0.1, "num_gpus": 0.25}
+    args["models"]["test_model_size"] = serve["applications"][0]["args"]["models"]["test_model_size"]
+    args["placement"] = serve["applications"][0]["args"]["placement"]
+    assert bench == serve  # nothing else differs
+    AppSettings(**load(overlay)["applications"][0]["args"])  # and it parses
