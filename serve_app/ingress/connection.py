@@ -186,7 +186,7 @@ class Connection:
         decision: AuthDecision = auth.check(self.credentials())
         if decision.ok:
             return True
-        logger.warning("refused %s (%s): %s", request_target(self.ws.scope), self.protocol, decision.reason)
+        logger.warning("refused %s: %s", request_target(self.ws.scope), decision.reason)
         self.metrics.session_rejected(self.protocol, "unauthorized")
         await self.close_with_error("unauthorized", decision.reason, CLOSE_POLICY)
         return False
