@@ -245,7 +245,7 @@ class Probe:
         """`Deployment#replica` -> objects the garbage collector tracks, after a full collection.
         Serve freezes what a replica built at startup (gc.freeze), so this counts what requests
         left. Unlike RSS (allocator high-water marks) it does not drift: a session that leaves
-        anything behind adds objects (its Session, runner, tasks, arrays, dicts)."""
+        anything behind adds objects (its connection, utterance stream, timeline, tasks, arrays, dicts)."""
         import ray
 
         def count(_replica) -> int:
