@@ -1,6 +1,11 @@
 """What every WebSocket protocol handler shares: a send lock, the runner's lifetime, and
 cleanup however the connection ends. Subclasses implement `serve()` (the frame loop) and
-`render_error()` (their protocol's error frame)."""
+`render_error()` (their protocol's error frame).
+
+Frames are read by their own task into an inbox, so a client that leaves is noticed at once,
+even while the frame loop is behind (busy in a VAD call with frames waiting): its frame loop is
+cancelled, its model work dropped, and its admission slot freed without working through the
+backlog for nobody."""
 
 import asyncio
 import logging
@@ -44,7 +49,9 @@ class StreamHandler:
         self.session_id = session_id
         self.runner: StreamRunner | None = None
         self._send_lock = asyncio.Lock()  # results and error frames come from different tasks
+        self._inbox: asyncio.Queue[dict | BaseException] = asyncio.Queue()  # filled by _read_frames
         self._next_frame: asyncio.Future | None = None  # kept across receive() calls: never cancelled
+        self._client_gone = asyncio.Event()  # the client's disconnect has been read
         self._reconnect = asyncio.Event()
         self._reconnect_asked: asyncio.Future | None = None
         self._reconnect_by: float | None = None  # monotonic deadline; before it, wait for a pause
@@ -61,8 +68,9 @@ class StreamHandler:
 
     async def run(self) -> None:
         """Serve the connection until it ends, however it ends, and free what it held."""
+        reader = asyncio.create_task(self._read_frames())
         try:
-            await self.serve()
+            await self._serve_until_gone()
         except WebSocketDisconnect:
             logger.info("session %s: client disconnected", self.session_id)
         except ReconnectRequested:
@@ -76,10 +84,41 @@ class StreamHandler:
             logger.exception("session %s: internal error", self.session_id)
             await self.close_with_error("internal", "internal error; the session is closed", CLOSE_INTERNAL)
         finally:
-            for waiting in (self._next_frame, self._reconnect_asked):
+            for waiting in (self._next_frame, self._reconnect_asked, reader):
                 if waiting is not None:
                     waiting.cancel()
-            await self.drop_runner()
+            self.drop_runner()
+
+    async def _serve_until_gone(self) -> None:
+        """`serve()`, cut short when the client disconnects: frames still in the inbox and
+        utterances still being recognised are for nobody now."""
+        serving = asyncio.create_task(self.serve())
+        gone = asyncio.create_task(self._client_gone.wait())
+        try:
+            await asyncio.wait({serving, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not serving.done():
+            serving.cancel()
+            await asyncio.wait({serving})
+            logger.info("session %s: client disconnected; %d unread frame(s) dropped",
+                        self.session_id, self._inbox.qsize())  # fmt: skip
+            return
+        serving.result()  # re-raises how the frame loop ended
+
+    async def _read_frames(self) -> None:
+        """Move every frame into the inbox as it arrives; stop after the disconnect."""
+        while True:
+            try:
+                message = await self.ws.receive()
+            except Exception as exc:  # handed to the frame loop, which decides what it means
+                self._inbox.put_nowait(exc)
+                self._client_gone.set()
+                return
+            self._inbox.put_nowait(message)
+            if message["type"] == "websocket.disconnect":
+                self._client_gone.set()
+                return
 
     def start_runner(self, options: RecognitionOptions, **kwargs) -> StreamRunner:
         session = self.pipeline.new_session(self.session_id)
@@ -131,19 +170,20 @@ class StreamHandler:
     async def refuse(self, refusal: Refusal) -> None:
         await self.close_with_error(refusal.code, refusal.message, refusal.close_code)
 
-    async def drop_runner(self) -> None:
-        """Cancel what the runner still has in flight and free its VAD state."""
+    def drop_runner(self) -> None:
+        """Cancel what the runner still has in flight; its VAD state is freed in the background
+        (the VADHost may be busy, and nobody should wait for that)."""
         runner, self.runner = self.runner, None
         if runner is not None:
-            await runner.close()
+            runner.close()
         else:
-            await self.pipeline.close_vad(self.session_id)
+            self.pipeline.close_vad_later(self.session_id)
 
     async def finish_runner(self) -> tuple[int, int]:
         """End of stream: every result sent. Returns (utterances, VAD replays)."""
         runner = self.runner
         count = await runner.finish()
-        await self.drop_runner()
+        self.drop_runner()
         return count, runner.vad_replays
 
     async def _close_idle(self) -> None:
@@ -194,7 +234,7 @@ class StreamHandler:
         ReconnectRequested once the session should move (between utterances), and SessionIdle
         after idle_timeout_s without a frame."""
         if self._next_frame is None:
-            self._next_frame = asyncio.ensure_future(self.ws.receive())
+            self._next_frame = asyncio.ensure_future(self._inbox.get())
         while True:
             if self._reconnect.is_set():
                 if self._may_move_now():
@@ -213,6 +253,8 @@ class StreamHandler:
             if self._next_frame.done():
                 break
         message, self._next_frame = self._next_frame.result(), None
+        if isinstance(message, BaseException):
+            raise message
         if message["type"] == "websocket.disconnect":
             raise WebSocketDisconnect(message.get("code", CLOSE_NORMAL))
         if message.get("text") is not None:

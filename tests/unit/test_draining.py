@@ -85,12 +85,62 @@ def test_frames_still_arrive_in_order_when_no_reconnect_is_asked():
     async def scenario():
         ws = MemoryWebSocket()
         handler = PlainStream(ws, Pipeline(None, None, None, AppSettings(), "test", IngressMetrics()), "s2")
+        session = asyncio.create_task(handler.run())
         for _ in range(3):
             ws.inbox.put_nowait({"type": "websocket.receive", "text": json.dumps({"type": "start", "language": "en"})})
+        while len(ws.sent) < 4:  # every frame answered before the client leaves
+            await asyncio.sleep(0.01)
         ws.inbox.put_nowait({"type": "websocket.disconnect", "code": 1000})
-        await asyncio.wait_for(handler.run(), 2)
+        await asyncio.wait_for(session, 2)
         return ws
 
     ws = asyncio.run(scenario())
     assert [m["type"] for m in ws.sent] == ["ready"] * 4  # one at connect, one per start
     assert ws.closed is None  # the client left; nothing to close
+
+
+class HungResponse:
+    """A Serve response that never answers (a VADHost far behind), and records its cancel."""
+
+    def __init__(self, calls: list):
+        self.future = asyncio.get_running_loop().create_future()
+        self.cancelled = False
+        calls.append(self)
+
+    def __await__(self):
+        return self.future.__await__()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class HungVad:
+    def __init__(self):
+        self.feeds: list[HungResponse] = []
+        self.closes: list[HungResponse] = []
+        self.feed = type("Method", (), {"remote": lambda _self, *a: HungResponse(self.feeds)})()
+        self.close = type("Method", (), {"remote": lambda _self, *a: HungResponse(self.closes)})()
+
+
+def test_a_client_that_leaves_while_its_frames_wait_is_dropped_at_once_with_its_work():
+    """The frame loop is stuck in a VAD call with more audio queued behind it when the client
+    disconnects: the session ends without reading the rest, and the VAD call is cancelled on
+    the replica side (the slot is freed by the caller as soon as run() returns)."""
+
+    async def scenario():
+        ws = MemoryWebSocket()
+        vad = HungVad()
+        handler = PlainStream(ws, Pipeline(vad, None, None, AppSettings(), "test", IngressMetrics()), "s3")
+        session = asyncio.create_task(handler.run())
+        for _ in range(5):  # 5 x 200 ms of audio: the first chunk goes to the VAD and hangs there
+            ws.inbox.put_nowait({"type": "websocket.receive", "bytes": bytes(6400)})
+        while not vad.feeds:
+            await asyncio.sleep(0.01)
+        ws.inbox.put_nowait({"type": "websocket.disconnect", "code": 1001})
+        await asyncio.wait_for(session, 5)  # would hang for ever if it waited for the VAD
+        await asyncio.sleep(0.01)  # the background VAD close
+        return vad
+
+    vad = asyncio.run(scenario())
+    assert len(vad.feeds) == 1 and vad.feeds[0].cancelled  # the rest was never fed; the hung call dropped
+    assert len(vad.closes) == 1  # the session's VAD state is freed
