@@ -39,13 +39,17 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         logger.warning("\n%s\n%s\n%s", banner, models.warning(), banner)
         print(f"\n{banner}\n{models.warning()}\n{banner}\n", flush=True)
 
-    def placed(deployment, name: str):
-        return deployment.options(**settings.placement[name].deployment_options(gpu))
+    def placed(deployment, name: str, **options):
+        return deployment.options(**settings.placement[name].deployment_options(gpu), **options)
 
-    vad = placed(VADHost, "VADHost").bind(models.vad, settings.vad)
-    asr = placed(SenseVoice, "SenseVoice").bind(models.asr, settings.asr)
-    speaker = placed(Speaker, "Speaker").bind(models.speaker, settings.speaker, settings.voiceprints)
-    registry = SessionRegistry.bind(settings.admission)  # no model, no placement: 0 CPUs, 1 replica
+    # Internal calls write no access-log line each: a VADHost takes 5 calls per second per session,
+    # and every line costs CPU in the replica and in `serve run`, which echoes it. The Ingress
+    # (HTTP and WebSocket requests from clients) keeps its access log.
+    quiet = {"logging_config": {"enable_access_log": False}}
+    vad = placed(VADHost, "VADHost", **quiet).bind(models.vad, settings.vad)
+    asr = placed(SenseVoice, "SenseVoice", **quiet).bind(models.asr, settings.asr)
+    speaker = placed(Speaker, "Speaker", **quiet).bind(models.speaker, settings.speaker, settings.voiceprints)
+    registry = SessionRegistry.options(**quiet).bind(settings.admission)  # no model: 0 CPUs, 1 replica
     return placed(Ingress, "Ingress").bind(vad, asr, speaker, registry, settings, models)
 
 
