@@ -94,6 +94,10 @@ class SessionRegistry:
     def release(self, session_id: str) -> None:
         self._ledger.release(session_id)
 
+    def live(self) -> int:
+        """Sessions holding a slot now (tests check that a module leaves none behind)."""
+        return self._ledger.live
+
     def sync(self, ingress: str, live: list[str], upto_seq: int) -> int:
         """Returns the application's live sessions, for the ingress's log and metrics."""
         self._ledger.sync(ingress, set(live), time.monotonic(), upto_seq)

@@ -18,6 +18,10 @@ from clients.tokens import DEFAULT_SECRET_ENV
 # Serve's options per deployment, stated once: the builder applies them (with `placement` below);
 # a deployment's entry under `deployments:` in config/serve.yaml overrides them, as Serve's config
 # always does (that file also holds autoscaling_config and user_config).
+# Internal calls write no access-log line each (QUIET): a VADHost takes 5 calls per second per
+# session, and every line costs CPU in the replica and in `serve run`, which echoes it. The Ingress
+# (HTTP and WebSocket requests from clients) keeps its access log.
+QUIET = {"logging_config": {"enable_access_log": False}}
 DEPLOYMENT_OPTIONS: dict[str, dict[str, Any]] = {
     # Each live WebSocket holds one request: Serve's default cap of 5 would queue the 6th session
     # (and /healthz) in the proxy. A stopping replica's sessions may go on for the grace period.
@@ -27,13 +31,19 @@ DEPLOYMENT_OPTIONS: dict[str, dict[str, Any]] = {
         "max_ongoing_requests": 1000,
         "health_check_period_s": 2,
         "request_router_config": {"request_router_class": "deployments.routing:StickySessionRouter"},
+        **QUIET,
     },
     # Utterances queue here to be batched. health_check_period_s: a dead replica is noticed (and
     # replaced) within 2 s instead of Serve's 10; its callers wait for the replacement.
-    "SenseVoice": {"max_ongoing_requests": 64, "health_check_period_s": 2},
-    "Speaker": {"max_ongoing_requests": 64, "health_check_period_s": 2},
+    "SenseVoice": {"max_ongoing_requests": 64, "health_check_period_s": 2, **QUIET},
+    "Speaker": {"max_ongoing_requests": 64, "health_check_period_s": 2, **QUIET},
     # One replica, no model: its state is a dict, so it must not be scaled out.
-    "SessionRegistry": {"num_replicas": 1, "max_ongoing_requests": 1000, "ray_actor_options": {"num_cpus": 0}},
+    "SessionRegistry": {
+        "num_replicas": 1,
+        "max_ongoing_requests": 1000,
+        "ray_actor_options": {"num_cpus": 0},
+        **QUIET,
+    },
 }
 
 

@@ -5,6 +5,11 @@ stops, and the pure helpers every protocol's parser uses.
 A protocol is one module (plain.py, xiaozhi.py, funasr.py) that fills in the hooks:
 `render_error()`, `open()` (optional: what happens before the first frame), `on_frame()` and
 `on_result()`.
+
+Frames are read by their own task into an inbox, so a client that leaves is noticed at once,
+even while the frame loop is behind (busy in a VAD call with frames waiting): its frame loop is
+cancelled, its model work dropped, and its admission slot freed without working through the
+backlog for nobody.
 """
 
 from __future__ import annotations
@@ -145,7 +150,9 @@ class Connection:
         self.metrics = metrics
         self.stream: UtteranceStream | None = None
         self._send_lock = asyncio.Lock()  # results and error frames come from different tasks
+        self._inbox: asyncio.Queue[dict | BaseException] = asyncio.Queue()  # filled by _read_frames
         self._next_frame: asyncio.Future | None = None  # kept across receive() calls: never cancelled
+        self._client_gone = asyncio.Event()  # the client's disconnect has been read
         self._reconnect = asyncio.Event()
         self._reconnect_asked: asyncio.Future | None = None
         self._reconnect_by: float | None = None  # monotonic deadline; before it, wait for a pause
@@ -193,10 +200,9 @@ class Connection:
 
     async def run(self) -> None:
         """Serve the connection until it ends, however it ends, and free what it held."""
+        reader = asyncio.create_task(self._read_frames())
         try:
-            if await self.open():
-                while await self._dispatch(await self.receive()):
-                    pass
+            await self._serve_until_gone()
         except WebSocketDisconnect:
             logger.info("session %s: client disconnected", self.session_id)
         except ReconnectRequested:
@@ -210,10 +216,46 @@ class Connection:
             logger.exception("session %s: internal error", self.session_id)
             await self.close_with_error("internal", "internal error; the session is closed", CLOSE_INTERNAL)
         finally:
-            for waiting in (self._next_frame, self._reconnect_asked):
+            for waiting in (self._next_frame, self._reconnect_asked, reader):
                 if waiting is not None:
                     waiting.cancel()
-            await self.drop_stream()
+            self.drop_stream()
+
+    async def _serve(self) -> None:
+        if await self.open():
+            while await self._dispatch(await self.receive()):
+                pass
+
+    async def _serve_until_gone(self) -> None:
+        """`_serve()`, cut short when the client disconnects: frames still in the inbox and
+        utterances still being recognised are for nobody now."""
+        serving = asyncio.create_task(self._serve())
+        gone = asyncio.create_task(self._client_gone.wait())
+        try:
+            await asyncio.wait({serving, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not serving.done():
+            serving.cancel()
+            await asyncio.wait({serving})
+            logger.info("session %s: client disconnected; %d unread frame(s) dropped",
+                        self.session_id, self._inbox.qsize())  # fmt: skip
+            return
+        serving.result()  # re-raises how the frame loop ended
+
+    async def _read_frames(self) -> None:
+        """Move every frame into the inbox as it arrives; stop after the disconnect."""
+        while True:
+            try:
+                message = await self.ws.receive()
+            except Exception as exc:  # handed to the frame loop, which decides what it means
+                self._inbox.put_nowait(exc)
+                self._client_gone.set()
+                return
+            self._inbox.put_nowait(message)
+            if message["type"] == "websocket.disconnect":
+                self._client_gone.set()
+                return
 
     async def _dispatch(self, message: dict) -> bool:
         try:
@@ -242,7 +284,7 @@ class Connection:
         ReconnectRequested once the session should move (between utterances), SessionIdle after
         idle_timeout_s without a frame, and TimeoutError after `timeout_s`, if given."""
         if self._next_frame is None:
-            self._next_frame = asyncio.ensure_future(self.ws.receive())
+            self._next_frame = asyncio.ensure_future(self._inbox.get())
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             if self._reconnect.is_set():
@@ -265,6 +307,8 @@ class Connection:
             if self._next_frame.done():
                 break
         message, self._next_frame = self._next_frame.result(), None
+        if isinstance(message, BaseException):
+            raise message
         if message["type"] == "websocket.disconnect":
             raise WebSocketDisconnect(message.get("code", CLOSE_NORMAL))
         if message.get("text") is not None:
@@ -310,19 +354,20 @@ class Connection:
         self.metrics.utterance_failed(self.protocol)
         await self.on_failure(index, exc)
 
-    async def drop_stream(self) -> None:
-        """Cancel what the stream still has in flight and free its VAD state."""
+    def drop_stream(self) -> None:
+        """Cancel what the stream still has in flight; its VAD state is freed in the background
+        (the VADHost may be busy, and nobody should wait for that)."""
         stream, self.stream = self.stream, None
         if stream is not None:
-            await stream.close()
+            stream.close()
         else:
-            await self.streams.models.close_vad(self.session_id)
+            self.streams.models.close_vad_later(self.session_id)
 
     async def finish_stream(self) -> tuple[int, int]:
         """End of stream: every result sent. Returns (utterances, VAD replays)."""
         stream = self.stream
         count = await stream.finish()
-        await self.drop_stream()
+        self.drop_stream()
         return count, stream.vad_replays
 
     async def _close_idle(self) -> None:

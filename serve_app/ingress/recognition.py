@@ -59,8 +59,14 @@ def _ms_since(t: float) -> float:
 
 
 async def _awaited(response):
-    """A Serve response as a coroutine, for asyncio.wait_for."""
-    return await response
+    """A Serve response as a coroutine (for asyncio.wait_for). Cancelling the coroutine cancels
+    the request on the replica too (Serve does not do that by itself): queued model work for a
+    session that has gone, or a call that timed out, is dropped there instead of computed."""
+    try:
+        return await response
+    except asyncio.CancelledError:
+        response.cancel()
+        raise
 
 
 # ---- the timeline: pure ----------------------------------------------------------------------
@@ -273,6 +279,7 @@ class ModelCalls:
         self.models_label = models_label
         self.speaker_enabled = speaker_enabled
         self.default_group = default_group  # voiceprints matched when the client names no group
+        self._closing: set[asyncio.Task] = set()
 
     async def feed_vad(self, sid: str, timeline: Timeline, chunk: VadChunk) -> tuple[VadFeedResult, int]:
         """Send one chunk; if the session's VAD state is gone, replay the unfinished audio.
@@ -304,6 +311,12 @@ class ModelCalls:
         except Exception:  # the replica may be gone already; nothing to clean up then
             logger.info("session %s: VAD close failed; replica gone", session_id)
 
+    def close_vad_later(self, session_id: str) -> None:
+        """Free the session's VAD state without waiting for it (the replica may be busy)."""
+        task = asyncio.create_task(self.close_vad(session_id))
+        self._closing.add(task)  # a reference until done, or the loop may drop the task
+        task.add_done_callback(self._closing.discard)
+
     async def segment(self, pcm: np.ndarray, request_id: str) -> list[tuple[int, int]]:
         """Speech segments of a whole file."""
         segments, _ = await self._retrying(partial(self.vad.segment.remote, pcm), "VADHost", request_id)
@@ -314,7 +327,7 @@ class ModelCalls:
         it waits in Serve's router for the replacement, and that wait must end."""
         left = clock.remaining_s()
         if left is None:
-            return await call()
+            return await _awaited(call())
         try:
             return await asyncio.wait_for(_awaited(call()), left)
         except TimeoutError:
@@ -354,7 +367,7 @@ class ModelCalls:
 
     async def transcribe_interim(self, pcm: np.ndarray, options: RecognitionOptions) -> Transcript:
         """Text of an unfinished utterance; runs behind every final on the SenseVoice replica."""
-        return await self.asr.transcribe_interim.remote(AsrRequest(pcm, options.language, options.use_itn))
+        return await _awaited(self.asr.transcribe_interim.remote(AsrRequest(pcm, options.language, options.use_itn)))
 
     async def embed(
         self, pcm: np.ndarray, group: str | None, session_id: str
@@ -507,13 +520,14 @@ class UtteranceStream:
         await self._sender
         return self.results_sent
 
-    async def close(self) -> None:
-        """The client is gone: stop work for it and free its VAD state."""
+    def close(self) -> None:
+        """The client is gone: stop work for it (queued model calls are cancelled on their
+        replicas) and free its VAD state in the background."""
         self._sender.cancel()
         for task in [*self._in_flight, self._interim_task]:
             if task is not None:
                 task.cancel()
-        await self.models.close_vad(self.session_id)
+        self.models.close_vad_later(self.session_id)
 
     async def _process(self, chunk: VadChunk) -> None:
         started = time.perf_counter()

@@ -68,6 +68,44 @@ def service(service_args):
     ray.shutdown()
 
 
+def admission_state(base: str) -> dict[str, int]:
+    """What still holds a slot or state: the registry's sessions, the Ingress's live sessions
+    and stream tasks, the VADHosts' sessions."""
+    health = httpx.get(f"http://{base}/healthz", timeout=30).json()
+    registry = serve.get_deployment_handle("SessionRegistry", app_name=APP)
+    return {
+        "registry_sessions": registry.live.remote().result(timeout_s=30),
+        "ingress_sessions": health["live_sessions_this_replica"],
+        "ingress_stream_tasks": health["stream_tasks_this_replica"],
+        "vad_sessions": vad_live_sessions(),
+    }
+
+
+def wait_admission_clean(base: str, timeout_s: float = 90) -> dict[str, int]:
+    """Wait until no session holds anything; the timeout is a hang guard for slow machines."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = admission_state(base)
+        if not any(state.values()) or time.monotonic() > deadline:
+            return state
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def clean_admission(request):
+    """Every module that uses the shared service starts from, and leaves, a clean admission
+    state: a slot held by a client that left would refuse the next module's sessions."""
+    mine = [item for item in request.session.items if getattr(item, "module", None) is request.module]
+    uses_service = any("service" in item.fixturenames for item in mine)
+    if not uses_service:
+        yield
+        return
+    base = request.getfixturevalue("service")
+    assert not any((state := wait_admission_clean(base)).values()), f"held before this module: {state}"
+    yield
+    assert not any((state := wait_admission_clean(base)).values()), f"left behind by this module: {state}"
+
+
 def wait_healthy(url: str, timeout_s: float = 120) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

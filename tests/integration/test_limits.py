@@ -10,7 +10,13 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from clients.tokens import device_headers
-from tests.integration.conftest import ALLOWED_DEVICE, DEVICE_CONNECTIONS_CAP, SESSIONS_CAP, as_device
+from tests.integration.conftest import (
+    ALLOWED_DEVICE,
+    DEVICE_CONNECTIONS_CAP,
+    SESSIONS_CAP,
+    as_device,
+    wait_admission_clean,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -19,7 +25,7 @@ def _open_plain(service: str, n: int):
     """Device n of the plain protocol (its own device id, so only the overall cap applies)."""
     headers = device_headers(**as_device(f"02:00:00:00:10:{n:02x}"))
     ws = connect(f"ws://{service}/v1/stream", additional_headers=headers, open_timeout=30)
-    return ws, json.loads(ws.recv(timeout=30))
+    return ws, json.loads(ws.recv(timeout=60))
 
 
 def _refusal(ws) -> tuple[dict, int]:
@@ -27,7 +33,7 @@ def _refusal(ws) -> tuple[dict, int]:
     frame = None
     with pytest.raises(ConnectionClosed) as closed:
         while True:
-            frame = json.loads(ws.recv(timeout=30))
+            frame = json.loads(ws.recv(timeout=60))
     return frame, closed.value.rcvd.code
 
 
@@ -50,7 +56,7 @@ def test_sessions_over_the_overall_cap_are_refused_at_once(service):
     finally:
         for ws in admitted:
             ws.close()
-    time.sleep(1)  # releases reach the registry
+    wait_admission_clean(service)  # the releases reach the registry (however slowly this machine runs)
     ws, first = _open_plain(service, SESSIONS_CAP + 1)
     ws.close()
     assert first["type"] == "ready"  # the slots were given back
@@ -68,7 +74,7 @@ def test_a_device_over_its_connection_limit_is_refused_with_1008(service):
             ws.send(json.dumps({"type": "hello", "version": 1, "transport": "websocket",
                                 "audio_params": {"format": "opus", "sample_rate": 16000, "channels": 1,
                                                  "frame_duration": 60}}))  # fmt: skip
-            assert json.loads(ws.recv(timeout=30))["type"] == "hello"
+            assert json.loads(ws.recv(timeout=60))["type"] == "hello"
         one_more = _xiaozhi(service, ALLOWED_DEVICE)
         frame, code = _refusal(one_more)
         assert frame["type"] == "error" and frame["code"] == "too_many_connections", frame

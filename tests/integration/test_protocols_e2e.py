@@ -75,11 +75,11 @@ def test_bad_token_is_refused_before_any_session(service, token):
     if token:
         headers["Authorization"] = f"Bearer {token}"
     with connect(xiaozhi_url(service), additional_headers=headers) as ws:
-        error = json.loads(ws.recv(timeout=10))
+        error = json.loads(ws.recv(timeout=60))
         assert error["type"] == "error" and error["code"] == "unauthorized"
         with pytest.raises(ConnectionClosed) as closed:
             ws.send(json.dumps({"type": "hello", "audio_params": {"format": "opus"}}))
-            ws.recv(timeout=10)
+            ws.recv(timeout=60)
         assert closed.value.rcvd.code == 1008 and "unauthorized" in closed.value.rcvd.reason
     assert vad_live_sessions() == 0
 
@@ -120,16 +120,18 @@ def test_abort_drops_the_utterance_in_flight(service):
     abort_at = TWO_UTTERANCES_SPEECH_MS[0][1] // 60 + 1  # the first 60 ms packet after the speech
     with connect(xiaozhi_url(service), additional_headers=headers) as ws:
         ws.send(json.dumps({"type": "hello", "audio_params": {"format": "opus"}}))
-        session_id = json.loads(ws.recv(timeout=10))["session_id"]
+        session_id = json.loads(ws.recv(timeout=60))["session_id"]
         ws.send(json.dumps({"session_id": session_id, "type": "listen", "state": "start", "mode": "auto"}))
         for packet in packets[:abort_at]:
             ws.send(packet)
         ws.send(json.dumps({"session_id": session_id, "type": "abort", "reason": "wake_word_detected"}))
         for packet in packets[abort_at:]:
             ws.send(packet)
-        messages = []
-        with pytest.raises(TimeoutError):
+        # Results come in utterance order, so the first stt tells: had the aborted utterance
+        # been answered, it would come first. (The wait is a hang guard, not a speed bound.)
+        messages = [json.loads(ws.recv(timeout=120))]
+        with pytest.raises(TimeoutError):  # and nothing after it (best effort: a late extra would fail)
             while True:
-                messages.append(json.loads(ws.recv(timeout=8)))
+                messages.append(json.loads(ws.recv(timeout=3)))
     assert [m["type"] for m in messages] == ["stt"]
     assert abs(messages[0]["start_ms"] - TWO_UTTERANCES_SPEECH_MS[1][0]) < 400

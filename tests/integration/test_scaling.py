@@ -178,9 +178,9 @@ class LoopingDevice(threading.Thread):
         conn = {"results": [], "close": None, "errors": [], "done": None}
         self.connections.append(conn)
         with connect(self.url + "/v1/stream", max_size=None, open_timeout=30) as ws:
-            assert json.loads(ws.recv(timeout=30))["type"] == "ready"
+            assert json.loads(ws.recv(timeout=60))["type"] == "ready"
             ws.send(json.dumps({"type": "start", "sample_rate": 16000}))
-            assert json.loads(ws.recv(timeout=30))["type"] == "ready"
+            assert json.loads(ws.recv(timeout=60))["type"] == "ready"
             reader = threading.Thread(target=self._read, args=(ws, conn), daemon=True)
             reader.start()
             next_at = time.monotonic()
@@ -335,7 +335,7 @@ def test_every_series_the_grafana_dashboard_queries_is_exported(cluster):
         with pytest.raises(ConnectionClosed) as refused:  # a second connection of one device: refused, counted
             with connect(cluster.ws + "/xiaozhi/v1/", additional_headers=device, open_timeout=30) as ws:
                 while True:
-                    ws.recv(timeout=30)
+                    ws.recv(timeout=60)
     assert refused.value.rcvd.code == 1008
     # The drain test above produced reconnects; Ray's agent exports about every 10 s.
     wanted = dashboard_series()

@@ -47,9 +47,9 @@ def test_the_replica_learns_the_bind_host_from_serve(service):
 
 def refused(ws) -> tuple[dict, int, str]:
     """The error frame and close code/reason of a refused connection."""
-    error = json.loads(ws.recv(timeout=10))
+    error = json.loads(ws.recv(timeout=60))
     with pytest.raises(ConnectionClosed) as closed:
-        ws.recv(timeout=10)
+        ws.recv(timeout=60)
     return error, closed.value.rcvd.code, closed.value.rcvd.reason
 
 

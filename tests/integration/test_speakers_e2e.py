@@ -81,7 +81,7 @@ def test_enrol_from_a_live_session(service, enrolled):
     group = "live-" + uuid.uuid4().hex[:6]
     pcm = (VOICES / "bob_enroll_1.wav").read_bytes()[44:] + b"\x00" * 32000 * 2
     with connect(f"ws://{service}/v1/stream", additional_headers=device_headers(**as_device())) as ws:
-        session_id = json.loads(ws.recv(timeout=30))["session_id"]
+        session_id = json.loads(ws.recv(timeout=60))["session_id"]
         for i in range(0, len(pcm), 1920):
             ws.send(pcm[i : i + 1920])
         assert json.loads(ws.recv(timeout=60))["type"] == "result"  # one finished utterance

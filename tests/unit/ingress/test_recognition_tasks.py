@@ -25,7 +25,7 @@ def test_stream_tasks_are_counted_while_it_lives_and_gone_after_close():
         await asyncio.sleep(0)
         counts.append(live_stream_tasks())
         for runner in runners:
-            await runner.close()
+            runner.close()
         await asyncio.sleep(0)
         counts.append(live_stream_tasks())
         return counts

@@ -14,10 +14,10 @@ from serve_app.settings import AppSettings
 from serve_app.wire import CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER
 
 
-def connection(cls, ws, settings: AppSettings, session_id: str, *extra):
-    """A connection with no deployments behind it: fine as long as no audio is sent."""
+def connection(cls, ws, settings: AppSettings, session_id: str, *extra, vad=None):
+    """A connection with no deployments behind it (fine as long as no audio is sent), or only `vad`."""
     metrics = IngressMetrics()
-    models = ModelCalls(None, None, None, settings.retry, "test")
+    models = ModelCalls(vad, None, None, settings.retry, "test")
     streams = UtteranceStreams(models, settings.ingress, settings.speaker.keep_embeddings, metrics)
     return cls(ws, session_id, streams, settings.ingress, metrics, *extra)
 
@@ -95,10 +95,13 @@ def test_frames_still_arrive_in_order_when_no_reconnect_is_asked():
     async def scenario():
         ws = MemoryWebSocket()
         handler = connection(PlainConnection, ws, AppSettings(), "s2")
+        session = asyncio.create_task(handler.run())
         for _ in range(3):
             ws.inbox.put_nowait({"type": "websocket.receive", "text": json.dumps({"type": "start", "language": "en"})})
+        while len(ws.sent) < 4:  # every frame answered before the client leaves
+            await asyncio.sleep(0.01)
         ws.inbox.put_nowait({"type": "websocket.disconnect", "code": 1000})
-        await asyncio.wait_for(handler.run(), 2)
+        await asyncio.wait_for(session, 2)
         return ws
 
     ws = asyncio.run(scenario())
@@ -140,3 +143,50 @@ def test_a_device_that_sends_no_hello_is_closed_after_the_hello_timeout():
 
     ws = asyncio.run(scenario())
     assert ws.sent[-1]["code"] == "hello_timeout" and ws.closed[0] == 1002
+
+
+class HungResponse:
+    """A Serve response that never answers (a VADHost far behind), and records its cancel."""
+
+    def __init__(self, calls: list):
+        self.future = asyncio.get_running_loop().create_future()
+        self.cancelled = False
+        calls.append(self)
+
+    def __await__(self):
+        return self.future.__await__()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class HungVad:
+    def __init__(self):
+        self.feeds: list[HungResponse] = []
+        self.closes: list[HungResponse] = []
+        self.feed = type("Method", (), {"remote": lambda _self, *a: HungResponse(self.feeds)})()
+        self.close = type("Method", (), {"remote": lambda _self, *a: HungResponse(self.closes)})()
+
+
+def test_a_client_that_leaves_while_its_frames_wait_is_dropped_at_once_with_its_work():
+    """The frame loop is stuck in a VAD call with more audio queued behind it when the client
+    disconnects: the session ends without reading the rest, and the VAD call is cancelled on
+    the replica side (the slot is freed by the caller as soon as run() returns)."""
+
+    async def scenario():
+        ws = MemoryWebSocket()
+        vad = HungVad()
+        handler = connection(PlainConnection, ws, AppSettings(), "s3", vad=vad)
+        session = asyncio.create_task(handler.run())
+        for _ in range(5):  # 5 x 200 ms of audio: the first chunk goes to the VAD and hangs there
+            ws.inbox.put_nowait({"type": "websocket.receive", "bytes": bytes(6400)})
+        while not vad.feeds:
+            await asyncio.sleep(0.01)
+        ws.inbox.put_nowait({"type": "websocket.disconnect", "code": 1001})
+        await asyncio.wait_for(session, 5)  # would hang for ever if it waited for the VAD
+        await asyncio.sleep(0.01)  # the background VAD close
+        return vad
+
+    vad = asyncio.run(scenario())
+    assert len(vad.feeds) == 1 and vad.feeds[0].cancelled  # the rest was never fed; the hung call dropped
+    assert len(vad.closes) == 1  # the session's VAD state is freed
