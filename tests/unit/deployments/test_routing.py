@@ -63,7 +63,7 @@ def test_the_router_asks_serve_to_back_off_before_it_retries():
 
     from ray.serve._private.request_router.common import RequestRoutingContext
 
-    from serve_app.routing import StickySessionRouter
+    from deployments.routing import StickySessionRouter
 
     router = object.__new__(StickySessionRouter)  # Serve builds it with its own plumbing; the state is ours
     router.initialize_state()
