@@ -78,6 +78,12 @@ class StickySessionRouter(RequestRouter):
         session_id = None
         if pending_request is not None:
             session_id = session_of(pending_request.metadata.call_method, pending_request.args, pending_request.kwargs)
+            # Our answer is final (every replica was considered), so Serve must back off before
+            # asking again when the chosen replica cannot take the request yet (its queue-length
+            # probe timed out). Without this the router thread retries in a tight loop, takes
+            # the Ingress's GIL, and the probes never get through: every session on that Ingress
+            # stalls for good. (Serve's own routers set this once they consider all replicas.)
+            pending_request.routing_context.should_backoff = True
         choice = choose_replica(session_id, self._pins, replica_loads(self._pins, reported))
         return [[by_id[choice]]] if choice is not None else []
 

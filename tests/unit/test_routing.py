@@ -52,3 +52,25 @@ def test_session_id_comes_from_session_methods_only():
     assert session_of("feed", ("s1", b"", 0), {}) == "s1"
     assert session_of("close", (), {"session_id": "s2"}) == "s2"
     assert session_of("segment", ("not-a-session",), {}) is None
+
+
+def test_the_router_asks_serve_to_back_off_before_it_retries():
+    """Serve retries a routing decision without any pause unless the router says its choice
+    considered every replica (`should_backoff`); a pinned replica whose queue-length probe is
+    slow then spins the router thread and starves the Ingress (seen in a replica-loss test)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from ray.serve._private.request_router.common import RequestRoutingContext
+
+    from serve_app.routing import StickySessionRouter
+
+    router = object.__new__(StickySessionRouter)  # Serve builds it with its own plumbing; the state is ours
+    router.initialize_state()
+    replicas = [SimpleNamespace(replica_id=SimpleNamespace(unique_id=rid), routing_stats={}) for rid in ("a", "b")]
+    pending = SimpleNamespace(metadata=SimpleNamespace(call_method="feed"), args=("s1",), kwargs={},
+                              routing_context=RequestRoutingContext())  # fmt: skip
+    assert not pending.routing_context.should_backoff
+    chosen = asyncio.run(router.choose_replicas(replicas, pending))
+    assert [[r.replica_id.unique_id for r in group] for group in chosen] == [["a"]]
+    assert pending.routing_context.should_backoff
