@@ -1,0 +1,314 @@
+"""Capacity sweep: how many devices one service holds at the latency target, next to the compute
+bound measured in the same run on the same host.
+
+    python -m loadtest.sweep                                   # against a running service (make serve)
+    python -m loadtest.sweep --levels 1,2,4,8 --protocol xiaozhi --target-p95 3 --out loadtest/reports/sweep
+
+For each level (devices offered at once) it runs the load tool (`loadgen.py`) long enough for
+`--utterances` utterances per device, then waits until the service is quiet again (no live
+session, its CPU back to idle) before the next level. Per level: end-of-speech-to-result p50/p95,
+utterances lost (no result, or one later than `--lost-after` seconds), devices refused at connect,
+and server CPU by process (cores, and cores per admitted device).
+
+The compute bound: bare batched SenseVoice `generate` on the corpus clips in this process (the
+same model size as the service's test models, or `--asr-model DIR`), measured while the service
+is idle: speech-seconds transcribed per second, divided by the speech each device produces per
+second (the workload's speech share). "Held" is the most admitted devices of a level with p95 <=
+the target and nothing lost; the report prints held / bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+from loadtest.loadgen import Clip, LoadConfig, cpu_by_kind, cpu_seconds, load_corpus, run_load
+from loadtest.report import pct
+
+SERVER_KINDS_EXCLUDED = {"loadgen"}  # CPU not spent by the service
+TRANSPORT_KINDS = ("proxy", "Ingress", "VADHost")  # what carries frames and finds utterance ends
+
+
+@dataclass
+class SweepConfig:
+    url: str = "ws://127.0.0.1:8000"
+    protocol: str = "funasr"
+    levels: list[int] = field(default_factory=lambda: [1, 2, 4, 6, 8, 12, 16])
+    utterances: int = 8  # per device and level
+    pause_s: tuple[float, float] = (1.2, 2.0)  # silence between utterances (> the VAD's end silence)
+    target_p95_s: float = 3.0
+    lost_after_s: float = 10.0  # a result later than this counts as lost
+    corpus: str = "loadtest/corpus"
+    seed: int = 1
+    auth_secret: str | None = None
+    out: str = "loadtest/reports/sweep"
+    quiet_cores: float = 0.15  # the service counts as drained below this CPU use ...
+    drain_timeout_s: float = 180.0  # ... or after this long (then the report says so)
+    bound: bool = True
+    bound_size: str = "full"  # test-model size for the bound (the service's models.test_model_size)
+    asr_model: str | None = None  # a local SenseVoice directory instead (real weights)
+    bound_threads: int = 2
+    bound_batch: int = 8
+
+
+@dataclass
+class Level:
+    offered: int
+    admitted: int
+    refused: int
+    utterances: int
+    lost: int  # no result, or later than lost_after_s
+    p50_s: float | None
+    p95_s: float | None
+    wall_s: float
+    cores: dict[str, float]  # by process kind, averaged over the level
+    connection_errors: int
+    error_frames: int
+    drained: bool  # the service was quiet before this level started
+
+    @property
+    def held(self) -> bool:
+        return self.lost == 0 and self.admitted > 0 and self.p95_s is not None
+
+    def cores_per_device(self, kinds: tuple[str, ...]) -> float | None:
+        if not self.admitted:
+            return None
+        return round(sum(self.cores.get(k, 0.0) for k in kinds) / self.admitted, 3)
+
+
+def service_cores(seconds: float) -> dict[str, float]:
+    """CPU cores used by each Serve process kind over `seconds` (this process excluded)."""
+    before = cpu_seconds()
+    time.sleep(seconds)
+    used = cpu_by_kind(before, cpu_seconds())
+    return {k: round(v / seconds, 3) for k, v in used.items() if k not in SERVER_KINDS_EXCLUDED}
+
+
+def live_sessions(url: str) -> int | None:
+    base = url.replace("ws://", "http://").replace("wss://", "https://").rstrip("/")
+    try:
+        return int(httpx.get(f"{base}/healthz", timeout=10).json()["live_sessions_this_replica"])
+    except Exception:
+        return None
+
+
+def wait_quiet(cfg: SweepConfig) -> bool:
+    """Until no session is live and the service's CPU is back under `quiet_cores`."""
+    deadline = time.monotonic() + cfg.drain_timeout_s
+    while time.monotonic() < deadline:
+        if not live_sessions(cfg.url) and sum(service_cores(2.0).values()) < cfg.quiet_cores:
+            return True
+    return False
+
+
+def speech_share(clips: list[Clip], pause_s: tuple[float, float]) -> float:
+    speech = statistics.mean(c.seconds for c in clips)
+    return speech / (speech + sum(pause_s) / 2)
+
+
+def compute_bound(cfg: SweepConfig, clips: list[Clip]) -> dict:
+    """Bare batched SenseVoice throughput on this host, in speech-seconds per second."""
+    from deployments.models import ModelSource, load_automodel, materialize, resolve_models
+    from serve_app.settings import ModelSettings
+    from serve_app.wire import to_float32
+
+    if cfg.asr_model:
+        source = ModelSource("asr", "local", cfg.asr_model)
+    else:
+        source = resolve_models(ModelSettings(test_model_size=cfg.bound_size), hub_up=False).asr
+        materialize(source)
+    model = load_automodel(source, device="cpu", threads=cfg.bound_threads, frontend_conf={"dither": 0.0})
+    inputs = [to_float32(c.pcm) for c in clips]
+    model.generate(input=inputs[: cfg.bound_batch], batch_size=cfg.bound_batch, language="auto")  # warm up
+    rates = []
+    for start in range(0, len(inputs) - cfg.bound_batch + 1, cfg.bound_batch):
+        batch = inputs[start : start + cfg.bound_batch]
+        started = time.perf_counter()
+        model.generate(input=batch, batch_size=len(batch), language="auto", use_itn=True)
+        rates.append(sum(len(x) for x in batch) / 16000 / (time.perf_counter() - started))
+    del model
+    return {"speech_s_per_s": round(statistics.median(rates), 2), "runs": [round(r, 2) for r in rates],
+            "threads": cfg.bound_threads, "batch": cfg.bound_batch, "model": source.describe()}  # fmt: skip
+
+
+def run_level(cfg: SweepConfig, offered: int, clips: list[Clip], out: Path) -> tuple[Level, dict]:
+    drained = wait_quiet(cfg)
+    per_utterance_s = statistics.mean(c.seconds for c in clips) + sum(cfg.pause_s) / 2
+    load = LoadConfig(
+        url=cfg.url, protocol=cfg.protocol, clients=offered, ramp_step=offered, ramp_every_s=0,
+        duration_s=cfg.utterances * per_utterance_s, pause_s=cfg.pause_s, corpus=cfg.corpus, seed=cfg.seed,
+        grace_s=cfg.lost_after_s + 5, auth_secret=cfg.auth_secret, serve_api="http://127.0.0.1:1",
+        out=str(out / f"level-{offered}"), progress_every_s=10,
+    )  # fmt: skip
+    started = time.monotonic()
+    state = asyncio.run(run_load(load))
+    wall = time.monotonic() - started
+    records = state.records
+    on_time = [r.latency_s for r in records if r.latency_s is not None and r.latency_s <= cfg.lost_after_s]
+    every = [r.latency_s for r in records if r.latency_s is not None]
+    level = Level(
+        offered=offered, admitted=state.connected - len(state.refused), refused=len(state.refused),
+        utterances=len(records), lost=len(records) - len(on_time), p50_s=pct(every, 50), p95_s=pct(every, 95),
+        wall_s=round(wall, 1),
+        cores={k: round(v / wall, 3) for k, v in state.cpu_seconds.items() if k not in SERVER_KINDS_EXCLUDED},
+        connection_errors=len(state.connection_errors), error_frames=len(state.unexpected), drained=drained,
+    )  # fmt: skip
+    raw = {"level": asdict(level), "connection_errors": state.connection_errors[:20],
+           "error_frames": state.unexpected[:20], "latencies_s": every}  # fmt: skip
+    return level, raw
+
+
+def held_devices(levels: list[Level], target_p95_s: float) -> int:
+    return max((lv.admitted for lv in levels if lv.held and lv.p95_s <= target_p95_s), default=0)
+
+
+def plot(out: Path, levels: list[Level], cfg: SweepConfig, bound_devices: float | None) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [lv.offered for lv in levels]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(x, [lv.p50_s for lv in levels], marker="o", label="p50")
+    ax.plot(x, [lv.p95_s for lv in levels], marker="o", label="p95")
+    ax.axhline(cfg.target_p95_s, color="grey", linestyle="--", linewidth=1, label=f"target p95 {cfg.target_p95_s:g} s")
+    if bound_devices:
+        ax.axvline(bound_devices, color="green", linestyle=":", label=f"compute bound {bound_devices:.1f}")
+    ax.set(xlabel="devices offered", ylabel="end of speech to result (s)", title="Capacity: latency and loss")
+    ax2 = ax.twinx()
+    ax2.bar(x, [100 * lv.lost / lv.utterances if lv.utterances else 0 for lv in levels], alpha=0.25, color="red",
+            width=0.6, label="lost %")  # fmt: skip
+    ax2.set_ylabel("utterances lost (%)")
+    ax2.set_ylim(0, 100)
+    lines, labels = ax.get_legend_handles_labels()
+    lines2, labels2 = ax2.get_legend_handles_labels()
+    ax.legend(lines + lines2, labels + labels2, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out / "capacity.png", dpi=110)
+    plt.close(fig)
+    return "capacity.png"
+
+
+def render(cfg: SweepConfig, levels: list[Level], idle: dict[str, float], bound: dict | None, share: float) -> str:
+    bound_devices = bound["speech_s_per_s"] / share if bound else None
+    held = held_devices(levels, cfg.target_p95_s)
+    kinds = sorted({k for lv in levels for k in lv.cores} | set(idle))
+    lines = [
+        f"# Capacity sweep: {cfg.protocol} devices, {cfg.utterances} utterances each per level",
+        "",
+        f"- workload: corpus `{cfg.corpus}`, pauses {cfg.pause_s[0]:g}-{cfg.pause_s[1]:g} s, speech share "
+        f"{share:.0%}; lost = no result within {cfg.lost_after_s:g} s of the end of speech",
+        f"- idle service CPU (cores): {idle} (total {sum(idle.values()):.3f})",
+    ]
+    if bound:
+        lines.append(f"- compute bound: bare batched SenseVoice {bound['speech_s_per_s']} speech-s/s "
+                     f"(batch {bound['batch']}, {bound['threads']} threads, {bound['model']}) / {share:.2f} "
+                     f"= **{bound_devices:.1f} devices**")  # fmt: skip
+    lines += [
+        f"- **devices held at p95 <= {cfg.target_p95_s:g} s with nothing lost: {held}**"
+        + (f"; held / bound = **{held / bound_devices:.2f}**" if bound_devices else ""),
+        "",
+        "| offered | admitted | refused | utterances | lost | p50 s | p95 s | transport+VAD cores/device "
+        "| SenseVoice cores | " + " | ".join(f"{k} cores" for k in kinds) + " | drained before |",
+        "|---" * (10 + len(kinds)) + "|",
+    ]
+    for lv in levels:
+        lines.append(
+            f"| {lv.offered} | {lv.admitted} | {lv.refused} | {lv.utterances} | {lv.lost} | {lv.p50_s} | {lv.p95_s} "
+            f"| {lv.cores_per_device(TRANSPORT_KINDS)} | {lv.cores.get('SenseVoice', 0.0)} | "
+            + " | ".join(str(lv.cores.get(k, 0.0)) for k in kinds) + f" | {'yes' if lv.drained else 'NO'} |"
+        )  # fmt: skip
+    lines += ["", "![capacity](capacity.png)", ""]
+    return "\n".join(lines)
+
+
+def sweep(cfg: SweepConfig) -> dict:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    clips = load_corpus(Path(cfg.corpus))
+    share = speech_share(clips, cfg.pause_s)
+    print(f"sweep: levels {cfg.levels}, {cfg.protocol}, speech share {share:.0%}; waiting for a quiet service",
+          flush=True)  # fmt: skip
+    wait_quiet(cfg)
+    idle = service_cores(10.0)
+    print(f"idle service CPU: {idle}", flush=True)
+    bound = compute_bound(cfg, clips) if cfg.bound else None
+    if bound:
+        print(f"compute bound: {bound}", flush=True)
+    levels, raw = [], []
+    for offered in cfg.levels:
+        level, level_raw = run_level(cfg, offered, clips, out)
+        levels.append(level)
+        raw.append(level_raw)
+        print(f"level {offered}: admitted {level.admitted}, refused {level.refused}, lost {level.lost}/"
+              f"{level.utterances}, p50 {level.p50_s} s, p95 {level.p95_s} s, cores {level.cores}",
+              flush=True)  # fmt: skip
+    bound_devices = bound["speech_s_per_s"] / share if bound else None
+    plot(out, levels, cfg, bound_devices)
+    report = render(cfg, levels, idle, bound, share)
+    (out / "report.md").write_text(report)
+    summary = {
+        "config": {k: v for k, v in asdict(cfg).items() if k != "auth_secret"},
+        "speech_share": round(share, 3), "idle_cores": idle, "bound": bound,
+        "bound_devices": round(bound_devices, 2) if bound_devices else None,
+        "held": held_devices(levels, cfg.target_p95_s), "levels": [asdict(lv) for lv in levels],
+    }  # fmt: skip
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "raw.json").write_text(json.dumps(raw))
+    print(report)
+    return summary
+
+
+def parse_args(argv: list[str] | None = None) -> SweepConfig:
+    from clients.tokens import DEFAULT_SECRET_ENV
+
+    d = SweepConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default=d.url, help="service base URL (ws://host:port)")
+    p.add_argument("--protocol", default=d.protocol, choices=["xiaozhi", "funasr", "plain", "mix"])
+    p.add_argument("--levels", default=",".join(map(str, d.levels)), help="devices offered per level, e.g. 1,2,4,8")
+    p.add_argument("--utterances", type=int, default=d.utterances, help="utterances per device per level")
+    p.add_argument("--pause", default=f"{d.pause_s[0]}/{d.pause_s[1]}",
+                   help="MIN/MAX seconds of silence between utterances (keep MIN above the VAD's end silence)")
+    p.add_argument("--target-p95", type=float, default=d.target_p95_s, help="latency target, seconds")
+    p.add_argument("--lost-after", type=float, default=d.lost_after_s, help="a result later than this is lost (s)")
+    p.add_argument("--corpus", default=d.corpus)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--no-bound", action="store_true", help="skip the compute-bound measurement")
+    p.add_argument("--bound-size", default=d.bound_size, choices=["tiny", "full"],
+                   help="test-model size for the bound: the one the service runs")
+    p.add_argument("--asr-model", default=None, help="local SenseVoice directory for the bound (real weights)")
+    p.add_argument("--bound-threads", type=int, default=d.bound_threads,
+                   help="torch threads, as the service's asr.threads")
+    p.add_argument("--bound-batch", type=int, default=d.bound_batch, help="batch size, as the service's max_batch_size")
+    p.add_argument("--auth-secret-env", default=DEFAULT_SECRET_ENV,
+                   help="env var with the device-token secret, when device auth is on")
+    p.add_argument("--out", default=None, help="report folder (default loadtest/reports/sweep-<time>)")
+    a = p.parse_args(argv)
+    lo, hi = (float(x) for x in a.pause.split("/"))
+    return SweepConfig(
+        url=a.url, protocol=a.protocol, levels=[int(x) for x in a.levels.split(",")], utterances=a.utterances,
+        pause_s=(lo, hi), target_p95_s=a.target_p95, lost_after_s=a.lost_after, corpus=a.corpus, seed=a.seed,
+        auth_secret=os.environ.get(a.auth_secret_env),
+        out=a.out or f"loadtest/reports/sweep-{time.strftime('%Y%m%d-%H%M%S')}",
+        bound=not a.no_bound, bound_size=a.bound_size, asr_model=a.asr_model, bound_threads=a.bound_threads,
+        bound_batch=a.bound_batch,
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    sweep(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
+
