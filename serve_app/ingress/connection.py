@@ -358,10 +358,8 @@ class Connection:
         """Cancel what the stream still has in flight; its VAD state is freed in the background
         (the VADHost may be busy, and nobody should wait for that)."""
         stream, self.stream = self.stream, None
-        if stream is not None:
+        if stream is not None:  # no stream, no VAD state: closing it twice would send two calls at once
             stream.close()
-        else:
-            self.streams.models.close_vad_later(self.session_id)
 
     async def finish_stream(self) -> tuple[int, int]:
         """End of stream: every result sent. Returns (utterances, VAD replays)."""

@@ -65,7 +65,9 @@ async def _awaited(response):
     try:
         return await response
     except asyncio.CancelledError:
-        response.cancel()
+        cancel = getattr(response, "cancel", None)  # a Serve response; VAD calls come as coroutines
+        if cancel is not None:
+            cancel()
         raise
 
 
@@ -280,6 +282,29 @@ class ModelCalls:
         self.speaker_enabled = speaker_enabled
         self.default_group = default_group  # voiceprints matched when the client names no group
         self._closing: set[asyncio.Task] = set()
+        self._vad_last: dict[str, asyncio.Task] = {}  # session id -> its VAD call in flight
+
+    async def _vad_call(self, session_id: str, make_call: Callable[[], Awaitable]):
+        """One VADHost call of a session, never overlapping another call of the same session.
+
+        Serve's base RequestRouter (which our sticky router extends) indexes pending requests
+        by the caller's request id, and every call made for one WebSocket shares it: a second
+        pending call of the same session is never matched to a replica, waits for ever, and
+        holds one of the router's few routing tasks, so every session behind it stalls too.
+        So a session's calls go one at a time, and a call whose caller is cancelled (the client
+        left) is left to finish rather than cancelled half-way through routing."""
+        previous = self._vad_last.get(session_id)
+        if previous is not None and not previous.done():
+            await asyncio.wait({previous})
+
+        async def call():
+            return await make_call()
+
+        task = asyncio.ensure_future(call())
+        self._vad_last[session_id] = task
+        task.add_done_callback(lambda t: self._vad_last.pop(session_id, None) if self._vad_last.get(session_id) is t
+                               else None)  # fmt: skip
+        return await asyncio.shield(task)
 
     async def feed_vad(self, sid: str, timeline: Timeline, chunk: VadChunk) -> tuple[VadFeedResult, int]:
         """Send one chunk; if the session's VAD state is gone, replay the unfinished audio.
@@ -291,7 +316,8 @@ class ModelCalls:
         feed = self.vad.feed.remote
         while True:
             try:
-                call = partial(feed, sid, chunk.pcm, chunk.start_ms, chunk.final, chunk.restart)
+                call = partial(self._vad_call, sid, partial(feed, sid, chunk.pcm, chunk.start_ms, chunk.final,
+                                                            chunk.restart))  # fmt: skip
                 result = await self._try(clock, call, "VADHost")
             except REPLICA_GONE as exc:  # the state went with the replica: replay on the next one
                 await self._before_retry(clock, exc, "VADHost", sid)
@@ -307,7 +333,7 @@ class ModelCalls:
 
     async def close_vad(self, session_id: str) -> None:
         try:
-            await self.vad.close.remote(session_id)
+            await self._vad_call(session_id, partial(self.vad.close.remote, session_id))
         except Exception:  # the replica may be gone already; nothing to clean up then
             logger.info("session %s: VAD close failed; replica gone", session_id)
 

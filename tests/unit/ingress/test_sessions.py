@@ -10,8 +10,8 @@ from serve_app.ingress.metrics import IngressMetrics
 from serve_app.ingress.plain import PlainConnection
 from serve_app.ingress.recognition import ModelCalls, UtteranceStreams
 from serve_app.ingress.sessions import DrainPlan, DrainWatch, replica_is_stopping, replica_refusal
-from serve_app.settings import AppSettings
-from serve_app.wire import CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER
+from serve_app.settings import AppSettings, RetrySettings
+from serve_app.wire import CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER, VadFeedResult
 
 
 def connection(cls, ws, settings: AppSettings, session_id: str, *extra, vad=None):
@@ -146,7 +146,7 @@ def test_a_device_that_sends_no_hello_is_closed_after_the_hello_timeout():
 
 
 class HungResponse:
-    """A Serve response that never answers (a VADHost far behind), and records its cancel."""
+    """A Serve response that answers only when told (a VADHost far behind); records a cancel."""
 
     def __init__(self, calls: list):
         self.future = asyncio.get_running_loop().create_future()
@@ -170,8 +170,9 @@ class HungVad:
 
 def test_a_client_that_leaves_while_its_frames_wait_is_dropped_at_once_with_its_work():
     """The frame loop is stuck in a VAD call with more audio queued behind it when the client
-    disconnects: the session ends without reading the rest, and the VAD call is cancelled on
-    the replica side (the slot is freed by the caller as soon as run() returns)."""
+    disconnects: the session ends at once without reading the rest (the slot is freed by the
+    caller as soon as run() returns). The VAD call in flight is left to finish, not cancelled
+    half-way through Serve's routing, and the VAD state is freed right after it."""
 
     async def scenario():
         ws = MemoryWebSocket()
@@ -184,9 +185,36 @@ def test_a_client_that_leaves_while_its_frames_wait_is_dropped_at_once_with_its_
             await asyncio.sleep(0.01)
         ws.inbox.put_nowait({"type": "websocket.disconnect", "code": 1001})
         await asyncio.wait_for(session, 5)  # would hang for ever if it waited for the VAD
-        await asyncio.sleep(0.01)  # the background VAD close
-        return vad
+        await asyncio.sleep(0.05)
+        closes_while_feed_open = len(vad.closes)
+        vad.feeds[0].future.set_result(VadFeedResult(events=[]))  # the VADHost answers at last
+        await asyncio.sleep(0.05)  # the background VAD close goes out now
+        return vad, closes_while_feed_open
 
-    vad = asyncio.run(scenario())
-    assert len(vad.feeds) == 1 and vad.feeds[0].cancelled  # the rest was never fed; the hung call dropped
-    assert len(vad.closes) == 1  # the session's VAD state is freed
+    vad, closes_while_feed_open = asyncio.run(scenario())
+    assert len(vad.feeds) == 1 and not vad.feeds[0].cancelled  # the rest was never fed; nothing cut mid-route
+    assert closes_while_feed_open == 0  # never two calls of one session in Serve's router at once
+    assert len(vad.closes) == 1  # then the session's VAD state is freed, once
+
+
+def test_vad_calls_of_one_session_never_overlap():
+    """Serve's base router cannot route two pending calls made for one WebSocket (they share a
+    request id): a session's VAD calls wait for each other; other sessions' calls do not."""
+
+    async def scenario():
+        vad = HungVad()
+        calls = ModelCalls(vad, None, None, RetrySettings(), "test")
+        first = asyncio.create_task(calls.close_vad("a"))
+        second = asyncio.create_task(calls.close_vad("a"))
+        other = asyncio.create_task(calls.close_vad("b"))
+        await asyncio.sleep(0.05)
+        sent_while_first_open = len(vad.closes)  # a's first and b's
+        vad.closes[0].future.set_result(True)
+        await asyncio.sleep(0.05)
+        sent_after = len(vad.closes)
+        for response in vad.closes[1:]:
+            response.future.set_result(True)
+        await asyncio.wait_for(asyncio.gather(first, second, other), 5)
+        return sent_while_first_open, sent_after
+
+    assert asyncio.run(scenario()) == (2, 3)
