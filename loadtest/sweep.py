@@ -50,7 +50,7 @@ class SweepConfig:
     seed: int = 1
     auth_secret: str | None = None
     out: str = "loadtest/reports/sweep"
-    quiet_cores: float = 0.15  # the service counts as drained below this CPU use ...
+    quiet_margin_cores: float = 0.15  # the service counts as drained within this of its idle CPU use ...
     drain_timeout_s: float = 180.0  # ... or after this long (then the report says so)
     bound: bool = True
     bound_size: str = "full"  # test-model size for the bound (the service's models.test_model_size)
@@ -100,11 +100,15 @@ def live_sessions(url: str) -> int | None:
         return None
 
 
-def wait_quiet(cfg: SweepConfig) -> bool:
-    """Until no session is live and the service's CPU is back under `quiet_cores`."""
+def wait_quiet(cfg: SweepConfig, idle_cores: float | None) -> bool:
+    """Until no session is live and the service's CPU is back within `quiet_margin_cores` of idle
+    (without an idle figure yet: until no session is live)."""
     deadline = time.monotonic() + cfg.drain_timeout_s
     while time.monotonic() < deadline:
-        if not live_sessions(cfg.url) and sum(service_cores(2.0).values()) < cfg.quiet_cores:
+        if live_sessions(cfg.url):
+            time.sleep(1.0)
+            continue
+        if idle_cores is None or sum(service_cores(2.0).values()) < idle_cores + cfg.quiet_margin_cores:
             return True
     return False
 
@@ -139,8 +143,10 @@ def compute_bound(cfg: SweepConfig, clips: list[Clip]) -> dict:
             "threads": cfg.bound_threads, "batch": cfg.bound_batch, "model": source.describe()}  # fmt: skip
 
 
-def run_level(cfg: SweepConfig, offered: int, clips: list[Clip], out: Path) -> tuple[Level, dict]:
-    drained = wait_quiet(cfg)
+def run_level(
+    cfg: SweepConfig, offered: int, clips: list[Clip], out: Path, idle_cores: float
+) -> tuple[Level, dict]:
+    drained = wait_quiet(cfg, idle_cores)
     per_utterance_s = statistics.mean(c.seconds for c in clips) + sum(cfg.pause_s) / 2
     load = LoadConfig(
         url=cfg.url, protocol=cfg.protocol, clients=offered, ramp_step=offered, ramp_every_s=0,
@@ -238,7 +244,8 @@ def sweep(cfg: SweepConfig) -> dict:
     share = speech_share(clips, cfg.pause_s)
     print(f"sweep: levels {cfg.levels}, {cfg.protocol}, speech share {share:.0%}; waiting for a quiet service",
           flush=True)  # fmt: skip
-    wait_quiet(cfg)
+    wait_quiet(cfg, None)
+    time.sleep(5.0)  # let start-up work settle
     idle = service_cores(10.0)
     print(f"idle service CPU: {idle}", flush=True)
     bound = compute_bound(cfg, clips) if cfg.bound else None
@@ -246,7 +253,7 @@ def sweep(cfg: SweepConfig) -> dict:
         print(f"compute bound: {bound}", flush=True)
     levels, raw = [], []
     for offered in cfg.levels:
-        level, level_raw = run_level(cfg, offered, clips, out)
+        level, level_raw = run_level(cfg, offered, clips, out, sum(idle.values()))
         levels.append(level)
         raw.append(level_raw)
         print(f"level {offered}: admitted {level.admitted}, refused {level.refused}, lost {level.lost}/"

@@ -331,7 +331,13 @@ def _vad_sessions_by_replica(cluster: Cluster) -> dict[str, float]:
 
 def test_every_series_the_grafana_dashboard_queries_is_exported(cluster):
     device = {"Device-Id": "02:00:00:00:00:01", "Client-Id": "c1", "Protocol-Version": "1"}
-    with connect(cluster.ws + "/xiaozhi/v1/", additional_headers=device, open_timeout=30):
+    with connect(cluster.ws + "/xiaozhi/v1/", additional_headers=device, open_timeout=30) as first:
+        # The hello answer proves the first connection holds the device's slot: two connections
+        # opened back to back on a slow machine may be admitted in either order.
+        first.send(json.dumps({"type": "hello", "version": 1, "transport": "websocket",
+                               "audio_params": {"format": "opus", "sample_rate": 16000, "channels": 1,
+                                                "frame_duration": 60}}))  # fmt: skip
+        assert json.loads(first.recv(timeout=60))["type"] == "hello"
         with pytest.raises(ConnectionClosed) as refused:  # a second connection of one device: refused, counted
             with connect(cluster.ws + "/xiaozhi/v1/", additional_headers=device, open_timeout=30) as ws:
                 while True:
