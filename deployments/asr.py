@@ -11,12 +11,11 @@ from collections import defaultdict
 from ray import serve
 
 from deployments.models import ModelSource, load_automodel
-from deployments.worker import INTERIM, BatchedModelHost, pick_device
-from serve_app.settings import AsrSettings, BatchSettings
+from deployments.worker import FINAL, INTERIM, BatchedModelHost, pick_device
+from serve_app.settings import AsrSettings
 from serve_app.wire import AsrRequest, Transcript, to_float32
 
 logger = logging.getLogger("ray.serve")
-_DEFAULT_BATCH = BatchSettings()
 
 
 # ---- transcript parsing --------------------------------------------------------------------------
@@ -75,18 +74,14 @@ class AsrCore:
 
 @serve.deployment  # its options: settings.DEPLOYMENT_OPTIONS
 class SenseVoice(BatchedModelHost):
-    batched_methods = ("transcribe", "transcribe_interim")
-
     def __init__(self, source: ModelSource, settings: AsrSettings):
-        super().__init__()
         self._core = AsrCore(source, settings, device=pick_device())
+        super().__init__(self._core.transcribe_batch)
         logger.info("SenseVoice on %s from %s", self._core.device, source.describe())
 
-    @serve.batch(max_batch_size=_DEFAULT_BATCH.max_batch_size, batch_wait_timeout_s=_DEFAULT_BATCH.batch_wait_timeout_s)
-    async def transcribe(self, requests: list[AsrRequest]) -> list[Transcript]:
-        return await self._run(self._core.transcribe_batch, requests)
+    async def transcribe(self, request: AsrRequest) -> Transcript:
+        return await self._batcher.submit(request, FINAL)
 
-    @serve.batch(max_batch_size=_DEFAULT_BATCH.max_batch_size, batch_wait_timeout_s=_DEFAULT_BATCH.batch_wait_timeout_s)
-    async def transcribe_interim(self, requests: list[AsrRequest]) -> list[Transcript]:
-        """Growing segments for interim text: queued behind every final batch."""
-        return await self._run(self._core.transcribe_batch, requests, priority=INTERIM)
+    async def transcribe_interim(self, request: AsrRequest) -> Transcript:
+        """A growing segment for interim text: runs only when no final is queued."""
+        return await self._batcher.submit(request, INTERIM)

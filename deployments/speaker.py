@@ -12,12 +12,11 @@ from ray import serve
 
 from deployments.models import ModelSource, load_automodel
 from deployments.worker import BatchedModelHost, pick_device
-from serve_app.settings import BatchSettings, SpeakerSettings, VoiceprintSettings
+from serve_app.settings import SpeakerSettings, VoiceprintSettings
 from serve_app.voiceprints import Candidate, Match, VoiceprintStore, open_store, unit
 from serve_app.wire import SpeakerEmbedding, SpeakerRequest, to_float32
 
 logger = logging.getLogger("ray.serve")
-_DEFAULT_BATCH = BatchSettings()
 
 
 def tile_to(pcm: np.ndarray, n: int) -> np.ndarray:
@@ -108,11 +107,9 @@ class Identifier:
 
 @serve.deployment  # its options: settings.DEPLOYMENT_OPTIONS
 class Speaker(BatchedModelHost):
-    batched_methods = ("embed",)
-
     def __init__(self, source: ModelSource, settings: SpeakerSettings, voiceprints: VoiceprintSettings):
-        super().__init__()
         self._core = SpeakerCore(source, settings, device=pick_device())
+        super().__init__(self._embed_and_identify)
         threshold = voiceprints.thresholds.get(self._core.model_name, 0.7)
         self._identifier = Identifier(
             open_store(voiceprints.store), self._core.model_name, threshold, voiceprints.refresh_s
@@ -128,6 +125,5 @@ class Speaker(BatchedModelHost):
                 emb.label, emb.score, emb.speaker_id = match.label, match.score, match.speaker_id
         return out
 
-    @serve.batch(max_batch_size=_DEFAULT_BATCH.max_batch_size, batch_wait_timeout_s=_DEFAULT_BATCH.batch_wait_timeout_s)
-    async def embed(self, requests: list[SpeakerRequest]) -> list[SpeakerEmbedding]:
-        return await self._run(self._embed_and_identify, requests)
+    async def embed(self, request: SpeakerRequest) -> SpeakerEmbedding:
+        return await self._batcher.submit(request)

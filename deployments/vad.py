@@ -1,7 +1,9 @@
 """VADHost: streaming fsmn-vad for many sessions on one CPU replica, and its autoscaling policy
 (its sticky request router is deployments/routing.py).
 
-`VadCore` is the plain class (testable without Serve); `VADHost` is its Serve wrapper.
+`VadCore` is the plain class (testable without Serve); `VADHost` is its Serve wrapper. Each
+Ingress replica batches its sessions' chunks into lanes (serve_app/ingress/vad_lanes.py): one
+`feed_many` call carries many sessions' chunks, as a Serve call costs more than a VAD step.
 All per-session state lives in the fsmn `cache` dict, so sessions interleave safely on one
 model instance, but `generate()` is not thread-safe: every call goes through one thread.
 """
@@ -20,9 +22,9 @@ from ray import serve
 from deployments.metrics import VadMetrics
 from deployments.models import ModelSource, load_automodel
 from deployments.routing import LIVE_SESSIONS_STAT
-from deployments.worker import FINAL, PriorityWorker
+from deployments.worker import ModelThread
 from serve_app.settings import VadSettings
-from serve_app.wire import VadEvent, VadFeedResult, ms_to_samples, samples_to_ms, to_float32
+from serve_app.wire import VadEvent, VadFeedResult, VadItem, ms_to_samples, samples_to_ms, to_float32
 
 logger = logging.getLogger("ray.serve")
 
@@ -95,6 +97,24 @@ class VadCore:
     def close(self, session_id: str) -> bool:
         return self._streams.pop(session_id, None) is not None
 
+    def feed_many(self, items: list[VadItem]) -> list[VadFeedResult]:
+        """One batched step for many sessions (in order; a session's chunks continue each other).
+        A chunk that fails fails alone: the other sessions of its batch get their results."""
+        results = []
+        for item in items:
+            if item.chunk is None:
+                self.close(item.session_id)
+                results.append(VadFeedResult(events=[]))
+                continue
+            chunk = item.chunk
+            try:
+                results.append(self.feed(item.session_id, chunk.pcm, chunk.start_ms, chunk.final, chunk.restart))
+            except Exception as exc:
+                logger.exception("session %s: VAD step failed", item.session_id)
+                self._streams.pop(item.session_id, None)
+                results.append(VadFeedResult(events=[], error=f"{type(exc).__name__}: {exc}"))
+        return results
+
     def segment(self, pcm: np.ndarray) -> list[tuple[int, int]]:
         """Speech segments of a whole recording, as (start_ms, end_ms)."""
         out = self.model.generate(input=to_float32(pcm), cache={}, is_final=True)
@@ -105,22 +125,18 @@ class VadCore:
 class VADHost:
     def __init__(self, source: ModelSource, settings: VadSettings):
         self._core = VadCore(source, settings)
-        self._worker = PriorityWorker("VADHost")  # one thread: generate() is not thread-safe
+        self._thread = ModelThread("VADHost")  # one thread: generate() is not thread-safe
         self._metrics = VadMetrics()
 
     async def _call(self, fn, *args):
         try:
-            return await self._worker.submit(FINAL, fn, *args)
+            return await self._thread.run(fn, *args)
         finally:
             self._metrics.sessions_now(self._core.live_sessions)
 
-    async def feed(
-        self, session_id: str, pcm: np.ndarray, start_ms: int, final: bool = False, restart: bool = False
-    ) -> VadFeedResult:
-        return await self._call(self._core.feed, session_id, pcm, start_ms, final, restart)
-
-    async def close(self, session_id: str) -> bool:
-        return await self._call(self._core.close, session_id)
+    async def feed_many(self, lane: str, items: list[VadItem]) -> list[VadFeedResult]:
+        """The chunks of one lane (sessions of one Ingress replica; the router keeps a lane here)."""
+        return await self._call(self._core.feed_many, items)
 
     async def segment(self, pcm: np.ndarray) -> list[tuple[int, int]]:
         return await self._call(self._core.segment, pcm)

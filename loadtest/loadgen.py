@@ -80,6 +80,7 @@ def load_corpus(folder: Path) -> list[Clip]:
 class LoadConfig:
     url: str = "ws://127.0.0.1:8000"
     protocol: str = "xiaozhi"  # xiaozhi | funasr | plain | mix
+    funasr_mode: str = "2pass"  # FunASR devices: 2pass (interims + finals) or offline (finals only)
     clients: int = 20
     ramp_step: int = 5  # devices added ...
     ramp_every_s: float = 10.0  # ... this often
@@ -108,6 +109,7 @@ class UtteranceRecord:
     text: str | None = None
     models: str | None = None
     server_ms: float | None = None
+    stages_ms: dict | None = None  # the server's latency_ms: where the time went
     live_at_end: int = 0  # devices connected when the speech ended
     pause_s: float = 0.0  # silence streamed after it
 
@@ -160,8 +162,8 @@ def _refused(message: dict) -> None:
         raise Refused(message["code"])
 
 
-async def handshake(ws, protocol: str, n: int) -> dict | None:
-    """What the protocol does before audio: Xiaozhi hello + listen (auto), FunASR 2pass config,
+async def handshake(ws, protocol: str, n: int, funasr_mode: str = "2pass") -> dict | None:
+    """What the protocol does before audio: Xiaozhi hello + listen (auto), FunASR config (2pass or offline),
     plain: wait for ready. Returns the server's hello or ready where there is one. Raises
     Refused when the service refuses the connection (FunASR's refusal shows as a close)."""
     if protocol == "xiaozhi":
@@ -175,7 +177,7 @@ async def handshake(ws, protocol: str, n: int) -> dict | None:
                                   "mode": "auto"}))  # fmt: skip
         return hello
     if protocol == "funasr":
-        await ws.send(json.dumps({"mode": "2pass", "chunk_size": [5, 10, 5], "chunk_interval": 10,
+        await ws.send(json.dumps({"mode": funasr_mode, "chunk_size": [5, 10, 5], "chunk_interval": 10,
                                   "audio_fs": 16000, "wav_name": f"device{n}", "wav_format": "pcm",
                                   "is_speaking": True, "hotwords": "", "itn": True}))  # fmt: skip
         return None
@@ -228,7 +230,7 @@ class Device:
         return connect_device(self.cfg.url, self.protocol, self.n, self.cfg.auth_secret)
 
     async def _handshake(self, ws) -> None:
-        await handshake(ws, self.protocol, self.n)
+        await handshake(ws, self.protocol, self.n, self.cfg.funasr_mode)
 
     def _frames(self, clip: Clip) -> list[bytes]:
         if self.protocol == "xiaozhi":
@@ -318,6 +320,7 @@ class Device:
         record.text = msg.get("text")
         record.models = msg.get("models")
         record.server_ms = (msg.get("latency_ms") or {}).get("server_ms")
+        record.stages_ms = msg.get("latency_ms")
 
 
 async def poll_replicas(cfg: LoadConfig, state: RunState, stop: asyncio.Event) -> None:
@@ -441,6 +444,12 @@ def parse_args(argv: list[str] | None = None) -> LoadConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default=LoadConfig.url, help="service base URL (ws://host:port)")
     p.add_argument("--protocol", default=LoadConfig.protocol, choices=[*PROTOCOLS, "mix"])
+    p.add_argument(
+        "--funasr-mode",
+        default=LoadConfig.funasr_mode,
+        choices=["2pass", "offline"],
+        help="FunASR devices: 2pass (interims too) or offline (one result per utterance)",
+    )
     p.add_argument("--clients", type=int, default=LoadConfig.clients, help="devices in all")
     p.add_argument("--ramp", default="5/10", help="N/S: add N devices every S seconds")
     p.add_argument("--duration", type=float, default=LoadConfig.duration_s, help="seconds of talking")
@@ -456,7 +465,8 @@ def parse_args(argv: list[str] | None = None) -> LoadConfig:
     step, every = a.ramp.split("/")
     out = a.out or f"loadtest/reports/{time.strftime('%Y%m%d-%H%M%S')}-{a.protocol}-{a.clients}"
     return LoadConfig(
-        url=a.url, protocol=a.protocol, clients=a.clients, ramp_step=int(step), ramp_every_s=float(every),
+        url=a.url, protocol=a.protocol, funasr_mode=a.funasr_mode, clients=a.clients, ramp_step=int(step),
+        ramp_every_s=float(every),
         duration_s=a.duration, corpus=a.corpus, seed=a.seed, serve_api=a.serve_api,
         auth_secret=os.environ.get(a.auth_secret_env), out=out,
     )  # fmt: skip

@@ -41,6 +41,7 @@ TRANSPORT_KINDS = ("proxy", "Ingress", "VADHost")  # what carries frames and fin
 class SweepConfig:
     url: str = "ws://127.0.0.1:8000"
     protocol: str = "funasr"
+    funasr_mode: str = "offline"  # one result per utterance, as the compute bound counts; 2pass adds interims
     levels: list[int] = field(default_factory=lambda: [1, 2, 4, 6, 8, 12, 16])
     utterances: int = 8  # per device and level
     pause_s: tuple[float, float] = (1.2, 2.0)  # silence between utterances (> the VAD's end silence)
@@ -143,13 +144,12 @@ def compute_bound(cfg: SweepConfig, clips: list[Clip]) -> dict:
             "threads": cfg.bound_threads, "batch": cfg.bound_batch, "model": source.describe()}  # fmt: skip
 
 
-def run_level(
-    cfg: SweepConfig, offered: int, clips: list[Clip], out: Path, idle_cores: float
-) -> tuple[Level, dict]:
+def run_level(cfg: SweepConfig, offered: int, clips: list[Clip], out: Path, idle_cores: float) -> tuple[Level, dict]:
     drained = wait_quiet(cfg, idle_cores)
     per_utterance_s = statistics.mean(c.seconds for c in clips) + sum(cfg.pause_s) / 2
     load = LoadConfig(
-        url=cfg.url, protocol=cfg.protocol, clients=offered, ramp_step=offered, ramp_every_s=0,
+        url=cfg.url, protocol=cfg.protocol, funasr_mode=cfg.funasr_mode, clients=offered, ramp_step=offered,
+        ramp_every_s=0,
         duration_s=cfg.utterances * per_utterance_s, pause_s=cfg.pause_s, corpus=cfg.corpus, seed=cfg.seed,
         grace_s=cfg.lost_after_s + 5, auth_secret=cfg.auth_secret, serve_api="http://127.0.0.1:1",
         out=str(out / f"level-{offered}"), progress_every_s=10,
@@ -208,8 +208,9 @@ def render(cfg: SweepConfig, levels: list[Level], idle: dict[str, float], bound:
     bound_devices = bound["speech_s_per_s"] / share if bound else None
     held = held_devices(levels, cfg.target_p95_s)
     kinds = sorted({k for lv in levels for k in lv.cores} | set(idle))
+    mode = f" ({cfg.funasr_mode} mode)" if cfg.protocol == "funasr" else ""
     lines = [
-        f"# Capacity sweep: {cfg.protocol} devices, {cfg.utterances} utterances each per level",
+        f"# Capacity sweep: {cfg.protocol} devices{mode}, {cfg.utterances} utterances each per level",
         "",
         f"- workload: corpus `{cfg.corpus}`, pauses {cfg.pause_s[0]:g}-{cfg.pause_s[1]:g} s, speech share "
         f"{share:.0%}; lost = no result within {cfg.lost_after_s:g} s of the end of speech",
@@ -282,28 +283,46 @@ def parse_args(argv: list[str] | None = None) -> SweepConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default=d.url, help="service base URL (ws://host:port)")
     p.add_argument("--protocol", default=d.protocol, choices=["xiaozhi", "funasr", "plain", "mix"])
+    p.add_argument(
+        "--funasr-mode",
+        default=d.funasr_mode,
+        choices=["offline", "2pass"],
+        help="FunASR devices: offline (finals only, the default) or 2pass (interims as well)",
+    )
     p.add_argument("--levels", default=",".join(map(str, d.levels)), help="devices offered per level, e.g. 1,2,4,8")
     p.add_argument("--utterances", type=int, default=d.utterances, help="utterances per device per level")
-    p.add_argument("--pause", default=f"{d.pause_s[0]}/{d.pause_s[1]}",
-                   help="MIN/MAX seconds of silence between utterances (keep MIN above the VAD's end silence)")
+    p.add_argument(
+        "--pause",
+        default=f"{d.pause_s[0]}/{d.pause_s[1]}",
+        help="MIN/MAX seconds of silence between utterances (keep MIN above the VAD's end silence)",
+    )
     p.add_argument("--target-p95", type=float, default=d.target_p95_s, help="latency target, seconds")
     p.add_argument("--lost-after", type=float, default=d.lost_after_s, help="a result later than this is lost (s)")
     p.add_argument("--corpus", default=d.corpus)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--no-bound", action="store_true", help="skip the compute-bound measurement")
-    p.add_argument("--bound-size", default=d.bound_size, choices=["tiny", "full"],
-                   help="test-model size for the bound: the one the service runs")
+    p.add_argument(
+        "--bound-size",
+        default=d.bound_size,
+        choices=["tiny", "full"],
+        help="test-model size for the bound: the one the service runs",
+    )
     p.add_argument("--asr-model", default=None, help="local SenseVoice directory for the bound (real weights)")
-    p.add_argument("--bound-threads", type=int, default=d.bound_threads,
-                   help="torch threads, as the service's asr.threads")
+    p.add_argument(
+        "--bound-threads", type=int, default=d.bound_threads, help="torch threads, as the service's asr.threads"
+    )
     p.add_argument("--bound-batch", type=int, default=d.bound_batch, help="batch size, as the service's max_batch_size")
-    p.add_argument("--auth-secret-env", default=DEFAULT_SECRET_ENV,
-                   help="env var with the device-token secret, when device auth is on")
+    p.add_argument(
+        "--auth-secret-env",
+        default=DEFAULT_SECRET_ENV,
+        help="env var with the device-token secret, when device auth is on",
+    )
     p.add_argument("--out", default=None, help="report folder (default loadtest/reports/sweep-<time>)")
     a = p.parse_args(argv)
     lo, hi = (float(x) for x in a.pause.split("/"))
     return SweepConfig(
-        url=a.url, protocol=a.protocol, levels=[int(x) for x in a.levels.split(",")], utterances=a.utterances,
+        url=a.url, protocol=a.protocol, funasr_mode=a.funasr_mode, levels=[int(x) for x in a.levels.split(",")],
+        utterances=a.utterances,
         pause_s=(lo, hi), target_p95_s=a.target_p95, lost_after_s=a.lost_after, corpus=a.corpus, seed=a.seed,
         auth_secret=os.environ.get(a.auth_secret_env),
         out=a.out or f"loadtest/reports/sweep-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -318,4 +337,3 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-

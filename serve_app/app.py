@@ -30,9 +30,42 @@ def cluster_has_gpu() -> bool:
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
 
 
+def largest_node_cpus() -> float | None:
+    if not ray.is_initialized():
+        return None
+    cpus = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")]
+    return max(cpus) if cpus else None
+
+
+def fit_model_cpus(settings: AppSettings, node_cpus: float | None) -> tuple[dict[str, float], str]:
+    """CPUs each model replica reserves where its placement says null (auto), and why.
+
+    A replica reserves what it uses, its torch threads, so Serve never stacks a second model
+    replica on cores the first one saturates: on a full node the autoscaler's extra replicas
+    wait (a cluster autoscaler adds a node for them) instead of loading for minutes and adding
+    no compute. When one replica of each deployment would not fit the largest node, the model
+    reservations shrink together to what is left (threads stay: `make serve` starts on 2 cores).
+    """
+    want = {"SenseVoice": float(settings.asr.threads),
+            "Speaker": float(settings.speaker.threads) if settings.ingress.speaker_enabled else 0.0}  # fmt: skip
+    want = {name: cpus for name, cpus in want.items() if settings.placement[name].num_cpus is None}
+    if not want:
+        return {}, ""
+    light = sum(p.num_cpus or 0.0 for name, p in settings.placement.items() if name not in want)
+    room = None if node_cpus is None else max(node_cpus - light, 0.1)
+    if room is None or sum(want.values()) <= room:
+        return want, "one CPU per torch thread"
+    scale = room / sum(want.values())
+    fitted = {name: round(cpus * scale, 2) for name, cpus in want.items()}
+    return fitted, f"torch threads, scaled to fit one replica of each on a {node_cpus:g}-CPU node"
+
+
 def build_app(args: dict[str, Any] | None = None) -> Application:
     settings = AppSettings(**(args or {}))
     gpu = cluster_has_gpu()
+    model_cpus, why = fit_model_cpus(settings, largest_node_cpus())
+    for name, cpus in model_cpus.items():
+        logger.info("placement: a %s replica reserves %g CPUs (%s)", name, cpus, why)
     models = resolve_models(settings.models)
     for source in (models.vad, models.asr, models.speaker):
         logger.info("model %-7s %s", source.role, source.describe())
@@ -44,7 +77,10 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     def placed(deployment, name: str):
         options = dict(DEPLOYMENT_OPTIONS[name])
         if name in settings.placement:
-            options |= settings.placement[name].deployment_options(gpu)
+            placement = settings.placement[name]
+            if placement.num_cpus is None:
+                placement = placement.model_copy(update={"num_cpus": model_cpus.get(name, 0.0)})
+            options |= placement.deployment_options(gpu)
         return deployment.options(**options)
 
     vad = placed(VADHost, "VADHost").bind(models.vad, settings.vad)

@@ -140,8 +140,21 @@ class BatchSettings(_Strict):
 class IngressSettings(_Strict):
     vad_chunk_ms: int = Field(
         200,
-        description="Audio sent to VADHost per call. Each call costs ~1-2 ms CPU per side; "
-        "larger chunks cost fewer calls but add up to one chunk of end-of-speech latency.",
+        description="Audio of one session per VAD chunk (one item of a batched VADHost call). Larger chunks "
+        "cost less VAD work per second of audio but add up to one chunk of end-of-speech latency.",
+    )
+    vad_batch_interval_ms: int = Field(
+        100,
+        ge=0,
+        description="Least time between two batched VADHost calls of one lane (the chunks of many sessions "
+        "go in one call). A Serve call costs more CPU than the VAD work of a chunk: under load the calls "
+        "per second stay flat and batches grow; a chunk waits at most this long.",
+    )
+    vad_sessions_per_lane: int = Field(
+        50,
+        ge=1,
+        description="Sessions of one Ingress replica that share a lane (one sticky VADHost call stream); keep "
+        "it at the VADHost autoscaling policy's sessions_per_replica so new lanes land on new replicas.",
     )
     max_frame_bytes: int = Field(64_000, description="Largest binary frame accepted (2 s of PCM16).")
     max_utterance_ms: int = Field(30_000, description="Force-cut an utterance that runs this long.")
@@ -305,7 +318,11 @@ class Placement(_Strict):
     fraction on a CPU-only cluster and leave replicas pending forever.
     """
 
-    num_cpus: float = 0.0
+    num_cpus: float | None = Field(
+        0.0,
+        description="CPUs reserved per replica. null (the model deployments' default): the replica's torch "
+        "threads, scaled down by the builder when one replica of each deployment would not fit the node.",
+    )
     num_gpus: float = 0.0
     memory_mb: int | None = None
     num_replicas: int | None = Field(
@@ -331,8 +348,8 @@ def _default_placement() -> dict[str, Placement]:
     return {
         "Ingress": Placement(num_cpus=0.1),
         "VADHost": Placement(num_cpus=0.1),
-        "SenseVoice": Placement(num_cpus=0.5, num_gpus=0.25),
-        "Speaker": Placement(num_cpus=0.25, num_gpus=0.15),
+        "SenseVoice": Placement(num_cpus=None, num_gpus=0.25),
+        "Speaker": Placement(num_cpus=None, num_gpus=0.15),
     }
 
 

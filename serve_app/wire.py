@@ -79,6 +79,7 @@ class VadFeedResult:
     # the caller must replay the unfinished audio with `restart=True`.
     state_lost: bool = False
     compute_ms: float = 0.0
+    error: str | None = None  # this session's chunk failed on the replica (the rest of its batch did not)
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,14 @@ class VadChunk:
     start_ms: int
     final: bool = False
     restart: bool = False
+
+
+@dataclass(frozen=True)
+class VadItem:
+    """One session's part of a batched VADHost call (`feed_many`): a chunk, or None to free its state."""
+
+    session_id: str
+    chunk: VadChunk | None
 
 
 @dataclass(frozen=True)

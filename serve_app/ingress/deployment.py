@@ -60,8 +60,10 @@ class Ingress:
         self.admin_auth = AdminAuth.from_settings(security)
         install_redaction(secrets=(self.device_auth.secret, self.admin_auth.token))  # before anything is logged
         self._log_security()
-        calls = ModelCalls(vad, asr, speaker, settings.retry, models.label, settings.ingress.speaker_enabled,
-                           settings.voiceprints.default_group)  # fmt: skip
+        ingress = settings.ingress
+        calls = ModelCalls(vad, asr, speaker, settings.retry, models.label, ingress.speaker_enabled,
+                           settings.voiceprints.default_group, ingress.vad_batch_interval_ms,
+                           ingress.vad_sessions_per_lane)  # fmt: skip
         self.streams = UtteranceStreams(calls, settings.ingress, settings.speaker.keep_embeddings, self.metrics)
         self.sessions = Sessions(registry, settings.admission, settings.ingress, self.device_auth, self.metrics)
         self.files = FileTranscriptions(calls, self.device_auth, settings.ingress)

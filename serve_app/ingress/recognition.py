@@ -23,6 +23,7 @@ import numpy as np
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from serve_app.ingress.metrics import IngressMetrics
+from serve_app.ingress.vad_lanes import VadLanes
 from serve_app.settings import IngressSettings, RetrySettings
 from serve_app.wire import (
     AsrRequest,
@@ -35,6 +36,7 @@ from serve_app.wire import (
     VadChunk,
     VadEvent,
     VadFeedResult,
+    VadItem,
     ms_to_samples,
     samples_to_ms,
 )
@@ -269,42 +271,24 @@ class RetryClock:
 
 
 class ModelCalls:
-    """The calls to the replicas, one per Ingress replica: VADHost (sticky per session),
+    """The calls to the replicas, one per Ingress replica: VADHost (batched in sticky lanes),
     SenseVoice and Speaker, each retried when its replica is lost."""
 
     def __init__(
         self, vad, asr, speaker, retry: RetrySettings, models_label: str,
         speaker_enabled: bool = True, default_group: str = "default",
+        vad_batch_interval_ms: int = 100, vad_sessions_per_lane: int = 50,
     ):  # fmt: skip
         self.vad, self.asr, self.speaker = vad, asr, speaker
         self.retry = retry
         self.models_label = models_label
         self.speaker_enabled = speaker_enabled
         self.default_group = default_group  # voiceprints matched when the client names no group
+        self.vad_lanes = VadLanes(self._feed_many, vad_batch_interval_ms, vad_sessions_per_lane)
         self._closing: set[asyncio.Task] = set()
-        self._vad_last: dict[str, asyncio.Task] = {}  # session id -> its VAD call in flight
 
-    async def _vad_call(self, session_id: str, make_call: Callable[[], Awaitable]):
-        """One VADHost call of a session, never overlapping another call of the same session.
-
-        Serve's base RequestRouter (which our sticky router extends) indexes pending requests
-        by the caller's request id, and every call made for one WebSocket shares it: a second
-        pending call of the same session is never matched to a replica, waits for ever, and
-        holds one of the router's few routing tasks, so every session behind it stalls too.
-        So a session's calls go one at a time, and a call whose caller is cancelled (the client
-        left) is left to finish rather than cancelled half-way through routing."""
-        previous = self._vad_last.get(session_id)
-        if previous is not None and not previous.done():
-            await asyncio.wait({previous})
-
-        async def call():
-            return await make_call()
-
-        task = asyncio.ensure_future(call())
-        self._vad_last[session_id] = task
-        task.add_done_callback(lambda t: self._vad_last.pop(session_id, None) if self._vad_last.get(session_id) is t
-                               else None)  # fmt: skip
-        return await asyncio.shield(task)
+    def _feed_many(self, lane: str, items: list[VadItem]) -> Awaitable[list[VadFeedResult]]:
+        return _awaited(self.vad.feed_many.remote(lane, items))
 
     async def feed_vad(self, sid: str, timeline: Timeline, chunk: VadChunk) -> tuple[VadFeedResult, int]:
         """Send one chunk; if the session's VAD state is gone, replay the unfinished audio.
@@ -313,12 +297,9 @@ class ModelCalls:
         """
         clock = RetryClock(self.retry)
         replays = 0
-        feed = self.vad.feed.remote
         while True:
             try:
-                call = partial(self._vad_call, sid, partial(feed, sid, chunk.pcm, chunk.start_ms, chunk.final,
-                                                            chunk.restart))  # fmt: skip
-                result = await self._try(clock, call, "VADHost")
+                result = await self._try(clock, partial(self.vad_lanes.feed, sid, chunk), "VADHost")
             except REPLICA_GONE as exc:  # the state went with the replica: replay on the next one
                 await self._before_retry(clock, exc, "VADHost", sid)
             else:
@@ -333,12 +314,12 @@ class ModelCalls:
 
     async def close_vad(self, session_id: str) -> None:
         try:
-            await self._vad_call(session_id, partial(self.vad.close.remote, session_id))
+            await self.vad_lanes.close(session_id)
         except Exception:  # the replica may be gone already; nothing to clean up then
             logger.info("session %s: VAD close failed; replica gone", session_id)
 
     def close_vad_later(self, session_id: str) -> None:
-        """Free the session's VAD state without waiting for it (the replica may be busy)."""
+        """Free the session's VAD state without waiting for it (its lane may be busy)."""
         task = asyncio.create_task(self.close_vad(session_id))
         self._closing.add(task)  # a reference until done, or the loop may drop the task
         task.add_done_callback(self._closing.discard)

@@ -275,7 +275,8 @@ _HEADER = re.compile(  # atomic groups: no backtracking that would let "Bearer" 
     r"(?>(?:bearer\s+|basic\s+)?)(?![<\[])[^\s\"',;}\])]+"  # not `Bearer <token>` in a help text, nor a mask
 )
 _BEARER = re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]+")
-_DEVICE_TOKEN = re.compile(r"\b[A-Za-z0-9_-]{43}\.\d{9,11}\b")  # base64url(HMAC-SHA256).unix_time
+# base64url(HMAC-SHA256).unix_time; not \b at the start: a token may begin with "-" (1 in 32)
+_DEVICE_TOKEN = re.compile(r"(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{43}\.\d{9,11}\b")
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:

@@ -52,7 +52,12 @@ def _yaml(model_settings, http_port: int) -> dict:
     args["models"] = model_settings.model_dump()
     args["asr"]["threads"] = args["speaker"]["threads"] = 1
     args["placement"] = {name: {"num_cpus": 0} for name in ("Ingress", "VADHost", "SenseVoice", "Speaker")}
-    args["ingress"] |= {"drain_poll_s": 1.0, "drain_margin_s": DRAIN_MARGIN_S, "drain_idle_wait_s": 5.0}
+    args["ingress"] |= {
+        "drain_poll_s": 1.0,
+        "drain_margin_s": DRAIN_MARGIN_S,
+        "drain_idle_wait_s": 5.0,
+        "vad_sessions_per_lane": 2,
+    }  # as VADHost's sessions_per_replica below
     args["admission"] = {"max_connections_per_device": 1}  # a refused second connection feeds the metric
     fast = {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 2, "downscale_delay_s": 8,
             "metrics_interval_s": 1, "look_back_period_s": 3}  # fmt: skip

@@ -126,3 +126,21 @@ def test_vad_reset_keeps_the_session_cache_from_growing(tiny_models, two_utteran
 
     assert segments_held(reset_after_ms=10**9) >= 14  # without resets: grows with the session
     assert segments_held(reset_after_ms=5000) <= 2
+
+
+def test_vad_batched_step_keeps_sessions_apart_and_fails_a_bad_chunk_alone(vad, two_utterances):
+    """feed_many (one VADHost call for a lane) gives each session what feed alone gives it; a chunk
+    that raises gets an error result, and the rest of its batch goes on."""
+    from serve_app.wire import VadChunk, VadItem
+
+    step, events = 200 * 16, {"m": [], "n": []}
+    for i in range(0, len(two_utterances), step):
+        final = i + step >= len(two_utterances)
+        chunk = VadChunk(two_utterances[i : i + step], i // 16, final=final)
+        bad = VadItem("bad", VadChunk(None, 0)) if i == 0 else VadItem("bad", None)
+        results = vad.feed_many([VadItem("m", chunk), bad, VadItem("n", chunk)])
+        assert results[1].events == [] and (results[1].error is not None) == (i == 0)
+        events["m"] += results[0].events
+        events["n"] += results[2].events
+    assert pairs(events["m"]) == pairs(events["n"]) == pairs(stream(vad, "alone", two_utterances))
+    assert vad.live_sessions == 0

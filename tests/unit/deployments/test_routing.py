@@ -1,4 +1,4 @@
-from deployments.routing import choose_replica, replica_loads, session_of
+from deployments.routing import choose_replica, replica_loads, sticky_key
 
 
 def test_new_session_goes_to_the_least_loaded_replica():
@@ -48,10 +48,10 @@ def test_a_burst_of_new_sessions_spreads_over_replicas():
     assert sorted(replica_loads(pins, reported).values()) == [3, 3, 3]
 
 
-def test_session_id_comes_from_session_methods_only():
-    assert session_of("feed", ("s1", b"", 0), {}) == "s1"
-    assert session_of("close", (), {"session_id": "s2"}) == "s2"
-    assert session_of("segment", ("not-a-session",), {}) is None
+def test_the_sticky_key_is_the_lane_of_batched_feeds_only():
+    assert sticky_key("feed_many", ("lane-0", []), {}) == "lane-0"
+    assert sticky_key("feed_many", (), {"lane": "lane-1", "items": []}) == "lane-1"
+    assert sticky_key("segment", ("not-a-lane",), {}) is None
 
 
 def test_the_router_asks_serve_to_back_off_before_it_retries():
@@ -68,7 +68,7 @@ def test_the_router_asks_serve_to_back_off_before_it_retries():
     router = object.__new__(StickySessionRouter)  # Serve builds it with its own plumbing; the state is ours
     router.initialize_state()
     replicas = [SimpleNamespace(replica_id=SimpleNamespace(unique_id=rid), routing_stats={}) for rid in ("a", "b")]
-    pending = SimpleNamespace(metadata=SimpleNamespace(call_method="feed"), args=("s1",), kwargs={},
+    pending = SimpleNamespace(metadata=SimpleNamespace(call_method="feed_many"), args=("lane-0", []), kwargs={},
                               routing_context=RequestRoutingContext())  # fmt: skip
     assert not pending.routing_context.should_backoff
     chosen = asyncio.run(router.choose_replicas(replicas, pending))

@@ -61,6 +61,7 @@ SECRETS = ("device-secret-value", "admin-token-value")
         ("Authorization: Bearer admin-token-value", "Authorization:"),
         ("Authorization: Basic dXNlcjpwYXNz", "Authorization:"),
         (f"a bare device token {DEVICE_TOKEN} in text", "a bare device token"),
+        ("a token that starts with a dash -" + "x" * 42 + ".1795956227 too", "too"),
         ("the secret device-secret-value leaked", "the secret"),
         ("url /v1/stream?authorization=Bearer%20abc", "/v1/stream?"),
     ],
@@ -68,7 +69,7 @@ SECRETS = ("device-secret-value", "admin-token-value")
 def test_redact_masks_credentials_and_keeps_the_rest(text, keep):
     clean = redact.redact(text, SECRETS)
     assert redact.MASK in clean and keep in clean
-    for leaked in (DEVICE_TOKEN, *SECRETS, "abc", "dXNlcjpwYXNz"):
+    for leaked in (DEVICE_TOKEN, *SECRETS, "abc", "dXNlcjpwYXNz", "x" * 42):
         assert leaked not in clean
     assert redact.redact(clean, SECRETS) == clean  # a second pass changes nothing
 

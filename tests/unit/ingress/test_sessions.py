@@ -10,8 +10,8 @@ from serve_app.ingress.metrics import IngressMetrics
 from serve_app.ingress.plain import PlainConnection
 from serve_app.ingress.recognition import ModelCalls, UtteranceStreams
 from serve_app.ingress.sessions import DrainPlan, DrainWatch, replica_is_stopping, replica_refusal
-from serve_app.settings import AppSettings, RetrySettings
-from serve_app.wire import CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER, VadFeedResult
+from serve_app.settings import AppSettings
+from serve_app.wire import CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER, VadFeedResult, VadItem
 
 
 def connection(cls, ws, settings: AppSettings, session_id: str, *extra, vad=None):
@@ -161,18 +161,25 @@ class HungResponse:
 
 
 class HungVad:
+    """A VADHost whose batched calls answer only when the test says so."""
+
     def __init__(self):
-        self.feeds: list[HungResponse] = []
-        self.closes: list[HungResponse] = []
-        self.feed = type("Method", (), {"remote": lambda _self, *a: HungResponse(self.feeds)})()
-        self.close = type("Method", (), {"remote": lambda _self, *a: HungResponse(self.closes)})()
+        self.calls: list[tuple[list[VadItem], HungResponse]] = []
+        responses: list[HungResponse] = []
+
+        def remote(_self, lane, items):
+            response = HungResponse(responses)
+            self.calls.append((items, response))
+            return response
+
+        self.feed_many = type("Method", (), {"remote": remote})()
 
 
 def test_a_client_that_leaves_while_its_frames_wait_is_dropped_at_once_with_its_work():
     """The frame loop is stuck in a VAD call with more audio queued behind it when the client
     disconnects: the session ends at once without reading the rest (the slot is freed by the
-    caller as soon as run() returns). The VAD call in flight is left to finish, not cancelled
-    half-way through Serve's routing, and the VAD state is freed right after it."""
+    caller as soon as run() returns). The VAD call in flight (its lane's batch) is left to finish,
+    not cancelled, and the session's VAD state is freed right after it, in the same lane."""
 
     async def scenario():
         ws = MemoryWebSocket()
@@ -181,40 +188,20 @@ def test_a_client_that_leaves_while_its_frames_wait_is_dropped_at_once_with_its_
         session = asyncio.create_task(handler.run())
         for _ in range(5):  # 5 x 200 ms of audio: the first chunk goes to the VAD and hangs there
             ws.inbox.put_nowait({"type": "websocket.receive", "bytes": bytes(6400)})
-        while not vad.feeds:
+        while not vad.calls:
             await asyncio.sleep(0.01)
         ws.inbox.put_nowait({"type": "websocket.disconnect", "code": 1001})
         await asyncio.wait_for(session, 5)  # would hang for ever if it waited for the VAD
-        await asyncio.sleep(0.05)
-        closes_while_feed_open = len(vad.closes)
-        vad.feeds[0].future.set_result(VadFeedResult(events=[]))  # the VADHost answers at last
-        await asyncio.sleep(0.05)  # the background VAD close goes out now
-        return vad, closes_while_feed_open
+        await asyncio.sleep(0.2)
+        calls_while_feed_open = len(vad.calls)
+        items, response = vad.calls[0]
+        response.future.set_result([VadFeedResult(events=[]) for _ in items])  # the VADHost answers at last
+        await asyncio.sleep(0.2)  # the lane's next call (the close) goes out now
+        return vad, calls_while_feed_open
 
-    vad, closes_while_feed_open = asyncio.run(scenario())
-    assert len(vad.feeds) == 1 and not vad.feeds[0].cancelled  # the rest was never fed; nothing cut mid-route
-    assert closes_while_feed_open == 0  # never two calls of one session in Serve's router at once
-    assert len(vad.closes) == 1  # then the session's VAD state is freed, once
-
-
-def test_vad_calls_of_one_session_never_overlap():
-    """Serve's base router cannot route two pending calls made for one WebSocket (they share a
-    request id): a session's VAD calls wait for each other; other sessions' calls do not."""
-
-    async def scenario():
-        vad = HungVad()
-        calls = ModelCalls(vad, None, None, RetrySettings(), "test")
-        first = asyncio.create_task(calls.close_vad("a"))
-        second = asyncio.create_task(calls.close_vad("a"))
-        other = asyncio.create_task(calls.close_vad("b"))
-        await asyncio.sleep(0.05)
-        sent_while_first_open = len(vad.closes)  # a's first and b's
-        vad.closes[0].future.set_result(True)
-        await asyncio.sleep(0.05)
-        sent_after = len(vad.closes)
-        for response in vad.closes[1:]:
-            response.future.set_result(True)
-        await asyncio.wait_for(asyncio.gather(first, second, other), 5)
-        return sent_while_first_open, sent_after
-
-    assert asyncio.run(scenario()) == (2, 3)
+    vad, calls_while_feed_open = asyncio.run(scenario())
+    first_items, first = vad.calls[0]
+    assert [item.session_id for item in first_items] == ["s3"] and first_items[0].chunk is not None
+    assert not first.cancelled  # the rest was never fed; nothing cut mid-route
+    assert calls_while_feed_open == 1  # one call in flight per lane: the close waited behind the feed
+    assert len(vad.calls) == 2 and vad.calls[1][0] == [VadItem("s3", None)]  # then the state is freed, once
