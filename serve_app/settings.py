@@ -220,6 +220,18 @@ class AdmissionSettings(_Strict):
         description="Open connections per Device-Id (header or query); more get `too_many_connections`, close "
         "1008. Two lets a device reconnect before its old connection has timed out.",
     )
+    sessions_per_asr_replica: int | None = Field(
+        None,
+        ge=1,
+        description="Sessions one SenseVoice replica serves within the latency target on this kind of host (the "
+        "capacity sweep's 'held' figure). The application admits this many per running SenseVoice replica; more "
+        "get `server_busy`, close 1013. null: no such cap (the counts above still apply).",
+    )
+    max_queue_delay_s: float | None = Field(
+        None,
+        description="While the oldest finished utterance an Ingress replica waits on has waited longer than this "
+        "for SenseVoice, new sessions get `server_busy` (1013): the admitted keep their latency. null: off.",
+    )
     lease_s: float = Field(30.0, description="The registry forgets sessions of an Ingress silent this long.")
     sync_s: float = Field(5.0, description="How often each Ingress replica re-syncs its live sessions.")
 

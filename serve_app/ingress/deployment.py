@@ -21,6 +21,7 @@ from fastapi import Depends, FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
+from serve_app.ingress.capacity import ComputeAdmission
 from serve_app.ingress.files import FileTranscriptions
 from serve_app.ingress.funasr import FunasrConnection
 from serve_app.ingress.metrics import IngressMetrics
@@ -61,11 +62,13 @@ class Ingress:
         install_redaction(secrets=(self.device_auth.secret, self.admin_auth.token))  # before anything is logged
         self._log_security()
         ingress = settings.ingress
+        compute = ComputeAdmission(settings.admission)
         calls = ModelCalls(vad, asr, speaker, settings.retry, models.label, ingress.speaker_enabled,
                            settings.voiceprints.default_group, ingress.vad_batch_interval_ms,
-                           ingress.vad_sessions_per_lane)  # fmt: skip
+                           ingress.vad_sessions_per_lane, asr_waits=compute.waiting_for_asr)  # fmt: skip
         self.streams = UtteranceStreams(calls, settings.ingress, settings.speaker.keep_embeddings, self.metrics)
-        self.sessions = Sessions(registry, settings.admission, settings.ingress, self.device_auth, self.metrics)
+        self.sessions = Sessions(registry, settings.admission, settings.ingress, self.device_auth, self.metrics,
+                                 compute)  # fmt: skip
         self.files = FileTranscriptions(calls, self.device_auth, settings.ingress)
         self.speakers = SpeakerAdmin(open_store(settings.voiceprints.store), calls, settings.voiceprints,
                                      settings.ingress)  # fmt: skip

@@ -16,6 +16,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 
@@ -278,6 +279,7 @@ class ModelCalls:
         self, vad, asr, speaker, retry: RetrySettings, models_label: str,
         speaker_enabled: bool = True, default_group: str = "default",
         vad_batch_interval_ms: int = 100, vad_sessions_per_lane: int = 50,
+        asr_waits: Callable[[], AbstractContextManager] = nullcontext,
     ):  # fmt: skip
         self.vad, self.asr, self.speaker = vad, asr, speaker
         self.retry = retry
@@ -285,6 +287,7 @@ class ModelCalls:
         self.speaker_enabled = speaker_enabled
         self.default_group = default_group  # voiceprints matched when the client names no group
         self.vad_lanes = VadLanes(self._feed_many, vad_batch_interval_ms, vad_sessions_per_lane)
+        self._asr_waits = asr_waits  # around each final's SenseVoice call (admission by compute watches it)
         self._closing: set[asyncio.Task] = set()
 
     def _feed_many(self, lane: str, items: list[VadItem]) -> Awaitable[list[VadFeedResult]]:
@@ -369,7 +372,8 @@ class ModelCalls:
         started = time.perf_counter()
         request = AsrRequest(pcm, options.language, options.use_itn)
         call = partial(self.asr.transcribe.remote, request)
-        transcript, retries = await self._retrying(call, "SenseVoice", session_id)
+        with self._asr_waits():
+            transcript, retries = await self._retrying(call, "SenseVoice", session_id)
         return transcript, _ms_since(started), retries
 
     async def transcribe_interim(self, pcm: np.ndarray, options: RecognitionOptions) -> Transcript:

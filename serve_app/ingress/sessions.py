@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 from ray import serve
 
+from serve_app.ingress.capacity import ComputeAdmission
 from serve_app.ingress.connection import DRAINING, Connection
 from serve_app.ingress.metrics import IngressMetrics
 from serve_app.ingress.security import DeviceAuth, device_credentials
@@ -62,9 +63,10 @@ class Sessions:
 
     def __init__(
         self, registry, admission: AdmissionSettings, ingress: IngressSettings, device_auth: DeviceAuth,
-        metrics: IngressMetrics,
+        metrics: IngressMetrics, compute: ComputeAdmission | None = None,
     ):  # fmt: skip
         self.registry = registry
+        self.compute = compute or ComputeAdmission(admission)
         self.admission, self.ingress = admission, ingress
         self.device_auth = device_auth
         self.metrics = metrics
@@ -92,10 +94,13 @@ class Sessions:
         finally:
             self.live.pop(conn.session_id, None)
             self._count()
-            await self._release(conn.session_id)
+            # shielded: Serve may cancel this request when its client leaves (direct ingress does);
+            # the slot must still be given back now, not at the next sync
+            await asyncio.shield(self._release(conn.session_id))
 
     def _local_refusal(self) -> Refusal | None:
-        return replica_refusal(self._drain.draining, len(self.live), self.admission.max_sessions_per_replica)
+        return (replica_refusal(self._drain.draining, len(self.live), self.admission.max_sessions_per_replica)
+                or self.compute.refusal())  # fmt: skip
 
     async def _register(self, conn: Connection) -> Refusal | None:
         """The application-wide caps. If the registry cannot answer, admit: a cap is not
@@ -104,7 +109,8 @@ class Sessions:
         self._admit_seq += 1
         self._admitting.add(conn.session_id)
         try:
-            return await self.registry.admit.remote(conn.session_id, self._replica_id, device, self._admit_seq)
+            return await self.registry.admit.remote(conn.session_id, self._replica_id, device, self._admit_seq,
+                                                    self.compute.sessions_cap())  # fmt: skip
         except Exception:
             logger.warning("session %s: session registry unavailable; admitted unchecked", conn.session_id,
                            exc_info=True)  # fmt: skip
@@ -121,6 +127,12 @@ class Sessions:
     async def _sync_registry(self) -> None:
         while True:
             await asyncio.sleep(self.admission.sync_s)
+            if self.admission.sessions_per_asr_replica is not None:
+                try:  # the compute cap follows the running SenseVoice replicas
+                    states = await controller_states(self._app_name, ASR_DEPLOYMENT)
+                    self.compute.asr_replicas = sum(state == RUNNING for state in states.values())
+                except Exception:
+                    logger.info("could not count SenseVoice replicas; keeping %d", self.compute.asr_replicas)
             try:
                 live = [*self.live, *self._admitting]  # taken together with the number below
                 await self.registry.sync.remote(self._replica_id, live, self._admit_seq)
@@ -137,6 +149,7 @@ class Sessions:
             return
         ctx = serve.get_replica_context()
         self._replica_id = ctx.replica_id.unique_id
+        self._app_name = ctx.app_name
         grace_s = ctx._deployment_config.graceful_shutdown_timeout_s  # what Serve enforces for this replica
         cap = self.admission.max_sessions_per_replica
         if cap >= ctx._deployment_config.max_ongoing_requests:
@@ -162,7 +175,8 @@ class Sessions:
 # ---- draining ---------------------------------------------------------------------------------
 
 
-STOPPING = "STOPPING"
+STOPPING, RUNNING = "STOPPING", "RUNNING"
+ASR_DEPLOYMENT = "SenseVoice"
 
 
 def replica_is_stopping(states: dict[str, str], replica_id: str) -> bool:

@@ -70,7 +70,8 @@ def service(service_args):
 
 def admission_state(base: str) -> dict[str, int]:
     """What still holds a slot or state: the registry's sessions, the Ingress's live sessions
-    and stream tasks, the VADHosts' sessions."""
+    and stream tasks, the VADHosts' sessions, and model work queued for anyone (a client that
+    left must leave none)."""
     health = httpx.get(f"http://{base}/healthz", timeout=30).json()
     registry = serve.get_deployment_handle("SessionRegistry", app_name=APP)
     return {
@@ -78,6 +79,8 @@ def admission_state(base: str) -> dict[str, int]:
         "ingress_sessions": health["live_sessions_this_replica"],
         "ingress_stream_tasks": health["stream_tasks_this_replica"],
         "vad_sessions": vad_live_sessions(),
+        "asr_queued": serve.get_deployment_handle("SenseVoice", app_name=APP).queued.remote().result(timeout_s=30),
+        "speaker_queued": serve.get_deployment_handle("Speaker", app_name=APP).queued.remote().result(timeout_s=30),
     }
 
 

@@ -58,7 +58,9 @@ def _yaml(model_settings, http_port: int) -> dict:
         "drain_idle_wait_s": 5.0,
         "vad_sessions_per_lane": 2,
     }  # as VADHost's sessions_per_replica below
-    args["admission"] = {"max_connections_per_device": 1}  # a refused second connection feeds the metric
+    # a refused second connection feeds the metric; no queue-delay refusals: a busy CI machine's speed
+    # must not decide which sessions these tests get
+    args["admission"] = {"max_connections_per_device": 1, "max_queue_delay_s": None}
     fast = {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 2, "downscale_delay_s": 8,
             "metrics_interval_s": 1, "look_back_period_s": 3}  # fmt: skip
     deployments = {d["name"]: d for d in app["deployments"]}

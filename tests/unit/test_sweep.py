@@ -29,7 +29,9 @@ def test_speech_share_is_mean_clip_over_clip_plus_mean_pause():
 def test_transport_cores_per_device_and_report():
     lv = level(4, 4, 0, 2.0, cores={"proxy": 0.1, "Ingress": 0.2, "VADHost": 0.1, "SenseVoice": 1.2})
     assert lv.cores_per_device(TRANSPORT_KINDS) == 0.1
+    assert lv.cores_per_device(TRANSPORT_KINDS, {"proxy": 0.02, "Ingress": 0.02, "SenseVoice": 0.5}) == 0.09
     report = render(SweepConfig(), [lv], {"SenseVoice": 0.01}, {"speech_s_per_s": 6.0, "batch": 8, "threads": 2,
                                                                 "model": "test"}, 0.6)  # fmt: skip
     assert "compute bound" in report and "**10.0 devices**" in report
     assert "held at p95 <= 3 s with nothing lost: 4**" in report and "held / bound = **0.40**" in report
+    assert report.count("SenseVoice cores") == 1

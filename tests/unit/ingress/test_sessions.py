@@ -205,3 +205,51 @@ def test_a_client_that_leaves_while_its_frames_wait_is_dropped_at_once_with_its_
     assert not first.cancelled  # the rest was never fed; nothing cut mid-route
     assert calls_while_feed_open == 1  # one call in flight per lane: the close waited behind the feed
     assert len(vad.calls) == 2 and vad.calls[1][0] == [VadItem("s3", None)]  # then the state is freed, once
+
+
+def test_the_slot_is_given_back_even_when_serve_cancels_the_request_as_its_client_leaves():
+    """Serve (direct ingress) may cancel the WebSocket's request when the client goes: the
+    registry release in its `finally` must still go out at once, not wait for the next sync."""
+    from types import SimpleNamespace
+
+    from serve_app.ingress.sessions import Sessions
+
+    class Registry:
+        def __init__(self):
+            self.released: list[str] = []
+            outer = self
+
+            async def admit(*args):
+                return None
+
+            async def release(session_id):
+                await asyncio.sleep(0.05)  # a real call takes a while: the cancel lands during it
+                outer.released.append(session_id)
+
+            self.admit = SimpleNamespace(remote=admit)
+            self.release = SimpleNamespace(remote=release)
+
+    class Conn:
+        session_id, protocol = "s9", "plain"
+        ws = SimpleNamespace(headers={}, query_params={})
+
+        async def authenticate(self, auth):
+            return True
+
+        async def run(self):
+            return None  # the client has left
+
+    async def scenario():
+        settings = AppSettings()
+        registry = Registry()
+        sessions = Sessions(registry, settings.admission, settings.ingress, None, IngressMetrics())
+        sessions._drain = DrainWatch(None, "r", 1, 60, 10)  # no Serve here: background tasks stay off
+        sessions._replica_id = "r"
+        task = asyncio.create_task(sessions.serve(Conn()))
+        await asyncio.sleep(0.01)  # run() has returned; the release is on its way
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.sleep(0.1)
+        return registry.released
+
+    assert asyncio.run(scenario()) == ["s9"]
