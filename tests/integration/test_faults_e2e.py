@@ -109,7 +109,11 @@ def test_sessions_survive_losing_a_vad_then_a_sense_voice_and_a_speaker_replica(
     print(f"kills {kills}\nretries {retried}, VAD replays {replays}\nchecks {checks}")
     assert [k["deployment"] for k in kills] == ["VADHost", "SenseVoice", "Speaker"]
     assert all(k["in_flight"] >= k["wanted_in_flight"] and k["during_sessions"] for k in kills), kills
-    assert retried["asr"] >= 1 and retried["speaker"] >= 1 and sum(replays) >= 1
+    # A killed model replica's accepted requests fail to the Ingress, which retries them. Whether
+    # any were still unanswered when a kill landed is a race (ray.kill is asynchronous, and the
+    # batcher answers everything queued in one batch of ~30 ms with the tiny models): one of the
+    # two kills must have caught work, and nothing may be lost either way (the checks below).
+    assert retried["asr"] + retried["speaker"] >= 1 and sum(replays) >= 1
     for log, check in zip(logs, checks, strict=True):
         assert log.loops >= 3
         assert check == check | {"lost": 0, "unexpected": 0, "duplicated": 0, "wrong_text": 0, "errors": 0}, check

@@ -4,6 +4,8 @@ call."""
 
 import asyncio
 
+import numpy as np
+
 from serve_app.ingress.metrics import IngressMetrics
 from serve_app.ingress.recognition import ModelCalls, RecognitionOptions, UtteranceStreams, live_stream_tasks
 from serve_app.settings import AppSettings
@@ -31,3 +33,29 @@ def test_stream_tasks_are_counted_while_it_lives_and_gone_after_close():
         return counts
 
     assert asyncio.run(scenario()) == [0, 3, 0]
+
+
+def test_a_call_whose_model_replica_died_is_retried_and_counted():
+    """The integration test kills replicas, but whether a kill catches a request in flight is a
+    race: here the Speaker's first answer is a dead replica, every time."""
+    from types import SimpleNamespace
+
+    from ray.exceptions import ActorDiedError
+
+    from serve_app.settings import RetrySettings
+
+    answers = [ActorDiedError(), "embedding"]
+
+    async def remote(request):
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def scenario():
+        speaker = SimpleNamespace(embed=SimpleNamespace(remote=remote))
+        calls = ModelCalls(None, None, speaker, RetrySettings(backoff_s=0.01), "test")
+        embedding, _, retries = await calls.embed(np.zeros(1600, dtype=np.int16), None, "s1")
+        return embedding, retries
+
+    assert asyncio.run(scenario()) == ("embedding", 1)
