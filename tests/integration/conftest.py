@@ -43,6 +43,9 @@ def service_args(model_settings, tiny_models, tmp_path_factory) -> dict:
     return {
         "models": {**model_settings.model_dump(), "speaker_backend": "ge2e"},
         "asr": {"threads": 1},
+        # Tests stream faster than real time; 100 ms between a lane's VAD calls (the production
+        # default, for CPU per device) would hold them to 2x real time and add minutes to CI.
+        "ingress": {"vad_batch_interval_ms": 20},
         "speaker": {"threads": 1},
         "placement": placement,
         "security": {
