@@ -46,8 +46,10 @@ serve-bench: models-full
 
 # The capacity profile (config/capacity.yaml: full-size models, speaker off, 800 ms end silence),
 # then `make sweep` in another shell: the capacity sweep and its report (README "Capacity").
+# PROFILE=config/capacity-int8.yaml: the same with SenseVoice in dynamic int8.
+PROFILE ?= config/capacity.yaml
 serve-capacity: models-full
-	$(BIN)/python -m serve_app.cli.profile config/capacity.yaml -o $(VENV)/capacity.merged.yaml
+	$(BIN)/python -m serve_app.cli.profile $(PROFILE) -o $(VENV)/capacity.merged.yaml
 	PATH=$(abspath $(BIN)):$$PATH $(SERVE_ENV) serve run $(VENV)/capacity.merged.yaml
 
 LEVELS ?= 1,2,4,6,8,12,16

@@ -10,7 +10,7 @@ from collections import defaultdict
 
 from ray import serve
 
-from deployments.models import ModelSource, load_automodel
+from deployments.models import ModelSource, load_automodel, quantize_automodel
 from deployments.worker import FINAL, INTERIM, BatchedModelHost, pick_device
 from serve_app.settings import AsrSettings
 from serve_app.wire import AsrRequest, Transcript, to_float32
@@ -52,6 +52,7 @@ class AsrCore:
         self.model = load_automodel(
             source, device=device, threads=settings.threads, frontend_conf={"dither": settings.dither}
         )
+        self.precision = quantize_automodel(self.model, settings.quantize, device)
 
     def transcribe_batch(self, requests: list[AsrRequest]) -> list[Transcript]:
         """One generate() per (language, itn) group; results in request order."""
@@ -77,7 +78,7 @@ class SenseVoice(BatchedModelHost):
     def __init__(self, source: ModelSource, settings: AsrSettings):
         self._core = AsrCore(source, settings, device=pick_device())
         super().__init__(self._core.transcribe_batch)
-        logger.info("SenseVoice on %s from %s", self._core.device, source.describe())
+        logger.info("SenseVoice on %s (%s) from %s", self._core.device, self._core.precision, source.describe())
 
     async def transcribe(self, request: AsrRequest) -> Transcript:
         return await self._batcher.submit(request, FINAL)

@@ -57,6 +57,7 @@ class SweepConfig:
     bound_size: str = "full"  # test-model size for the bound (the service's models.test_model_size)
     asr_model: str | None = None  # a local SenseVoice directory instead (real weights)
     bound_threads: int = 2
+    bound_quantize: str = "auto"  # as the service's asr.quantize; auto: read from its /healthz
     bound_batch: int = 8
 
 
@@ -121,9 +122,16 @@ def speech_share(clips: list[Clip], pause_s: tuple[float, float]) -> float:
     return speech / (speech + sum(pause_s) / 2)
 
 
+def service_asr_quantize(cfg: SweepConfig) -> str:
+    """The running service's asr.quantize, as its /healthz reports the SenseVoice source."""
+    base = cfg.url.replace("ws://", "http://").replace("wss://", "https://").rstrip("/")
+    asr = httpx.get(f"{base}/healthz", timeout=10).json().get("model_sources", {}).get("asr", "")
+    return "int8" if "[int8" in asr else "none"
+
+
 def compute_bound(cfg: SweepConfig, clips: list[Clip]) -> dict:
     """Bare batched SenseVoice throughput on this host, in speech-seconds per second."""
-    from deployments.models import ModelSource, load_automodel, materialize, resolve_models
+    from deployments.models import ModelSource, load_automodel, materialize, quantize_automodel, resolve_models
     from serve_app.settings import ModelSettings
     from serve_app.wire import to_float32
 
@@ -133,6 +141,8 @@ def compute_bound(cfg: SweepConfig, clips: list[Clip]) -> dict:
         source = resolve_models(ModelSettings(test_model_size=cfg.bound_size), hub_up=False).asr
         materialize(source)
     model = load_automodel(source, device="cpu", threads=cfg.bound_threads, frontend_conf={"dither": 0.0})
+    quantize = cfg.bound_quantize if cfg.bound_quantize != "auto" else service_asr_quantize(cfg)
+    precision = quantize_automodel(model, quantize, "cpu")
     inputs = [to_float32(c.pcm) for c in clips]
     model.generate(input=inputs[: cfg.bound_batch], batch_size=cfg.bound_batch, language="auto")  # warm up
     rates = []
@@ -143,7 +153,8 @@ def compute_bound(cfg: SweepConfig, clips: list[Clip]) -> dict:
         rates.append(sum(len(x) for x in batch) / 16000 / (time.perf_counter() - started))
     del model
     return {"speech_s_per_s": round(statistics.median(rates), 2), "runs": [round(r, 2) for r in rates],
-            "threads": cfg.bound_threads, "batch": cfg.bound_batch, "model": source.describe()}  # fmt: skip
+            "threads": cfg.bound_threads, "batch": cfg.bound_batch, "precision": precision,
+            "model": source.describe()}  # fmt: skip
 
 
 def run_level(cfg: SweepConfig, offered: int, clips: list[Clip], out: Path, idle_cores: float) -> tuple[Level, dict]:
@@ -220,7 +231,8 @@ def render(cfg: SweepConfig, levels: list[Level], idle: dict[str, float], bound:
     ]
     if bound:
         lines.append(f"- compute bound: bare batched SenseVoice {bound['speech_s_per_s']} speech-s/s "
-                     f"(batch {bound['batch']}, {bound['threads']} threads, {bound['model']}) / {share:.2f} "
+                     f"(batch {bound['batch']}, {bound['threads']} threads, {bound.get('precision', 'fp32')}, "
+                     f"{bound['model']}) / {share:.2f} "
                      f"= **{bound_devices:.1f} devices**")  # fmt: skip
     lines += [
         f"- **devices held at p95 <= {cfg.target_p95_s:g} s with nothing lost: {held}**"
@@ -313,6 +325,12 @@ def parse_args(argv: list[str] | None = None) -> SweepConfig:
     p.add_argument(
         "--bound-threads", type=int, default=d.bound_threads, help="torch threads, as the service's asr.threads"
     )
+    p.add_argument(
+        "--bound-quantize",
+        default=d.bound_quantize,
+        choices=["auto", "none", "int8"],
+        help="SenseVoice precision for the bound, as the service's asr.quantize (auto: ask its /healthz)",
+    )
     p.add_argument("--bound-batch", type=int, default=d.bound_batch, help="batch size, as the service's max_batch_size")
     p.add_argument(
         "--auth-secret-env",
@@ -329,7 +347,7 @@ def parse_args(argv: list[str] | None = None) -> SweepConfig:
         auth_secret=os.environ.get(a.auth_secret_env),
         out=a.out or f"loadtest/reports/sweep-{time.strftime('%Y%m%d-%H%M%S')}",
         bound=not a.no_bound, bound_size=a.bound_size, asr_model=a.asr_model, bound_threads=a.bound_threads,
-        bound_batch=a.bound_batch,
+        bound_quantize=a.bound_quantize, bound_batch=a.bound_batch,
     )  # fmt: skip
 
 

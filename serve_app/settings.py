@@ -103,6 +103,11 @@ class AsrSettings(_Strict):
     language: str = Field("auto", description="auto, zh, en, yue, ja, ko")
     use_itn: bool = Field(True, description="Inverse text normalisation (punctuation, numbers).")
     threads: int = Field(2, description="torch threads per SenseVoice replica on CPU.")
+    quantize: Literal["none", "int8"] = Field(
+        "none",
+        description="int8: dynamic int8 quantization of SenseVoice's Linear layers on CPU (about half the "
+        "CPU per utterance; FunASR's runtime ships SenseVoice as int8 too). Ignored on GPU.",
+    )
     dither: float = Field(
         0.0,
         description="Random noise the fbank frontend adds to the audio (FunASR's default is 1.0). "

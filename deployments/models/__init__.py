@@ -77,9 +77,11 @@ class ResolvedModels:
             )
         return "RANDOM-WEIGHT TEST MODELS IN USE: " + "; ".join(parts) + "." if parts else None
 
-    def summary(self) -> ModelsSummary:
+    def summary(self, asr_quantize: str = "none") -> ModelsSummary:
         """What the Ingress reports about the models (it never imports this module)."""
         sources = {s.role: s.describe() for s in (self.vad, self.asr, self.speaker)}
+        if asr_quantize != "none":  # load tools read it here (the sweep sizes its compute bound by it)
+            sources["asr"] += f" [{asr_quantize} on CPU]"
         return ModelsSummary(self.label, sources, self.warning())
 
 
@@ -182,3 +184,23 @@ def load_automodel(source: ModelSource, device: str, threads: int, **extra):
     if source.kind == "hub":
         kwargs["hub"] = source.hub
     return AutoModel(**kwargs)
+
+
+def quantize_automodel(automodel, mode: str, device: str) -> str:
+    """Apply `asr.quantize` to a loaded AutoModel; returns what was done, in words.
+
+    "int8": PyTorch dynamic quantization of every Linear layer (weights int8, activations quantized
+    per batch at run time). SenseVoiceSmall is mostly Linear layers: on this project's CPU host it
+    halves the CPU per utterance (README "Capacity"). FunASR's own runtime serves SenseVoice as an
+    int8 model too. It is a CPU path: torch's dynamic quantized kernels do not run on CUDA."""
+    if mode == "none":
+        return "fp32"
+    if mode != "int8":
+        raise ValueError(f"unknown quantize mode {mode!r} (none or int8)")
+    if device != "cpu":
+        logger.warning("asr.quantize int8 ignored on %s: dynamic int8 kernels are CPU-only", device)
+        return f"fp32 (int8 asked, ignored on {device})"
+    import torch
+
+    automodel.model = torch.ao.quantization.quantize_dynamic(automodel.model, {torch.nn.Linear}, dtype=torch.qint8)
+    return "int8 (dynamic, Linear layers)"

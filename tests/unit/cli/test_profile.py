@@ -32,3 +32,13 @@ def test_the_bench_profile_is_serve_yaml_with_full_models_and_small_reservations
     args["placement"] = serve["applications"][0]["args"]["placement"]
     assert bench == serve  # nothing else differs
     AppSettings(**load(overlay)["applications"][0]["args"])  # and it parses
+
+
+def test_every_profile_merges_into_valid_settings():
+    """Each overlay in config/ (chains included: capacity-int8 -> capacity -> serve) parses."""
+    overlays = [p for p in CONFIG.glob("*.yaml") if "base" in (yaml.safe_load(p.read_text()) or {})]
+    assert {p.name for p in overlays} >= {"bench-full.yaml", "capacity.yaml", "capacity-int8.yaml"}
+    for overlay in overlays:
+        AppSettings(**load(overlay)["applications"][0]["args"])
+    int8 = load(CONFIG / "capacity-int8.yaml")["applications"][0]["args"]
+    assert int8["asr"]["quantize"] == "int8" and int8["ingress"]["speaker_enabled"] is False

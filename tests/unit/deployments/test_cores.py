@@ -98,6 +98,37 @@ def test_asr_with_funasr_default_dither_is_not_repeatable(tiny_models, two_utter
     assert len(texts) > 1
 
 
+def test_asr_int8_quantizes_every_linear_layer_and_still_transcribes(tiny_models, two_utterances):
+    """`asr.quantize: int8`: the Linear layers become dynamic int8 ones (what halves the CPU per
+    utterance, README "Capacity"); batching and parsing work as before; fp32 stays the default."""
+    import torch
+
+    fp32 = AsrCore(tiny_models.asr, AsrSettings(threads=1))
+    int8 = AsrCore(tiny_models.asr, AsrSettings(threads=1, quantize="int8"))
+    assert (fp32.precision, int8.precision) == ("fp32", "int8 (dynamic, Linear layers)")
+    linear = [m for m in fp32.model.model.modules() if type(m) is torch.nn.Linear]
+    assert linear and not [m for m in int8.model.model.modules() if type(m) is torch.nn.Linear]
+    quantized = [m for m in int8.model.model.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+    assert len(quantized) == len(linear)
+    a, b = two_utterances[8000:44800], two_utterances[68800:112000]
+    batch = int8.transcribe_batch([AsrRequest(a), AsrRequest(b)])
+    assert [t.batch_size for t in batch] == [2, 2] and all(isinstance(t.raw_text, str) for t in batch)
+    # Repeatable for the same batch; but activation scales are computed per batch, so unlike fp32 a
+    # transcript may change with its batch-mates (README "Capacity" says so).
+    assert int8.transcribe_batch([AsrRequest(a), AsrRequest(b)])[0].raw_text == batch[0].raw_text
+
+
+def test_asr_int8_is_a_cpu_path(tiny_models):
+    from deployments.models import quantize_automodel
+
+    asr = AsrCore(tiny_models.asr, AsrSettings(threads=1))
+    before = asr.model.model
+    assert quantize_automodel(asr.model, "int8", "cuda:0").startswith("fp32 (int8 asked, ignored")
+    assert asr.model.model is before
+    with pytest.raises(ValueError, match="none or int8"):
+        quantize_automodel(asr.model, "int4", "cpu")
+
+
 def test_speaker_batched_embedding_matches_single(tiny_models, two_utterances):
     spk = SpeakerCore(tiny_models.speaker, SpeakerSettings(threads=1))
     short, long = two_utterances[8000:30000], two_utterances[68800:112000]
