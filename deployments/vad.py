@@ -19,12 +19,13 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from deployments.fsmn_batch import BatchedFsmnVad, Step
 from deployments.metrics import VadMetrics
 from deployments.models import ModelSource, load_automodel
 from deployments.routing import LIVE_SESSIONS_STAT
 from deployments.worker import ModelThread
 from serve_app.settings import VadSettings
-from serve_app.wire import VadEvent, VadFeedResult, VadItem, ms_to_samples, samples_to_ms, to_float32
+from serve_app.wire import VadChunk, VadEvent, VadFeedResult, VadItem, ms_to_samples, samples_to_ms, to_float32
 
 logger = logging.getLogger("ray.serve")
 
@@ -44,6 +45,7 @@ class VadCore:
         self.model = load_automodel(
             source, device=device, threads=settings.threads, max_end_silence_time=settings.max_end_silence_ms
         )
+        self._engine = BatchedFsmnVad(self.model)  # streaming steps; `segment` (whole files) uses generate
         self._streams: dict[str, _Stream] = {}
         self.segment(np.zeros(ms_to_samples(600), dtype=np.int16))  # the first call is slow
 
@@ -54,29 +56,84 @@ class VadCore:
     def feed(
         self, session_id: str, pcm: np.ndarray, start_ms: int, final: bool = False, restart: bool = False
     ) -> VadFeedResult:
-        """Feed int16 audio that starts at `start_ms` of the session's stream."""
-        started = time.perf_counter()
-        stream = self._streams.get(session_id)
-        if restart or (stream is None and start_ms == 0):
-            stream = self._streams[session_id] = _Stream(base_ms=start_ms, fed_ms=start_ms)
-        elif stream is None or stream.fed_ms != start_ms:
-            # A gap or a stranger: our state cannot continue this stream. The caller replays.
-            self._streams.pop(session_id, None)
-            return VadFeedResult(events=[], state_lost=True)
-        events = self._run(stream, pcm, final)
-        if final:
-            self._streams.pop(session_id, None)
-        elif not stream.in_speech and stream.fed_ms - stream.base_ms >= self.settings.reset_after_ms:
-            events += self._reset(stream)
-        return VadFeedResult(events=events, compute_ms=(time.perf_counter() - started) * 1000)
+        """Feed int16 audio that starts at `start_ms` of the session's stream (one session's
+        `feed_many`; a failed step raises here)."""
+        result = self.feed_many([VadItem(session_id, VadChunk(pcm, start_ms, final, restart))])[0]
+        if result.error is not None:
+            raise RuntimeError(result.error)
+        return result
 
-    def _run(self, stream: _Stream, pcm: np.ndarray, final: bool) -> list[VadEvent]:
-        chunk_ms = max(samples_to_ms(len(pcm)), 1)
-        out = self.model.generate(input=to_float32(pcm), cache=stream.cache, is_final=final, chunk_size=chunk_ms)
+    def feed_many(self, items: list[VadItem]) -> list[VadFeedResult]:
+        """One batched step for many sessions, in order (a session's chunks continue each other:
+        a session's second chunk of the batch goes in the next round). A chunk that fails fails
+        alone: the other sessions of its batch get their results."""
+        results: list[VadFeedResult | None] = [None] * len(items)
+        pending = list(enumerate(items))
+        while pending:
+            this_round, later, seen = [], [], set()
+            for i, item in pending:
+                (later if item.session_id in seen else this_round).append((i, item))
+                seen.add(item.session_id)
+            self._round(this_round, results)
+            pending = later
+        return results  # type: ignore[return-value]
+
+    def _round(self, batch: list[tuple[int, VadItem]], results: list[VadFeedResult | None]) -> None:
+        started = time.perf_counter()
+        steps = []
+        for i, item in batch:
+            if item.chunk is None:
+                self.close(item.session_id)
+                results[i] = VadFeedResult(events=[])
+                continue
+            stream = self._stream_for(item.session_id, item.chunk)
+            if stream is None:  # a gap or a stranger: our state cannot continue it. The caller replays.
+                results[i] = VadFeedResult(events=[], state_lost=True)
+                continue
+            try:
+                steps.append((i, item, stream, self._step(stream, item.chunk.pcm, item.chunk.final)))
+            except Exception as exc:
+                results[i] = self._failed(item.session_id, exc)
+        self._engine.run([step for *_, step in steps])
+        compute_ms = (time.perf_counter() - started) * 1000 / max(len(steps), 1)
+        for i, item, stream, step in steps:
+            try:
+                if step.error is not None:
+                    raise step.error
+                events = self._events(stream, step, item.chunk.pcm)
+                if item.chunk.final:
+                    self._streams.pop(item.session_id, None)
+                elif not stream.in_speech and stream.fed_ms - stream.base_ms >= self.settings.reset_after_ms:
+                    events += self._reset(stream)
+                results[i] = VadFeedResult(events=events, compute_ms=compute_ms)
+            except Exception as exc:
+                results[i] = self._failed(item.session_id, exc)
+
+    def _failed(self, session_id: str, exc: Exception) -> VadFeedResult:
+        """This session's step failed: its state is dropped (the Ingress replays), the batch goes on."""
+        logger.error("session %s: VAD step failed: %s: %s", session_id, type(exc).__name__, exc)
+        self._streams.pop(session_id, None)
+        return VadFeedResult(events=[], error=f"{type(exc).__name__}: {exc}")
+
+    def _stream_for(self, session_id: str, chunk: VadChunk) -> _Stream | None:
+        stream = self._streams.get(session_id)
+        if chunk.restart or (stream is None and chunk.start_ms == 0):
+            stream = self._streams[session_id] = _Stream(base_ms=chunk.start_ms, fed_ms=chunk.start_ms)
+            return stream
+        if stream is None or stream.fed_ms != chunk.start_ms:
+            self._streams.pop(session_id, None)
+            return None
+        return stream
+
+    @staticmethod
+    def _step(stream: _Stream, pcm: np.ndarray, final: bool) -> Step:
+        return Step(stream.cache, to_float32(pcm), final, chunk_ms=max(samples_to_ms(len(pcm)), 1))
+
+    def _events(self, stream: _Stream, step: Step, pcm: np.ndarray) -> list[VadEvent]:
         stream.fed_ms += samples_to_ms(len(pcm))
         stream.last_pcm = pcm
         events = []
-        for beg, end in out[0]["value"] if out else []:
+        for beg, end in step.segments:
             if beg != -1:
                 events.append(VadEvent("start", stream.base_ms + beg))
                 stream.in_speech = True
@@ -92,28 +149,16 @@ class VadCore:
         stream.cache = {}
         stream.base_ms = stream.fed_ms - samples_to_ms(len(last))
         stream.fed_ms = stream.base_ms
-        return self._run(stream, last, final=False) if len(last) else []
+        if not len(last):
+            return []
+        step = self._step(stream, last, final=False)
+        self._engine.run([step])
+        if step.error is not None:
+            raise step.error
+        return self._events(stream, step, last)
 
     def close(self, session_id: str) -> bool:
         return self._streams.pop(session_id, None) is not None
-
-    def feed_many(self, items: list[VadItem]) -> list[VadFeedResult]:
-        """One batched step for many sessions (in order; a session's chunks continue each other).
-        A chunk that fails fails alone: the other sessions of its batch get their results."""
-        results = []
-        for item in items:
-            if item.chunk is None:
-                self.close(item.session_id)
-                results.append(VadFeedResult(events=[]))
-                continue
-            chunk = item.chunk
-            try:
-                results.append(self.feed(item.session_id, chunk.pcm, chunk.start_ms, chunk.final, chunk.restart))
-            except Exception as exc:
-                logger.exception("session %s: VAD step failed", item.session_id)
-                self._streams.pop(item.session_id, None)
-                results.append(VadFeedResult(events=[], error=f"{type(exc).__name__}: {exc}"))
-        return results
 
     def segment(self, pcm: np.ndarray) -> list[tuple[int, int]]:
         """Speech segments of a whole recording, as (start_ms, end_ms)."""

@@ -1,0 +1,103 @@
+"""The batched fsmn-vad step gives every session exactly what `AutoModel.generate` gives it alone
+(real fsmn-vad weights, interleaved sessions, finals, odd chunk lengths), and a bad chunk fails alone."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from deployments.fsmn_batch import BatchedFsmnVad, Step
+from deployments.models import load_automodel
+from serve_app.wire import samples_to_ms, to_float32
+
+CORPUS = Path(__file__).parents[3] / "loadtest" / "corpus"
+
+
+@pytest.fixture(scope="module")
+def automodel(tiny_models):
+    return load_automodel(tiny_models.vad, device="cpu", threads=1, max_end_silence_time=800)
+
+
+@pytest.fixture(scope="module")
+def streams(two_utterances):
+    """Five sessions' audio: speech and pauses of different lengths, so their frames fall apart."""
+    clips = [sf.read(p, dtype="int16")[0] for p in sorted(CORPUS.glob("*.wav"))[:8]]
+    gap = np.zeros(16 * 1300, dtype=np.int16)
+    audio = [two_utterances]
+    for k in range(4):
+        audio.append(np.concatenate([gap[: 16 * (300 + 170 * k)], clips[2 * k], gap, clips[2 * k + 1], gap]))
+    return audio
+
+
+def chunks(pcm: np.ndarray, chunk: int) -> list[np.ndarray]:
+    return [pcm[i : i + chunk] for i in range(0, len(pcm), chunk)]
+
+
+def through_generate(automodel, pcm: np.ndarray, chunk: int) -> list[list[list[int]]]:
+    """What VadCore did before: one generate() per chunk (the reference)."""
+    cache: dict = {}
+    out = []
+    parts = chunks(pcm, chunk)
+    for n, part in enumerate(parts):
+        res = automodel.generate(
+            input=to_float32(part), cache=cache, is_final=n == len(parts) - 1,
+            chunk_size=max(samples_to_ms(len(part)), 1),
+        )  # fmt: skip
+        out.append([list(seg) for seg in (res[0]["value"] if res else [])])
+    return out
+
+
+def batched(engine: BatchedFsmnVad, audio: list[np.ndarray], chunk_sizes: list[int]) -> list[list[list[list[int]]]]:
+    """All sessions advanced together, one step each per round, until each has sent its last chunk."""
+    parts = [chunks(pcm, size) for pcm, size in zip(audio, chunk_sizes, strict=True)]
+    caches: list[dict] = [{} for _ in audio]
+    out: list[list] = [[] for _ in audio]
+    for r in range(max(len(p) for p in parts)):
+        steps = {
+            s: Step(caches[s], to_float32(p[r]), final=r == len(p) - 1, chunk_ms=max(samples_to_ms(len(p[r])), 1))
+            for s, p in enumerate(parts)
+            if r < len(p)
+        }
+        engine.run(list(steps.values()))
+        for s, step in steps.items():
+            assert step.error is None
+            out[s].append(step.segments)
+    return out
+
+
+def test_batched_steps_match_generate_session_by_session(automodel, streams):
+    chunk_sizes = [3200, 3200, 3200, 3200, 3200 + 48]  # 200 ms; one session with an odd length
+    expected = [through_generate(automodel, pcm, size) for pcm, size in zip(streams, chunk_sizes, strict=True)]
+    assert sum(1 for session in expected for segs in session for seg in segs if seg[1] != -1) >= 9  # utterances ended
+
+    engine = BatchedFsmnVad(automodel)
+    widths = []
+    real_forward = automodel.model.encoder.forward
+    automodel.model.encoder.forward = lambda feats, cache=None: widths.append(feats.shape[0]) or real_forward(
+        feats, cache
+    )
+    try:
+        got = batched(engine, streams, chunk_sizes)
+    finally:
+        del automodel.model.encoder.forward
+    assert got == expected
+    assert max(widths) >= 4 and widths.count(1) < len(widths) / 2  # most frames went through shared forwards
+
+
+def test_a_bad_chunk_fails_alone(automodel, streams):
+    engine = BatchedFsmnVad(automodel)
+    good = [{}, {}, {}]
+    bad: dict = {}
+    for r in range(3):  # warm every encoder cache so the batch below is shared
+        engine.run([Step(c, to_float32(streams[i][r * 3200 : (r + 1) * 3200]), False, 200) for i, c in enumerate(good)])
+    broken = Step(bad, None, False, 200)  # type: ignore[arg-type]  # no audio at all
+    steps = [Step(c, to_float32(streams[i][9600:12800]), False, 200) for i, c in enumerate(good)]
+    engine.run([*steps[:2], broken, steps[2]])
+    assert broken.error is not None
+    assert all(step.error is None for step in steps)
+
+
+def test_needs_a_fixed_end_silence(tiny_models):
+    with pytest.raises(ValueError, match="max_end_silence_time"):
+        BatchedFsmnVad(load_automodel(tiny_models.vad, device="cpu", threads=1))
