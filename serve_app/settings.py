@@ -168,6 +168,27 @@ class IngressSettings(_Strict):
         description="Longest audio in one /v1/audio/transcriptions file (413 past it): compressed silence "
         "packs hours into a few kB, so bytes alone do not bound the memory a file takes.",
     )
+    max_upload_sample_rate: int = Field(
+        48_000,
+        ge=8_000,
+        description="Highest sample rate of an uploaded file (HTTP 400 above it, from the header, before "
+        "decoding): a FLAC header may claim 655350 Hz, and decoding costs the file's own rate.",
+    )
+    max_concurrent_uploads: int = Field(
+        2,
+        ge=1,
+        description="Uploads to /v1/audio/transcriptions one Ingress replica reads, decodes and recognises at "
+        "once (each may hold max_upload_bytes and max_upload_s of audio); more get HTTP 503 with Retry-After.",
+    )
+    upload_retry_after_s: int = Field(
+        5, ge=1, description="Retry-After (seconds) of the 503 an upload gets while the replica is at its cap."
+    )
+    max_upload_segments_in_flight: int = Field(
+        4,
+        ge=1,
+        description="Speech segments of one uploaded file being recognised at once: a long file goes to the "
+        "models a few segments at a time, never all at once ahead of the live sessions' utterances.",
+    )
     speaker_enabled: bool = True
     control_burst: int = Field(
         50, description="Control (text) frames a session may send at once; past it and control_per_s, close 1008."

@@ -439,3 +439,22 @@ class TokenBucket:
             return False
         self._tokens -= 1
         return True
+
+
+class Slots:
+    """At most `limit` holders at once (uploads on one Ingress replica). `take()` answers at once,
+    never queues: a waiting upload would hold its body in memory, and its client would not know
+    why nothing happens."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.held = 0
+
+    def take(self) -> bool:
+        if self.held >= self.limit:
+            return False
+        self.held += 1
+        return True
+
+    def give(self) -> None:
+        self.held -= 1
