@@ -173,6 +173,27 @@ class IngressSettings(_Strict):
         description="Longest audio in one /v1/audio/transcriptions file (413 past it): compressed silence "
         "packs hours into a few kB, so bytes alone do not bound the memory a file takes.",
     )
+    max_upload_sample_rate: int = Field(
+        48_000,
+        ge=8_000,
+        description="Highest sample rate of an uploaded file (HTTP 400 above it, from the header, before "
+        "decoding): a FLAC header may claim 655350 Hz, and decoding costs the file's own rate.",
+    )
+    max_concurrent_uploads: int = Field(
+        2,
+        ge=1,
+        description="Uploads to /v1/audio/transcriptions one Ingress replica reads, decodes and recognises at "
+        "once (each may hold max_upload_bytes and max_upload_s of audio); more get HTTP 503 with Retry-After.",
+    )
+    upload_retry_after_s: int = Field(
+        5, ge=1, description="Retry-After (seconds) of the 503 an upload gets while the replica is at its cap."
+    )
+    max_upload_segments_in_flight: int = Field(
+        4,
+        ge=1,
+        description="Speech segments of one uploaded file being recognised at once: a long file goes to the "
+        "models a few segments at a time, never all at once ahead of the live sessions' utterances.",
+    )
     speaker_enabled: bool = True
     control_burst: int = Field(
         50, description="Control (text) frames a session may send at once; past it and control_per_s, close 1008."
@@ -186,6 +207,50 @@ class IngressSettings(_Strict):
         20,
         description="Error frames one session may earn (bad JSON, bad Opus packets, ...) before it is closed "
         "with 1008: a client looping on bad input would otherwise get one answer per frame for ever.",
+    )
+    max_audio_rate: float | None = Field(
+        1.5,
+        gt=0,
+        description="Seconds of audio a session may send per second, measured over rate_window_s (1.5: one and "
+        "a half times real time, room for catching up after a stall). Past it: `too_fast`, close 1008. Each "
+        "second of audio costs VAD and model work. null: no bound (load tools that stream faster than real time).",
+    )
+    max_frames_per_s: float = Field(
+        200.0,
+        gt=0,
+        description="Frames (binary and text) a session may send per second, measured over rate_window_s and "
+        "counted as they arrive. 200: 10 ms frames at twice real time. Past it: `too_many_messages`, close 1008.",
+    )
+    rate_window_s: float = Field(
+        20.0,
+        gt=0,
+        description="Window of max_audio_rate and max_frames_per_s: a session may be this many seconds' worth "
+        "ahead at once (a short file sent as fast as the socket allows, a client catching up after a network "
+        "stall) before the sustained rate applies.",
+    )
+    max_queued_bytes: int = Field(
+        4_000_000,
+        ge=65_536,
+        description="Bytes of frames a session may have received but not yet handled (its client far ahead of "
+        "the server); past it: `too_far_ahead`, close 1008. 4 MB: two minutes of 16 kHz PCM.",
+    )
+    max_text_frame_bytes: int = Field(
+        65_536,
+        ge=1024,
+        description="Largest text frame accepted (JSON control: a Xiaozhi MCP payload is a few kB); past it: "
+        "`frame_too_large`, close 1009. The WebSocket layer alone would take 16 MB.",
+    )
+    max_field_chars: int = Field(
+        1024,
+        ge=16,
+        description="Longest string field of a control frame (speaker_group, wav_name, language, hotwords, ...): "
+        "some are echoed in every answer or kept. Past it: `field_too_long`, and the session goes on.",
+    )
+    max_utterances_in_flight: int = Field(
+        4,
+        ge=1,
+        description="Utterances of one session being recognised at once. Audio that ends more waits for room "
+        "(its frames queue, bounded by max_queued_bytes): no session fans out without bound.",
     )
     idle_timeout_s: float = Field(
         300.0, description="Close a session that sends nothing for this long (error `idle_timeout`, close 1000)."

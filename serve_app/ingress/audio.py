@@ -48,34 +48,46 @@ class AudioTooLongError(AudioFormatError):
     """More audio than the caller accepts (HTTP 413)."""
 
 
-_DECODE_BLOCK_FRAMES = 1 << 16  # frames per read: a header's rate or channel count cannot size one allocation
+_DECODE_BLOCK_SAMPLES = 1 << 16  # per read, all channels: no header field (rate, channels) sizes an allocation
+MAX_FILE_RATE = max(SUPPORTED_RATES)  # what a live stream may use; files default to the same
 
 
-def decode_file(data: bytes, max_seconds: float) -> tuple[np.ndarray, float]:
+def decode_file(data: bytes, max_seconds: float, max_rate: int = MAX_FILE_RATE) -> tuple[np.ndarray, float]:
     """Decode an uploaded audio file (WAV, FLAC, OGG, MP3 via libsndfile) to 16 kHz int16 mono.
 
-    The length is checked while decoding, not after: a few kB of FLAC silence, or a WAV header
-    claiming 1 Hz, holds hours of audio. AudioTooLongError past `max_seconds`.
-    Returns the PCM and the original duration in seconds.
+    Bounded by what the header says and by what is decoded, never by the file's size: a few kB of
+    FLAC silence, or a WAV header claiming 1 Hz, holds hours of audio. A rate above `max_rate` is
+    refused before decoding (a FLAC header may claim 655350 Hz); the length is checked block by
+    block (AudioTooLongError past `max_seconds`); each block is resampled as it is read, so only
+    16 kHz audio is kept (at most `max_seconds` x 16000 samples). CPU-bound: call it off the
+    event loop. Returns the PCM and the original duration in seconds.
     """
     import soundfile as sf
+    import soxr
 
     pieces, frames = [], 0
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
-            rate, limit = f.samplerate, int(max_seconds * f.samplerate)
-            for block in f.blocks(_DECODE_BLOCK_FRAMES, dtype="int16", always_2d=True):
+            rate, channels = f.samplerate, f.channels
+            if rate > max_rate:
+                raise AudioFormatError(f"sample rate {rate} Hz is not supported: at most {max_rate} Hz")
+            limit = int(max_seconds * rate)
+            stream = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="int16") if rate != SAMPLE_RATE else None
+            for block in f.blocks(max(1, _DECODE_BLOCK_SAMPLES // channels), dtype="int16", always_2d=True):
                 frames += len(block)
                 if frames > limit:
                     raise AudioTooLongError(f"the audio file is longer than {max_seconds:g} s")
-                pieces.append(block.mean(axis=1).astype(np.int16) if block.shape[1] > 1 else block[:, 0].copy())
+                mono = block.mean(axis=1).astype(np.int16) if channels > 1 else block[:, 0].copy()
+                pieces.append(mono if stream is None else stream.resample_chunk(mono))
+            if stream is not None:
+                pieces.append(stream.resample_chunk(np.zeros(0, dtype=np.int16), last=True))
     except AudioFormatError:
         raise
     except Exception as exc:  # libsndfile raises several types for unreadable input
         raise AudioFormatError(f"cannot decode the audio file: {exc}") from None
     if frames == 0:
         raise AudioFormatError("the audio file has no samples")
-    pcm = resample(np.concatenate(pieces), rate)
+    pcm = np.concatenate(pieces)
     if len(pcm) == 0:
         raise AudioFormatError(f"the audio file is shorter than one sample at {SAMPLE_RATE} Hz")
     return pcm, frames / rate

@@ -21,6 +21,7 @@ import reprlib
 import time
 from typing import Any
 
+import numpy as np
 from fastapi import WebSocket, WebSocketDisconnect
 
 from serve_app.ingress.metrics import IngressMetrics
@@ -28,6 +29,7 @@ from serve_app.ingress.recognition import RecognitionOptions, UtteranceStream, U
 from serve_app.ingress.security import (
     AuthDecision,
     DeviceAuth,
+    SessionIntake,
     SessionLimitExceeded,
     TokenBucket,
     device_credentials,
@@ -82,8 +84,10 @@ def brief(value: Any) -> str:
     return text if len(text) <= _BRIEF_CHARS else text[: _BRIEF_CHARS - 3] + "..."
 
 
-def json_object(text: str) -> dict[str, Any]:
-    """A text frame as a JSON object, or the protocol error every adapter answers with."""
+def json_object(text: str, max_string_chars: int | None = None) -> dict[str, Any]:
+    """A text frame as a JSON object, or the protocol error every adapter answers with.
+    `max_string_chars` bounds its top-level string fields (wav_name, speaker_group, ...: some are
+    echoed in every answer or kept for the session)."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -96,6 +100,12 @@ def json_object(text: str) -> dict[str, Any]:
         raise ProtocolError("bad_message", "text frame must be a JSON object")
     if "\\u" in text:  # only escapes can make a lone surrogate: the frame itself was UTF-8
         _check_unicode(data)
+    if max_string_chars is not None:
+        for key, value in data.items():
+            if isinstance(value, str) and len(value) > max_string_chars:
+                raise ProtocolError(
+                    "field_too_long", f"{brief(key)} is {len(value)} characters long; at most {max_string_chars}"
+                )
     return data
 
 
@@ -153,6 +163,9 @@ class Connection:
         self._inbox: asyncio.Queue[dict | BaseException] = asyncio.Queue()  # filled by _read_frames
         self._next_frame: asyncio.Future | None = None  # kept across receive() calls: never cancelled
         self._client_gone = asyncio.Event()  # the client's disconnect has been read
+        self.intake = SessionIntake(limits)  # what the client may send: checked by the reader and push_audio
+        self._over_limit: SessionLimitExceeded | None = None  # why the reader stopped reading
+        self._reader_refused = asyncio.Event()
         self._reconnect = asyncio.Event()
         self._reconnect_asked: asyncio.Future | None = None
         self._reconnect_by: float | None = None  # monotonic deadline; before it, wait for a pause
@@ -211,7 +224,7 @@ class Connection:
             await self._close_idle()
         except SessionLimitExceeded as exc:
             logger.warning("session %s: %s; closing", self.session_id, exc)
-            await self.close_with_error(exc.code, str(exc), CLOSE_POLICY)
+            await self.close_with_error(exc.code, str(exc), FATAL_ERRORS.get(exc.code, CLOSE_POLICY))
         except Exception:
             logger.exception("session %s: internal error", self.session_id)
             await self.close_with_error("internal", "internal error; the session is closed", CLOSE_INTERNAL)
@@ -227,24 +240,30 @@ class Connection:
                 pass
 
     async def _serve_until_gone(self) -> None:
-        """`_serve()`, cut short when the client disconnects: frames still in the inbox and
-        utterances still being recognised are for nobody now."""
+        """`_serve()`, cut short when the client disconnects (frames still in the inbox and
+        utterances still being recognised are for nobody now) or when the reader refuses what
+        the client sends (a flood is stopped as it arrives, not after the frames ahead of it)."""
         serving = asyncio.create_task(self._serve())
         gone = asyncio.create_task(self._client_gone.wait())
+        refused = asyncio.create_task(self._reader_refused.wait())
         try:
-            await asyncio.wait({serving, gone}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({serving, gone, refused}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
+            refused.cancel()
         if not serving.done():
             serving.cancel()
             await asyncio.wait({serving})
+            if self._over_limit is not None:
+                raise self._over_limit
             logger.info("session %s: client disconnected; %d unread frame(s) dropped",
                         self.session_id, self._inbox.qsize())  # fmt: skip
             return
         serving.result()  # re-raises how the frame loop ended
 
     async def _read_frames(self) -> None:
-        """Move every frame into the inbox as it arrives; stop after the disconnect."""
+        """Move every frame into the inbox as it arrives, within the session's intake bounds;
+        stop after the disconnect, or at the first frame past a bound (the session is closed)."""
         while True:
             try:
                 message = await self.ws.receive()
@@ -252,6 +271,13 @@ class Connection:
                 self._inbox.put_nowait(exc)
                 self._client_gone.set()
                 return
+            if message["type"] == "websocket.receive":
+                try:
+                    self.intake.arrived(message)
+                except SessionLimitExceeded as exc:
+                    self._over_limit = exc
+                    self._reader_refused.set()
+                    return
             self._inbox.put_nowait(message)
             if message["type"] == "websocket.disconnect":
                 self._client_gone.set()
@@ -311,6 +337,7 @@ class Connection:
             raise message
         if message["type"] == "websocket.disconnect":
             raise WebSocketDisconnect(message.get("code", CLOSE_NORMAL))
+        self.intake.handled(message)
         if message.get("text") is not None:
             self.count_control()
         return message
@@ -341,6 +368,11 @@ class Connection:
         await self.close_with_error(refusal.code, refusal.message, refusal.close_code)
 
     # ---- the utterance stream ---------------------------------------------------------------
+    async def push_audio(self, pcm: np.ndarray) -> None:
+        """Client audio (16 kHz) into the open stream, counted against `max_audio_rate`."""
+        self.intake.audio(len(pcm))
+        await self.stream.push(pcm)
+
     def start_stream(self, options: RecognitionOptions, **kwargs) -> UtteranceStream:
         self.stream = self.streams.open(self.session_id, options, self._deliver, self._failed, **kwargs)
         return self.stream

@@ -20,6 +20,7 @@ from serve_app.ingress.connection import brief
 from serve_app.ingress.recognition import ModelCalls, RecognitionOptions, utterances_of
 from serve_app.ingress.security import (
     DeviceAuth,
+    Slots,
     UploadError,
     file_fields,
     read_upload_form,
@@ -27,7 +28,7 @@ from serve_app.ingress.security import (
     text_field,
 )
 from serve_app.settings import IngressSettings
-from serve_app.wire import AudioFormatError, UtteranceResult
+from serve_app.wire import AudioFormatError, Utterance, UtteranceResult
 
 RESPONSE_FORMATS = ("json", "text", "verbose_json")
 
@@ -85,11 +86,29 @@ def render(response_format: str, results: list[UtteranceResult], duration_s: flo
 
 
 class FileTranscriptions:
+    """The route's body. Bounded per Ingress replica: `max_concurrent_uploads` at once (more get
+    503 at once, before their body is read), each decoded off the event loop (a long file takes
+    seconds of CPU that every live session of the replica would wait for) and recognised
+    `max_upload_segments_in_flight` segments at a time."""
+
     def __init__(self, models: ModelCalls, device_auth: DeviceAuth, limits: IngressSettings):
         self.models, self.device_auth, self.limits = models, device_auth, limits
+        self.slots = Slots(limits.max_concurrent_uploads)
 
     async def __call__(self, request: Request) -> Response:
         require_device(self.device_auth, request)
+        if not self.slots.take():
+            raise HTTPException(
+                503,
+                f"this server is transcribing {self.slots.limit} uploads already; retry later",
+                headers={"Retry-After": str(self.limits.upload_retry_after_s)},
+            )
+        try:
+            return await self._transcribe(request)
+        finally:
+            self.slots.give()
+
+    async def _transcribe(self, request: Request) -> Response:
         form = await read_upload_form(request, self.limits.max_upload_bytes, max_files=1)
         try:
             (upload,) = file_fields(form, "file")
@@ -102,16 +121,26 @@ class FileTranscriptions:
             raise HTTPException(400, str(exc)) from None
         finally:
             await form.close()
+        limits = self.limits
         try:
-            pcm, duration_s = decode_file(data, self.limits.max_upload_s)
+            pcm, duration_s = await asyncio.to_thread(
+                decode_file, data, limits.max_upload_s, limits.max_upload_sample_rate
+            )
         except AudioTooLongError as exc:
             raise HTTPException(413, str(exc)) from None
         except AudioFormatError as exc:
             raise HTTPException(400, str(exc)) from None
+        del data  # the decoded audio is all that is needed now
         request_id = "file-" + uuid.uuid4().hex[:12]
         segments = await self.models.segment(pcm, request_id)
         options = RecognitionOptions(language=language or "auto")
-        utterances = utterances_of(pcm, segments)
-        recognised = await asyncio.gather(*(self.models.recognise(request_id, u, options) for u in utterances))
-        body, media_type = render(fmt, [r for r, _ in recognised], duration_s, self.models.models_label)
+        in_flight = asyncio.Semaphore(limits.max_upload_segments_in_flight)
+
+        async def recognise(utterance: Utterance) -> UtteranceResult:
+            async with in_flight:
+                result, _ = await self.models.recognise(request_id, utterance, options)
+                return result
+
+        results = await asyncio.gather(*(recognise(u) for u in utterances_of(pcm, segments)))
+        body, media_type = render(fmt, list(results), duration_s, self.models.models_label)
         return Response(content=body, media_type=media_type)

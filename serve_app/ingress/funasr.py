@@ -41,13 +41,13 @@ class EndOfSpeech:
     is_end: bool = False
 
 
-def parse_text(text: str, configured: bool) -> Config | EndOfSpeech:
+def parse_text(text: str, configured: bool, max_string_chars: int | None = None) -> Config | EndOfSpeech:
     """The first frame is the config; later `is_speaking: false` ends the stream.
 
     A later frame with config fields and `is_speaking: true` is answered as a new config
     (FunASR clients resend it per file); the caller decides whether that is allowed.
     """
-    data = json_object(text)
+    data = json_object(text, max_string_chars)
     if data.get("is_speaking") is False:
         return EndOfSpeech(is_end=bool(data.get("is_end", False)))
     if "mode" in data or not configured:
@@ -146,9 +146,9 @@ class FunasrConnection(Connection):
             pcm = parse_audio(message["bytes"], self.limits.max_frame_bytes)
             if self.stream is None:
                 self._start(self.config or Config())
-            await self.stream.push(self.resample(pcm))
+            await self.push_audio(self.resample(pcm))
             return True
-        parsed = parse_text(message.get("text") or "", configured=self.config is not None)
+        parsed = parse_text(message.get("text") or "", self.config is not None, self.limits.max_field_chars)
         if isinstance(parsed, Config):
             if self.stream is not None:
                 await self._end()  # a new file on the same connection closes the last one

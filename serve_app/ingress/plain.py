@@ -47,8 +47,8 @@ class EndMessage:
 ClientMessage = StartMessage | EndMessage
 
 
-def parse_text(text: str) -> ClientMessage:
-    data = json_object(text)
+def parse_text(text: str, max_string_chars: int | None = None) -> ClientMessage:
+    data = json_object(text, max_string_chars)
     kind = data.get("type")
     if kind == "end":
         return EndMessage()
@@ -125,9 +125,10 @@ class PlainConnection(Connection):
     async def on_frame(self, message: dict) -> bool:
         if message.get("bytes") is not None:
             pcm = parse_audio(message["bytes"], self.limits.max_frame_bytes)
-            await self._stream().push(self.resample(pcm))
+            self._stream()
+            await self.push_audio(self.resample(pcm))
             return True
-        parsed = parse_text(message.get("text") or "")
+        parsed = parse_text(message.get("text") or "", self.limits.max_field_chars)
         if isinstance(parsed, StartMessage):
             if self.stream is not None:
                 raise ProtocolError("bad_order", "'start' must come before any audio")

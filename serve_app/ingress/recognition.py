@@ -77,6 +77,38 @@ async def _awaited(response):
 # ---- the timeline: pure ----------------------------------------------------------------------
 
 
+class AudioBuffer:
+    """int16 samples appended at the end and dropped from the front, each in time linear in the
+    samples moved (a client's tiny frames must not copy the whole utterance each). Samples once
+    stored are never overwritten: a full array is replaced by a new one, so the views handed out
+    (VAD chunks waiting for their lane's call) keep their audio."""
+
+    def __init__(self) -> None:
+        self._data = _EMPTY
+        self._start = self._end = 0
+
+    def __len__(self) -> int:
+        return self._end - self._start
+
+    def append(self, pcm: np.ndarray) -> None:
+        n = len(pcm)
+        if self._end + n > len(self._data):  # grow (or compact) into a new array: amortised O(1) a sample
+            live = len(self)
+            grown = np.empty(2 * (live + n), dtype=np.int16)
+            grown[:live] = self._data[self._start : self._end]
+            self._data, self._start, self._end = grown, 0, live
+        self._data[self._end : self._end + n] = pcm
+        self._end += n
+
+    def view(self) -> np.ndarray:
+        """The samples held, as a view: slice it; copy what must outlive later appends' growth."""
+        return self._data[self._start : self._end]
+
+    def drop(self, n: int) -> None:
+        """Forget the first `n` samples."""
+        self._start += min(max(n, 0), len(self))
+
+
 class Timeline:
     """The audio of one utterance stream since its last finished utterance, and where the
     utterance being spoken started: a pure state machine (no I/O, no Ray).
@@ -93,9 +125,9 @@ class Timeline:
         # While nobody speaks, keep this much audio before the VAD's position: the VAD
         # reports a start a few hundred ms after it happened (lookback + confirmation).
         self._idle_keep_ms = idle_keep_ms + vad_chunk_ms
-        self._buffer = _EMPTY  # audio from _buffer_start_ms up to received_ms
+        self._buffer = AudioBuffer()  # audio from _buffer_start_ms up to received_ms
         self._buffer_start_ms = 0
-        self._pending = _EMPTY  # received, not yet sent to the VAD
+        self._pending = AudioBuffer()  # received, not yet sent to the VAD
         self.sent_ms = 0  # stream position up to which the VAD has audio
         self.speech_start_ms: int | None = None
         self.utterances_done = 0
@@ -115,8 +147,8 @@ class Timeline:
         """Take client audio; return the VAD chunks that are now full."""
         if self.finished:
             raise RuntimeError("session already finished")
-        self._buffer = np.concatenate([self._buffer, pcm])
-        self._pending = np.concatenate([self._pending, pcm])
+        self._buffer.append(pcm)
+        self._pending.append(pcm)
         chunks = []
         while len(self._pending) >= self._chunk_samples:
             chunks.append(self._take_chunk(self._chunk_samples, final=False))
@@ -128,9 +160,9 @@ class Timeline:
         return self._take_chunk(len(self._pending), final=True)
 
     def _take_chunk(self, n: int, final: bool) -> VadChunk:
-        chunk = VadChunk(pcm=self._pending[:n], start_ms=self.sent_ms, final=final, restart=self._restart_vad)
+        chunk = VadChunk(pcm=self._pending.view()[:n], start_ms=self.sent_ms, final=final, restart=self._restart_vad)
         self._restart_vad = False
-        self._pending = self._pending[n:]
+        self._pending.drop(n)
         self.sent_ms += samples_to_ms(n)
         return chunk
 
@@ -142,7 +174,7 @@ class Timeline:
         """
         self.speech_start_ms = None
         n = ms_to_samples(self.sent_ms - self._buffer_start_ms)
-        return VadChunk(pcm=self._buffer[:n], start_ms=self._buffer_start_ms, final=self.finished, restart=True)
+        return VadChunk(pcm=self._buffer.view()[:n], start_ms=self._buffer_start_ms, final=self.finished, restart=True)
 
     def speech_so_far(self) -> tuple[int, np.ndarray] | None:
         """The unfinished utterance (its index and audio up to what the VAD has seen), for interim text."""
@@ -150,7 +182,7 @@ class Timeline:
             return None
         a = ms_to_samples(self.speech_start_ms - self._buffer_start_ms)
         b = ms_to_samples(self.sent_ms - self._buffer_start_ms)
-        return self.utterances_done, self._buffer[a:b].copy()
+        return self.utterances_done, self._buffer.view()[a:b].copy()
 
     def begin_manual(self) -> None:
         """Push-to-talk: the utterance starts now, whatever the VAD would say."""
@@ -176,7 +208,7 @@ class Timeline:
 
     def _skip_pending(self) -> None:
         """Audio not yet sent to the VAD will not be; the VAD state restarts at the next chunk."""
-        self._pending = _EMPTY
+        self._pending = AudioBuffer()
         self.sent_ms = self.received_ms
         self._restart_vad = True
 
@@ -203,7 +235,7 @@ class Timeline:
     def _cut(self, start_ms: int, end_ms: int, forced: bool) -> Utterance:
         a = ms_to_samples(start_ms - self._buffer_start_ms)
         b = ms_to_samples(end_ms - self._buffer_start_ms)
-        utterance = Utterance(self.utterances_done, start_ms, end_ms, self._buffer[a:b].copy(), forced)
+        utterance = Utterance(self.utterances_done, start_ms, end_ms, self._buffer.view()[a:b].copy(), forced)
         self.utterances_done += 1
         self._trim(end_ms)
         return utterance
@@ -211,7 +243,7 @@ class Timeline:
     def _trim(self, keep_from_ms: int) -> None:
         drop = ms_to_samples(keep_from_ms - self._buffer_start_ms)
         if drop > 0:
-            self._buffer = self._buffer[drop:]
+            self._buffer.drop(drop)
             self._buffer_start_ms += samples_to_ms(drop)
 
 
@@ -428,6 +460,7 @@ class UtteranceStreams:
     def __init__(self, models: ModelCalls, ingress: IngressSettings, keep_embeddings: int, metrics: IngressMetrics):
         self.models = models
         self.vad_chunk_ms, self.max_utterance_ms = ingress.vad_chunk_ms, ingress.max_utterance_ms
+        self.max_in_flight = ingress.max_utterances_in_flight
         self.keep_embeddings = keep_embeddings
         self.metrics = metrics
 
@@ -438,7 +471,7 @@ class UtteranceStreams:
         """A new stream; `interim`: `on_interim` and `interim_interval_ms` (see UtteranceStream)."""
         return UtteranceStream(
             session_id, self.timeline(), self.models, self.metrics, options, on_result, on_failure,
-            keep_embeddings=self.keep_embeddings, **interim,
+            keep_embeddings=self.keep_embeddings, max_in_flight=self.max_in_flight, **interim,
         )  # fmt: skip
 
 
@@ -456,6 +489,7 @@ class UtteranceStream:
     Optional: `on_interim(index, text)` with the growing text of the utterance being spoken,
     every `interim_interval_ms` (at most one interim request in flight per stream).
     Push-to-talk (`begin_utterance`) skips the VAD: `end_utterance()` cuts the utterance.
+    With `max_in_flight`, `push` waits while that many utterances are being recognised.
     """
 
     def __init__(
@@ -470,6 +504,7 @@ class UtteranceStream:
         on_interim: Callable[[int, str], Awaitable[None]] | None = None,
         interim_interval_ms: int = 600,
         keep_embeddings: int = 20,
+        max_in_flight: int | None = None,
     ):
         self.session_id = session_id
         self.timeline = timeline
@@ -478,6 +513,7 @@ class UtteranceStream:
         self.options = options
         self._on_result, self._on_failure, self._on_interim = on_result, on_failure, on_interim
         self._interim_interval_ms = interim_interval_ms
+        self._max_in_flight = max_in_flight
         self._interim_task: asyncio.Task | None = None
         self._interim_at_ms = 0
         self._queue: asyncio.Queue[tuple[int, asyncio.Task] | None] = asyncio.Queue()
@@ -494,7 +530,15 @@ class UtteranceStream:
 
     async def push(self, pcm: np.ndarray) -> None:
         for chunk in self.timeline.add_audio(pcm):
+            await self._room()
             await self._process(chunk)
+
+    async def _room(self) -> None:
+        """Wait while `max_in_flight` utterances are being recognised: a client whose audio ends
+        utterances faster than the models answer waits (its frames queue, within the intake
+        bounds) instead of fanning out without bound."""
+        while self._max_in_flight is not None and len(self._in_flight) >= self._max_in_flight:
+            await asyncio.wait(set(self._in_flight), return_when=asyncio.FIRST_COMPLETED)
 
     def begin_utterance(self) -> None:
         """Push-to-talk pressed."""

@@ -26,7 +26,8 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
 from clients.tokens import sign
-from serve_app.settings import SecuritySettings
+from serve_app.settings import IngressSettings, SecuritySettings
+from serve_app.wire import SAMPLE_RATE
 
 logger = logging.getLogger("ray.serve")
 
@@ -430,12 +431,95 @@ class TokenBucket:
         self._tokens = float(burst)
         self._at = clock()
 
-    def take(self) -> bool:
-        """One event: True if within the bound (and counted), False if over it."""
+    def take(self, cost: float = 1) -> bool:
+        """One event of `cost` tokens: True if within the bound (and counted), False if over it."""
         now = self._clock()
         self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.rate_per_s)
         self._at = now
-        if self._tokens < 1:
+        if self._tokens < cost:
             return False
-        self._tokens -= 1
+        self._tokens -= cost
         return True
+
+
+def frame_size(message: Mapping) -> int:
+    """Bytes of a received WebSocket frame (characters for text: a cheap lower bound)."""
+    data = message.get("bytes")
+    if data is not None:
+        return len(data)
+    return len(message.get("text") or "")
+
+
+class SessionIntake:
+    """What one WebSocket client may send, for every protocol (pure: the clock is injected).
+
+    As frames arrive (`arrived`, before they are queued for the session's frame loop): frames per
+    second, text-frame size, and bytes received but not yet handled (`handled` gives them back).
+    As audio is handled (`audio`, 16 kHz samples): audio per second. The rates are token buckets
+    over `rate_window_s`: a client may be a window's worth ahead (network jitter, a short file sent
+    at once) before the sustained rate applies. Each bound raises SessionLimitExceeded.
+    """
+
+    def __init__(self, limits: IngressSettings, clock: Callable[[], float] = time.monotonic):
+        window = limits.rate_window_s
+        self.limits = limits
+        self._frames = TokenBucket(limits.max_frames_per_s, max(1, round(limits.max_frames_per_s * window)), clock)
+        rate = limits.max_audio_rate
+        self._audio = (
+            None if rate is None else TokenBucket(rate * SAMPLE_RATE, round(rate * window * SAMPLE_RATE), clock)
+        )
+        self.queued_bytes = 0
+
+    def arrived(self, message: Mapping) -> None:
+        """A frame just read from the socket, before it is queued."""
+        limits = self.limits
+        text = message.get("text")
+        if text is not None and len(text) * 4 > limits.max_text_frame_bytes:  # else it fits, whatever it holds
+            size = len(text.encode("utf-8", "surrogatepass"))
+            if size > limits.max_text_frame_bytes:
+                raise SessionLimitExceeded(
+                    "frame_too_large", f"text frame of {size} bytes exceeds {limits.max_text_frame_bytes}"
+                )
+        if not self._frames.take():
+            raise SessionLimitExceeded(
+                "too_many_messages",
+                f"more than {limits.max_frames_per_s:g} frames per second (over {limits.rate_window_s:g} s)",
+            )
+        self.queued_bytes += frame_size(message)
+        if self.queued_bytes > limits.max_queued_bytes:
+            raise SessionLimitExceeded(
+                "too_far_ahead",
+                f"more than {limits.max_queued_bytes} bytes received and not yet handled; send audio at its pace",
+            )
+
+    def handled(self, message: Mapping) -> None:
+        """The frame loop took the frame from the queue."""
+        self.queued_bytes -= frame_size(message)
+
+    def audio(self, samples: int) -> None:
+        """16 kHz samples handed to the session's utterance stream."""
+        if self._audio is not None and not self._audio.take(samples):
+            limits = self.limits
+            raise SessionLimitExceeded(
+                "too_fast",
+                f"audio faster than {limits.max_audio_rate:g}x real time (over {limits.rate_window_s:g} s)",
+            )
+
+
+class Slots:
+    """At most `limit` holders at once (uploads on one Ingress replica). `take()` answers at once,
+    never queues: a waiting upload would hold its body in memory, and its client would not know
+    why nothing happens."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.held = 0
+
+    def take(self) -> bool:
+        if self.held >= self.limit:
+            return False
+        self.held += 1
+        return True
+
+    def give(self) -> None:
+        self.held -= 1

@@ -96,7 +96,7 @@ class SpeakerAdmin:
             name = check_name(text_field(form, "name", required=True))
         except (UploadError, EnrollmentError) as exc:
             raise HTTPException(exc.status, str(exc)) from None
-        model, vectors = await self._embed_clips(self._decode(files))
+        model, vectors = await self._embed_clips(await self._decode(files))
         group = text_field(form, "group") or self.settings.default_group
         return voiceprint_json(self.store.create(name, group, model, vectors))
 
@@ -126,7 +126,7 @@ class SpeakerAdmin:
         if self.store.get(speaker_id) is None:
             raise HTTPException(404, "no such speaker")
         _, files = await self._enrolment_form(request)
-        model, vectors = await self._embed_clips(self._decode(files))
+        model, vectors = await self._embed_clips(await self._decode(files))
         return _found(self.store.replace_embeddings(speaker_id, model, vectors))
 
     def delete(self, speaker_id: str) -> Response:
@@ -151,9 +151,10 @@ class SpeakerAdmin:
         finally:
             await form.close()
 
-    def _decode(self, files: list[tuple[str, bytes]]) -> list:
+    async def _decode(self, files: list[tuple[str, bytes]]) -> list:
+        """Off the event loop: up to max_enroll_files clips of CPU-bound decoding."""
         try:
-            return decode_uploads(files, self.settings)
+            return await asyncio.to_thread(decode_uploads, files, self.settings)
         except EnrollmentError as exc:
             raise HTTPException(exc.status, str(exc)) from None
 

@@ -87,8 +87,8 @@ ControlMessage = Hello | Listen | Abort | Ignored
 KNOWN_IGNORED = ("mcp", "iot", "goodbye", "ping")
 
 
-def parse_text(text: str) -> ControlMessage:
-    data = json_object(text)
+def parse_text(text: str, max_string_chars: int | None = None) -> ControlMessage:
+    data = json_object(text, max_string_chars)
     kind = data.get("type")
     if kind == "hello":
         return _parse_hello(data)
@@ -254,7 +254,7 @@ class XiaozhiConnection(Connection):
             try:
                 if message.get("text") is None:
                     raise ProtocolError("hello_required", "send hello before audio")
-                parsed = parse_text(message["text"])
+                parsed = parse_text(message["text"], self.limits.max_field_chars)
                 if not isinstance(parsed, Hello):
                     raise ProtocolError("hello_required", "send hello before anything else")
             except ProtocolError as exc:
@@ -271,12 +271,14 @@ class XiaozhiConnection(Connection):
 
     async def on_frame(self, message: dict) -> bool:
         if message.get("bytes") is None:
-            await self._control(parse_text(message.get("text") or ""))
+            await self._control(parse_text(message.get("text") or "", self.limits.max_field_chars))
             return True
         frame = parse_binary(message["bytes"], self.params.protocol_version, self.limits.max_frame_bytes)
         if frame.kind == "json":
             self.count_control()
-            await self._control(parse_text(frame.payload.decode("utf-8", errors="replace")))
+            await self._control(
+                parse_text(frame.payload.decode("utf-8", errors="replace"), self.limits.max_field_chars)
+            )
             return True
         try:
             pcm = self.decoder.decode(frame.payload)
@@ -284,7 +286,7 @@ class XiaozhiConnection(Connection):
             self.bad_packets += 1
             await self.report(ProtocolError("bad_audio", f"{exc}; packet dropped"))
             return True
-        await self.stream.push(pcm)
+        await self.push_audio(pcm)
         return True
 
     async def _control(self, message: ControlMessage) -> None:

@@ -44,8 +44,9 @@ def service_args(model_settings, tiny_models, tmp_path_factory) -> dict:
         "models": {**model_settings.model_dump(), "speaker_backend": "ge2e"},
         "asr": {"threads": 1},
         # Tests stream faster than real time; 100 ms between a lane's VAD calls (the production
-        # default, for CPU per device) would hold them to 2x real time and add minutes to CI.
-        "ingress": {"vad_batch_interval_ms": 20},
+        # default, for CPU per device) would hold them to 2x real time and add minutes to CI, and
+        # max_audio_rate (1.5x real time) would close their sessions (unit-tested instead).
+        "ingress": {"vad_batch_interval_ms": 20, "max_audio_rate": None},
         "speaker": {"threads": 1},
         "placement": placement,
         "security": {

@@ -154,7 +154,8 @@ WRONG_SHAPES = {  # protocol -> [(frame, error code)]
         ('{"type": "start", "sample_rate": "16000"}', "bad_sample_rate"),
         ('{"type": "start", "itn": "yes"}', "bad_message"),
         ('{"type": "start", "speaker_group": "\\ud800"}', "invalid_json"),
-        ("[" * 100_000, "invalid_json"),
+        ('{"type": "start", "speaker_group": "' + "g" * 5000 + '"}', "field_too_long"),
+        ("[" * 50_000, "invalid_json"),  # deeper than the decoder allows, within max_text_frame_bytes
         ('{"type": "start", "sample_rate": ' + "9" * 5000 + "}", "invalid_json"),
     ],
     "xiaozhi": [
@@ -163,13 +164,15 @@ WRONG_SHAPES = {  # protocol -> [(frame, error code)]
         ('{"type": ["hello"]}', "unknown_type"),
         ('{"type": "abort", "reason": "\\udfff"}', "invalid_json"),
         ('"hello"', "bad_message"),
-        ("{" * 100_000, "invalid_json"),
+        ('{"type": "listen", "state": "detect", "text": "' + "t" * 5000 + '"}', "field_too_long"),
+        ("{" * 50_000, "invalid_json"),
     ],
     "funasr": [
         ('{"mode": ["2pass"]}', "bad_mode"),
         ('{"mode": "2pass", "audio_fs": "16000"}', "bad_sample_rate"),
         ('{"mode": "2pass", "wav_name": "\\udc80"}', "invalid_json"),
-        ("[" * 100_000, "invalid_json"),
+        ('{"mode": "2pass", "wav_name": "' + "w" * 5000 + '"}', "field_too_long"),
+        ("[" * 50_000, "invalid_json"),
         ("null", "bad_message"),
     ],
 }
@@ -199,6 +202,21 @@ def control_flood(service: str):
     flood = [json.dumps({"type": "listen", "state": "detect", "text": f"hi {i}"}) for i in range(300)]
     with open_device(service) as ws:
         send_all(ws, flood)
+        return answers(ws)
+
+
+def binary_flood(service: str):
+    """Thousands of tiny PCM frames at once: counted as they arrive, past max_frames_per_s."""
+    burst = int(LIMITS.max_frames_per_s * LIMITS.rate_window_s)
+    with connect(f"ws://{service}/v1/stream", additional_headers=plain_device(), open_timeout=30) as ws:
+        assert json.loads(ws.recv(timeout=RECV_S))["type"] == "ready"
+        send_all(ws, [b"\x00\x00"] * (burst + 1000))
+        return answers(ws)
+
+
+def oversized_text_frame(service: str):
+    with funasr_connect(service) as ws:
+        ws.send(json.dumps({"mode": "2pass", "hotwords": "h" * LIMITS.max_text_frame_bytes}))
         return answers(ws)
 
 
@@ -247,6 +265,8 @@ BAD_SESSIONS: dict[str, Callable[[str], object]] = {
     "wrong shapes (xiaozhi)": lambda s: wrong_shapes(s, "xiaozhi"),
     "wrong shapes (funasr)": lambda s: wrong_shapes(s, "funasr"),
     "control flood": control_flood,
+    "binary flood": binary_flood,
+    "oversized text frame": oversized_text_frame,
     "error flood": error_flood,
     "text before hello, then gone": before_hello_then_gone,
     "unsupported hello": unsupported_hello,
@@ -354,6 +374,8 @@ def test_garbage_sessions_get_clear_errors_and_a_healthy_one_beside_them_is_unaf
         "wrong shapes (xiaozhi)": [code for _, code in WRONG_SHAPES["xiaozhi"]] + ["hello"],
         "wrong shapes (funasr)": [code for _, code in WRONG_SHAPES["funasr"]] + [True],
         "control flood": ([ErrorFrame("too_many_messages")], 1008),
+        "binary flood": ([ErrorFrame("too_many_messages")], 1008),
+        "oversized text frame": ([ErrorFrame("frame_too_large")], 1009),
         "text before hello, then gone": "hello_required",
         "unsupported hello": ([ErrorFrame("unsupported_audio")], 1003),
         "funasr odd pcm": ([ErrorFrame("bad_audio")], 1003),

@@ -28,7 +28,9 @@ from serve_app.ingress import files as openai_files
 from serve_app.ingress import funasr, plain, xiaozhi
 from serve_app.ingress.audio import AudioTooLongError, decode_file
 from serve_app.ingress.connection import ProtocolError
+from serve_app.ingress.security import SessionIntake, SessionLimitExceeded
 from serve_app.ingress.xiaozhi import OpusDecoder
+from serve_app.settings import IngressSettings
 from serve_app.wire import AudioFormatError, SpeakerInfo, UtteranceResult
 
 FUZZ = settings(
@@ -481,3 +483,115 @@ def test_the_v2_header_is_what_the_firmware_sends():
     """Not a fuzz property: the layout the lying-length cases above are built on."""
     assert xiaozhi.V2_HEADER.size == 16 and xiaozhi.V3_HEADER.size == 4
     assert struct.unpack(">HHIII", frame_audio(b"ab", 2, 7)[:16]) == (2, 0, 0, 7, 2)
+
+
+# ---- long strings -----------------------------------------------------------------------------------
+FIELD_LIMIT = 64
+long_text = st.integers(0, 3 * FIELD_LIMIT).flatmap(lambda n: st.text(min_size=n, max_size=n))
+
+
+def _strings_within(message, limit: int) -> bool:
+    return all(len(v) <= limit for v in vars(message).values() if isinstance(v, str))
+
+
+@FUZZ
+@given(
+    st.sampled_from(["plain", "xiaozhi", "funasr"]),
+    st.dictionaries(
+        st.sampled_from(["language", "speaker_group", "wav_name", "hotwords", "text", "reason", "mode", "state"]),
+        long_text,
+        max_size=4,
+    ),
+    st.sampled_from([{"type": "start"}, {"type": "listen", "state": "detect"}, {"type": "abort"}, {"mode": "2pass"}]),
+)
+@example("funasr", {"wav_name": "w" * 100_000}, {"mode": "2pass"})  # echoed in every answer
+@example("plain", {"speaker_group": "g" * 100_000}, {"type": "start"})  # kept, matched in SQLite
+def test_string_fields_are_bounded_on_every_protocol(protocol, fields, base):
+    """With a limit, a parsed message never carries a longer string; a longer field is
+    `field_too_long` naming the field, in a short message."""
+    parse = {
+        "plain": plain.parse_text,
+        "xiaozhi": xiaozhi.parse_text,
+        "funasr": lambda t, **kw: funasr.parse_text(t, False, **kw),
+    }[protocol]
+    frame = json.dumps({**base, **fields})
+    codes = CODES[protocol] | {"field_too_long"} | ({"unknown_type", "bad_message"} if protocol != "funasr" else set())
+    msg = parse_or_error(lambda t: parse(t, max_string_chars=FIELD_LIMIT), frame, codes)
+    too_long = [k for k, v in {**base, **fields}.items() if isinstance(v, str) and len(v) > FIELD_LIMIT]
+    if msg is not None:
+        assert not too_long and _strings_within(msg, FIELD_LIMIT)
+
+
+# ---- binary floods ----------------------------------------------------------------------------------
+FLOOD_LIMITS = IngressSettings(
+    max_audio_rate=1.5, max_frames_per_s=50, rate_window_s=2.0, max_queued_bytes=200_000, max_text_frame_bytes=4096
+)
+INTAKE_CODES = {"too_many_messages", "too_fast", "too_far_ahead", "frame_too_large"}
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+frames_in_time = st.lists(
+    st.tuples(
+        st.floats(0, 0.2),  # seconds since the previous frame
+        st.sampled_from(["bytes", "text"]),
+        st.integers(0, 8000),  # frame size (bytes, or characters of text)
+        st.booleans(),  # handled by the frame loop at once (else it queues)
+    ),
+    max_size=400,
+)
+
+
+@FUZZ
+@given(frames_in_time)
+@example([(0.0, "bytes", 2, True)] * 400)  # tiny frames as fast as they can go
+@example([(0.0, "bytes", 8000, False)] * 40)  # a frame loop stuck while frames pile up
+@example([(0.0, "text", 5000, True)])  # one text frame over the limit
+def test_intake_bounds_whatever_a_client_floods(frames):
+    """Whatever frames arrive, when: accepted ones stay within every bound (frames and audio per
+    window, bytes queued, text size), and the first past one is refused with a documented code."""
+    clock = FakeClock()
+    intake = SessionIntake(FLOOD_LIMITS, clock)
+    window = FLOOD_LIMITS.rate_window_s
+    accepted = audio = 0
+    for dt, kind, size, handled_now in frames:
+        clock.now += dt
+        message = {"type": "websocket.receive", kind: b"\x00" * size if kind == "bytes" else "x" * size}
+        try:
+            intake.arrived(message)
+            if handled_now:
+                intake.handled(message)
+                if kind == "bytes":
+                    intake.audio(size // 2)
+                    audio += size // 2
+        except SessionLimitExceeded as exc:
+            assert exc.code in INTAKE_CODES and len(str(exc)) <= MESSAGE_LIMIT
+            return
+        accepted += 1
+        assert accepted <= FLOOD_LIMITS.max_frames_per_s * (window + clock.now) + 1
+        assert audio <= FLOOD_LIMITS.max_audio_rate * 16_000 * (window + clock.now)
+        assert intake.queued_bytes <= FLOOD_LIMITS.max_queued_bytes
+        assert kind == "bytes" or size <= FLOOD_LIMITS.max_text_frame_bytes
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.floats(0.01, 0.1), st.floats(0, 1.5)), min_size=1, max_size=300))
+def test_intake_never_refuses_a_live_client_with_jitter(frames):
+    """A client sending real-time audio whose frames arrive late and then together (up to 1.5 s
+    of jitter, inside the window) is never refused."""
+    clock = FakeClock()
+    intake = SessionIntake(IngressSettings(), clock)
+    sent_s = 0.0
+    for frame_s, jitter in frames:
+        sent_s += frame_s
+        clock.now = max(clock.now, sent_s + jitter)  # arrives late, never before it was spoken
+        message = {"type": "websocket.receive", "bytes": b"\x00" * (2 * round(frame_s * 16_000))}
+        intake.arrived(message)
+        intake.handled(message)
+        intake.audio(round(frame_s * 16_000))
