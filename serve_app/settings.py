@@ -211,9 +211,10 @@ class IngressSettings(_Strict):
     max_audio_rate: float | None = Field(
         1.5,
         gt=0,
-        description="Seconds of audio a session may send per second, measured over rate_window_s (1.5: one and "
-        "a half times real time, room for catching up after a stall). Past it: `too_fast`, close 1008. Each "
-        "second of audio costs VAD and model work. null: no bound (load tools that stream faster than real time).",
+        description="Seconds of audio a session's pipeline takes per second, measured over rate_window_s (1.5: one "
+        "and a half times real time, room for catching up after a stall). Faster audio is paced, not refused: "
+        "the session holds it back (and stops reading the socket once max_queued_bytes wait), so a file sent at "
+        "full speed is recognised at this rate. Each second of audio costs VAD and model work. null: no bound.",
     )
     max_frames_per_s: float = Field(
         200.0,
@@ -232,7 +233,8 @@ class IngressSettings(_Strict):
         4_000_000,
         ge=65_536,
         description="Bytes of frames a session may have received but not yet handled (its client far ahead of "
-        "the server); past it: `too_far_ahead`, close 1008. 4 MB: two minutes of 16 kHz PCM.",
+        "the server); past it the session stops reading its socket until it catches up (TCP backpressure slows "
+        "the client; nothing is refused). 4 MB: two minutes of 16 kHz PCM.",
     )
     max_text_frame_bytes: int = Field(
         65_536,

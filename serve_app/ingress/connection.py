@@ -166,6 +166,7 @@ class Connection:
         self.intake = SessionIntake(limits)  # what the client may send: checked by the reader and push_audio
         self._over_limit: SessionLimitExceeded | None = None  # why the reader stopped reading
         self._reader_refused = asyncio.Event()
+        self._caught_up = asyncio.Event()  # the frame loop handled enough for the reader to go on
         self._reconnect = asyncio.Event()
         self._reconnect_asked: asyncio.Future | None = None
         self._reconnect_by: float | None = None  # monotonic deadline; before it, wait for a pause
@@ -263,7 +264,8 @@ class Connection:
 
     async def _read_frames(self) -> None:
         """Move every frame into the inbox as it arrives, within the session's intake bounds;
-        stop after the disconnect, or at the first frame past a bound (the session is closed)."""
+        pause while the session is `max_queued_bytes` behind; stop after the disconnect, or at
+        the first frame past a bound (the session is closed)."""
         while True:
             try:
                 message = await self.ws.receive()
@@ -282,6 +284,9 @@ class Connection:
             if message["type"] == "websocket.disconnect":
                 self._client_gone.set()
                 return
+            if self.intake.behind:  # backpressure: unread frames stay in the socket, TCP slows the client
+                self._caught_up.clear()
+                await self._caught_up.wait()
 
     async def _dispatch(self, message: dict) -> bool:
         try:
@@ -338,6 +343,8 @@ class Connection:
         if message["type"] == "websocket.disconnect":
             raise WebSocketDisconnect(message.get("code", CLOSE_NORMAL))
         self.intake.handled(message)
+        if not self.intake.behind:
+            self._caught_up.set()
         if message.get("text") is not None:
             self.count_control()
         return message
@@ -369,8 +376,10 @@ class Connection:
 
     # ---- the utterance stream ---------------------------------------------------------------
     async def push_audio(self, pcm: np.ndarray) -> None:
-        """Client audio (16 kHz) into the open stream, counted against `max_audio_rate`."""
-        self.intake.audio(len(pcm))
+        """Client audio (16 kHz) into the open stream, paced to at most `max_audio_rate`."""
+        wait = self.intake.audio_wait(len(pcm))
+        if wait > 0:
+            await asyncio.sleep(wait)
         await self.stream.push(pcm)
 
     def start_stream(self, options: RecognitionOptions, **kwargs) -> UtteranceStream:

@@ -441,6 +441,15 @@ class TokenBucket:
         self._tokens -= cost
         return True
 
+    def debit(self, cost: float) -> float:
+        """Count `cost` tokens even past the bound; return the seconds to wait before going on
+        so that the sustained rate holds (0 while within the burst)."""
+        now = self._clock()
+        self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.rate_per_s)
+        self._at = now
+        self._tokens -= cost
+        return max(0.0, -self._tokens / self.rate_per_s)
+
 
 def frame_size(message: Mapping) -> int:
     """Bytes of a received WebSocket frame (characters for text: a cheap lower bound)."""
@@ -453,11 +462,16 @@ def frame_size(message: Mapping) -> int:
 class SessionIntake:
     """What one WebSocket client may send, for every protocol (pure: the clock is injected).
 
-    As frames arrive (`arrived`, before they are queued for the session's frame loop): frames per
-    second, text-frame size, and bytes received but not yet handled (`handled` gives them back).
-    As audio is handled (`audio`, 16 kHz samples): audio per second. The rates are token buckets
-    over `rate_window_s`: a client may be a window's worth ahead (network jitter, a short file sent
-    at once) before the sustained rate applies. Each bound raises SessionLimitExceeded.
+    Refused as frames arrive (`arrived`, before they are queued for the session's frame loop):
+    more frames per second than `max_frames_per_s` (a flood of tiny frames), and text frames over
+    `max_text_frame_bytes`; each raises SessionLimitExceeded. Slowed, never refused (a client that
+    sends a file faster than real time, as FunASR's own offline client does, is a client):
+    - audio past `max_audio_rate` x real time (`audio_wait`, 16 kHz samples): the session waits
+      before the audio goes on, so it costs VAD and model work at that rate at most;
+    - bytes received but not yet handled past `max_queued_bytes` (`behind`): the reader stops
+      reading the socket until the frame loop catches up, and TCP slows the client down.
+    The rates are token buckets over `rate_window_s`: a client may be a window's worth ahead
+    (network jitter, a short file sent at once) before the sustained rate applies.
     """
 
     def __init__(self, limits: IngressSettings, clock: Callable[[], float] = time.monotonic):
@@ -469,6 +483,7 @@ class SessionIntake:
             None if rate is None else TokenBucket(rate * SAMPLE_RATE, round(rate * window * SAMPLE_RATE), clock)
         )
         self.queued_bytes = 0
+        self.paced_s = 0.0  # how long this session's audio was held back, in all
 
     def arrived(self, message: Mapping) -> None:
         """A frame just read from the socket, before it is queued."""
@@ -486,24 +501,24 @@ class SessionIntake:
                 f"more than {limits.max_frames_per_s:g} frames per second (over {limits.rate_window_s:g} s)",
             )
         self.queued_bytes += frame_size(message)
-        if self.queued_bytes > limits.max_queued_bytes:
-            raise SessionLimitExceeded(
-                "too_far_ahead",
-                f"more than {limits.max_queued_bytes} bytes received and not yet handled; send audio at its pace",
-            )
+
+    @property
+    def behind(self) -> bool:
+        """More received than handled than `max_queued_bytes`: stop reading until it is not."""
+        return self.queued_bytes > self.limits.max_queued_bytes
 
     def handled(self, message: Mapping) -> None:
         """The frame loop took the frame from the queue."""
         self.queued_bytes -= frame_size(message)
 
-    def audio(self, samples: int) -> None:
-        """16 kHz samples handed to the session's utterance stream."""
-        if self._audio is not None and not self._audio.take(samples):
-            limits = self.limits
-            raise SessionLimitExceeded(
-                "too_fast",
-                f"audio faster than {limits.max_audio_rate:g}x real time (over {limits.rate_window_s:g} s)",
-            )
+    def audio_wait(self, samples: int) -> float:
+        """16 kHz samples about to go to the session's utterance stream: the seconds to hold them
+        back first (0 within `max_audio_rate`)."""
+        if self._audio is None:
+            return 0.0
+        wait = self._audio.debit(samples)
+        self.paced_s += wait
+        return wait
 
 
 class Slots:

@@ -45,7 +45,7 @@ def service_args(model_settings, tiny_models, tmp_path_factory) -> dict:
         "asr": {"threads": 1},
         # Tests stream faster than real time; 100 ms between a lane's VAD calls (the production
         # default, for CPU per device) would hold them to 2x real time and add minutes to CI, and
-        # max_audio_rate (1.5x real time) would close their sessions (unit-tested instead).
+        # max_audio_rate would pace them to 1.5x real time (unit-tested instead).
         "ingress": {"vad_batch_interval_ms": 20, "max_audio_rate": None},
         "speaker": {"threads": 1},
         "placement": placement,
