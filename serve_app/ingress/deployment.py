@@ -32,11 +32,19 @@ from serve_app.ingress.sessions import Sessions
 from serve_app.ingress.speakers import SpeakerAdmin, admin_only
 from serve_app.ingress.xiaozhi import XiaozhiConnection
 from serve_app.settings import AppSettings
-from serve_app.voiceprints import open_store
+from serve_app.voiceprints import StoreUnavailable, open_store
 from serve_app.wire import ModelsSummary
 
 logger = logging.getLogger("ray.serve")
 app = FastAPI(title="speech-serve", description="Realtime speech front-end: transcripts and speakers.")
+
+
+@app.exception_handler(StoreUnavailable)
+async def store_unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
+    """The voiceprint file cannot be opened (corrupt, unreadable): the admin API says so (503);
+    the rest of the service goes on."""
+    logger.error("%s %s: %s", request.method, request.url.path, exc)
+    return JSONResponse({"detail": str(exc)}, status_code=503)
 
 
 def admin(method: str, path: str, **kwargs):
