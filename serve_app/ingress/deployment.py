@@ -65,6 +65,8 @@ class Ingress:
         self.xiaozhi_settings, self.funasr_settings = settings.xiaozhi, settings.funasr
         self.metrics = IngressMetrics()
         security = settings.security
+        # A secret set but too short raises InsecureSecret here: the replica does not start, and
+        # Serve shows the message (which names the variable, never the value).
         self.device_auth = DeviceAuth.from_settings(security, serve_bind_host(security.bind_host_timeout_s))
         self.admin_auth = AdminAuth.from_settings(security)
         install_redaction(secrets=(self.device_auth.secret, self.admin_auth.token))  # before anything is logged

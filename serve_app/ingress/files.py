@@ -89,7 +89,7 @@ class FileTranscriptions:
         self.models, self.device_auth, self.limits = models, device_auth, limits
 
     async def __call__(self, request: Request) -> Response:
-        require_device(self.device_auth, request)
+        identity = require_device(self.device_auth, request)
         form = await read_upload_form(request, self.limits.max_upload_bytes, max_files=1)
         try:
             (upload,) = file_fields(form, "file")
@@ -110,7 +110,8 @@ class FileTranscriptions:
             raise HTTPException(400, str(exc)) from None
         request_id = "file-" + uuid.uuid4().hex[:12]
         segments = await self.models.segment(pcm, request_id)
-        options = RecognitionOptions(language=language or "auto")
+        # the device's household when device auth is on, as on the WebSockets
+        options = RecognitionOptions(language=language or "auto", speaker_group=identity.speaker_group(None))
         utterances = utterances_of(pcm, segments)
         recognised = await asyncio.gather(*(self.models.recognise(request_id, u, options) for u in utterances))
         body, media_type = render(fmt, [r for r, _ in recognised], duration_s, self.models.models_label)
