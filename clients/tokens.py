@@ -5,6 +5,12 @@ The token names neither device nor client: both come with the connection and the
 them again (serve_app/ingress/security.py), so a token works only for the device (and client, if
 one was named) it was issued to.
 
+Ids may not contain "|": with it, client "a|b" + device "c" and client "a" + device "b|c" signed
+the same string, so one token opened two identities. Migration: none for ids without "|" (every
+token issued before signs and verifies exactly as it did, and as the Xiaozhi reference server's);
+a device or client id containing "|" is refused by the server (400) and here: rename it and
+issue it a new token. Secrets shorter than MIN_SECRET_CHARS are refused here and by the server.
+
 Mint a token (the secret is read from the environment, never from an argument):
 
     SPEECH_SERVE_DEVICE_SECRET=... python -m clients.tokens --device-id aa:bb:cc:dd:ee:ff
@@ -21,9 +27,14 @@ import time
 from urllib.parse import urlencode
 
 DEFAULT_SECRET_ENV = "SPEECH_SERVE_DEVICE_SECRET"  # the server's security.device_secret_env default
+MIN_SECRET_CHARS = 16  # the server's security.min_secret_chars default
+SEPARATOR = "|"  # between the signed fields; ids may not contain it
 
 
 def sign(secret: str, client_id: str, device_id: str, ts: int) -> str:
+    """Raises ValueError for an id containing SEPARATOR (the signed string would be ambiguous)."""
+    if SEPARATOR in client_id or SEPARATOR in device_id:
+        raise ValueError(f"device and client ids may not contain {SEPARATOR!r}")
     digest = hmac.new(secret.encode(), f"{client_id}|{device_id}|{ts}".encode(), hashlib.sha256).digest()
     return base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
@@ -57,7 +68,12 @@ def main(argv: list[str] | None = None) -> None:
     secret = os.environ.get(args.secret_env)
     if not secret:
         raise SystemExit(f"set {args.secret_env} to the server's device secret first")
-    print(issue_token(secret, args.client_id, args.device_id))
+    if len(secret) < MIN_SECRET_CHARS:
+        raise SystemExit(f"the secret in {args.secret_env} must be at least {MIN_SECRET_CHARS} characters")
+    try:
+        print(issue_token(secret, args.client_id, args.device_id))
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 if __name__ == "__main__":

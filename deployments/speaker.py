@@ -4,6 +4,7 @@ enrolled voiceprints of the session's group, in the same replica (no extra servi
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from collections.abc import Sequence
 
@@ -13,7 +14,7 @@ from ray import serve
 from deployments.models import ModelSource, load_automodel
 from deployments.worker import BatchedModelHost, pick_device
 from serve_app.settings import SpeakerSettings, VoiceprintSettings
-from serve_app.voiceprints import Candidate, Match, VoiceprintStore, open_store, unit
+from serve_app.voiceprints import Candidate, Match, StoreUnavailable, VoiceprintStore, open_store, unit
 from serve_app.wire import SpeakerEmbedding, SpeakerRequest, to_float32
 
 logger = logging.getLogger("ray.serve")
@@ -37,19 +38,19 @@ class SpeakerCore:
     def __init__(self, source: ModelSource, settings: SpeakerSettings, device: str = "cpu"):
         self.settings = settings
         self.device = device
+        self.arch = _arch_of(source)  # picks the match threshold
+        self.model_name = voiceprint_model_name(source)  # recorded with every voiceprint
         if source.backend == "ge2e":
             from resemblyzer import VoiceEncoder
 
-            self.model_name = "ge2e"
             self._ge2e = VoiceEncoder(device=device, verbose=False)
             self._ge2e.embed_utterance(np.zeros(16000, dtype=np.float32))  # the first call compiles (numba)
         else:
-            self.model_name = source.test_arch or _arch_of(source)
             self.model = load_automodel(source, device=device, threads=settings.threads)
 
     def embed_batch(self, clips: list[np.ndarray]) -> list[SpeakerEmbedding]:
         started = time.perf_counter()
-        if self.model_name == "ge2e":
+        if self.arch == "ge2e":
             vectors = [self._ge2e.embed_utterance(to_float32(c)) for c in clips]
         else:
             longest = max(len(c) for c in clips)
@@ -61,9 +62,21 @@ class SpeakerCore:
 
 
 def _arch_of(source: ModelSource) -> str:
-    """Model name recorded with each voiceprint, from the hub id or directory name."""
+    """The architecture, from the backend, the test build, or the hub id or directory name."""
+    if source.backend == "ge2e":
+        return "ge2e"
+    if source.test_arch:
+        return source.test_arch
     ref = source.ref.lower()
     return "campplus" if "campplus" in ref or "cam++" in ref else "eres2netv2"
+
+
+def voiceprint_model_name(source: ModelSource) -> str:
+    """The model name recorded with each voiceprint: embeddings are only ever compared with those of
+    the same name. A random-weight test model gets a name of its own (`test-eres2netv2-tiny`): its
+    embeddings are noise, and filed as `eres2netv2` they would be matched against the real model's."""
+    arch = _arch_of(source)
+    return f"test-{arch}-{source.test_size or 'tiny'}" if source.is_test else arch
 
 
 # ---- voiceprint matching ---------------------------------------------------------------------------
@@ -79,7 +92,7 @@ def best_match(vector: np.ndarray, candidates: Sequence[Candidate], threshold: f
     score = round(scores[best], 4)
     if score >= threshold:
         return Match(candidates[best].name, score, candidates[best].speaker_id)
-    return Match("unknown", score)
+    return Match("unknown", None)  # no score: it would say how close the voice came to someone enrolled
 
 
 class Identifier:
@@ -91,8 +104,25 @@ class Identifier:
         self._cache: dict[str, list[Candidate]] = {}
         self._revision = -1
         self._checked_at = 0.0
+        self._store_failing = False
 
     def identify(self, vector: np.ndarray, group: str) -> Match:
+        """The best match in `group`; `unknown` while the store cannot be read (logged once per outage):
+        a broken voiceprint file costs names, never transcripts."""
+        try:
+            candidates = self._candidates(group)
+        except (StoreUnavailable, sqlite3.Error) as exc:
+            if not self._store_failing:
+                logger.error("voiceprint store unavailable; every speaker is `unknown` until it is fixed: %s", exc)
+            self._store_failing = True
+            self._checked_at = 0.0  # look again at the next utterance
+            return Match("unknown", None)
+        if self._store_failing:
+            logger.warning("voiceprint store available again")
+            self._store_failing = False
+        return best_match(vector, candidates, self.threshold)
+
+    def _candidates(self, group: str) -> list[Candidate]:
         now = time.monotonic()
         if now - self._checked_at >= self.refresh_s:
             self._checked_at = now
@@ -102,7 +132,7 @@ class Identifier:
                 self._revision = revision
         if group not in self._cache:
             self._cache[group] = self.store.candidates(group, self.model)
-        return best_match(vector, self._cache[group], self.threshold)
+        return self._cache[group]
 
 
 @serve.deployment  # its options: settings.DEPLOYMENT_OPTIONS
@@ -110,7 +140,7 @@ class Speaker(BatchedModelHost):
     def __init__(self, source: ModelSource, settings: SpeakerSettings, voiceprints: VoiceprintSettings):
         self._core = SpeakerCore(source, settings, device=pick_device())
         super().__init__(self._embed_and_identify)
-        threshold = voiceprints.thresholds.get(self._core.model_name, 0.7)
+        threshold = voiceprints.thresholds.get(self._core.arch, 0.7)
         self._identifier = Identifier(
             open_store(voiceprints.store), self._core.model_name, threshold, voiceprints.refresh_s
         )

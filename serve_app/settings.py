@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from clients.tokens import DEFAULT_SECRET_ENV
+from clients.tokens import DEFAULT_SECRET_ENV, MIN_SECRET_CHARS
 
 # Serve's options per deployment, stated once: the builder applies them (with `placement` below);
 # a deployment's entry under `deployments:` in config/serve.yaml overrides them, as Serve's config
@@ -326,6 +326,7 @@ class XiaozhiSettings(_Strict):
         return data
 
 
+MIN_REDACTED_CHARS = 8  # the log filter masks secrets at least this long; shorter ones would mask plain words
 _MOVED_XIAOZHI_KEYS = {
     "auth_enabled": "device_auth (auto | on | off)",
     "secret_env": "device_secret_env",
@@ -349,6 +350,17 @@ class SecuritySettings(_Strict):
     )
     max_token_age_s: int = Field(30 * 24 * 3600, description="Device tokens older than this are refused.")
     allowed_devices: list[str] = Field(default_factory=list, description="Device ids admitted without a token.")
+    device_groups: dict[str, str] = Field(
+        default_factory=dict,
+        description="Speaker group (household) of each device id while device authentication is on; a device "
+        "not listed is its own group. Clients cannot choose another (speaker_group must match or be left out).",
+    )
+    min_secret_chars: int = Field(
+        MIN_SECRET_CHARS,
+        ge=MIN_REDACTED_CHARS,
+        description="Shortest device secret or admin token accepted: a shorter one set in the environment stops "
+        "the ingress from starting (and could not be masked in the logs).",
+    )
     admin_token_env: str = Field(
         "SPEECH_SERVE_ADMIN_TOKEN", description="Environment variable holding the bearer token of /v1/speakers*."
     )

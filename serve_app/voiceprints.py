@@ -6,6 +6,11 @@ processes: here through a database rather than a call.
 default (one file, survives restarts, safe under concurrent writers through SQLite's own
 locking). A shared database for a multi-node cluster implements the same interface.
 
+The file holds biometric data: it and SQLite's side files (-wal, -shm, which SQLite creates with
+the database's mode) are the owner's only (0600). Opening never fails: a file that cannot be
+opened (corrupt, unreadable) makes each call raise `StoreUnavailable`, so the service starts and
+transcribes without names, and the store opens on its first call after the file is fixed.
+
 A speaker keeps every enrolled embedding; matching compares an utterance with each
 speaker's centroid (the normalised mean). An embedding made by one model is never compared
 with another model's: every query names the model.
@@ -13,6 +18,8 @@ with another model's: every query names the model.
 
 from __future__ import annotations
 
+import logging
+import os
 import sqlite3
 import threading
 import time
@@ -24,6 +31,8 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+
+logger = logging.getLogger("ray.serve")
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,10 @@ class Match:
     label: str  # the speaker's name, or "unknown"
     score: float | None  # cosine with the best candidate
     speaker_id: str | None = None
+
+
+class StoreUnavailable(RuntimeError):
+    """The voiceprint store cannot be opened; the message says which file and why."""
 
 
 class VoiceprintStore(Protocol):
@@ -95,32 +108,66 @@ class SqliteVoiceprintStore:
     INSERT OR IGNORE INTO meta VALUES ('revision', 0);
     """
 
+    PRIVATE = 0o600  # biometric data: the owner only
+    SIDE_FILES = ("-wal", "-shm", "-journal")
+
     def __init__(self, path: Path):
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._db().executescript(self._SCHEMA)  # idempotent; executescript manages its own transaction
+        self._schema_ready = False  # set once the file opened and holds the schema (any thread)
+        try:  # now, so a bad file is reported at start and an old one made private at once
+            self._db()
+        except StoreUnavailable as exc:
+            logger.error("%s; speakers are `unknown` and the admin API answers 503 until it is fixed", exc)
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
         if db is None:  # one connection per thread: sqlite3 connections are not shared across threads
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA foreign_keys=ON")
+            db = self._open()
             self._local.db = db
         return db
 
+    def _open(self) -> sqlite3.Connection:
+        """A connection to a private file holding the schema, or StoreUnavailable."""
+        db = None
+        try:
+            if not self._schema_ready:
+                self._make_private()
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA foreign_keys=ON")
+            if not self._schema_ready:
+                db.executescript(self._SCHEMA)  # idempotent; executescript manages its own transaction
+                self._schema_ready = True
+            return db
+        except (sqlite3.Error, OSError) as exc:
+            if db is not None:
+                db.close()
+            raise StoreUnavailable(f"voiceprint store {self.path} cannot be opened: {exc}") from exc
+
+    def _make_private(self) -> None:
+        """Create the file 0600 before SQLite does (its side files copy its mode); tighten a file
+        (and side files) made before this rule."""
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, self.PRIVATE))
+        for file in (self.path, *(self.path.with_name(self.path.name + s) for s in self.SIDE_FILES)):
+            if file.exists():
+                file.chmod(self.PRIVATE)
+
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT: writers queue on SQLite's lock instead of failing."""
+        """BEGIN IMMEDIATE ... COMMIT: writers queue on SQLite's lock instead of failing. Whatever
+        fails, the COMMIT itself included, leaves no transaction open on this thread's connection
+        (every later write would fail with "cannot start a transaction within a transaction")."""
         db = self._db()
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
-        db.execute("COMMIT")
 
     @staticmethod
     def _bump(db: sqlite3.Connection) -> None:

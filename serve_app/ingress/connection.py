@@ -28,7 +28,11 @@ from serve_app.ingress.metrics import IngressMetrics
 from serve_app.ingress.recognition import RecognitionOptions, UtteranceStream, UtteranceStreams
 from serve_app.ingress.security import (
     AuthDecision,
+    CredentialError,
+    Credentials,
     DeviceAuth,
+    GroupNotAllowed,
+    Identity,
     SessionIntake,
     SessionLimitExceeded,
     TokenBucket,
@@ -141,7 +145,11 @@ class SessionIdle(Exception):
 
 
 class Connection:
-    """One WebSocket, from its first frame to its close. Owns at most one `UtteranceStream` at a time."""
+    """One WebSocket, from its first frame to its close. Owns at most one `UtteranceStream` at a time.
+
+    `session_id` is the id the session is admitted, counted and released under: fixed for the
+    connection's life (read-only). A stream may have an id of its own (`start_stream(stream_id=)`,
+    FunASR's second file): that one names its VAD state, never the session."""
 
     protocol = "?"  # metrics tag: plain, xiaozhi, funasr
 
@@ -154,7 +162,10 @@ class Connection:
         metrics: IngressMetrics,
     ):
         self.ws = ws
-        self.session_id = session_id
+        self._session_id = session_id
+        # Set by authenticate() (Sessions.serve calls it before anything else); until then an
+        # anonymous identity, as with device authentication off.
+        self.identity = Identity()
         self.streams = streams
         self.limits = limits
         self.metrics = metrics
@@ -173,6 +184,10 @@ class Connection:
         self._answered_since_asked = False
         self._control_budget = TokenBucket(limits.control_per_s, limits.control_burst)
         self.protocol_errors = 0
+
+    @property
+    def session_id(self) -> str:
+        return self._session_id
 
     # ---- the hooks a protocol fills in ------------------------------------------------------
     def render_error(self, code: str, message: str) -> str:
@@ -196,16 +211,30 @@ class Connection:
         """The `reconnect` error frame; protocols that can carry it add `received_ms`."""
         return self.render_error(DRAINING.code, message)
 
-    def credentials(self):
-        """What the connection says about itself (device id, client id, token), for device auth."""
+    def credentials(self) -> Credentials:
+        """What the connection says about itself (device id, client id, token), read once by the
+        shared parser. Raises CredentialError."""
         return device_credentials(self.ws.headers, self.ws.query_params)
+
+    def speaker_group(self, requested: str | None, fallback: str | None = None) -> str | None:
+        """The speaker group for a stream: the authenticated device's when device auth is on (a
+        client naming another gets a protocol error), else `requested`, else `fallback`."""
+        try:
+            return self.identity.speaker_group(requested) or fallback
+        except GroupNotAllowed as exc:
+            raise ProtocolError("speaker_group_not_allowed", str(exc)) from None
 
     # ---- the loop ---------------------------------------------------------------------------
     async def authenticate(self, auth: DeviceAuth) -> bool:
-        """Device authentication, before any session exists: a refusal is one error frame and
+        """Parse the credentials once and authenticate them, before any session exists; on
+        success `identity` is who the session is admitted as. A refusal is one error frame and
         close 1008."""
-        decision: AuthDecision = auth.check(self.credentials())
+        try:
+            decision: AuthDecision = auth.check(self.credentials())
+        except CredentialError as exc:
+            decision = AuthDecision(False, str(exc), exc.status)
         if decision.ok:
+            self.identity = decision.identity
             return True
         logger.warning("refused %s: %s", request_target(self.ws.scope), decision.reason)
         self.metrics.session_rejected(self.protocol, "unauthorized")
@@ -382,8 +411,10 @@ class Connection:
             await asyncio.sleep(wait)
         await self.stream.push(pcm)
 
-    def start_stream(self, options: RecognitionOptions, **kwargs) -> UtteranceStream:
-        self.stream = self.streams.open(self.session_id, options, self._deliver, self._failed, **kwargs)
+    def start_stream(self, options: RecognitionOptions, stream_id: str | None = None, **kwargs) -> UtteranceStream:
+        """`stream_id`: the stream's own id (its VAD state's), when not the session's."""
+        stream_id = stream_id or self.session_id
+        self.stream = self.streams.open(stream_id, options, self._deliver, self._failed, **kwargs)
         return self.stream
 
     async def _deliver(self, result: UtteranceResult) -> None:

@@ -32,11 +32,19 @@ from serve_app.ingress.sessions import Sessions
 from serve_app.ingress.speakers import SpeakerAdmin, admin_only
 from serve_app.ingress.xiaozhi import XiaozhiConnection
 from serve_app.settings import AppSettings
-from serve_app.voiceprints import open_store
+from serve_app.voiceprints import StoreUnavailable, open_store
 from serve_app.wire import ModelsSummary
 
 logger = logging.getLogger("ray.serve")
 app = FastAPI(title="speech-serve", description="Realtime speech front-end: transcripts and speakers.")
+
+
+@app.exception_handler(StoreUnavailable)
+async def store_unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
+    """The voiceprint file cannot be opened (corrupt, unreadable): the admin API says so (503);
+    the rest of the service goes on."""
+    logger.error("%s %s: %s", request.method, request.url.path, exc)
+    return JSONResponse({"detail": str(exc)}, status_code=503)
 
 
 def admin(method: str, path: str, **kwargs):
@@ -57,6 +65,8 @@ class Ingress:
         self.xiaozhi_settings, self.funasr_settings = settings.xiaozhi, settings.funasr
         self.metrics = IngressMetrics()
         security = settings.security
+        # A secret set but too short raises InsecureSecret here: the replica does not start, and
+        # Serve shows the message (which names the variable, never the value).
         self.device_auth = DeviceAuth.from_settings(security, serve_bind_host(security.bind_host_timeout_s))
         self.admin_auth = AdminAuth.from_settings(security)
         install_redaction(secrets=(self.device_auth.secret, self.admin_auth.token))  # before anything is logged

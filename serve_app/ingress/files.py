@@ -20,6 +20,7 @@ from serve_app.ingress.connection import brief
 from serve_app.ingress.recognition import ModelCalls, RecognitionOptions, utterances_of
 from serve_app.ingress.security import (
     DeviceAuth,
+    Identity,
     Slots,
     UploadError,
     file_fields,
@@ -96,7 +97,7 @@ class FileTranscriptions:
         self.slots = Slots(limits.max_concurrent_uploads)
 
     async def __call__(self, request: Request) -> Response:
-        require_device(self.device_auth, request)
+        identity = require_device(self.device_auth, request)
         if not self.slots.take():
             raise HTTPException(
                 503,
@@ -104,11 +105,11 @@ class FileTranscriptions:
                 headers={"Retry-After": str(self.limits.upload_retry_after_s)},
             )
         try:
-            return await self._transcribe(request)
+            return await self._transcribe(request, identity)
         finally:
             self.slots.give()
 
-    async def _transcribe(self, request: Request) -> Response:
+    async def _transcribe(self, request: Request, identity: Identity) -> Response:
         form = await read_upload_form(request, self.limits.max_upload_bytes, max_files=1)
         try:
             (upload,) = file_fields(form, "file")
@@ -133,7 +134,8 @@ class FileTranscriptions:
         del data  # the decoded audio is all that is needed now
         request_id = "file-" + uuid.uuid4().hex[:12]
         segments = await self.models.segment(pcm, request_id)
-        options = RecognitionOptions(language=language or "auto")
+        # the device's household when device auth is on, as on the WebSockets
+        options = RecognitionOptions(language=language or "auto", speaker_group=identity.speaker_group(None))
         in_flight = asyncio.Semaphore(limits.max_upload_segments_in_flight)
 
         async def recognise(utterance: Utterance) -> UtteranceResult:

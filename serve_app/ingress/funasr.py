@@ -124,15 +124,15 @@ def render_error(code: str, message: str) -> str:
 
 class FunasrConnection(Connection):
     """FunASR clients may stream several files over one connection: config, audio, end; config,
-    audio, end. Each config starts a new utterance stream (and session id); each end is answered
-    once every segment's result is out, with `is_final` and `is_end`."""
+    audio, end. Each config starts a new utterance stream (with a stream id of its own: `<id>-2`,
+    ...; the session keeps the id it was admitted under); each end is answered once every
+    segment's result is out, with `is_final` and `is_end`."""
 
     protocol = "funasr"
 
     def __init__(self, ws, session_id: str, streams, limits, metrics, interim_interval_ms: int = 600):
         super().__init__(ws, session_id, streams, limits, metrics)
         self.interim_interval_ms = interim_interval_ms
-        self.base_id = session_id
         self.files = 0
         self.config: Config | None = None
         self.resample = StreamResampler(16000)
@@ -150,6 +150,7 @@ class FunasrConnection(Connection):
             return True
         parsed = parse_text(message.get("text") or "", self.config is not None, self.limits.max_field_chars)
         if isinstance(parsed, Config):
+            self.speaker_group(parsed.speaker_group)  # one the device may not use is refused here
             if self.stream is not None:
                 await self._end()  # a new file on the same connection closes the last one
             self.config = parsed
@@ -160,12 +161,12 @@ class FunasrConnection(Connection):
     def _start(self, config: Config) -> None:
         self.config = config
         self.files += 1
-        self.session_id = self.base_id if self.files == 1 else f"{self.base_id}-{self.files}"
         self.resample = StreamResampler(config.audio_fs)
         self.online_sent = {}
         interim = config.mode in ("online", "2pass")
         self.start_stream(
-            RecognitionOptions(use_itn=config.itn, speaker_group=config.speaker_group),
+            RecognitionOptions(use_itn=config.itn, speaker_group=self.speaker_group(config.speaker_group)),
+            stream_id=self.session_id if self.files == 1 else f"{self.session_id}-{self.files}",
             on_interim=self._on_interim if interim else None,
             interim_interval_ms=self.interim_interval_ms,
         )

@@ -132,6 +132,7 @@ class PlainConnection(Connection):
         if isinstance(parsed, StartMessage):
             if self.stream is not None:
                 raise ProtocolError("bad_order", "'start' must come before any audio")
+            self.speaker_group(parsed.speaker_group)  # one the device may not use is refused here
             self.start, self.resample = parsed, StreamResampler(parsed.sample_rate)
             await self._send_ready()
             return True
@@ -141,7 +142,8 @@ class PlainConnection(Connection):
     def _stream(self) -> UtteranceStream:
         if self.stream is None:
             s = self.start
-            self.start_stream(RecognitionOptions(s.language, s.itn, s.return_embedding, s.speaker_group))
+            group = self.speaker_group(s.speaker_group)
+            self.start_stream(RecognitionOptions(s.language, s.itn, s.return_embedding, group))
         return self.stream
 
     async def _finish(self) -> None:

@@ -6,6 +6,10 @@ send them in headers; plain and FunASR clients, and file uploads, may use
 `Authorization: Bearer <token>` or the `token` query parameter (FunASR clients cannot always set
 headers), with `Device-Id` / `device_id` and optionally `Client-Id` / `client_id`. The admin API
 (`/v1/speakers*`) takes a bearer token from the environment.
+
+Identity is decided once per connection: `device_credentials` is the one parser of credentials
+(every protocol, the file endpoint), `DeviceAuth.check` authenticates them and returns the
+`Identity` the session is then admitted, counted and matched under (its speaker group too).
 """
 
 from __future__ import annotations
@@ -25,15 +29,45 @@ from starlette.datastructures import FormData, Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-from clients.tokens import sign
-from serve_app.settings import IngressSettings, SecuritySettings
+from clients.tokens import SEPARATOR, sign
+from serve_app.settings import MIN_REDACTED_CHARS, IngressSettings, SecuritySettings
 from serve_app.wire import SAMPLE_RATE
 
 logger = logging.getLogger("ray.serve")
 
 # HTTP statuses of a refusal (a WebSocket is closed with 1008 whatever the status).
-MISSING, FORBIDDEN, NOT_CONFIGURED = 401, 403, 503
+BAD_REQUEST, MISSING, FORBIDDEN, NOT_CONFIGURED = 400, 401, 403, 503
 CLOCK_SKEW_S = 60  # tokens minted this far in the future still pass (device clocks drift)
+# `<base64url(HMAC-SHA256), 43 chars>.<unix time>`, ASCII only: str.isdigit() and int() take
+# '²' and fullwidth digits, and hmac.compare_digest raises on non-ASCII str.
+_TOKEN = re.compile(r"([A-Za-z0-9_-]{43})\.([0-9]{1,12})")
+
+
+class GroupNotAllowed(ValueError):
+    """A client named a speaker group other than the one its authenticated device is given."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a connection is, decided once by `DeviceAuth.check`: the session is admitted, counted
+    per device and matched against voiceprints under this, whatever the client says later."""
+
+    device_id: str | None = None
+    client_id: str | None = None
+    group: str | None = None  # the server's speaker group for this device (mapped, else its id)
+    group_fixed: bool = False  # device auth on: the client may not choose another group
+
+    def speaker_group(self, requested: str | None) -> str | None:
+        """Whose voiceprints the connection is matched against. None: the configured default.
+        Raises GroupNotAllowed when an authenticated device names a group not its own."""
+        if not self.group_fixed:
+            return requested  # no device auth: a trusted (loopback) client chooses
+        if requested is not None and requested != self.group:
+            raise GroupNotAllowed(
+                "speaker_group is set by the server for authenticated devices (the device's household); "
+                "leave it out or send your own"
+            )
+        return self.group
 
 
 @dataclass(frozen=True)
@@ -41,29 +75,61 @@ class AuthDecision:
     ok: bool
     reason: str = ""
     status: int = 200
+    identity: Identity | None = None  # set when ok
 
 
 @dataclass(frozen=True)
 class Credentials:
-    """What a connection says about itself; anything with these three fields will do
-    (Xiaozhi's `ConnectParams` too)."""
+    """What a connection says about itself."""
 
     device_id: str | None
     client_id: str | None
     authorization: str | None
 
 
+class CredentialError(ValueError):
+    """The credentials cannot be read one way only; the connection is refused (400 / 1008)."""
+
+    status = BAD_REQUEST
+
+
+# field -> (header, query parameters): every spelling any client uses
+_CREDENTIAL_FIELDS = {
+    "device_id": ("device-id", ("device_id", "device-id")),
+    "client_id": ("client-id", ("client_id", "client-id")),
+    "authorization": ("authorization", ("token", "authorization")),
+}
+
+
+def _values(source: Mapping[str, str], key: str) -> list[str]:
+    """Every value of `key` (Starlette's headers and query parameters may repeat one)."""
+    getlist = getattr(source, "getlist", None)
+    if getlist is not None:
+        return list(getlist(key))
+    value = source.get(key)
+    return [] if value is None else [value]
+
+
 def device_credentials(headers: Mapping[str, str], query: Mapping[str, str]) -> Credentials:
-    """Headers win; clients that cannot set headers use query parameters."""
+    """The one parser of device credentials, for every protocol and the file endpoint: headers for
+    clients that can set them, query parameters for those that cannot, in every spelling.
 
-    def get(header: str, *params: str) -> str | None:
-        return headers.get(header) or next((query[p] for p in params if query.get(p)), None)
+    A field given more than once must say the same thing each time (`?device-id=A&device_id=B`
+    is refused): otherwise which value counts would depend on who reads it. Raises
+    CredentialError."""
 
-    return Credentials(
-        device_id=get("device-id", "device_id", "device-id"),
-        client_id=get("client-id", "client_id", "client-id"),
-        authorization=get("authorization", "token", "authorization"),
-    )
+    def one(field: str) -> str | None:
+        header, params = _CREDENTIAL_FIELDS[field]
+        given = [*_values(headers, header), *(v for p in params for v in _values(query, p))]
+        distinct: dict[str, str] = {}  # compared as the server reads it ("Bearer t" is "t"); the first kept
+        for value in filter(None, given):
+            distinct.setdefault(_bearer(value) if field == "authorization" else value, value)
+        if len(distinct) > 1:
+            raise CredentialError(f"{field} given with two different values (headers and query parameters, "
+                                  f"or one repeated): send it once")  # fmt: skip
+        return next(iter(distinct.values()), None)
+
+    return Credentials(device_id=one("device_id"), client_id=one("client_id"), authorization=one("authorization"))
 
 
 def _bearer(authorization: str) -> str:
@@ -85,12 +151,14 @@ def check_device(
         return AuthDecision(False, "missing device id: send the Device-Id header or the device_id parameter", MISSING)
     if device_id in allowed_devices:
         return AuthDecision(True, "allow-listed")
+    if SEPARATOR in device_id or SEPARATOR in (client_id or ""):  # the signed string would be ambiguous
+        return AuthDecision(False, f"device and client ids may not contain {SEPARATOR!r}", BAD_REQUEST)
     if not authorization:
         return AuthDecision(False, "missing token: send Authorization: Bearer <token> or the token parameter", MISSING)
-    sig, _, ts_text = _bearer(authorization).partition(".")
-    if not sig or not ts_text.isdigit():
+    token = _TOKEN.fullmatch(_bearer(authorization))
+    if token is None:
         return AuthDecision(False, "malformed token", FORBIDDEN)
-    ts = int(ts_text)
+    sig, ts = token.group(1), int(token.group(2))
     age = int(time.time() if now is None else now) - ts
     if age > max_age_s:
         return AuthDecision(False, "token expired", FORBIDDEN)
@@ -147,6 +215,22 @@ def serve_bind_host(timeout_s: float) -> str | None:
         return None
 
 
+class InsecureSecret(ValueError):
+    """A secret in the environment is too short to be one: the ingress refuses to start."""
+
+
+def check_secret(value: str, env_name: str, min_chars: int) -> str:
+    """`value`, or InsecureSecret (naming the variable, never the value) if set but shorter than
+    `min_chars`: a short secret can be guessed, and one shorter than the redaction floor would not
+    even be masked in the logs."""
+    if value and len(value) < min_chars:
+        raise InsecureSecret(
+            f"the secret in the environment variable {env_name} must be at least {min_chars} characters "
+            f"(security.min_secret_chars); make one with `openssl rand -hex 32`"
+        )
+    return value
+
+
 class DeviceAuth:
     """The ingress's gate for every device connection and upload."""
 
@@ -158,24 +242,35 @@ class DeviceAuth:
         allowed_devices: frozenset[str] = frozenset(),
         secret_env: str = "",
         why: str = "",
+        device_groups: Mapping[str, str] | None = None,
     ):
         self.enabled, self.secret, self.max_age_s = enabled, secret, max_age_s
         self.allowed_devices, self.secret_env, self.why = allowed_devices, secret_env, why
+        self.device_groups = dict(device_groups or {})
 
     @classmethod
     def from_settings(
         cls, security: SecuritySettings, bind_host: str | None, environ: Mapping[str, str] = os.environ
     ) -> DeviceAuth:
-        """Never fails: a missing secret refuses devices instead (see `problem`)."""
+        """A missing secret does not stop the start: devices are refused instead (see `problem`).
+        A secret that is set but too short does: InsecureSecret."""
         enabled, why = device_auth_required(security.device_auth, bind_host)
+        secret = environ.get(security.device_secret_env, "") if enabled else ""
         return cls(
             enabled,
-            environ.get(security.device_secret_env, "") if enabled else "",
+            check_secret(secret, security.device_secret_env, security.min_secret_chars),
             security.max_token_age_s,
             frozenset(security.allowed_devices),
             security.device_secret_env,
             why,
+            security.device_groups,
         )
+
+    def identity(self, credentials: Credentials) -> Identity:
+        """Who the (accepted) credentials say the connection is, and its speaker group."""
+        device = credentials.device_id
+        group = self.device_groups.get(device, device) if device else None
+        return Identity(device, credentials.client_id, group, group_fixed=self.enabled)
 
     @property
     def problem(self) -> str | None:
@@ -189,15 +284,15 @@ class DeviceAuth:
             )
         return None
 
-    def check(self, credentials) -> AuthDecision:
-        """`credentials`: anything with authorization, client_id and device_id."""
+    def check(self, credentials: Credentials) -> AuthDecision:
+        """Accepted credentials come back as the decision's `identity`."""
         if not self.enabled:
-            return AuthDecision(True, "authentication disabled")
+            return AuthDecision(True, "authentication disabled", identity=self.identity(credentials))
         if not self.secret and credentials.device_id not in self.allowed_devices:
             return AuthDecision(
                 False, f"device authentication is on but {self.secret_env} is not set on the server", NOT_CONFIGURED
             )
-        return check_device(
+        decision = check_device(
             credentials.authorization,
             credentials.client_id,
             credentials.device_id,
@@ -205,6 +300,7 @@ class DeviceAuth:
             self.max_age_s,
             self.allowed_devices,
         )
+        return AuthDecision(True, decision.reason, identity=self.identity(credentials)) if decision.ok else decision
 
 
 class AdminAuth:
@@ -215,7 +311,9 @@ class AdminAuth:
 
     @classmethod
     def from_settings(cls, security: SecuritySettings, environ: Mapping[str, str] = os.environ) -> AdminAuth:
-        return cls(environ.get(security.admin_token_env, ""), security.admin_token_env)
+        """InsecureSecret if the token is set but too short."""
+        token = environ.get(security.admin_token_env, "")
+        return cls(check_secret(token, security.admin_token_env, security.min_secret_chars), security.admin_token_env)
 
     def check(self, authorization: str | None) -> AuthDecision:
         if not self.token:
@@ -238,13 +336,18 @@ def request_target(scope: dict) -> str:
     return scope.get("path", "") + (f"?{query}" if query else "")
 
 
-def require_device(auth: DeviceAuth, request: Request) -> None:
-    """Device authentication of an HTTP request (file uploads): 401/403/503 before the body is read."""
-    decision = auth.check(device_credentials(request.headers, request.query_params))
+def require_device(auth: DeviceAuth, request: Request) -> Identity:
+    """Device authentication of an HTTP request (file uploads): 400/401/403/503 before the body is
+    read. Returns who the request is."""
+    try:
+        decision = auth.check(device_credentials(request.headers, request.query_params))
+    except CredentialError as exc:
+        decision = AuthDecision(False, str(exc), exc.status)
     if not decision.ok:
         logger.warning("refused %s: %s", request_target(request.scope), decision.reason)
         headers = {"WWW-Authenticate": "Bearer"} if decision.status == MISSING else None
         raise HTTPException(decision.status, decision.reason, headers=headers)
+    return decision.identity
 
 
 def require_admin(auth: AdminAuth, request: Request) -> None:
@@ -266,7 +369,7 @@ def require_admin(auth: AdminAuth, request: Request) -> None:
 
 
 MASK = "[REDACTED]"
-MIN_SECRET_LEN = 8  # shorter "secrets" would mask ordinary words; the settings refuse them anyway
+MIN_SECRET_LEN = MIN_REDACTED_CHARS  # shorter "secrets" would mask ordinary words; check_secret refuses them
 
 _PARAM = re.compile(
     r"(?i)\b(token|access_token|authorization|api_key|apikey|password|secret)=(?!\[REDACTED\])([^&\s\"'<>#:,;)\]}]+)"

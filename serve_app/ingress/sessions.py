@@ -38,7 +38,7 @@ from ray import serve
 from serve_app.ingress.capacity import ComputeAdmission
 from serve_app.ingress.connection import DRAINING, Connection
 from serve_app.ingress.metrics import IngressMetrics
-from serve_app.ingress.security import DeviceAuth, device_credentials
+from serve_app.ingress.security import DeviceAuth
 from serve_app.settings import AdmissionSettings, IngressSettings
 from serve_app.wire import CLOSE_TRY_AGAIN_LATER, Refusal
 
@@ -76,47 +76,48 @@ class Sessions:
         self._admitting: set[str] = set()  # sessions whose admission is on its way
 
     async def serve(self, conn: Connection) -> None:
-        """Authenticate, admit, run the connection to its end, release."""
+        """Authenticate (credentials parsed once), admit under that identity, run the connection
+        to its end, release the very id that was admitted."""
         if not await conn.authenticate(self.device_auth):
-            return
+            return  # refused before any registry call, slot or metric of an admitted session
+        session_id = conn.session_id
         self._start_background()
-        refusal = self._local_refusal() or await self._register(conn)
+        refusal = self._local_refusal() or await self._register(session_id, conn.identity.device_id)
         if refusal is not None:
             self.metrics.session_rejected(conn.protocol, refusal.code)
-            logger.info("session %s (%s) refused: %s", conn.session_id, conn.protocol, refusal.message)
+            logger.info("session %s (%s) refused: %s", session_id, conn.protocol, refusal.message)
             await conn.refuse(refusal)
             return
-        self.live[conn.session_id] = conn
+        self.live[session_id] = conn
         self.metrics.session_admitted(conn.protocol)
         self._count()
         try:
             await conn.run()
         finally:
-            self.live.pop(conn.session_id, None)
+            self.live.pop(session_id, None)
             self._count()
             # shielded: Serve may cancel this request when its client leaves (direct ingress does);
             # the slot must still be given back now, not at the next sync
-            await asyncio.shield(self._release(conn.session_id))
+            await asyncio.shield(self._release(session_id))
 
     def _local_refusal(self) -> Refusal | None:
         return (replica_refusal(self._drain.draining, len(self.live), self.admission.max_sessions_per_replica)
                 or self.compute.refusal())  # fmt: skip
 
-    async def _register(self, conn: Connection) -> Refusal | None:
-        """The application-wide caps. If the registry cannot answer, admit: a cap is not
-        worth refusing everyone over."""
-        device = device_credentials(conn.ws.headers, conn.ws.query_params).device_id
+    async def _register(self, session_id: str, device: str | None) -> Refusal | None:
+        """The application-wide caps, for the authenticated device. If the registry cannot answer,
+        admit: a cap is not worth refusing everyone over."""
         self._admit_seq += 1
-        self._admitting.add(conn.session_id)
+        self._admitting.add(session_id)
         try:
-            return await self.registry.admit.remote(conn.session_id, self._replica_id, device, self._admit_seq,
+            return await self.registry.admit.remote(session_id, self._replica_id, device, self._admit_seq,
                                                     self.compute.sessions_cap())  # fmt: skip
         except Exception:
-            logger.warning("session %s: session registry unavailable; admitted unchecked", conn.session_id,
+            logger.warning("session %s: session registry unavailable; admitted unchecked", session_id,
                            exc_info=True)  # fmt: skip
             return None
         finally:  # from here to `self.live[...] = conn` nothing awaits: no sync sees a gap
-            self._admitting.discard(conn.session_id)
+            self._admitting.discard(session_id)
 
     async def _release(self, session_id: str) -> None:
         try:

@@ -2,7 +2,8 @@
 pure parsing and rendering, the Opus decoder, then the connection.
 
 Connection: headers (or query parameters for browsers) Authorization, Protocol-Version,
-Device-Id, Client-Id (the token may also come as the `token` query parameter). Then JSON
+Device-Id, Client-Id (the token may also come as the `token` query parameter; the credentials
+are read by the one parser every protocol uses, `security.device_credentials`). Then JSON
 control frames (`hello`, `listen`, `abort`) and binary Opus packets; Protocol-Version 2 and 3
 put a small header before each packet (clients/xiaozhi.py).
 Order of business: connection parameters and authentication first (a refused device gets an
@@ -28,7 +29,6 @@ from clients.xiaozhi import TYPE_JSON, TYPE_OPUS, V2_HEADER, V3_HEADER
 from serve_app.ingress.audio import StreamResampler
 from serve_app.ingress.connection import Connection, ProtocolError, brief, json_object, whole_number
 from serve_app.ingress.recognition import RecognitionOptions
-from serve_app.ingress.security import device_credentials
 from serve_app.settings import XiaozhiSettings
 from serve_app.wire import AudioFormatError, UtteranceResult
 
@@ -38,21 +38,19 @@ LISTEN_MODES = ("auto", "manual", "realtime")
 
 @dataclass(frozen=True)
 class ConnectParams:
-    device_id: str | None
-    client_id: str | None
+    """What the connection says about its framing. Its credentials are not here: they are read
+    once, by `Connection.credentials()`, as on every other device path."""
+
     protocol_version: int
-    authorization: str | None
 
 
 def connect_params(headers: Mapping[str, str], query: Mapping[str, str]) -> ConnectParams:
-    """Headers win; browsers, which cannot set headers, use query parameters. The credentials are
-    read as on every other device path (`security.device_credentials`)."""
+    """Headers win; browsers, which cannot set headers, use query parameters."""
     version_text = headers.get("protocol-version") or query.get("protocol-version") or "1"
     if version_text not in ("1", "2", "3"):
         message = f"Protocol-Version {brief(version_text)} not supported; use 1, 2 or 3"
         raise ProtocolError("bad_protocol_version", message)
-    credentials = device_credentials(headers, query)
-    return ConnectParams(credentials.device_id, credentials.client_id, int(version_text), credentials.authorization)
+    return ConnectParams(int(version_text))
 
 
 @dataclass(frozen=True)
@@ -263,9 +261,10 @@ class XiaozhiConnection(Connection):
                 continue
             await self.send(render_hello(self.session_id, self.settings.hello_audio_params))
             self.decoder = OpusDecoder()
-            self.start_stream(RecognitionOptions(speaker_group=self.params.device_id))  # a device's household
+            # a device's household: its own group (mapped by security.device_groups, else its id)
+            self.start_stream(RecognitionOptions(speaker_group=self.speaker_group(None, self.identity.group)))
             logger.info("xiaozhi session %s: device %s, protocol v%d, %s Hz opus %d ms frames",
-                        self.session_id, self.params.device_id, self.params.protocol_version,
+                        self.session_id, self.identity.device_id, self.params.protocol_version,
                         parsed.sample_rate, parsed.frame_duration)  # fmt: skip
             return True
 

@@ -21,6 +21,7 @@ ADMIN_ENV, ADMIN_TOKEN = "SPEECH_SERVE_TEST_ADMIN_TOKEN", "test-admin-token-not-
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 ALLOWED_DEVICE = "02:00:00:00:00:aa"
 TEST_DEVICE = "02:00:00:00:00:01"  # what the plain and FunASR clients here call themselves
+TEST_GROUP = "home-e2e"  # TEST_DEVICE's speaker group (security.device_groups): its household
 SESSIONS_CAP = 24  # small enough to reach in a test; above what the other tests hold at once
 DEVICE_CONNECTIONS_CAP = 8  # above the concurrent sessions tests open as TEST_DEVICE
 
@@ -53,6 +54,7 @@ def service_args(model_settings, tiny_models, tmp_path_factory) -> dict:
             "device_auth": "on",
             "device_secret_env": SECRET_ENV,
             "allowed_devices": [ALLOWED_DEVICE],
+            "device_groups": {TEST_DEVICE: TEST_GROUP},
             "admin_token_env": ADMIN_ENV,
         },
         "voiceprints": {"store": str(tmp_path_factory.mktemp("voiceprints") / "voiceprints.sqlite3")},

@@ -21,12 +21,12 @@ from examples.plain_client import stream_file
 from examples.xiaozhi_device import run_device
 from serve_app.app import run_local
 from tests.conftest import FIXTURES
-from tests.integration.conftest import ADMIN, ALLOWED_DEVICE, APP, as_device, wait_healthy
+from tests.integration.conftest import ADMIN, ALLOWED_DEVICE, APP, TEST_GROUP, as_device, wait_healthy
 
 pytestmark = pytest.mark.integration
 VOICES = FIXTURES / "voices"
 THREE = str(VOICES / "three_speakers.wav")
-GROUP = "home-" + uuid.uuid4().hex[:6]
+GROUP = TEST_GROUP  # with device auth on, a device is matched in its own (mapped) group only
 
 
 def enroll(service: str, name: str, group: str, files: list[str]) -> httpx.Response:
@@ -59,7 +59,16 @@ def test_plain_stream_names_each_enrolled_speaker_and_not_the_stranger(service, 
     speakers = [r["speaker"] for r in results]
     assert [s["label"] for s in speakers] == ["alice", "bob", "unknown"], speakers
     assert speakers[0]["speaker_id"] == enrolled["alice"]["id"] and speakers[0]["score"] >= 0.82
-    assert speakers[2]["score"] < 0.82 and speakers[2]["speaker_id"] is None
+    assert speakers[2]["score"] is None and speakers[2]["speaker_id"] is None  # no score for `unknown`
+
+
+def test_a_client_cannot_pick_another_households_voiceprints(service, enrolled):
+    """With device auth on, a plain or FunASR client naming another group is refused that group and
+    matched in its own: here ALLOWED_DEVICE, whose own group holds no alice or bob."""
+    results = stream_file(f"ws://{service}/v1/stream", THREE, speaker_group=GROUP, device_id=ALLOWED_DEVICE)
+    assert [r["speaker"]["label"] for r in results] == ["unknown"] * 3
+    messages = run_funasr(f"ws://{service}/", THREE, mode="offline", speaker_group=GROUP, device_id=ALLOWED_DEVICE)
+    assert [m["spk_name"] for m in messages if not m["is_final"] and "spk_name" in m] == ["unknown"] * 3
 
 
 def test_funasr_answers_carry_spk_name(service, enrolled):

@@ -141,6 +141,20 @@ def test_speaker_batched_embedding_matches_single(tiny_models, two_utterances):
     assert cos > 0.99
 
 
+def test_voiceprints_of_a_random_weight_model_are_never_filed_under_the_real_models_name(tiny_models):
+    """A test model's embeddings are noise: stored as `eres2netv2` they would be matched against the
+    real model's once it is installed."""
+    from deployments.models import ModelSource
+    from deployments.speaker import voiceprint_model_name
+
+    spk = SpeakerCore(tiny_models.speaker, SpeakerSettings(threads=1))
+    assert tiny_models.speaker.is_test
+    assert spk.model_name != "eres2netv2" and "test" in spk.model_name
+    assert voiceprint_model_name(ModelSource("speaker", "hub", "iic/speech_campplus_sv_zh-cn_16k-common")) == "campplus"
+    assert voiceprint_model_name(ModelSource("speaker", "local", "/m/eres2netv2")) == "eres2netv2"
+    assert voiceprint_model_name(ModelSource("speaker", "bundled", "resemblyzer", backend="ge2e")) == "ge2e"
+
+
 def test_tile_to_repeats_the_clip():
     assert tile_to(np.array([1, 2, 3], dtype=np.int16), 7).tolist() == [1, 2, 3, 1, 2, 3, 1]
 

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from clients.opus import OPUS_FRAME_MS, OPUS_RATES, encode_pcm
 from clients.xiaozhi import frame_audio
 from serve_app.ingress import files as openai_files
-from serve_app.ingress import funasr, plain, xiaozhi
+from serve_app.ingress import funasr, plain, security, xiaozhi
 from serve_app.ingress.audio import AudioTooLongError, decode_file
 from serve_app.ingress.connection import ProtocolError
 from serve_app.ingress.security import SessionIntake, SessionLimitExceeded
@@ -283,6 +283,44 @@ def test_xiaozhi_text_frames(text):
 def test_xiaozhi_connect_params(headers, query):
     params = parse_or_error(lambda h: xiaozhi.connect_params(h, query), headers, CODES["xiaozhi_connect"])
     assert params is None or params.protocol_version in (1, 2, 3)
+
+
+CREDENTIAL_KEYS = ["device-id", "device_id", "client-id", "client_id", "authorization", "token", "z"]
+FUZZ_SECRET = "fuzz-secret-0123456789"
+
+
+def tokenish() -> st.SearchStrategy[str]:
+    """Tokens as they come: any text (non-ASCII, '²', fullwidth digits, surrogates), and near-misses
+    of the real shape."""
+    sig = st.text(st.sampled_from("AZaz09-_é²１\udcff"), min_size=40, max_size=46)
+    ts = st.text(st.sampled_from("0123456789²１٣ "), min_size=0, max_size=14)
+    return st.one_of(st.text(), st.builds(lambda a, b: f"{a}.{b}", sig, ts), st.builds(lambda t: f"Bearer {t}", sig))
+
+
+@FUZZ
+@given(tokenish(), st.one_of(st.none(), st.text(max_size=20)), st.one_of(st.none(), st.text(max_size=20)))
+@example("é" * 43 + ".1800000000", "c", "d")
+@example("a" * 43 + ".²", "c", "d")
+def test_device_tokens_of_any_shape_are_a_decision_never_an_exception(token, client_id, device_id):
+    decision = security.check_device(token, client_id, device_id, FUZZ_SECRET, 3600, now=1_800_000_000)
+    assert not decision.ok and decision.status in (400, 401, 403) and decision.reason.isprintable()
+
+
+@FUZZ
+@given(
+    st.dictionaries(st.sampled_from(CREDENTIAL_KEYS), st.text(max_size=30)),
+    st.dictionaries(st.sampled_from(CREDENTIAL_KEYS), st.text(max_size=30)),
+)
+def test_device_credentials_are_read_one_way_or_refused(headers, query):
+    try:
+        creds = security.device_credentials(headers, query)
+    except security.CredentialError as exc:
+        assert exc.status == 400 and str(exc).isprintable()
+        return
+    for value, header, params in ((creds.device_id, "device-id", ("device_id", "device-id")),
+                                  (creds.client_id, "client-id", ("client_id", "client-id"))):  # fmt: skip
+        given = {v for v in (headers.get(header), *(query.get(p) for p in params)) if v}
+        assert value == (given.pop() if given else None)  # the one value given, whoever reads it
 
 
 def lying_frames() -> st.SearchStrategy[tuple[bytes, int]]:

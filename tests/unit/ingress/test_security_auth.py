@@ -5,13 +5,18 @@ from urllib.parse import parse_qsl, urlsplit
 import pytest
 
 from clients.tokens import device_headers, issue_token, main, url_with_token
+from serve_app.ingress import security
 from serve_app.ingress.security import (
+    MIN_SECRET_LEN,
     AdminAuth,
+    Credentials,
     DeviceAuth,
+    Identity,
     check_device,
     device_auth_required,
     device_credentials,
     is_loopback,
+    redact,
 )
 from serve_app.ingress.xiaozhi import ConnectParams, connect_params
 from serve_app.settings import SecuritySettings
@@ -103,20 +108,21 @@ def test_is_loopback_rejects_empty_and_names():
 def test_device_auth_from_settings():
     settings = SecuritySettings(device_secret_env="TEST_SECRET", allowed_devices=["trusted"])
     off = DeviceAuth.from_settings(settings, "127.0.0.1", environ={"TEST_SECRET": SECRET})
-    assert not off.enabled and off.secret == "" and off.check(ConnectParams(None, None, 1, None)).ok
+    assert not off.enabled and off.secret == "" and off.check(Credentials(None, None, None)).ok
     auth = DeviceAuth.from_settings(settings, "0.0.0.0", environ={"TEST_SECRET": SECRET})
     assert auth.enabled and auth.problem is None
-    assert auth.check(ConnectParams("d1", "c1", 1, "Bearer " + issue_token(SECRET, "c1", "d1"))).ok
-    assert not auth.check(ConnectParams("d1", "c1", 1, None)).ok
+    accepted = auth.check(Credentials("d1", "c1", "Bearer " + issue_token(SECRET, "c1", "d1")))
+    assert accepted.ok and accepted.identity == Identity("d1", "c1", "d1", group_fixed=True)
+    assert not auth.check(Credentials("d1", "c1", None)).ok
 
 
 def test_auth_on_without_a_secret_starts_but_refuses_devices_naming_the_variable():
     settings = SecuritySettings(device_auth="on", device_secret_env="TEST_SECRET", allowed_devices=["trusted"])
     auth = DeviceAuth.from_settings(settings, None, environ={})
     assert auth.enabled and "TEST_SECRET" in auth.problem and "device_auth: on" in auth.problem
-    refused = auth.check(ConnectParams("d1", "", 1, "Bearer " + issue_token("", "", "d1")))  # even a token signed
+    refused = auth.check(Credentials("d1", "", "Bearer " + issue_token("", "", "d1")))  # even a token signed
     assert not refused.ok and refused.status == 503 and "TEST_SECRET" in refused.reason  # with the empty secret
-    assert auth.check(ConnectParams("trusted", None, 1, None)).ok  # the allow-list needs no secret
+    assert auth.check(Credentials("trusted", None, None)).ok  # the allow-list needs no secret
 
 
 def test_credentials_from_headers_or_query_parameters():
@@ -124,8 +130,8 @@ def test_credentials_from_headers_or_query_parameters():
     assert (by_header.device_id, by_header.client_id, by_header.authorization) == ("d1", "c1", "Bearer t")
     by_query = device_credentials({}, {"device_id": "d2", "token": "t2"})
     assert (by_query.device_id, by_query.client_id, by_query.authorization) == ("d2", None, "t2")
-    both = device_credentials({"device-id": "header"}, {"device_id": "query", "device-id": "q2"})
-    assert both.device_id == "header"  # headers win
+    both = device_credentials({"device-id": "d3", "authorization": "Bearer t3"}, {"device_id": "d3", "token": "t3"})
+    assert (both.device_id, both.authorization) == ("d3", "Bearer t3")  # the same, given twice: fine
 
 
 def test_client_helpers_put_credentials_where_the_server_reads_them():
@@ -139,11 +145,10 @@ def test_client_helpers_put_credentials_where_the_server_reads_them():
     assert url_with_token("ws://h:1/", None, None) == "ws://h:1/" and device_headers(None, None) == {}
 
 
-def test_xiaozhi_takes_the_token_query_parameter_too():
-    params = connect_params({}, {"device-id": "d1", "client-id": "c1", "token": "abc.1"})
-    assert params.authorization == "abc.1"
-    params = connect_params({"authorization": "Bearer h"}, {"token": "q"})
-    assert params.authorization == "Bearer h"
+def test_xiaozhi_spellings_and_the_token_query_parameter():
+    creds = device_credentials({}, {"device-id": "d1", "client-id": "c1", "token": "abc.1"})
+    assert (creds.device_id, creds.client_id, creds.authorization) == ("d1", "c1", "abc.1")
+    assert connect_params({}, {"device-id": "d1", "protocol-version": "2"}) == ConnectParams(2)
 
 
 def test_admin_token():
@@ -165,4 +170,76 @@ def test_mint_cli_reads_the_secret_from_the_environment(monkeypatch, capsys):
     assert check(token, client=None, device="aa:bb", now=None).ok
     monkeypatch.delenv("TEST_MINT_SECRET")
     with pytest.raises(SystemExit, match="TEST_MINT_SECRET"):
+        main(["--device-id", "aa:bb", "--secret-env", "TEST_MINT_SECRET"])
+
+
+# ---- edge cases: every odd token is a clean refusal, never an exception ---------------------
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "é" * 43 + f".{NOW}",  # non-ASCII signature: hmac.compare_digest raised TypeError on str
+        "ü.1800000000",
+        "\udcff" * 43 + f".{NOW}",  # a lone surrogate (never from a real header, but from nowhere else either)
+        f"{issue_token(SECRET, 'c1', 'd1', now=NOW).split('.')[0]}.²",  # '²'.isdigit() is True; int('²') raises
+        f"{issue_token(SECRET, 'c1', 'd1', now=NOW).split('.')[0]}.１８００００００００",  # fullwidth digits
+        f"{issue_token(SECRET, 'c1', 'd1', now=NOW).split('.')[0]}.{'9' * 5000}",  # past int()'s digit limit
+        "." + str(NOW),
+        "a" * 43 + ".",
+    ],
+)
+def test_odd_tokens_are_refused_as_malformed_without_raising(token):
+    decision = check(token)
+    assert (decision.ok, decision.status) == (False, 403) and decision.reason == "malformed token"
+
+
+def test_the_signed_string_is_unambiguous():
+    """`client|device|ts` signed "a|b" + "c" and "a" + "b|c" alike: ids may not hold the separator."""
+    with pytest.raises(ValueError, match=r"\|"):
+        issue_token(SECRET, "a|b", "c", now=NOW)
+    import base64
+    import hashlib
+    import hmac
+
+    digest = hmac.new(SECRET.encode(), f"a|b|c|{NOW}".encode(), hashlib.sha256).digest()
+    forged = base64.urlsafe_b64encode(digest).decode().rstrip("=")  # the old token of client "a|b", device "c"
+    refused = check(f"{forged}.{NOW}", client="a|b", device="c")
+    assert not refused.ok and refused.status == 400 and "|" in refused.reason
+    assert not check(f"{forged}.{NOW}", client="a", device="b|c").ok
+
+
+def test_tokens_issued_before_the_change_still_pass():
+    """Ids without the separator sign exactly as before (and as the Xiaozhi reference server)."""
+    import base64
+    import hashlib
+    import hmac
+
+    old = base64.urlsafe_b64encode(hmac.new(SECRET.encode(), f"c1|d1|{NOW}".encode(), hashlib.sha256).digest())
+    assert check(f"{old.decode().rstrip('=')}.{NOW}").ok
+
+
+@pytest.mark.parametrize("which, env", [("device", "TEST_SECRET"), ("admin", "TEST_ADMIN")])
+def test_a_short_secret_is_a_startup_error_naming_the_variable(which, env):
+    settings = SecuritySettings(device_auth="on", device_secret_env="TEST_SECRET", admin_token_env="TEST_ADMIN")
+    environ = {"TEST_SECRET": SECRET, "TEST_ADMIN": "right-admin-token", env: "abc"}
+    with pytest.raises(security.InsecureSecret) as err:
+        if which == "device":
+            DeviceAuth.from_settings(settings, "0.0.0.0", environ=environ)
+        else:
+            AdminAuth.from_settings(settings, environ=environ)
+    assert env in str(err.value) and "at least 16 characters" in str(err.value)
+    assert "abc" not in str(err.value)  # the value is never echoed
+
+
+def test_every_secret_long_enough_to_be_accepted_is_redacted():
+    with pytest.raises(ValueError):
+        SecuritySettings(min_secret_chars=MIN_SECRET_LEN - 1)
+    secret = "x" * SecuritySettings().min_secret_chars
+    assert secret not in redact(f"oops {secret}", [secret])
+
+
+def test_the_mint_cli_refuses_a_short_secret(monkeypatch):
+    monkeypatch.setenv("TEST_MINT_SECRET", "short")
+    with pytest.raises(SystemExit, match="at least"):
         main(["--device-id", "aa:bb", "--secret-env", "TEST_MINT_SECRET"])

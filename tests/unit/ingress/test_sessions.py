@@ -212,6 +212,7 @@ def test_the_slot_is_given_back_even_when_serve_cancels_the_request_as_its_clien
     registry release in its `finally` must still go out at once, not wait for the next sync."""
     from types import SimpleNamespace
 
+    from serve_app.ingress.security import Identity
     from serve_app.ingress.sessions import Sessions
 
     class Registry:
@@ -231,7 +232,7 @@ def test_the_slot_is_given_back_even_when_serve_cancels_the_request_as_its_clien
 
     class Conn:
         session_id, protocol = "s9", "plain"
-        ws = SimpleNamespace(headers={}, query_params={})
+        identity = Identity()
 
         async def authenticate(self, auth):
             return True
