@@ -97,6 +97,13 @@ class VadSettings(_Strict):
         "so memory stays flat on long sessions.",
     )
     threads: int = Field(1, description="torch threads per VADHost replica.")
+    session_idle_s: float = Field(
+        300.0,
+        gt=0,
+        description="Forget a session's VAD state once nobody has fed it for this long: an Ingress that "
+        "crashed never closes its sessions, which would count in live_sessions (routing, autoscaling) for "
+        "ever. A live session that comes back later replays its audio, as after a replica change.",
+    )
 
 
 class AsrSettings(_Strict):
