@@ -313,6 +313,12 @@ class AdmissionSettings(_Strict):
     )
     lease_s: float = Field(30.0, description="The registry forgets sessions of an Ingress silent this long.")
     sync_s: float = Field(5.0, description="How often each Ingress replica re-syncs its live sessions.")
+    registry_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="Longest a SessionRegistry call (admit, release, sync) may take. Past it a new session is "
+        "admitted unchecked (logged), as when the registry is down; a lost release is corrected by the next sync.",
+    )
 
 
 class XiaozhiSettings(_Strict):
@@ -392,6 +398,14 @@ class RetrySettings(_Strict):
         60.0,
         description="Give up on a call this long after its first failure; the utterance then gets "
         "recognition_failed and the session goes on.",
+    )
+    try_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Longest one try of a call may take, the first included (a retry gets at most what is left "
+        "of deadline_s). A replica that takes a call and never answers (wedged, not dead) would otherwise hold "
+        "the session's in-order results for ever. A try that runs out is not retried (the request is cancelled "
+        "on the replica): the utterance gets recognition_failed, a VAD call closes the session (internal, 1011).",
     )
     backoff_s: float = Field(0.5, description="Wait before the second retry (the first goes at once); doubles after.")
     max_backoff_s: float = Field(5.0, description="Longest wait between two retries.")

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import numpy as np
 from ray.exceptions import ActorUnavailableError, RayActorError
@@ -61,7 +62,7 @@ def _ms_since(t: float) -> float:
     return round((time.perf_counter() - t) * 1000, 1)
 
 
-async def _awaited(response):
+async def awaited(response: Awaitable) -> Any:
     """A Serve response as a coroutine (for asyncio.wait_for). Cancelling the coroutine cancels
     the request on the replica too (Serve does not do that by itself): queued model work for a
     session that has gone, or a call that timed out, is dropped there instead of computed."""
@@ -259,15 +260,20 @@ def utterances_of(pcm: np.ndarray, segments: list[tuple[int, int]]) -> list[Utte
 # waits in the handle's router until Serve has noticed the death (`health_check_period_s`) and
 # started a replacement (which reloads its model: seconds). `RetrySettings.deadline_s` bounds that
 # wait: counted from the first failure, it covers every retry and the waits between them.
+# Every try, the first included, is also bounded by `RetrySettings.try_timeout_s`: a replica that
+# takes a call and never answers (wedged, not dead) must not hold a session for ever. A try that
+# runs out is not retried: it is cancelled on the replica, and sending it again would only queue it
+# behind the same backlog.
 
 
 class ReplicaLostError(RuntimeError):
-    """A replica was lost and no other answered within the retry budget."""
+    """A replica was lost and no other answered within the retry budget, or a try got no answer
+    within `retry.try_timeout_s`."""
 
 
 class RetryClock:
     """The retries of one call. `failed()` after each failure says how long to wait before the
-    next try, or None once the budget is spent; `remaining_s()` bounds a try after a failure."""
+    next try, or None once the budget is spent; `remaining_s()` bounds each try."""
 
     def __init__(self, settings: RetrySettings, now: Callable[[], float] = time.monotonic):
         self.settings = settings
@@ -292,12 +298,22 @@ class RetryClock:
         self.retries += 1
         return min(wait, left)
 
-    def remaining_s(self) -> float | None:
-        """Time the next try may take: None before any failure (a first try is never timed: it may
-        queue behind other sessions' work under load), else what is left of the deadline."""
+    def remaining_s(self) -> float:
+        """Time the next try may take: `try_timeout_s` (generous: a first try may queue behind
+        other sessions' work under load), and after a failure no more than what is left of the
+        deadline."""
         if self._first_failure is None:
-            return None
-        return max(self.settings.deadline_s - (self._now() - self._first_failure), 0.0)
+            return self.settings.try_timeout_s
+        left = self.settings.deadline_s - (self._now() - self._first_failure)
+        return max(min(self.settings.try_timeout_s, left), 0.0)
+
+    def timeout_error(self, what: str, limit_s: float) -> ReplicaLostError:
+        """The error for a try that got no answer within `limit_s`, naming the setting that set it."""
+        if self._first_failure is not None and limit_s < self.settings.try_timeout_s:
+            return ReplicaLostError(
+                f"{what} replica lost; none answered within {self.settings.deadline_s:g} s (retry.deadline_s)"
+            )
+        return ReplicaLostError(f"{what} gave no answer within {limit_s:g} s (retry.try_timeout_s)")
 
 
 # ---- model calls -------------------------------------------------------------------------------
@@ -322,8 +338,15 @@ class ModelCalls:
         self._asr_waits = asr_waits  # around each final's SenseVoice call (admission by compute watches it)
         self._closing: set[asyncio.Task] = set()
 
-    def _feed_many(self, lane: str, items: list[VadItem]) -> Awaitable[list[VadFeedResult]]:
-        return _awaited(self.vad.feed_many.remote(lane, items))
+    async def _feed_many(self, lane: str, items: list[VadItem]) -> list[VadFeedResult]:
+        """One lane's call. Bounded here, not only by each caller's try: a lane makes one call at a
+        time, so a call that never returned would block every session of the lane."""
+        try:
+            return await asyncio.wait_for(awaited(self.vad.feed_many.remote(lane, items)), self.retry.try_timeout_s)
+        except TimeoutError:
+            raise ReplicaLostError(
+                f"VADHost gave no answer within {self.retry.try_timeout_s:g} s (retry.try_timeout_s)"
+            ) from None
 
     async def feed_vad(self, sid: str, timeline: Timeline, chunk: VadChunk) -> tuple[VadFeedResult, int]:
         """Send one chunk; if the session's VAD state is gone, replay the unfinished audio.
@@ -365,17 +388,14 @@ class ModelCalls:
         return segments
 
     async def _try(self, clock: RetryClock, call: Callable[[], Awaitable], what: str):
-        """One try. A try after a failure gets only the time left in the budget: with one replica
-        it waits in Serve's router for the replacement, and that wait must end."""
+        """One try, bounded: by `try_timeout_s`, and after a failure by the time left in the
+        budget (with one replica a retry waits in Serve's router for the replacement, and that
+        wait must end). A try that runs out is cancelled on its replica."""
         left = clock.remaining_s()
-        if left is None:
-            return await _awaited(call())
         try:
-            return await asyncio.wait_for(_awaited(call()), left)
+            return await asyncio.wait_for(awaited(call()), left)
         except TimeoutError:
-            raise ReplicaLostError(
-                f"{what} replica lost; none answered within {clock.settings.deadline_s:g} s (retry.deadline_s)"
-            ) from None
+            raise clock.timeout_error(what, left) from None
 
     async def _before_retry(self, clock: RetryClock, exc: Exception, what: str, session_id: str) -> None:
         wait = clock.failed()
@@ -409,8 +429,10 @@ class ModelCalls:
         return transcript, _ms_since(started), retries
 
     async def transcribe_interim(self, pcm: np.ndarray, options: RecognitionOptions) -> Transcript:
-        """Text of an unfinished utterance; runs behind every final on the SenseVoice replica."""
-        return await _awaited(self.asr.transcribe_interim.remote(AsrRequest(pcm, options.language, options.use_itn)))
+        """Text of an unfinished utterance; runs behind every final on the SenseVoice replica.
+        Bounded like any try, or a wedged replica would keep the stream's one interim for ever."""
+        request = AsrRequest(pcm, options.language, options.use_itn)
+        return await asyncio.wait_for(awaited(self.asr.transcribe_interim.remote(request)), self.retry.try_timeout_s)
 
     async def embed(
         self, pcm: np.ndarray, group: str | None, session_id: str
