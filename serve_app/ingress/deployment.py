@@ -65,7 +65,8 @@ class Ingress:
         compute = ComputeAdmission(settings.admission)
         calls = ModelCalls(vad, asr, speaker, settings.retry, models.label, ingress.speaker_enabled,
                            settings.voiceprints.default_group, ingress.vad_batch_interval_ms,
-                           ingress.vad_sessions_per_lane, asr_waits=compute.waiting_for_asr)  # fmt: skip
+                           ingress.vad_sessions_per_lane, asr_waits=compute.waiting_for_asr,
+                           speaker_min_ms=settings.speaker.min_utterance_ms)  # fmt: skip
         self.streams = UtteranceStreams(calls, settings.ingress, settings.speaker.keep_embeddings, self.metrics)
         self.sessions = Sessions(registry, settings.admission, settings.ingress, self.device_auth, self.metrics,
                                  compute)  # fmt: skip

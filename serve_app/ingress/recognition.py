@@ -41,6 +41,7 @@ from serve_app.wire import (
     VadItem,
     ms_to_samples,
     samples_to_ms,
+    usable_embedding,
 )
 
 logger = logging.getLogger("ray.serve")
@@ -118,11 +119,17 @@ class Timeline:
     `vad_chunk_ms` each, to keep the number of Serve calls low). The VAD's events go back in with
     `on_vad_events`, which returns the finished utterances sliced from the buffer. Push-to-talk
     (`manual`) skips the VAD: `begin_manual` / `end_manual` cut the utterance.
+
+    An utterance shorter than `min_utterance_ms` (never less than 1 ms) is dropped, not numbered:
+    a VAD end at or before a force-cut leaves 0 samples, and the models' fbank raises on a clip of
+    a few ms, failing its whole batch. No interim goes out for so little audio either.
     """
 
-    def __init__(self, vad_chunk_ms: int, max_utterance_ms: int, idle_keep_ms: int = 1000):
+    def __init__(self, vad_chunk_ms: int, max_utterance_ms: int, idle_keep_ms: int = 1000, min_utterance_ms: int = 0):
         self._chunk_samples = ms_to_samples(vad_chunk_ms)
         self._max_utterance_ms = max_utterance_ms
+        self._min_utterance_ms = max(min_utterance_ms, 1)
+        self.dropped = 0  # utterances too short to recognise
         # While nobody speaks, keep this much audio before the VAD's position: the VAD
         # reports a start a few hundred ms after it happened (lookback + confirmation).
         self._idle_keep_ms = idle_keep_ms + vad_chunk_ms
@@ -179,7 +186,7 @@ class Timeline:
 
     def speech_so_far(self) -> tuple[int, np.ndarray] | None:
         """The unfinished utterance (its index and audio up to what the VAD has seen), for interim text."""
-        if self.speech_start_ms is None:
+        if self.speech_start_ms is None or self.sent_ms - self.speech_start_ms < self._min_utterance_ms:
             return None
         a = ms_to_samples(self.speech_start_ms - self._buffer_start_ms)
         b = ms_to_samples(self.sent_ms - self._buffer_start_ms)
@@ -231,9 +238,14 @@ class Timeline:
             self.speech_start_ms = cut_at  # the speech goes on; the VAD's end closes the next piece
         if self.speech_start_ms is None:
             self._trim(self.sent_ms - self._idle_keep_ms)
-        return done
+        return [u for u in done if u is not None]
 
-    def _cut(self, start_ms: int, end_ms: int, forced: bool) -> Utterance:
+    def _cut(self, start_ms: int, end_ms: int, forced: bool) -> Utterance | None:
+        """The utterance from start to end, or None (dropped) if it is too short to recognise."""
+        if end_ms - start_ms < self._min_utterance_ms:
+            self.dropped += 1
+            self._trim(end_ms)
+            return None
         a = ms_to_samples(start_ms - self._buffer_start_ms)
         b = ms_to_samples(end_ms - self._buffer_start_ms)
         utterance = Utterance(self.utterances_done, start_ms, end_ms, self._buffer.view()[a:b].copy(), forced)
@@ -248,9 +260,15 @@ class Timeline:
             self._buffer_start_ms += samples_to_ms(drop)
 
 
-def utterances_of(pcm: np.ndarray, segments: list[tuple[int, int]]) -> list[Utterance]:
-    """A whole recording's utterances, from the VAD's (start_ms, end_ms) segments (empty ones skipped)."""
-    return [Utterance(i, a, b, pcm[ms_to_samples(a) : ms_to_samples(b)]) for i, (a, b) in enumerate(segments) if b > a]
+def utterances_of(pcm: np.ndarray, segments: list[tuple[int, int]], min_utterance_ms: int = 0) -> list[Utterance]:
+    """A whole recording's utterances, from the VAD's (start_ms, end_ms) segments (empty ones, and
+    those shorter than `min_utterance_ms`, skipped)."""
+    shortest = max(min_utterance_ms, 1)
+    return [
+        Utterance(i, a, b, pcm[ms_to_samples(a) : ms_to_samples(b)])
+        for i, (a, b) in enumerate(segments)
+        if b - a >= shortest
+    ]
 
 
 # ---- retries: when to retry a call whose replica was lost, and when to give up -----------------
@@ -327,12 +345,13 @@ class ModelCalls:
         self, vad, asr, speaker, retry: RetrySettings, models_label: str,
         speaker_enabled: bool = True, default_group: str = "default",
         vad_batch_interval_ms: int = 100, vad_sessions_per_lane: int = 50,
-        asr_waits: Callable[[], AbstractContextManager] = nullcontext,
+        asr_waits: Callable[[], AbstractContextManager] = nullcontext, speaker_min_ms: int = 0,
     ):  # fmt: skip
         self.vad, self.asr, self.speaker = vad, asr, speaker
         self.retry = retry
         self.models_label = models_label
         self.speaker_enabled = speaker_enabled
+        self.speaker_min_ms = speaker_min_ms  # shorter utterances are not sent to the Speaker
         self.default_group = default_group  # voiceprints matched when the client names no group
         self.vad_lanes = VadLanes(self._feed_many, vad_batch_interval_ms, vad_sessions_per_lane)
         self._asr_waits = asr_waits  # around each final's SenseVoice call (admission by compute watches it)
@@ -446,15 +465,42 @@ class ModelCalls:
         embedding, retries = await self._retrying(partial(self.speaker.embed.remote, request), "Speaker", session_id)
         return embedding, _ms_since(started), retries
 
+    async def _speaker_of(
+        self, utt: Utterance, group: str, session_id: str
+    ) -> tuple[SpeakerEmbedding | None, str | None, float, int]:
+        """The utterance's usable embedding, or None and why not; round trip in ms; retries.
+        Never raises (but for cancellation): a Speaker failure must not cost the transcript."""
+        if not self.speaker_enabled:
+            return None, None, 0.0, 0
+        if utt.end_ms - utt.start_ms < self.speaker_min_ms:
+            return None, "too_short", 0.0, 0
+        try:
+            embedding, spk_ms, retries = await self.embed(utt.pcm, group, session_id)
+        except Exception as exc:
+            logger.warning("session %s: speaker of utterance %d failed (%s: %s); its text goes out with speaker "
+                           "unknown", session_id, utt.index, type(exc).__name__, exc)  # fmt: skip
+            return None, "speaker_failed", 0.0, 0
+        if embedding is None or not usable_embedding(embedding.vector):
+            logger.warning("session %s: the speaker model gave no usable embedding for utterance %d (%d ms)",
+                           session_id, utt.index, utt.end_ms - utt.start_ms)  # fmt: skip
+            return None, "no_embedding", spk_ms, retries
+        return embedding, None, spk_ms, retries
+
     async def recognise(
         self, session_id: str, utt: Utterance, options: RecognitionOptions
     ) -> tuple[UtteranceResult, SpeakerEmbedding | None]:
-        """Transcript and speaker embedding of one utterance, computed concurrently."""
+        """Transcript and speaker embedding of one utterance, computed concurrently. Only a
+        transcription failure fails the utterance; a Speaker failure leaves the speaker unknown,
+        with a reason."""
         group = options.speaker_group or self.default_group
-        (transcript, asr_ms, asr_retries), (embedding, spk_ms, spk_retries) = await asyncio.gather(
-            self.transcribe(utt.pcm, options, session_id), self.embed(utt.pcm, group, session_id)
-        )
-        speaker = SpeakerInfo()
+        speaker_call = asyncio.ensure_future(self._speaker_of(utt, group, session_id))
+        try:
+            transcript, asr_ms, asr_retries = await self.transcribe(utt.pcm, options, session_id)
+        except BaseException:
+            speaker_call.cancel()  # nobody will read it
+            raise
+        embedding, reason, spk_ms, spk_retries = await speaker_call
+        speaker = SpeakerInfo(reason=reason)
         if embedding is not None:
             speaker = SpeakerInfo(embedding.label, embedding.score, embedding.speaker_id, f"{session_id}:{utt.index}")
         if embedding is not None and options.return_embedding:
@@ -483,11 +529,13 @@ class UtteranceStreams:
         self.models = models
         self.vad_chunk_ms, self.max_utterance_ms = ingress.vad_chunk_ms, ingress.max_utterance_ms
         self.max_in_flight = ingress.max_utterances_in_flight
+        self.min_utterance_ms = ingress.min_utterance_ms
         self.keep_embeddings = keep_embeddings
         self.metrics = metrics
 
     def timeline(self) -> Timeline:
-        return Timeline(vad_chunk_ms=self.vad_chunk_ms, max_utterance_ms=self.max_utterance_ms)
+        return Timeline(vad_chunk_ms=self.vad_chunk_ms, max_utterance_ms=self.max_utterance_ms,
+                        min_utterance_ms=self.min_utterance_ms)  # fmt: skip
 
     def open(self, session_id: str, options: RecognitionOptions, on_result, on_failure, **interim) -> UtteranceStream:
         """A new stream; `interim`: `on_interim` and `interim_interval_ms` (see UtteranceStream)."""
