@@ -278,6 +278,15 @@ class IngressSettings(_Strict):
         300.0, description="Close a session that sends nothing for this long (error `idle_timeout`, close 1000)."
     )
     drain_poll_s: float = Field(2.0, description="How often an ingress replica asks Serve whether it is stopping.")
+    healthz_cache_s: float = Field(
+        1.0,
+        ge=0,
+        description="/healthz reuses the Serve controller's answer this long (it is unauthenticated: a flood of "
+        "probes shares one controller call, made off the event loop).",
+    )
+    healthz_timeout_s: float = Field(
+        5.0, gt=0, description="/healthz waits this long for the Serve controller, then answers 503 with the reason."
+    )
     drain_margin_s: float = Field(
         30.0,
         description="A stopping ingress replica asks its sessions to reconnect (close 1012) this long before "
