@@ -15,7 +15,7 @@ from deployments.models import ModelSource, load_automodel
 from deployments.worker import BatchedModelHost, pick_device
 from serve_app.settings import SpeakerSettings, VoiceprintSettings
 from serve_app.voiceprints import Candidate, Match, StoreUnavailable, VoiceprintStore, open_store, unit
-from serve_app.wire import SpeakerEmbedding, SpeakerRequest, to_float32
+from serve_app.wire import SpeakerEmbedding, SpeakerRequest, to_float32, usable_embedding
 
 logger = logging.getLogger("ray.serve")
 
@@ -150,7 +150,7 @@ class Speaker(BatchedModelHost):
     def _embed_and_identify(self, requests: list[SpeakerRequest]) -> list[SpeakerEmbedding]:
         out = self._core.embed_batch([r.pcm for r in requests])
         for emb, req in zip(out, requests, strict=True):
-            if req.group is not None:
+            if req.group is not None and usable_embedding(emb.vector):  # a NaN one would fail the batch
                 match = self._identifier.identify(emb.vector, req.group)
                 emb.label, emb.score, emb.speaker_id = match.label, match.score, match.speaker_id
         return out

@@ -6,6 +6,8 @@ Ingress replica batches its sessions' chunks into lanes (serve_app/ingress/vad_l
 `feed_many` call carries many sessions' chunks, as a Serve call costs more than a VAD step.
 All per-session state lives in the fsmn `cache` dict, so sessions interleave safely on one
 model instance, but `generate()` is not thread-safe: every call goes through one thread.
+A session's state goes on its `final` chunk or its close; state nobody has fed for
+`vad.session_idle_s` (its Ingress crashed and will never close it) is forgotten.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,11 +40,16 @@ class _Stream:
     cache: dict = field(default_factory=dict)
     in_speech: bool = False
     last_pcm: np.ndarray | None = None
+    last_fed: float = 0.0  # clock time of the last chunk
 
 
 class VadCore:
-    def __init__(self, source: ModelSource, settings: VadSettings, device: str = "cpu"):
+    def __init__(
+        self, source: ModelSource, settings: VadSettings, device: str = "cpu",
+        clock: Callable[[], float] = time.monotonic,
+    ):  # fmt: skip
         self.settings = settings
+        self._now = clock
         self.model = load_automodel(
             source, device=device, threads=settings.threads, max_end_silence_time=settings.max_end_silence_ms
         )
@@ -51,7 +59,22 @@ class VadCore:
 
     @property
     def live_sessions(self) -> int:
-        return len(self._streams)
+        """Sessions fed within `session_idle_s`. Idle ones are left out before they are evicted:
+        Serve reads this for routing and autoscaling even when no call comes to evict them."""
+        cutoff = self._now() - self.settings.session_idle_s
+        # list(): a snapshot taken in one step (this runs on the replica's loop, feeds on the model thread)
+        return sum(1 for s in list(self._streams.values()) if s.last_fed > cutoff)
+
+    def evict_idle(self) -> list[str]:
+        """Forget the sessions nobody has fed for `session_idle_s`; returns their ids."""
+        cutoff = self._now() - self.settings.session_idle_s
+        idle = [sid for sid, s in list(self._streams.items()) if s.last_fed <= cutoff]
+        for sid in idle:
+            self._streams.pop(sid, None)
+        if idle:
+            logger.info("forgot the VAD state of %d session(s) idle for %g s (vad.session_idle_s): %s",
+                        len(idle), self.settings.session_idle_s, ", ".join(idle[:5]))  # fmt: skip
+        return idle
 
     def feed(
         self, session_id: str, pcm: np.ndarray, start_ms: int, final: bool = False, restart: bool = False
@@ -67,6 +90,7 @@ class VadCore:
         """One batched step for many sessions, in order (a session's chunks continue each other:
         a session's second chunk of the batch goes in the next round). A chunk that fails fails
         alone: the other sessions of its batch get their results."""
+        self.evict_idle()
         results: list[VadFeedResult | None] = [None] * len(items)
         pending = list(enumerate(items))
         while pending:
@@ -119,10 +143,10 @@ class VadCore:
         stream = self._streams.get(session_id)
         if chunk.restart or (stream is None and chunk.start_ms == 0):
             stream = self._streams[session_id] = _Stream(base_ms=chunk.start_ms, fed_ms=chunk.start_ms)
-            return stream
-        if stream is None or stream.fed_ms != chunk.start_ms:
+        elif stream is None or stream.fed_ms != chunk.start_ms:
             self._streams.pop(session_id, None)
             return None
+        stream.last_fed = self._now()
         return stream
 
     @staticmethod

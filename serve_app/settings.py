@@ -97,6 +97,13 @@ class VadSettings(_Strict):
         "so memory stays flat on long sessions.",
     )
     threads: int = Field(1, description="torch threads per VADHost replica.")
+    session_idle_s: float = Field(
+        300.0,
+        gt=0,
+        description="Forget a session's VAD state once nobody has fed it for this long: an Ingress that "
+        "crashed never closes its sessions, which would count in live_sessions (routing, autoscaling) for "
+        "ever. A live session that comes back later replays its audio, as after a replica change.",
+    )
 
 
 class AsrSettings(_Strict):
@@ -119,6 +126,12 @@ class SpeakerSettings(_Strict):
     threads: int = Field(2, description="torch threads per Speaker replica on CPU.")
     keep_embeddings: int = Field(
         20, description="Embeddings kept per session (addressable by embedding_id) for later enrolment."
+    )
+    min_utterance_ms: int = Field(
+        150,
+        ge=0,
+        description="Shorter utterances are not sent to the Speaker: their text goes out with speaker unknown "
+        "(reason too_short). ERes2NetV2's statistics pooling gives NaN at 100 ms and raises under 25 ms (measured).",
     )
 
 
@@ -163,6 +176,13 @@ class IngressSettings(_Strict):
     )
     max_frame_bytes: int = Field(64_000, description="Largest binary frame accepted (2 s of PCM16).")
     max_utterance_ms: int = Field(30_000, description="Force-cut an utterance that runs this long.")
+    min_utterance_ms: int = Field(
+        50,
+        ge=1,
+        description="Drop shorter utterances before they reach the models, and send no result for them: a VAD "
+        "end at a force-cut leaves 0 samples, and SenseVoice's fbank raises below about 20 ms (measured), which "
+        "failed the whole model batch. 50 ms holds no word.",
+    )
     max_upload_bytes: int = Field(
         50_000_000,
         description="Largest uploaded file (transcriptions, enrolment). Uploads are held in memory up to this "
@@ -258,6 +278,15 @@ class IngressSettings(_Strict):
         300.0, description="Close a session that sends nothing for this long (error `idle_timeout`, close 1000)."
     )
     drain_poll_s: float = Field(2.0, description="How often an ingress replica asks Serve whether it is stopping.")
+    healthz_cache_s: float = Field(
+        1.0,
+        ge=0,
+        description="/healthz reuses the Serve controller's answer this long (it is unauthenticated: a flood of "
+        "probes shares one controller call, made off the event loop).",
+    )
+    healthz_timeout_s: float = Field(
+        5.0, gt=0, description="/healthz waits this long for the Serve controller, then answers 503 with the reason."
+    )
     drain_margin_s: float = Field(
         30.0,
         description="A stopping ingress replica asks its sessions to reconnect (close 1012) this long before "
@@ -306,6 +335,12 @@ class AdmissionSettings(_Strict):
     )
     lease_s: float = Field(30.0, description="The registry forgets sessions of an Ingress silent this long.")
     sync_s: float = Field(5.0, description="How often each Ingress replica re-syncs its live sessions.")
+    registry_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description="Longest a SessionRegistry call (admit, release, sync) may take. Past it a new session is "
+        "admitted unchecked (logged), as when the registry is down; a lost release is corrected by the next sync.",
+    )
 
 
 class XiaozhiSettings(_Strict):
@@ -397,6 +432,14 @@ class RetrySettings(_Strict):
         60.0,
         description="Give up on a call this long after its first failure; the utterance then gets "
         "recognition_failed and the session goes on.",
+    )
+    try_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Longest one try of a call may take, the first included (a retry gets at most what is left "
+        "of deadline_s). A replica that takes a call and never answers (wedged, not dead) would otherwise hold "
+        "the session's in-order results for ever. A try that runs out is not retried (the request is cancelled "
+        "on the replica): the utterance gets recognition_failed, a VAD call closes the session (internal, 1011).",
     )
     backoff_s: float = Field(0.5, description="Wait before the second retry (the first goes at once); doubles after.")
     max_backoff_s: float = Field(5.0, description="Longest wait between two retries.")

@@ -49,6 +49,13 @@ def to_float32(pcm: np.ndarray) -> np.ndarray:
     return pcm.astype(np.float32) / 32768.0
 
 
+def usable_embedding(vector: np.ndarray) -> bool:
+    """A speaker vector that can be compared: finite and not all zero (statistics pooling over a
+    clip of a frame or two gives NaN)."""
+    v = np.asarray(vector, dtype=np.float32)
+    return v.size > 0 and bool(np.isfinite(v).all()) and bool(v.any())
+
+
 def ms_to_samples(ms: int) -> int:
     return ms * SAMPLE_RATE // 1000
 
@@ -151,15 +158,20 @@ class SpeakerInfo:
     speaker_id: str | None = None
     embedding_id: str | None = None
     embedding: list[float] | None = None
+    # Why the speaker is unknown without a match having been tried (the text still went out):
+    # too_short, no_embedding, speaker_failed. None when the Speaker answered.
+    reason: str | None = None
 
     def fields(self) -> dict:
-        """For the wire: the embedding only when the client asked for it."""
+        """For the wire: the embedding only when the client asked for it, the reason only when set."""
         out = {
             "label": self.label,
             "score": self.score,
             "speaker_id": self.speaker_id,
             "embedding_id": self.embedding_id,
         }
+        if self.reason is not None:
+            out["reason"] = self.reason
         return out if self.embedding is None else {**out, "embedding": self.embedding}
 
 

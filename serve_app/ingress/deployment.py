@@ -24,6 +24,7 @@ from ray import serve
 from serve_app.ingress.capacity import ComputeAdmission
 from serve_app.ingress.files import FileTranscriptions
 from serve_app.ingress.funasr import FunasrConnection
+from serve_app.ingress.health import DeploymentStates, serve_deployment_states
 from serve_app.ingress.metrics import IngressMetrics
 from serve_app.ingress.plain import PlainConnection
 from serve_app.ingress.recognition import ModelCalls, UtteranceStreams, live_stream_tasks
@@ -75,13 +76,15 @@ class Ingress:
         compute = ComputeAdmission(settings.admission)
         calls = ModelCalls(vad, asr, speaker, settings.retry, models.label, ingress.speaker_enabled,
                            settings.voiceprints.default_group, ingress.vad_batch_interval_ms,
-                           ingress.vad_sessions_per_lane, asr_waits=compute.waiting_for_asr)  # fmt: skip
+                           ingress.vad_sessions_per_lane, asr_waits=compute.waiting_for_asr,
+                           speaker_min_ms=settings.speaker.min_utterance_ms)  # fmt: skip
         self.streams = UtteranceStreams(calls, settings.ingress, settings.speaker.keep_embeddings, self.metrics)
         self.sessions = Sessions(registry, settings.admission, settings.ingress, self.device_auth, self.metrics,
                                  compute)  # fmt: skip
         self.files = FileTranscriptions(calls, self.device_auth, settings.ingress)
         self.speakers = SpeakerAdmin(open_store(settings.voiceprints.store), calls, settings.voiceprints,
                                      settings.ingress)  # fmt: skip
+        self.health = DeploymentStates(serve_deployment_states, ingress.healthz_cache_s, ingress.healthz_timeout_s)
         for role, source in models.sources.items():
             logger.info("model %s: %s", role, source)
         if models.warning:
@@ -116,13 +119,8 @@ class Ingress:
         if self.device_auth.problem:
             body["device_auth"]["problem"] = self.device_auth.problem
         body["admin_api"] = "enabled" if self.admin_auth.token else f"disabled: {self.admin_auth.env_name} is not set"
-        try:
-            app_name = serve.get_replica_context().app_name
-            status = serve.status().applications[app_name]
-            body["deployments"] = {
-                name: {"status": str(d.status.value), "replicas": dict(d.replica_states)}
-                for name, d in status.deployments.items()
-            }
+        try:  # off the event loop (health.py): every session of this replica shares it
+            body["deployments"] = await self.health.get()
             ready = all(d["replicas"].get("RUNNING", 0) > 0 for d in body["deployments"].values())
         except Exception as exc:  # the controller may be busy: report it, do not fail the probe's caller
             body["deployments"] = f"unavailable: {type(exc).__name__}"
@@ -172,11 +170,11 @@ class Ingress:
 
     @admin("GET", "/v1/speakers")
     async def list_speakers(self, group: str | None = None) -> dict:
-        return self.speakers.list(group)
+        return await self.speakers.list(group)
 
     @admin("GET", "/v1/speakers/{speaker_id}")
     async def get_speaker(self, speaker_id: str) -> dict:
-        return self.speakers.get(speaker_id)
+        return await self.speakers.get(speaker_id)
 
     @admin("PATCH", "/v1/speakers/{speaker_id}")
     async def rename_speaker(self, request: Request, speaker_id: str) -> dict:
@@ -189,4 +187,4 @@ class Ingress:
 
     @admin("DELETE", "/v1/speakers/{speaker_id}", status_code=204)
     async def delete_speaker(self, speaker_id: str) -> Response:
-        return self.speakers.delete(speaker_id)
+        return await self.speakers.delete(speaker_id)

@@ -77,7 +77,11 @@ def render(response_format: str, results: list[UtteranceResult], duration_s: flo
                 "language": r.language,
                 "emotion": r.emotion,
                 "event": r.event,
-                "speaker": {"label": r.speaker.label, "score": r.speaker.score},
+                "speaker": {
+                    "label": r.speaker.label,
+                    "score": r.speaker.score,
+                    **({"reason": r.speaker.reason} if r.speaker.reason else {}),
+                },
                 "latency_ms": r.latency_ms,
             }  # fmt: skip
             for r in results
@@ -143,6 +147,6 @@ class FileTranscriptions:
                 result, _ = await self.models.recognise(request_id, utterance, options)
                 return result
 
-        results = await asyncio.gather(*(recognise(u) for u in utterances_of(pcm, segments)))
+        results = await asyncio.gather(*(recognise(u) for u in utterances_of(pcm, segments, limits.min_utterance_ms)))
         body, media_type = render(fmt, list(results), duration_s, self.models.models_label)
         return Response(content=body, media_type=media_type)

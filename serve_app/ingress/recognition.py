@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import numpy as np
 from ray.exceptions import ActorUnavailableError, RayActorError
@@ -40,6 +41,7 @@ from serve_app.wire import (
     VadItem,
     ms_to_samples,
     samples_to_ms,
+    usable_embedding,
 )
 
 logger = logging.getLogger("ray.serve")
@@ -61,7 +63,7 @@ def _ms_since(t: float) -> float:
     return round((time.perf_counter() - t) * 1000, 1)
 
 
-async def _awaited(response):
+async def awaited(response: Awaitable) -> Any:
     """A Serve response as a coroutine (for asyncio.wait_for). Cancelling the coroutine cancels
     the request on the replica too (Serve does not do that by itself): queued model work for a
     session that has gone, or a call that timed out, is dropped there instead of computed."""
@@ -117,11 +119,17 @@ class Timeline:
     `vad_chunk_ms` each, to keep the number of Serve calls low). The VAD's events go back in with
     `on_vad_events`, which returns the finished utterances sliced from the buffer. Push-to-talk
     (`manual`) skips the VAD: `begin_manual` / `end_manual` cut the utterance.
+
+    An utterance shorter than `min_utterance_ms` (never less than 1 ms) is dropped, not numbered:
+    a VAD end at or before a force-cut leaves 0 samples, and the models' fbank raises on a clip of
+    a few ms, failing its whole batch. No interim goes out for so little audio either.
     """
 
-    def __init__(self, vad_chunk_ms: int, max_utterance_ms: int, idle_keep_ms: int = 1000):
+    def __init__(self, vad_chunk_ms: int, max_utterance_ms: int, idle_keep_ms: int = 1000, min_utterance_ms: int = 0):
         self._chunk_samples = ms_to_samples(vad_chunk_ms)
         self._max_utterance_ms = max_utterance_ms
+        self._min_utterance_ms = max(min_utterance_ms, 1)
+        self.dropped = 0  # utterances too short to recognise
         # While nobody speaks, keep this much audio before the VAD's position: the VAD
         # reports a start a few hundred ms after it happened (lookback + confirmation).
         self._idle_keep_ms = idle_keep_ms + vad_chunk_ms
@@ -178,7 +186,7 @@ class Timeline:
 
     def speech_so_far(self) -> tuple[int, np.ndarray] | None:
         """The unfinished utterance (its index and audio up to what the VAD has seen), for interim text."""
-        if self.speech_start_ms is None:
+        if self.speech_start_ms is None or self.sent_ms - self.speech_start_ms < self._min_utterance_ms:
             return None
         a = ms_to_samples(self.speech_start_ms - self._buffer_start_ms)
         b = ms_to_samples(self.sent_ms - self._buffer_start_ms)
@@ -230,9 +238,14 @@ class Timeline:
             self.speech_start_ms = cut_at  # the speech goes on; the VAD's end closes the next piece
         if self.speech_start_ms is None:
             self._trim(self.sent_ms - self._idle_keep_ms)
-        return done
+        return [u for u in done if u is not None]
 
-    def _cut(self, start_ms: int, end_ms: int, forced: bool) -> Utterance:
+    def _cut(self, start_ms: int, end_ms: int, forced: bool) -> Utterance | None:
+        """The utterance from start to end, or None (dropped) if it is too short to recognise."""
+        if end_ms - start_ms < self._min_utterance_ms:
+            self.dropped += 1
+            self._trim(end_ms)
+            return None
         a = ms_to_samples(start_ms - self._buffer_start_ms)
         b = ms_to_samples(end_ms - self._buffer_start_ms)
         utterance = Utterance(self.utterances_done, start_ms, end_ms, self._buffer.view()[a:b].copy(), forced)
@@ -247,9 +260,15 @@ class Timeline:
             self._buffer_start_ms += samples_to_ms(drop)
 
 
-def utterances_of(pcm: np.ndarray, segments: list[tuple[int, int]]) -> list[Utterance]:
-    """A whole recording's utterances, from the VAD's (start_ms, end_ms) segments (empty ones skipped)."""
-    return [Utterance(i, a, b, pcm[ms_to_samples(a) : ms_to_samples(b)]) for i, (a, b) in enumerate(segments) if b > a]
+def utterances_of(pcm: np.ndarray, segments: list[tuple[int, int]], min_utterance_ms: int = 0) -> list[Utterance]:
+    """A whole recording's utterances, from the VAD's (start_ms, end_ms) segments (empty ones, and
+    those shorter than `min_utterance_ms`, skipped)."""
+    shortest = max(min_utterance_ms, 1)
+    return [
+        Utterance(i, a, b, pcm[ms_to_samples(a) : ms_to_samples(b)])
+        for i, (a, b) in enumerate(segments)
+        if b - a >= shortest
+    ]
 
 
 # ---- retries: when to retry a call whose replica was lost, and when to give up -----------------
@@ -259,15 +278,20 @@ def utterances_of(pcm: np.ndarray, segments: list[tuple[int, int]]) -> list[Utte
 # waits in the handle's router until Serve has noticed the death (`health_check_period_s`) and
 # started a replacement (which reloads its model: seconds). `RetrySettings.deadline_s` bounds that
 # wait: counted from the first failure, it covers every retry and the waits between them.
+# Every try, the first included, is also bounded by `RetrySettings.try_timeout_s`: a replica that
+# takes a call and never answers (wedged, not dead) must not hold a session for ever. A try that
+# runs out is not retried: it is cancelled on the replica, and sending it again would only queue it
+# behind the same backlog.
 
 
 class ReplicaLostError(RuntimeError):
-    """A replica was lost and no other answered within the retry budget."""
+    """A replica was lost and no other answered within the retry budget, or a try got no answer
+    within `retry.try_timeout_s`."""
 
 
 class RetryClock:
     """The retries of one call. `failed()` after each failure says how long to wait before the
-    next try, or None once the budget is spent; `remaining_s()` bounds a try after a failure."""
+    next try, or None once the budget is spent; `remaining_s()` bounds each try."""
 
     def __init__(self, settings: RetrySettings, now: Callable[[], float] = time.monotonic):
         self.settings = settings
@@ -292,12 +316,22 @@ class RetryClock:
         self.retries += 1
         return min(wait, left)
 
-    def remaining_s(self) -> float | None:
-        """Time the next try may take: None before any failure (a first try is never timed: it may
-        queue behind other sessions' work under load), else what is left of the deadline."""
+    def remaining_s(self) -> float:
+        """Time the next try may take: `try_timeout_s` (generous: a first try may queue behind
+        other sessions' work under load), and after a failure no more than what is left of the
+        deadline."""
         if self._first_failure is None:
-            return None
-        return max(self.settings.deadline_s - (self._now() - self._first_failure), 0.0)
+            return self.settings.try_timeout_s
+        left = self.settings.deadline_s - (self._now() - self._first_failure)
+        return max(min(self.settings.try_timeout_s, left), 0.0)
+
+    def timeout_error(self, what: str, limit_s: float) -> ReplicaLostError:
+        """The error for a try that got no answer within `limit_s`, naming the setting that set it."""
+        if self._first_failure is not None and limit_s < self.settings.try_timeout_s:
+            return ReplicaLostError(
+                f"{what} replica lost; none answered within {self.settings.deadline_s:g} s (retry.deadline_s)"
+            )
+        return ReplicaLostError(f"{what} gave no answer within {limit_s:g} s (retry.try_timeout_s)")
 
 
 # ---- model calls -------------------------------------------------------------------------------
@@ -311,19 +345,27 @@ class ModelCalls:
         self, vad, asr, speaker, retry: RetrySettings, models_label: str,
         speaker_enabled: bool = True, default_group: str = "default",
         vad_batch_interval_ms: int = 100, vad_sessions_per_lane: int = 50,
-        asr_waits: Callable[[], AbstractContextManager] = nullcontext,
+        asr_waits: Callable[[], AbstractContextManager] = nullcontext, speaker_min_ms: int = 0,
     ):  # fmt: skip
         self.vad, self.asr, self.speaker = vad, asr, speaker
         self.retry = retry
         self.models_label = models_label
         self.speaker_enabled = speaker_enabled
+        self.speaker_min_ms = speaker_min_ms  # shorter utterances are not sent to the Speaker
         self.default_group = default_group  # voiceprints matched when the client names no group
         self.vad_lanes = VadLanes(self._feed_many, vad_batch_interval_ms, vad_sessions_per_lane)
         self._asr_waits = asr_waits  # around each final's SenseVoice call (admission by compute watches it)
         self._closing: set[asyncio.Task] = set()
 
-    def _feed_many(self, lane: str, items: list[VadItem]) -> Awaitable[list[VadFeedResult]]:
-        return _awaited(self.vad.feed_many.remote(lane, items))
+    async def _feed_many(self, lane: str, items: list[VadItem]) -> list[VadFeedResult]:
+        """One lane's call. Bounded here, not only by each caller's try: a lane makes one call at a
+        time, so a call that never returned would block every session of the lane."""
+        try:
+            return await asyncio.wait_for(awaited(self.vad.feed_many.remote(lane, items)), self.retry.try_timeout_s)
+        except TimeoutError:
+            raise ReplicaLostError(
+                f"VADHost gave no answer within {self.retry.try_timeout_s:g} s (retry.try_timeout_s)"
+            ) from None
 
     async def feed_vad(self, sid: str, timeline: Timeline, chunk: VadChunk) -> tuple[VadFeedResult, int]:
         """Send one chunk; if the session's VAD state is gone, replay the unfinished audio.
@@ -365,17 +407,14 @@ class ModelCalls:
         return segments
 
     async def _try(self, clock: RetryClock, call: Callable[[], Awaitable], what: str):
-        """One try. A try after a failure gets only the time left in the budget: with one replica
-        it waits in Serve's router for the replacement, and that wait must end."""
+        """One try, bounded: by `try_timeout_s`, and after a failure by the time left in the
+        budget (with one replica a retry waits in Serve's router for the replacement, and that
+        wait must end). A try that runs out is cancelled on its replica."""
         left = clock.remaining_s()
-        if left is None:
-            return await _awaited(call())
         try:
-            return await asyncio.wait_for(_awaited(call()), left)
+            return await asyncio.wait_for(awaited(call()), left)
         except TimeoutError:
-            raise ReplicaLostError(
-                f"{what} replica lost; none answered within {clock.settings.deadline_s:g} s (retry.deadline_s)"
-            ) from None
+            raise clock.timeout_error(what, left) from None
 
     async def _before_retry(self, clock: RetryClock, exc: Exception, what: str, session_id: str) -> None:
         wait = clock.failed()
@@ -409,8 +448,10 @@ class ModelCalls:
         return transcript, _ms_since(started), retries
 
     async def transcribe_interim(self, pcm: np.ndarray, options: RecognitionOptions) -> Transcript:
-        """Text of an unfinished utterance; runs behind every final on the SenseVoice replica."""
-        return await _awaited(self.asr.transcribe_interim.remote(AsrRequest(pcm, options.language, options.use_itn)))
+        """Text of an unfinished utterance; runs behind every final on the SenseVoice replica.
+        Bounded like any try, or a wedged replica would keep the stream's one interim for ever."""
+        request = AsrRequest(pcm, options.language, options.use_itn)
+        return await asyncio.wait_for(awaited(self.asr.transcribe_interim.remote(request)), self.retry.try_timeout_s)
 
     async def embed(
         self, pcm: np.ndarray, group: str | None, session_id: str
@@ -424,15 +465,42 @@ class ModelCalls:
         embedding, retries = await self._retrying(partial(self.speaker.embed.remote, request), "Speaker", session_id)
         return embedding, _ms_since(started), retries
 
+    async def _speaker_of(
+        self, utt: Utterance, group: str, session_id: str
+    ) -> tuple[SpeakerEmbedding | None, str | None, float, int]:
+        """The utterance's usable embedding, or None and why not; round trip in ms; retries.
+        Never raises (but for cancellation): a Speaker failure must not cost the transcript."""
+        if not self.speaker_enabled:
+            return None, None, 0.0, 0
+        if utt.end_ms - utt.start_ms < self.speaker_min_ms:
+            return None, "too_short", 0.0, 0
+        try:
+            embedding, spk_ms, retries = await self.embed(utt.pcm, group, session_id)
+        except Exception as exc:
+            logger.warning("session %s: speaker of utterance %d failed (%s: %s); its text goes out with speaker "
+                           "unknown", session_id, utt.index, type(exc).__name__, exc)  # fmt: skip
+            return None, "speaker_failed", 0.0, 0
+        if embedding is None or not usable_embedding(embedding.vector):
+            logger.warning("session %s: the speaker model gave no usable embedding for utterance %d (%d ms)",
+                           session_id, utt.index, utt.end_ms - utt.start_ms)  # fmt: skip
+            return None, "no_embedding", spk_ms, retries
+        return embedding, None, spk_ms, retries
+
     async def recognise(
         self, session_id: str, utt: Utterance, options: RecognitionOptions
     ) -> tuple[UtteranceResult, SpeakerEmbedding | None]:
-        """Transcript and speaker embedding of one utterance, computed concurrently."""
+        """Transcript and speaker embedding of one utterance, computed concurrently. Only a
+        transcription failure fails the utterance; a Speaker failure leaves the speaker unknown,
+        with a reason."""
         group = options.speaker_group or self.default_group
-        (transcript, asr_ms, asr_retries), (embedding, spk_ms, spk_retries) = await asyncio.gather(
-            self.transcribe(utt.pcm, options, session_id), self.embed(utt.pcm, group, session_id)
-        )
-        speaker = SpeakerInfo()
+        speaker_call = asyncio.ensure_future(self._speaker_of(utt, group, session_id))
+        try:
+            transcript, asr_ms, asr_retries = await self.transcribe(utt.pcm, options, session_id)
+        except BaseException:
+            speaker_call.cancel()  # nobody will read it
+            raise
+        embedding, reason, spk_ms, spk_retries = await speaker_call
+        speaker = SpeakerInfo(reason=reason)
         if embedding is not None:
             speaker = SpeakerInfo(embedding.label, embedding.score, embedding.speaker_id, f"{session_id}:{utt.index}")
         if embedding is not None and options.return_embedding:
@@ -461,11 +529,13 @@ class UtteranceStreams:
         self.models = models
         self.vad_chunk_ms, self.max_utterance_ms = ingress.vad_chunk_ms, ingress.max_utterance_ms
         self.max_in_flight = ingress.max_utterances_in_flight
+        self.min_utterance_ms = ingress.min_utterance_ms
         self.keep_embeddings = keep_embeddings
         self.metrics = metrics
 
     def timeline(self) -> Timeline:
-        return Timeline(vad_chunk_ms=self.vad_chunk_ms, max_utterance_ms=self.max_utterance_ms)
+        return Timeline(vad_chunk_ms=self.vad_chunk_ms, max_utterance_ms=self.max_utterance_ms,
+                        min_utterance_ms=self.min_utterance_ms)  # fmt: skip
 
     def open(self, session_id: str, options: RecognitionOptions, on_result, on_failure, **interim) -> UtteranceStream:
         """A new stream; `interim`: `on_interim` and `interim_interval_ms` (see UtteranceStream)."""

@@ -9,6 +9,8 @@ waits in a proxy queue. Two layers:
     application: the overall cap and the per-device connection limit.
 This replica re-syncs its live sessions with the registry periodically (dropping sessions whose
 release was lost); admissions are numbered so a sync never drops one admitted after its snapshot.
+Every registry call is bounded by `registry_timeout_s`: a registry that is restarting may take a
+call and not answer, and a new session must then be admitted unchecked, not wait for ever.
 
 Draining: Ingress draining: what a replica does once Serve has decided to stop it.
 
@@ -38,6 +40,7 @@ from ray import serve
 from serve_app.ingress.capacity import ComputeAdmission
 from serve_app.ingress.connection import DRAINING, Connection
 from serve_app.ingress.metrics import IngressMetrics
+from serve_app.ingress.recognition import awaited
 from serve_app.ingress.security import DeviceAuth
 from serve_app.settings import AdmissionSettings, IngressSettings
 from serve_app.wire import CLOSE_TRY_AGAIN_LATER, Refusal
@@ -110,18 +113,23 @@ class Sessions:
         self._admit_seq += 1
         self._admitting.add(session_id)
         try:
-            return await self.registry.admit.remote(session_id, self._replica_id, device, self._admit_seq,
-                                                    self.compute.sessions_cap())  # fmt: skip
-        except Exception:
+            return await self._registry_call("admit", session_id, self._replica_id, device, self._admit_seq,
+                                             self.compute.sessions_cap())  # fmt: skip
+        except Exception:  # TimeoutError included
             logger.warning("session %s: session registry unavailable; admitted unchecked", session_id,
                            exc_info=True)  # fmt: skip
             return None
         finally:  # from here to `self.live[...] = conn` nothing awaits: no sync sees a gap
             self._admitting.discard(session_id)
 
+    async def _registry_call(self, method: str, *args):
+        """One registry call, cancelled on the registry if it takes over `registry_timeout_s`."""
+        response = getattr(self.registry, method).remote(*args)
+        return await asyncio.wait_for(awaited(response), self.admission.registry_timeout_s)
+
     async def _release(self, session_id: str) -> None:
         try:
-            await self.registry.release.remote(session_id)
+            await self._registry_call("release", session_id)
         except Exception:  # the periodic sync corrects the registry
             logger.info("session %s: registry release failed; the next sync corrects it", session_id)
 
@@ -136,7 +144,7 @@ class Sessions:
                     logger.info("could not count SenseVoice replicas; keeping %d", self.compute.asr_replicas)
             try:
                 live = [*self.live, *self._admitting]  # taken together with the number below
-                await self.registry.sync.remote(self._replica_id, live, self._admit_seq)
+                await self._registry_call("sync", self._replica_id, live, self._admit_seq)
             except Exception:
                 logger.info("session registry sync failed; retrying in %g s", self.admission.sync_s)
 

@@ -1,12 +1,17 @@
 """The admin API `/v1/speakers*`: voiceprint enrolment (create, list, get, rename, re-enrol,
 delete). Pure request checks first, then the route bodies. The admin token is checked once, by
 the `admin_only` dependency every route of this API declares (deployment.py).
+
+Every store call runs in a worker thread (`_db`): SQLite blocks, up to its 30 s lock wait, and
+the event loop it would block is every live session's on this replica.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import asdict
+from typing import TypeVar
 
 import numpy as np
 from fastapi import HTTPException, Request
@@ -22,6 +27,7 @@ from serve_app.settings import IngressSettings, VoiceprintSettings
 from serve_app.voiceprints import Voiceprint, VoiceprintStore
 from serve_app.wire import AudioFormatError
 
+T = TypeVar("T")
 NAME = Field(..., min_length=1, max_length=64, description="Shown as `speaker.label` in results.")
 
 
@@ -98,7 +104,7 @@ class SpeakerAdmin:
             raise HTTPException(exc.status, str(exc)) from None
         model, vectors = await self._embed_clips(await self._decode(files))
         group = text_field(form, "group") or self.settings.default_group
-        return voiceprint_json(self.store.create(name, group, model, vectors))
+        return voiceprint_json(await _db(self.store.create, name, group, model, vectors))
 
     async def enroll_from_session(self, request: Request, live: dict) -> dict:
         body = await _json_body(request, EnrollFromSession)
@@ -110,27 +116,27 @@ class SpeakerAdmin:
             raise HTTPException(409, "the session has no finished utterance yet")
         group = body.group or conn.stream.options.speaker_group or self.settings.default_group
         model = recent[0][1].model
-        return voiceprint_json(self.store.create(body.name, group, model, [e.vector for _, e in recent]))
+        return voiceprint_json(await _db(self.store.create, body.name, group, model, [e.vector for _, e in recent]))
 
-    def list(self, group: str | None) -> dict:
-        return {"speakers": [voiceprint_json(v) for v in self.store.list(group)]}
+    async def list(self, group: str | None) -> dict:
+        return {"speakers": [voiceprint_json(v) for v in await _db(self.store.list, group)]}
 
-    def get(self, speaker_id: str) -> dict:
-        return _found(self.store.get(speaker_id))
+    async def get(self, speaker_id: str) -> dict:
+        return _found(await _db(self.store.get, speaker_id))
 
     async def rename(self, request: Request, speaker_id: str) -> dict:
         body = await _json_body(request, RenameRequest)
-        return _found(self.store.rename(speaker_id, body.name.strip()))
+        return _found(await _db(self.store.rename, speaker_id, body.name.strip()))
 
     async def reenroll(self, request: Request, speaker_id: str) -> dict:
-        if self.store.get(speaker_id) is None:
+        if await _db(self.store.get, speaker_id) is None:
             raise HTTPException(404, "no such speaker")
         _, files = await self._enrolment_form(request)
         model, vectors = await self._embed_clips(await self._decode(files))
-        return _found(self.store.replace_embeddings(speaker_id, model, vectors))
+        return _found(await _db(self.store.replace_embeddings, speaker_id, model, vectors))
 
-    def delete(self, speaker_id: str) -> Response:
-        if not self.store.delete(speaker_id):
+    async def delete(self, speaker_id: str) -> Response:
+        if not await _db(self.store.delete, speaker_id):
             raise HTTPException(404, "no such speaker")
         return Response(status_code=204)
 
@@ -157,6 +163,11 @@ class SpeakerAdmin:
             return await asyncio.to_thread(decode_uploads, files, self.settings)
         except EnrollmentError as exc:
             raise HTTPException(exc.status, str(exc)) from None
+
+
+async def _db(call: Callable[..., T], *args) -> T:
+    """A store call in a worker thread (the store keeps one SQLite connection per thread)."""
+    return await asyncio.to_thread(call, *args)
 
 
 async def _json_body(request: Request, model: type[BaseModel]):

@@ -189,3 +189,23 @@ def test_vad_batched_step_keeps_sessions_apart_and_fails_a_bad_chunk_alone(vad, 
         events["n"] += results[2].events
     assert pairs(events["m"]) == pairs(events["n"]) == pairs(stream(vad, "alone", two_utterances))
     assert vad.live_sessions == 0
+
+
+def test_vad_forgets_sessions_nobody_has_fed_for_session_idle_s(tiny_models, two_utterances):
+    """An Ingress that crashed never sends `final` or a close: its sessions' state must not stay on
+    the VADHost for ever (it counts in live_sessions, which drives routing and autoscaling)."""
+    from serve_app.wire import VadChunk, VadItem
+
+    now = [1000.0]
+    vad = VadCore(tiny_models.vad, VadSettings(session_idle_s=300), clock=lambda: now[0])
+    chunk = two_utterances[:3200]
+    vad.feed_many([VadItem("orphan", VadChunk(chunk, 0)), VadItem("alive", VadChunk(chunk, 0))])
+    now[0] += 200
+    vad.feed_many([VadItem("alive", VadChunk(chunk, 200))])
+    assert vad.live_sessions == 2
+    now[0] += 150  # orphan: 350 s without audio; alive: 150 s
+    assert vad.live_sessions == 1  # stats are right before any call comes (all callers may be gone)
+    vad.feed_many([VadItem("alive", VadChunk(chunk, 400))])
+    assert set(vad._streams) == {"alive"}  # its memory is freed at the next call
+    # Should the orphan come back after all, it is asked to replay, as after a replica change.
+    assert vad.feed("orphan", chunk, 200).state_lost

@@ -270,7 +270,12 @@ def test_utterances_in_flight_per_session_are_capped():
         metrics = type("M", (), {"vad_call": lambda self, ms: None})()
         stream = UtteranceStream("s1", Timeline(200, 30_000), models, metrics, RecognitionOptions(),
                                  on_result, on_result, max_in_flight=3)  # fmt: skip
-        pushing = asyncio.create_task(stream.push(np.zeros(16_000 * 4, dtype=np.int16)))  # 20 utterances
+
+        async def push_frames():  # 20 frames of 200 ms, each ending an utterance (one frame of 4 s would
+            for _ in range(20):  # have its chunks' events land behind the trimmed buffer: empty utterances)
+                await stream.push(np.zeros(3200, dtype=np.int16))
+
+        pushing = asyncio.create_task(push_frames())
         for _ in range(50):
             await asyncio.sleep(0.01)
         blocked = not pushing.done()

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from serve_app.ingress.recognition import Timeline
+from serve_app.ingress.recognition import Timeline, utterances_of
 from serve_app.wire import VadEvent
 
 
@@ -124,3 +124,35 @@ def test_abort_drops_the_utterance_in_progress():
     assert chunk.restart and chunk.start_ms == 400
     (utt,) = s.on_vad_events([VadEvent("start", 420), VadEvent("end", 480)])
     assert (utt.index, utt.start_ms) == (0, 420)  # nothing of the aborted speech is left
+
+
+def test_a_vad_end_at_a_force_cut_gives_no_empty_utterance():
+    """A VAD end at or before a force-cut used to make a 0-sample utterance; funasr's fbank raises on
+    it, and the whole model batch (other sessions' utterances too) failed with it."""
+    s = Timeline(vad_chunk_ms=100, max_utterance_ms=1000, min_utterance_ms=50)
+    s.add_audio(tone(600))
+    s.on_vad_events([VadEvent("start", 0)])
+    s.add_audio(tone(600))
+    (cut,) = s.on_vad_events([])
+    assert (cut.index, cut.end_ms, cut.forced_cut) == (0, 1200, True)
+    assert s.on_vad_events([VadEvent("end", 1150)]) == []  # nothing is left after the cut: dropped
+    assert s.speech_start_ms is None and s.dropped == 1
+    s.add_audio(tone(500))
+    (nxt,) = s.on_vad_events([VadEvent("start", 1300), VadEvent("end", 1600)])
+    assert nxt.index == 1  # indices stay contiguous: the client never sees a gap
+
+
+def test_utterances_shorter_than_the_minimum_are_dropped_everywhere():
+    s = Timeline(vad_chunk_ms=100, max_utterance_ms=30_000, min_utterance_ms=50)
+    s.add_audio(tone(500))
+    assert s.on_vad_events([VadEvent("start", 100), VadEvent("end", 130)]) == []  # 30 ms: a click
+    (kept,) = s.on_vad_events([VadEvent("start", 200), VadEvent("end", 250)])  # 50 ms: kept
+    assert (kept.index, len(kept.pcm)) == (0, 50 * 16)
+    s.begin_manual()  # push-to-talk released after 20 ms
+    s.add_audio(tone(20))
+    assert s.end_manual() is None
+    s.add_audio(tone(300))
+    s.on_vad_events([VadEvent("start", s.sent_ms - 10)])
+    assert s.speech_so_far() is None  # no interim for 10 ms of audio either
+    pcm = tone(1000)
+    assert [(u.start_ms, u.end_ms) for u in utterances_of(pcm, [(0, 0), (10, 40), (100, 400)], 50)] == [(100, 400)]

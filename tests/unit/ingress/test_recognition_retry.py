@@ -1,10 +1,16 @@
-"""The retry clock for calls whose replica was lost (the integration tests kill real replicas)."""
+"""The retry clock for calls whose replica was lost (the integration tests kill real replicas), and
+the bound on every try (a replica that takes a call and never answers)."""
 
+import asyncio
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 import yaml
 
-from serve_app.ingress.recognition import RetryClock
+from serve_app.ingress.recognition import ModelCalls, RecognitionOptions, ReplicaLostError, RetryClock, Timeline
 from serve_app.settings import AppSettings, RetrySettings
+from serve_app.wire import VadChunk, VadFeedResult
 
 
 class FakeTime:
@@ -18,7 +24,6 @@ class FakeTime:
 def test_first_retry_is_immediate_then_backoff_doubles_up_to_the_cap():
     now = FakeTime()
     clock = RetryClock(RetrySettings(deadline_s=1000, backoff_s=0.5, max_backoff_s=3), now)
-    assert clock.remaining_s() is None  # a first try is never timed
     waits = [clock.failed() for _ in range(6)]
     assert waits == [0.0, 0.5, 1.0, 2.0, 3.0, 3.0]
     assert clock.retries == 6
@@ -59,3 +64,72 @@ def test_shipped_config_sets_the_retry_budget_and_fast_health_checks():
 def test_bad_retry_settings_are_refused(bad):
     with pytest.raises(ValueError):
         AppSettings(retry=bad)
+
+
+def test_every_try_is_bounded_the_first_one_too():
+    now = FakeTime()
+    clock = RetryClock(RetrySettings(deadline_s=60, try_timeout_s=20), now)
+    assert clock.remaining_s() == 20  # a wedged replica cannot hold a first try for ever
+    assert clock.failed() == 0.0
+    assert clock.remaining_s() == 20  # after a failure: the smaller of the try bound and the budget left
+    now.t += 50
+    assert clock.remaining_s() == 10
+
+
+class Wedged:
+    """A Serve response from a replica that took the call and never answers; records the cancel."""
+
+    def __init__(self, log: list):
+        self.future = asyncio.get_running_loop().create_future()
+        self.cancelled = False
+        log.append(self)
+
+    def __await__(self):
+        return self.future.__await__()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def test_a_wedged_model_replica_fails_the_call_after_try_timeout_s_and_the_request_is_cancelled():
+    """Before, a first try had no bound: one utterance on a wedged SenseVoice held the session's
+    in-order results and finish() for ever. Now it fails (recognition_failed) and the rest go on."""
+    sent: list[Wedged] = []
+
+    async def scenario():
+        asr = SimpleNamespace(transcribe=SimpleNamespace(remote=lambda request: Wedged(sent)))
+        calls = ModelCalls(None, asr, None, RetrySettings(try_timeout_s=0.05), "test")
+        with pytest.raises(ReplicaLostError, match="try_timeout_s"):
+            await asyncio.wait_for(calls.transcribe(np.zeros(1600, np.int16), RecognitionOptions(), "s1"), 5)
+
+    asyncio.run(scenario())
+    assert len(sent) == 1 and sent[0].cancelled  # not retried (it would queue again); dropped on the replica
+
+
+def test_a_wedged_vad_call_frees_its_lane_for_the_next_call():
+    """A lane makes one VADHost call at a time: a call that never returned blocked every session of
+    the lane for ever. Now the call fails after try_timeout_s (its sessions close with `internal`)
+    and the lane's next call goes out. Both sessions share the one lane."""
+    sent: list = []
+
+    def feed_many(lane, items):
+        if not sent:
+            return Wedged(sent)
+        sent.append(items)
+
+        async def answer():
+            return [VadFeedResult(events=[]) for _ in items]
+
+        return answer()
+
+    async def scenario():
+        vad = SimpleNamespace(feed_many=SimpleNamespace(remote=feed_many))
+        calls = ModelCalls(vad, None, None, RetrySettings(try_timeout_s=0.05), "test", vad_batch_interval_ms=0)
+        chunk = VadChunk(np.zeros(3200, np.int16), 0)
+        with pytest.raises(ReplicaLostError):
+            await asyncio.wait_for(calls.feed_vad("a", Timeline(200, 30_000), chunk), 5)
+        result, _ = await asyncio.wait_for(calls.feed_vad("b", Timeline(200, 30_000), chunk), 5)
+        return result
+
+    assert asyncio.run(scenario()).events == []
+    assert sent[0].cancelled and [item.session_id for item in sent[1]] == ["b"]

@@ -254,3 +254,40 @@ def test_the_slot_is_given_back_even_when_serve_cancels_the_request_as_its_clien
         return registry.released
 
     assert asyncio.run(scenario()) == ["s9"]
+
+
+def test_a_registry_that_never_answers_admits_unchecked_and_release_does_not_hang():
+    """A restarting registry may take calls and not answer: new connections hung in admission for
+    ever instead of taking the documented "admitted unchecked" way, and the release held the
+    request open. Both calls are bounded by admission.registry_timeout_s and cancelled after it."""
+    from types import SimpleNamespace
+
+    from serve_app.ingress.security import Identity
+    from serve_app.ingress.sessions import Sessions
+
+    calls: list[HungResponse] = []
+    registry = SimpleNamespace(admit=SimpleNamespace(remote=lambda *args: HungResponse(calls)),
+                               release=SimpleNamespace(remote=lambda *args: HungResponse(calls)))  # fmt: skip
+    ran = []
+
+    class Conn:
+        session_id, protocol = "s10", "plain"
+        identity = Identity()
+
+        async def authenticate(self, auth):
+            return True
+
+        async def run(self):
+            ran.append(self.session_id)
+
+    async def scenario():
+        settings = AppSettings(admission={"registry_timeout_s": 0.05})
+        sessions = Sessions(registry, settings.admission, settings.ingress, None, IngressMetrics())
+        sessions._drain = DrainWatch(None, "r", 1, 60, 10)  # no Serve here: background tasks stay off
+        sessions._replica_id = "r"
+        await asyncio.wait_for(sessions.serve(Conn()), 5)
+        return sessions
+
+    sessions = asyncio.run(scenario())
+    assert ran == ["s10"] and not sessions.live  # admitted unchecked, served, released
+    assert len(calls) == 2 and all(call.cancelled for call in calls)  # admit, release: both given up
