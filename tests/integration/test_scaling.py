@@ -158,6 +158,7 @@ class LoopingDevice(threading.Thread):
         self.sent = 0  # bytes of audio taken by the service, over all connections (loops x file size)
         self.connections: list[dict] = []  # per connection: results, close code, error frames
         self.failure: BaseException | None = None
+        self.refused_at_connect = 0  # refused by a stopping replica at connect (1012), then reconnected
 
     @property
     def loops(self) -> int:
@@ -183,11 +184,17 @@ class LoopingDevice(threading.Thread):
         start, n = self.sent, len(self.pcm)
         pos = start
         conn = {"results": [], "close": None, "errors": [], "done": None}
-        self.connections.append(conn)
         with connect(self.url + "/v1/stream", max_size=None, open_timeout=30) as ws:
-            assert json.loads(ws.recv(timeout=60))["type"] == "ready"
+            hello = json.loads(ws.recv(timeout=60))
+            if hello.get("code") == "reconnect":
+                # A replica that has just begun to stop refuses new sessions with 1012 (a connection
+                # the proxy routed to it a moment before); a device reconnects, as after a move.
+                self.refused_at_connect += 1
+                return True
+            assert hello["type"] == "ready", hello
+            self.connections.append(conn)
             ws.send(json.dumps({"type": "start", "sample_rate": 16000}))
-            assert json.loads(ws.recv(timeout=60))["type"] == "ready"
+            assert (started := json.loads(ws.recv(timeout=60)))["type"] == "ready", started
             reader = threading.Thread(target=self._read, args=(ws, conn), daemon=True)
             reader.start()
             next_at = time.monotonic()
