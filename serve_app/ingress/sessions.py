@@ -77,6 +77,8 @@ class Sessions:
         self._drain: DrainWatch | None = None  # started with the first session (needs the event loop)
         self._admit_seq = 0  # numbers our admissions, so a registry sync cannot drop a newer one
         self._admitting: set[str] = set()  # sessions whose admission is on its way
+        self._asr_counted: asyncio.Future | None = None  # the first count of SenseVoice replicas
+        self._app_name = ""  # set with the first session, from the replica context
 
     async def serve(self, conn: Connection) -> None:
         """Authenticate (credentials parsed once), admit under that identity, run the connection
@@ -85,6 +87,9 @@ class Sessions:
             return  # refused before any registry call, slot or metric of an admitted session
         session_id = conn.session_id
         self._start_background()
+        if self._asr_counted is None:  # the compute cap needs the replica count before the first admission
+            self._asr_counted = asyncio.ensure_future(self._count_asr_replicas())
+        await asyncio.shield(self._asr_counted)
         refusal = self._local_refusal() or await self._register(session_id, conn.identity.device_id)
         if refusal is not None:
             self.metrics.session_rejected(conn.protocol, refusal.code)
@@ -133,15 +138,21 @@ class Sessions:
         except Exception:  # the periodic sync corrects the registry
             logger.info("session %s: registry release failed; the next sync corrects it", session_id)
 
+    async def _count_asr_replicas(self) -> None:
+        """The compute cap follows the running SenseVoice replicas (bounded: the controller may be busy)."""
+        if self.admission.sessions_per_asr_replica is None:
+            return
+        try:
+            states = await asyncio.wait_for(controller_states(self._app_name, ASR_DEPLOYMENT),
+                                            self.admission.registry_timeout_s)  # fmt: skip
+            self.compute.asr_replicas = sum(state == RUNNING for state in states.values())
+        except Exception:
+            logger.info("could not count SenseVoice replicas; keeping %d", self.compute.asr_replicas)
+
     async def _sync_registry(self) -> None:
         while True:
             await asyncio.sleep(self.admission.sync_s)
-            if self.admission.sessions_per_asr_replica is not None:
-                try:  # the compute cap follows the running SenseVoice replicas
-                    states = await controller_states(self._app_name, ASR_DEPLOYMENT)
-                    self.compute.asr_replicas = sum(state == RUNNING for state in states.values())
-                except Exception:
-                    logger.info("could not count SenseVoice replicas; keeping %d", self.compute.asr_replicas)
+            await self._count_asr_replicas()
             try:
                 live = [*self.live, *self._admitting]  # taken together with the number below
                 await self._registry_call("sync", self._replica_id, live, self._admit_seq)

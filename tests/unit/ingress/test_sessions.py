@@ -291,3 +291,56 @@ def test_a_registry_that_never_answers_admits_unchecked_and_release_does_not_han
     sessions = asyncio.run(scenario())
     assert ran == ["s10"] and not sessions.live  # admitted unchecked, served, released
     assert len(calls) == 2 and all(call.cancelled for call in calls)  # admit, release: both given up
+
+
+def test_the_first_admissions_use_the_running_asr_replica_count(monkeypatch):
+    """The compute cap is sessions_per_asr_replica x running SenseVoice replicas. The count was
+    refreshed only by the periodic sync, so devices arriving together at a fresh service were
+    capped as if one replica ran (a sweep's first level of 16, cap 2 x 12, admitted 12)."""
+    from types import SimpleNamespace
+
+    from serve_app.ingress import sessions as sessions_module
+    from serve_app.ingress.security import Identity
+    from serve_app.ingress.sessions import Sessions
+
+    asked = []
+
+    async def two_running(app, deployment):
+        asked.append(deployment)
+        await asyncio.sleep(0.01)  # the controller answers after the sessions have arrived
+        return {"a": "RUNNING", "b": "RUNNING", "c": "STARTING"}
+
+    monkeypatch.setattr(sessions_module, "controller_states", two_running)
+    caps = []
+
+    async def admit(session_id, replica, device, seq, cap):
+        caps.append(cap)
+
+    async def release(session_id):
+        pass
+
+    registry = SimpleNamespace(admit=SimpleNamespace(remote=admit), release=SimpleNamespace(remote=release))
+
+    class Conn:
+        protocol = "plain"
+        identity = Identity()
+
+        def __init__(self, session_id):
+            self.session_id = session_id
+
+        async def authenticate(self, auth):
+            return True
+
+        async def run(self):
+            pass
+
+    async def scenario():
+        settings = AppSettings(admission={"sessions_per_asr_replica": 12})
+        sessions = Sessions(registry, settings.admission, settings.ingress, None, IngressMetrics())
+        sessions._drain = DrainWatch(None, "r", 1, 60, 10)  # no Serve here: background tasks stay off
+        sessions._replica_id = "r"
+        await asyncio.gather(*(sessions.serve(Conn(f"s{i}")) for i in range(3)))
+
+    asyncio.run(scenario())
+    assert caps[:3] == [24, 24, 24]  # two running replicas, counted once before the first admission
+    assert asked == ["SenseVoice"]
