@@ -251,11 +251,26 @@ class DrainWatch:
             await asyncio.sleep(self.poll_s)
 
 
+_controller = None  # the Serve controller's handle, looked up once per process
+
+
 async def controller_states(app_name: str, deployment: str) -> dict[str, str]:
-    """Replica id -> state for one deployment, from the Serve controller."""
+    """Replica id -> state for one deployment, from the Serve controller. The handle is looked up
+    in a worker thread, once: `ray.get_actor` is a blocking GCS call, and this runs on the event
+    loop every session of the replica shares (each drain poll, each sync, the first admission)."""
+    global _controller
+    if _controller is None:
+        _controller = await asyncio.to_thread(_serve_controller)
+    try:
+        details = await _controller.get_deployment_details.remote(app_name, deployment)
+    except Exception:
+        _controller = None  # look it up again next time (the controller may have been replaced)
+        raise
+    return {r.replica_id: str(r.state.value) for r in details.replicas}
+
+
+def _serve_controller():
     import ray
     from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
-    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
-    details = await controller.get_deployment_details.remote(app_name, deployment)
-    return {r.replica_id: str(r.state.value) for r in details.replicas}
+    return ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)

@@ -5,6 +5,8 @@ sessions closed for idling or for never saying hello."""
 import asyncio
 import json
 
+import pytest
+
 from serve_app.ingress.connection import DRAINING
 from serve_app.ingress.metrics import IngressMetrics
 from serve_app.ingress.plain import PlainConnection
@@ -344,3 +346,44 @@ def test_the_first_admissions_use_the_running_asr_replica_count(monkeypatch):
     asyncio.run(scenario())
     assert caps[:3] == [24, 24, 24]  # two running replicas, counted once before the first admission
     assert asked == ["SenseVoice"]
+
+
+def test_the_controller_is_looked_up_off_the_event_loop_once(monkeypatch):
+    """controller_states runs on the loop every session shares (drain polls, syncs, the first
+    admission); ray.get_actor is a blocking GCS call, so it runs in a worker thread, once, and
+    again only after a call through the handle failed."""
+    import threading
+    from types import SimpleNamespace
+
+    import ray
+
+    from serve_app.ingress import sessions as sessions_module
+
+    lookups = []
+    fail = [False]
+
+    async def details(app, deployment):
+        if fail[0]:
+            raise RuntimeError("controller restarting")
+        replica = SimpleNamespace(replica_id="r1", state=SimpleNamespace(value="RUNNING"))
+        return SimpleNamespace(replicas=[replica])
+
+    def get_actor(name, namespace):
+        lookups.append(threading.current_thread() is threading.main_thread())
+        return SimpleNamespace(get_deployment_details=SimpleNamespace(remote=details))
+
+    monkeypatch.setattr(ray, "get_actor", get_actor)
+    monkeypatch.setattr(sessions_module, "_controller", None)
+
+    async def scenario():
+        first = await sessions_module.controller_states("speech", "SenseVoice")
+        await sessions_module.controller_states("speech", "SenseVoice")
+        fail[0] = True
+        with pytest.raises(RuntimeError):
+            await sessions_module.controller_states("speech", "SenseVoice")
+        fail[0] = False
+        await sessions_module.controller_states("speech", "SenseVoice")
+        return first
+
+    assert asyncio.run(scenario()) == {"r1": "RUNNING"}
+    assert lookups == [False, False]  # in a worker thread; once, then once more after the failure
