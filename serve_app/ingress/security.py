@@ -534,11 +534,14 @@ class TokenBucket:
         self._tokens = float(burst)
         self._at = clock()
 
-    def take(self, cost: float = 1) -> bool:
-        """One event of `cost` tokens: True if within the bound (and counted), False if over it."""
+    def _refill(self) -> None:
         now = self._clock()
         self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.rate_per_s)
         self._at = now
+
+    def take(self, cost: float = 1) -> bool:
+        """One event of `cost` tokens: True if within the bound (and counted), False if over it."""
+        self._refill()
         if self._tokens < cost:
             return False
         self._tokens -= cost
@@ -547,9 +550,7 @@ class TokenBucket:
     def debit(self, cost: float) -> float:
         """Count `cost` tokens even past the bound; return the seconds to wait before going on
         so that the sustained rate holds (0 while within the burst)."""
-        now = self._clock()
-        self._tokens = min(float(self.burst), self._tokens + (now - self._at) * self.rate_per_s)
-        self._at = now
+        self._refill()
         self._tokens -= cost
         return max(0.0, -self._tokens / self.rate_per_s)
 

@@ -162,6 +162,25 @@ class HungResponse:
         self.cancelled = True
 
 
+
+class AdmittedConn:
+    """A connection as Sessions.serve sees it: authenticated (anonymous identity), then run; its
+    run records its id in `ran` (when given) and returns, as if the client had left."""
+
+    protocol = "plain"
+
+    def __init__(self, session_id: str, ran: list[str] | None = None):
+        from serve_app.ingress.security import Identity
+
+        self.session_id, self.identity, self._ran = session_id, Identity(), ran
+
+    async def authenticate(self, auth) -> bool:
+        return True
+
+    async def run(self) -> None:
+        if self._ran is not None:
+            self._ran.append(self.session_id)
+
 class HungVad:
     """A VADHost whose batched calls answer only when the test says so."""
 
@@ -214,7 +233,6 @@ def test_the_slot_is_given_back_even_when_serve_cancels_the_request_as_its_clien
     registry release in its `finally` must still go out at once, not wait for the next sync."""
     from types import SimpleNamespace
 
-    from serve_app.ingress.security import Identity
     from serve_app.ingress.sessions import Sessions
 
     class Registry:
@@ -232,23 +250,13 @@ def test_the_slot_is_given_back_even_when_serve_cancels_the_request_as_its_clien
             self.admit = SimpleNamespace(remote=admit)
             self.release = SimpleNamespace(remote=release)
 
-    class Conn:
-        session_id, protocol = "s9", "plain"
-        identity = Identity()
-
-        async def authenticate(self, auth):
-            return True
-
-        async def run(self):
-            return None  # the client has left
-
     async def scenario():
         settings = AppSettings()
         registry = Registry()
         sessions = Sessions(registry, settings.admission, settings.ingress, None, IngressMetrics())
         sessions._drain = DrainWatch(None, "r", 1, 60, 10)  # no Serve here: background tasks stay off
         sessions._replica_id = "r"
-        task = asyncio.create_task(sessions.serve(Conn()))
+        task = asyncio.create_task(sessions.serve(AdmittedConn("s9")))
         await asyncio.sleep(0.01)  # run() has returned; the release is on its way
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -264,7 +272,6 @@ def test_a_registry_that_never_answers_admits_unchecked_and_release_does_not_han
     request open. Both calls are bounded by admission.registry_timeout_s and cancelled after it."""
     from types import SimpleNamespace
 
-    from serve_app.ingress.security import Identity
     from serve_app.ingress.sessions import Sessions
 
     calls: list[HungResponse] = []
@@ -272,22 +279,12 @@ def test_a_registry_that_never_answers_admits_unchecked_and_release_does_not_han
                                release=SimpleNamespace(remote=lambda *args: HungResponse(calls)))  # fmt: skip
     ran = []
 
-    class Conn:
-        session_id, protocol = "s10", "plain"
-        identity = Identity()
-
-        async def authenticate(self, auth):
-            return True
-
-        async def run(self):
-            ran.append(self.session_id)
-
     async def scenario():
         settings = AppSettings(admission={"registry_timeout_s": 0.05})
         sessions = Sessions(registry, settings.admission, settings.ingress, None, IngressMetrics())
         sessions._drain = DrainWatch(None, "r", 1, 60, 10)  # no Serve here: background tasks stay off
         sessions._replica_id = "r"
-        await asyncio.wait_for(sessions.serve(Conn()), 5)
+        await asyncio.wait_for(sessions.serve(AdmittedConn("s10", ran)), 5)
         return sessions
 
     sessions = asyncio.run(scenario())
@@ -302,7 +299,6 @@ def test_the_first_admissions_use_the_running_asr_replica_count(monkeypatch):
     from types import SimpleNamespace
 
     from serve_app.ingress import sessions as sessions_module
-    from serve_app.ingress.security import Identity
     from serve_app.ingress.sessions import Sessions
 
     asked = []
@@ -323,25 +319,12 @@ def test_the_first_admissions_use_the_running_asr_replica_count(monkeypatch):
 
     registry = SimpleNamespace(admit=SimpleNamespace(remote=admit), release=SimpleNamespace(remote=release))
 
-    class Conn:
-        protocol = "plain"
-        identity = Identity()
-
-        def __init__(self, session_id):
-            self.session_id = session_id
-
-        async def authenticate(self, auth):
-            return True
-
-        async def run(self):
-            pass
-
     async def scenario():
         settings = AppSettings(admission={"sessions_per_asr_replica": 12})
         sessions = Sessions(registry, settings.admission, settings.ingress, None, IngressMetrics())
         sessions._drain = DrainWatch(None, "r", 1, 60, 10)  # no Serve here: background tasks stay off
         sessions._replica_id = "r"
-        await asyncio.gather(*(sessions.serve(Conn(f"s{i}")) for i in range(3)))
+        await asyncio.gather(*(sessions.serve(AdmittedConn(f"s{i}")) for i in range(3)))
 
     asyncio.run(scenario())
     assert caps[:3] == [24, 24, 24]  # two running replicas, counted once before the first admission
