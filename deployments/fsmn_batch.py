@@ -30,6 +30,7 @@ class Step:
     pcm: np.ndarray
     final: bool
     chunk_ms: int
+    end_silence_ms: int | None = None  # this session's end-of-utterance silence; None: the model's
     segments: list[list[int]] = field(default_factory=list)
     error: Exception | None = None
     # between the phases of run()
@@ -51,6 +52,7 @@ class BatchedFsmnVad:
             # generate() would then use funasr's dynamic end-silence schedule, not mirrored here
             raise ValueError("BatchedFsmnVad needs a fixed max_end_silence_time")
         self.layers = len(self.model.encoder.fsmn)
+        self._speech_to_sil_ms = self.model.vad_opts.speech_to_sil_time_thres
         self.model.ComputeScores = self._compute_scores  # this instance only: scores may come precomputed
 
     @torch.no_grad()
@@ -81,9 +83,17 @@ class BatchedFsmnVad:
     def _iterations(self, step: Step) -> int:
         if not step.cache:
             self.model.init_cache(step.cache, **self.kwargs)
+        self._end_silence(step)
         step._audio = torch.cat((step.cache["prev_samples"], torch.from_numpy(step.pcm)))
         step._stride = int(step.chunk_ms * self.frontend.fs / 1000)
         return int(len(step._audio) // step._stride + int(step.final))
+
+    def _end_silence(self, step: Step) -> None:
+        """The session's end silence, set in its own state at every step. funasr keeps the threshold
+        per session (`stats.max_end_sil_frame_cnt_thresh`, set by init_cache from the model's option,
+        and rewritten by its own dynamic schedule), so sessions of one replica may differ."""
+        silence_ms = step.end_silence_ms if step.end_silence_ms is not None else self.kwargs["max_end_silence_time"]
+        step.cache["stats"].max_end_sil_frame_cnt_thresh = max(silence_ms - self._speech_to_sil_ms, 0)
 
     def _frontend(self, step: Step, i: int = 0, final: bool | None = None) -> None:
         piece = step._audio[i * step._stride : (i + 1) * step._stride]

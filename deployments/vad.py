@@ -41,6 +41,7 @@ class _Stream:
     in_speech: bool = False
     last_pcm: np.ndarray | None = None
     last_fed: float = 0.0  # clock time of the last chunk
+    end_silence_ms: int | None = None  # the session's, from its latest chunk
 
 
 class VadCore:
@@ -115,6 +116,7 @@ class VadCore:
                 results[i] = VadFeedResult(events=[], state_lost=True)
                 continue
             try:
+                stream.end_silence_ms = item.chunk.end_silence_ms
                 steps.append((i, item, stream, self._step(stream, item.chunk.pcm, item.chunk.final)))
             except Exception as exc:
                 results[i] = self._failed(item.session_id, exc)
@@ -151,7 +153,8 @@ class VadCore:
 
     @staticmethod
     def _step(stream: _Stream, pcm: np.ndarray, final: bool) -> Step:
-        return Step(stream.cache, to_float32(pcm), final, chunk_ms=max(samples_to_ms(len(pcm)), 1))
+        chunk_ms = max(samples_to_ms(len(pcm)), 1)
+        return Step(stream.cache, to_float32(pcm), final, chunk_ms=chunk_ms, end_silence_ms=stream.end_silence_ms)
 
     def _events(self, stream: _Stream, step: Step, pcm: np.ndarray) -> list[VadEvent]:
         stream.fed_ms += samples_to_ms(len(pcm))

@@ -422,6 +422,35 @@ class FunasrSettings(_Strict):
     )
 
 
+class RealtimeSettings(_Strict):
+    """The OpenAI Realtime transcription endpoint (`/v1/realtime`): how far its clients may move our VAD."""
+
+    min_silence_duration_ms: int = Field(
+        200,
+        ge=0,
+        description="Shortest end-of-utterance silence a client may ask for (turn_detection.silence_duration_ms "
+        "is raised to it): shorter splits words at every pause.",
+    )
+    max_silence_duration_ms: int = Field(
+        3000,
+        ge=0,
+        description="Longest end-of-utterance silence a client may ask for (lowered to it): a longer one holds "
+        "the utterance, its audio and its result back that long after the speaker stops.",
+    )
+    interim_interval_ms: int | None = Field(
+        600,
+        gt=0,
+        description="Re-decode the utterance being spoken this often and send the new text as "
+        "conversation.item.input_audio_transcription.delta events (low priority on SenseVoice). null: no deltas.",
+    )
+
+    @model_validator(mode="after")
+    def _range(self) -> RealtimeSettings:
+        if self.min_silence_duration_ms > self.max_silence_duration_ms:
+            raise ValueError("realtime.min_silence_duration_ms must not exceed realtime.max_silence_duration_ms")
+        return self
+
+
 class RetrySettings(_Strict):
     """Retries of a call whose replica was lost (SenseVoice, Speaker, VADHost). With one replica
     the retry waits for its replacement: Serve notices the death within the deployment's
@@ -505,6 +534,7 @@ class AppSettings(_Strict):
     admission: AdmissionSettings = AdmissionSettings()
     xiaozhi: XiaozhiSettings = XiaozhiSettings()
     funasr: FunasrSettings = FunasrSettings()
+    realtime: RealtimeSettings = RealtimeSettings()
     security: SecuritySettings = SecuritySettings()
     retry: RetrySettings = RetrySettings()
     placement: dict[PlacementName, Placement] = Field(default_factory=_default_placement)

@@ -132,6 +132,10 @@ class VadChunk:
     start_ms: int
     final: bool = False
     restart: bool = False
+    # Silence that ends an utterance for this stream; None: the VADHost's vad.max_end_silence_ms.
+    # Carried on every chunk (applied at each step), so a change takes effect at once, and a
+    # re-pinned session's new replica uses it from its replay on.
+    end_silence_ms: int | None = None
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,38 @@ class StreamResampler:
         return pcm if self._stream is None else self._stream.resample_chunk(pcm, last=last)
 
 
+# ---- G.711 (telephony: 8 kHz, one byte a sample) -------------------------------------------------
+# Table decoders (ITU-T G.711), so nothing depends on `audioop` (deprecated in 3.11, gone in 3.13).
+
+
+def _ulaw_sample(code: int) -> int:
+    code = ~code & 0xFF
+    magnitude = ((((code & 0x0F) << 3) + 0x84) << ((code >> 4) & 0x07)) - 0x84
+    return -magnitude if code & 0x80 else magnitude
+
+
+def _alaw_sample(code: int) -> int:
+    code ^= 0x55
+    exponent, mantissa = (code >> 4) & 0x07, code & 0x0F
+    magnitude = (mantissa << 4) + 8 if exponent == 0 else ((mantissa << 4) + 0x108) << (exponent - 1)
+    return magnitude if code & 0x80 else -magnitude
+
+
+ULAW_TABLE = np.array([_ulaw_sample(c) for c in range(256)], dtype=np.int16)
+ALAW_TABLE = np.array([_alaw_sample(c) for c in range(256)], dtype=np.int16)
+G711_RATE = 8000
+
+
+def ulaw_to_pcm16(data: bytes) -> np.ndarray:
+    """G.711 mu-law bytes -> int16 samples (8 kHz, as they came)."""
+    return ULAW_TABLE[np.frombuffer(data, dtype=np.uint8)]
+
+
+def alaw_to_pcm16(data: bytes) -> np.ndarray:
+    """G.711 A-law bytes -> int16 samples (8 kHz, as they came)."""
+    return ALAW_TABLE[np.frombuffer(data, dtype=np.uint8)]
+
+
 class AudioTooLongError(AudioFormatError):
     """More audio than the caller accepts (HTTP 413)."""
 

@@ -2,7 +2,7 @@
 close), the send lock, idle and control-frame limits, moving to another replica when this one
 stops, and the pure helpers every protocol's parser uses.
 
-A protocol is one module (plain.py, xiaozhi.py, funasr.py) that fills in the hooks:
+A protocol is one module (plain.py, xiaozhi.py, funasr.py, realtime.py) that fills in the hooks:
 `render_error()`, `open()` (optional: what happens before the first frame), `on_frame()` and
 `on_result()`.
 
@@ -68,11 +68,13 @@ RECONNECT_POLL_S = 0.1  # while asked to reconnect: how often to look for a paus
 
 
 class ProtocolError(ValueError):
-    """The client broke the protocol. `code` goes into the error frame."""
+    """The client broke the protocol. `code` goes into the error frame; `param` names the field
+    at fault, for protocols whose error frames say so (Realtime)."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, param: str | None = None):
         super().__init__(message)
         self.code = code
+        self.param = param
 
 
 _BRIEF_CHARS = 40
@@ -151,7 +153,11 @@ class Connection:
     connection's life (read-only). A stream may have an id of its own (`start_stream(stream_id=)`,
     FunASR's second file): that one names its VAD state, never the session."""
 
-    protocol = "?"  # metrics tag: plain, xiaozhi, funasr
+    protocol = "?"  # metrics tag: plain, xiaozhi, funasr, realtime
+    # Every text frame counts against the control budget as it is taken from the inbox. A protocol
+    # whose audio comes in text frames (Realtime's base64 appends) sets False and counts its
+    # control events itself, once parsed (`count_control`).
+    text_is_control = True
 
     def __init__(
         self,
@@ -192,6 +198,10 @@ class Connection:
     # ---- the hooks a protocol fills in ------------------------------------------------------
     def render_error(self, code: str, message: str) -> str:
         raise NotImplementedError
+
+    def render_protocol_error(self, exc: ProtocolError) -> str:
+        """The error frame for a client mistake; protocols that name the field at fault override it."""
+        return self.render_error(exc.code, str(exc))
 
     async def open(self) -> bool:
         """Before the first frame (after admission). False if the connection is already closed."""
@@ -326,7 +336,7 @@ class Connection:
     async def answer(self, exc: ProtocolError) -> bool:
         """A client mistake: a fatal one closes the connection (False); others are reported."""
         if exc.code in FATAL_ERRORS:
-            await self.close_with_error(exc.code, str(exc), FATAL_ERRORS[exc.code])
+            await self.close_with_error(exc.code, str(exc), FATAL_ERRORS[exc.code], self.render_protocol_error(exc))
             return False
         await self.report(exc)
         return True
@@ -337,7 +347,7 @@ class Connection:
         limit = self.limits.max_protocol_errors
         if self.protocol_errors > limit:
             raise SessionLimitExceeded("too_many_errors", f"more than {limit} protocol errors (last: {exc.code})")
-        await self.send(self.render_error(exc.code, str(exc)))
+        await self.send(self.render_protocol_error(exc))
 
     async def receive(self, timeout_s: float | None = None) -> dict:
         """The next frame. Raises WebSocketDisconnect when the client has gone,
@@ -374,7 +384,7 @@ class Connection:
         self.intake.handled(message)
         if not self.intake.behind:
             self._caught_up.set()
-        if message.get("text") is not None:
+        if message.get("text") is not None and self.text_is_control:
             self.count_control()
         return message
 

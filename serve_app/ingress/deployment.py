@@ -6,6 +6,7 @@ Routes
   WS   /v1/stream                 plain JSON protocol (plain.py)
   WS   /xiaozhi/v1/               Xiaozhi devices: Opus, hello/listen/abort, stt (xiaozhi.py)
   WS   /  and  /funasr            FunASR runtime protocol, subprotocol "binary" (funasr.py)
+  WS   /v1/realtime               OpenAI Realtime API, transcription sessions (realtime.py)
   POST /v1/audio/transcriptions   whole files, shaped like OpenAI's endpoint (files.py)
   /v1/speakers ...                voiceprint enrolment: create, list, get, rename, re-enrol, delete (speakers.py)
 
@@ -27,6 +28,7 @@ from serve_app.ingress.funasr import FunasrConnection
 from serve_app.ingress.health import DeploymentStates, serve_deployment_states
 from serve_app.ingress.metrics import IngressMetrics
 from serve_app.ingress.plain import PlainConnection
+from serve_app.ingress.realtime import RealtimeConnection
 from serve_app.ingress.recognition import ModelCalls, UtteranceStreams, live_stream_tasks
 from serve_app.ingress.security import AdminAuth, DeviceAuth, install_redaction, serve_bind_host
 from serve_app.ingress.sessions import Sessions
@@ -64,6 +66,7 @@ class Ingress:
         self.models = models
         self.limits = settings.ingress
         self.xiaozhi_settings, self.funasr_settings = settings.xiaozhi, settings.funasr
+        self.realtime_settings, self.vad_settings = settings.realtime, settings.vad
         self.metrics = IngressMetrics()
         security = settings.security
         # A secret set but too short raises InsecureSecret here: the replica does not start, and
@@ -149,6 +152,15 @@ class Ingress:
         await ws.accept(subprotocol="binary" if "binary" in ws.scope.get("subprotocols", ()) else None)
         interim_ms = self.funasr_settings.interim_interval_ms
         await self.sessions.serve(self._connection(FunasrConnection, ws, interim_ms))
+
+    @app.websocket("/v1/realtime")
+    async def realtime(self, ws: WebSocket) -> None:
+        """OpenAI's Realtime clients: `?intent=transcription` (and `model`) in the query and an
+        `OpenAI-Beta` header may come; all are accepted, the session is a transcription one.
+        Browsers offer the subprotocol "realtime"; it is taken when offered."""
+        await ws.accept(subprotocol="realtime" if "realtime" in ws.scope.get("subprotocols", ()) else None)
+        conn = self._connection(RealtimeConnection, ws, self.realtime_settings, self.vad_settings.max_end_silence_ms)
+        await self.sessions.serve(conn)
 
     # ---- HTTP ---------------------------------------------------------------------------------
     @app.post("/v1/audio/transcriptions")

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from ray.exceptions import ActorUnavailableError, RayActorError
@@ -57,6 +57,24 @@ class RecognitionOptions:
     use_itn: bool = True
     return_embedding: bool = False
     speaker_group: str | None = None  # whose voiceprints to match; None: the configured default
+
+
+@dataclass(frozen=True)
+class SpeechEdge:
+    """Where speech began or an utterance was cut, as the timeline decided it (Realtime's
+    speech_started / speech_stopped / committed).
+
+    started: the VAD heard speech begin at `ms` (again at a forced cut, where speech goes on).
+    stopped: the utterance was cut at `ms` while the VAD heard it: its end of speech, or a forced
+             cut at max_utterance_ms.
+    cut:     the client ended the utterance (push-to-talk released, a commit), or push-to-talk ran
+             past max_utterance_ms.
+    `index`: the utterance's number (its result's `index`); None when it was too short to
+    recognise and was dropped (no result follows)."""
+
+    kind: Literal["started", "stopped", "cut"]
+    ms: int
+    index: int | None = None
 
 
 def _ms_since(t: float) -> float:
@@ -142,6 +160,9 @@ class Timeline:
         self.finished = False
         self._restart_vad = False  # the next chunk starts a fresh VAD state (after abort / push-to-talk)
         self.manual = False  # push-to-talk: the client, not the VAD, says where utterances end
+        self.end_silence_ms: int | None = None  # this stream's end silence for the VAD; None: the replica's
+        self.edges: list[SpeechEdge] = []  # since the stream last took them (take_edges)
+        self._speaking = False  # a `started` edge is out and its utterance not cut yet (a replay re-reports it)
 
     @property
     def received_ms(self) -> int:
@@ -168,7 +189,8 @@ class Timeline:
         return self._take_chunk(len(self._pending), final=True)
 
     def _take_chunk(self, n: int, final: bool) -> VadChunk:
-        chunk = VadChunk(pcm=self._pending.view()[:n], start_ms=self.sent_ms, final=final, restart=self._restart_vad)
+        chunk = VadChunk(pcm=self._pending.view()[:n], start_ms=self.sent_ms, final=final, restart=self._restart_vad,
+                         end_silence_ms=self.end_silence_ms)  # fmt: skip
         self._restart_vad = False
         self._pending.drop(n)
         self.sent_ms += samples_to_ms(n)
@@ -182,7 +204,8 @@ class Timeline:
         """
         self.speech_start_ms = None
         n = ms_to_samples(self.sent_ms - self._buffer_start_ms)
-        return VadChunk(pcm=self._buffer.view()[:n], start_ms=self._buffer_start_ms, final=self.finished, restart=True)
+        return VadChunk(pcm=self._buffer.view()[:n], start_ms=self._buffer_start_ms, final=self.finished, restart=True,
+                        end_silence_ms=self.end_silence_ms)  # fmt: skip
 
     def speech_so_far(self) -> tuple[int, np.ndarray] | None:
         """The unfinished utterance (its index and audio up to what the VAD has seen), for interim text."""
@@ -198,21 +221,34 @@ class Timeline:
         self._skip_pending()
         self._trim(self.received_ms)
         self.speech_start_ms = self.received_ms
+        self._speaking = False
 
     def end_manual(self) -> Utterance | None:
         """Push-to-talk released: everything since `begin_manual` is the utterance."""
         start = self.speech_start_ms if self.speech_start_ms is not None else self._buffer_start_ms
         self._skip_pending()
         self.speech_start_ms = None
+        self._speaking = False
         if self.received_ms <= start:
             return None
-        return self._cut(start, self.received_ms, forced=False)
+        utterance = self._cut(start, self.received_ms, forced=False)
+        self._edge("cut", self.received_ms, utterance)
+        return utterance
 
     def abort(self) -> None:
         """Drop the utterance being spoken and every buffered sample; the VAD starts afresh."""
         self._skip_pending()
         self.speech_start_ms = None
+        self._speaking = False
         self._trim(self.received_ms)
+
+    def take_edges(self) -> list[SpeechEdge]:
+        """The speech edges since the last call, in order."""
+        edges, self.edges = self.edges, []
+        return edges
+
+    def _edge(self, kind: Literal["started", "stopped", "cut"], ms: int, utterance: Utterance | None = None) -> None:
+        self.edges.append(SpeechEdge(kind, ms, None if utterance is None else utterance.index))
 
     def _skip_pending(self) -> None:
         """Audio not yet sent to the VAD will not be; the VAD state restarts at the next chunk."""
@@ -227,18 +263,34 @@ class Timeline:
             if event.kind == "start":
                 if self.speech_start_ms is None:
                     self.speech_start_ms = max(event.ms, self._buffer_start_ms)
+                    self._started(self.speech_start_ms)
             else:
                 start = self.speech_start_ms if self.speech_start_ms is not None else self._buffer_start_ms
                 end = max(min(event.ms, self.received_ms), start)
+                self._started(start)
                 done.append(self._cut(start, end, forced=False))
+                self._edge("stopped", end, done[-1])
+                self._speaking = False
                 self.speech_start_ms = None
         if self.speech_start_ms is not None and self.sent_ms - self.speech_start_ms >= self._max_utterance_ms:
             cut_at = self.sent_ms
             done.append(self._cut(self.speech_start_ms, cut_at, forced=True))
             self.speech_start_ms = cut_at  # the speech goes on; the VAD's end closes the next piece
+            if self.manual:
+                self._edge("cut", cut_at, done[-1])
+            else:
+                self._edge("stopped", cut_at, done[-1])
+                self._edge("started", cut_at)
         if self.speech_start_ms is None:
             self._trim(self.sent_ms - self._idle_keep_ms)
         return [u for u in done if u is not None]
+
+    def _started(self, ms: int) -> None:
+        """Speech began at `ms`: one `started` edge per utterance, however often the VAD says so
+        (a replay on a new VAD replica reports the start of the unfinished utterance again)."""
+        if not self._speaking and not self.manual:
+            self._edge("started", ms)
+            self._speaking = True
 
     def _cut(self, start_ms: int, end_ms: int, forced: bool) -> Utterance | None:
         """The utterance from start to end, or None (dropped) if it is too short to recognise."""
@@ -557,7 +609,9 @@ class UtteranceStream:
     """One live stream: audio in, `on_result` called once per utterance, in order.
 
     Optional: `on_interim(index, text)` with the growing text of the utterance being spoken,
-    every `interim_interval_ms` (at most one interim request in flight per stream).
+    every `interim_interval_ms` (at most one interim request in flight per stream), and
+    `on_speech(edge)` with each `SpeechEdge`, awaited before the utterance it cuts is recognised
+    (so a client hears of the cut before its result).
     Push-to-talk (`begin_utterance`) skips the VAD: `end_utterance()` cuts the utterance.
     With `max_in_flight`, `push` waits while that many utterances are being recognised.
     """
@@ -573,6 +627,7 @@ class UtteranceStream:
         on_failure: Callable[[int, Exception], Awaitable[None]],
         on_interim: Callable[[int, str], Awaitable[None]] | None = None,
         interim_interval_ms: int = 600,
+        on_speech: Callable[[SpeechEdge], Awaitable[None]] | None = None,
         keep_embeddings: int = 20,
         max_in_flight: int | None = None,
     ):
@@ -582,6 +637,7 @@ class UtteranceStream:
         self.metrics = metrics
         self.options = options
         self._on_result, self._on_failure, self._on_interim = on_result, on_failure, on_interim
+        self._on_speech = on_speech
         self._interim_interval_ms = interim_interval_ms
         self._max_in_flight = max_in_flight
         self._interim_task: asyncio.Task | None = None
@@ -618,27 +674,36 @@ class UtteranceStream:
         """Back from push-to-talk: the VAD finds the utterances again."""
         self.timeline.manual = False
 
-    def end_utterance(self) -> None:
-        """The client ends the utterance now: push-to-talk released, or listening stopped
-        mid-speech. Nothing happens if no utterance is open."""
+    async def end_utterance(self) -> bool:
+        """The client ends the utterance now: push-to-talk released, listening stopped mid-speech,
+        a commit. False (and nothing happens) if no utterance is open or it holds no audio."""
         if not self.timeline.manual and self.timeline.speech_start_ms is None:
-            return
+            return False
+        started = time.perf_counter()
         utt = self.timeline.end_manual()
+        cut = any(edge.kind == "cut" for edge in self.timeline.edges)
+        await self._report_edges()
         if utt is not None:
-            self._recognise_later(utt, time.perf_counter(), 0.0, 0.0, 0)
+            self._recognise_later(utt, started, 0.0, 0.0, 0)
+        return cut
+
+    def clear(self) -> None:
+        """Drop the audio not yet cut into an utterance (the utterance being spoken included);
+        utterances already cut are still recognised and answered."""
+        self.timeline.abort()
+        if self._interim_task is not None:
+            self._interim_task.cancel()
 
     def abort(self) -> None:
         """Drop the utterance being spoken and every result not sent yet."""
-        self.timeline.abort()
+        self.clear()
         for task in self._in_flight:
             task.cancel()
-        if self._interim_task is not None:
-            self._interim_task.cancel()
 
     async def finish(self) -> int:
         """End of stream: flush the VAD, wait for every result to be sent. Returns the count."""
         if self.timeline.manual:
-            self.end_utterance()
+            await self.end_utterance()
         else:
             await self._process(self.timeline.flush())
         await self._queue.put(None)
@@ -663,10 +728,17 @@ class UtteranceStream:
             self.vad_replays += replays
             vad_ms = _ms_since(started)
             self.metrics.vad_call(vad_ms)
-        for utt in self.timeline.on_vad_events(result.events):
+        utterances = self.timeline.on_vad_events(result.events)
+        await self._report_edges()
+        for utt in utterances:
             endpoint_ms = self.timeline.sent_ms - utt.end_ms
             self._recognise_later(utt, started, vad_ms, result.compute_ms, endpoint_ms)
         self._maybe_interim()
+
+    async def _report_edges(self) -> None:
+        for edge in self.timeline.take_edges():
+            if self._on_speech is not None:
+                await self._on_speech(edge)
 
     def _recognise_later(self, utt: Utterance, started: float, vad_ms: float, vad_compute_ms: float, endpoint_ms: int):
         task = asyncio.create_task(self._recognise(utt, started, vad_ms, vad_compute_ms, endpoint_ms))

@@ -46,7 +46,7 @@ from serve_app.settings import AdmissionSettings, IngressSettings
 from serve_app.wire import CLOSE_TRY_AGAIN_LATER, Refusal
 
 logger = logging.getLogger("ray.serve")
-PROTOCOLS = ("plain", "xiaozhi", "funasr")
+PROTOCOLS = ("plain", "xiaozhi", "funasr", "realtime")
 
 
 def replica_full(limit: int) -> Refusal:

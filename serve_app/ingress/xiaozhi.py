@@ -297,7 +297,7 @@ class XiaozhiConnection(Connection):
                 else:
                     stream.use_vad()
             elif message.state == "stop":
-                stream.end_utterance()
+                await stream.end_utterance()
             else:  # detect: the device heard its wake word; nothing to transcribe yet
                 logger.info("xiaozhi session %s: wake word %r", self.session_id, message.text)
         elif isinstance(message, Abort):

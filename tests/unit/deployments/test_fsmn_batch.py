@@ -34,15 +34,15 @@ def chunks(pcm: np.ndarray, chunk: int) -> list[np.ndarray]:
     return [pcm[i : i + chunk] for i in range(0, len(pcm), chunk)]
 
 
-def through_generate(automodel, pcm: np.ndarray, chunk: int) -> list[list[list[int]]]:
-    """What VadCore did before: one generate() per chunk (the reference)."""
+def through_generate(automodel, pcm: np.ndarray, chunk: int, **options) -> list[list[list[int]]]:
+    """What VadCore did before: one generate() per chunk (the reference); `options` for generate."""
     cache: dict = {}
     out = []
     parts = chunks(pcm, chunk)
     for n, part in enumerate(parts):
         res = automodel.generate(
             input=to_float32(part), cache=cache, is_final=n == len(parts) - 1,
-            chunk_size=max(samples_to_ms(len(part)), 1),
+            chunk_size=max(samples_to_ms(len(part)), 1), **options,
         )  # fmt: skip
         out.append([list(seg) for seg in (res[0]["value"] if res else [])])
     return out
@@ -101,3 +101,24 @@ def test_a_bad_chunk_fails_alone(automodel, streams):
 def test_needs_a_fixed_end_silence(tiny_models):
     with pytest.raises(ValueError, match="max_end_silence_time"):
         BatchedFsmnVad(load_automodel(tiny_models.vad, device="cpu", threads=1))
+
+
+def test_each_session_keeps_its_own_end_silence(automodel, two_utterances):
+    """Sessions of one batch with different end silences (a Realtime client's silence_duration_ms)
+    each get what generate() gives with that silence as the model's option."""
+    silences = (300, 1200)
+    expected = {ms: through_generate(automodel, two_utterances, 3200, max_end_silence_time=ms) for ms in silences}
+    ends = {ms: [r for r, segs in enumerate(out) for seg in segs if seg[1] != -1] for ms, out in expected.items()}
+    assert ends[300][0] < ends[1200][0]  # the shorter silence ends the first utterance sooner
+    engine = BatchedFsmnVad(automodel)  # the model's own option stays 800: never used below
+    parts = chunks(two_utterances, 3200)
+    caches: dict[int, dict] = {ms: {} for ms in silences}
+    got: dict[int, list] = {ms: [] for ms in silences}
+    for r, part in enumerate(parts):
+        final, chunk_ms = r == len(parts) - 1, max(samples_to_ms(len(part)), 1)
+        steps = {ms: Step(caches[ms], to_float32(part), final, chunk_ms, end_silence_ms=ms) for ms in silences}
+        engine.run(list(steps.values()))
+        for ms, step in steps.items():
+            assert step.error is None
+            got[ms].append(step.segments)
+    assert got == expected

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from serve_app.ingress.recognition import Timeline, utterances_of
+from serve_app.ingress.recognition import SpeechEdge, Timeline, utterances_of
 from serve_app.wire import VadEvent
 
 
@@ -156,3 +156,48 @@ def test_utterances_shorter_than_the_minimum_are_dropped_everywhere():
     assert s.speech_so_far() is None  # no interim for 10 ms of audio either
     pcm = tone(1000)
     assert [(u.start_ms, u.end_ms) for u in utterances_of(pcm, [(0, 0), (10, 40), (100, 400)], 50)] == [(100, 400)]
+
+
+# ---- speech edges (Realtime's speech_started / speech_stopped / committed) ----------------------
+
+
+def test_vad_edges_frame_each_utterance_once_even_after_a_replay():
+    s = Timeline(vad_chunk_ms=100, max_utterance_ms=30_000, min_utterance_ms=50)
+    s.add_audio(tone(500))
+    s.on_vad_events([VadEvent("start", 100)])
+    s.replay_chunk()  # a new VAD replica reports the same start again: no second `started`
+    s.on_vad_events([VadEvent("start", 110)])
+    s.add_audio(tone(500))
+    s.on_vad_events([VadEvent("end", 700), VadEvent("start", 800), VadEvent("end", 820)])  # the last: too short
+    assert s.take_edges() == [
+        SpeechEdge("started", 100), SpeechEdge("stopped", 700, 0),
+        SpeechEdge("started", 800), SpeechEdge("stopped", 820, None),
+    ]  # fmt: skip
+    assert s.take_edges() == []
+
+
+def test_a_forced_cut_stops_and_starts_again_and_push_to_talk_is_cut():
+    s = Timeline(vad_chunk_ms=100, max_utterance_ms=1000)
+    s.add_audio(tone(1200))
+    s.on_vad_events([VadEvent("start", 0)])
+    assert s.take_edges() == [SpeechEdge("started", 0), SpeechEdge("stopped", 1200, 0), SpeechEdge("started", 1200)]
+    s.add_audio(tone(200))
+    s.end_manual()  # a commit while the VAD hears speech: cut, no `stopped`
+    assert s.take_edges() == [SpeechEdge("cut", 1400, 1)]
+    s.begin_manual()
+    s.add_audio(tone(300))
+    s.on_vad_events([])
+    s.end_manual()
+    assert s.take_edges() == [SpeechEdge("cut", 1700, 2)]
+    s.begin_manual()
+    s.end_manual()  # nothing since: no edge
+    assert s.take_edges() == []
+
+
+def test_chunks_carry_the_streams_end_silence():
+    s = Timeline(vad_chunk_ms=100, max_utterance_ms=30_000)
+    (chunk,) = s.add_audio(tone(100))
+    assert chunk.end_silence_ms is None  # the VADHost's own
+    s.end_silence_ms = 400
+    (chunk,) = s.add_audio(tone(100))
+    assert chunk.end_silence_ms == 400 and s.replay_chunk().end_silence_ms == 400
