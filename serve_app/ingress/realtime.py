@@ -179,7 +179,7 @@ def _session_changes(session: dict[str, Any], max_chars: int) -> dict[str, Any]:
             changes["turn_detection"] = _turn(audio_in["turn_detection"], "session.audio.input.turn_detection")
     if session.get("input_audio_format") is not None:
         given = session["input_audio_format"]
-        if given not in BETA_FORMATS:
+        if not isinstance(given, str) or given not in BETA_FORMATS:
             raise EventError("invalid_value", f"input_audio_format {brief(given)}: use one of "
                              f"{', '.join(BETA_FORMATS)}", "session.input_audio_format")  # fmt: skip
         changes["audio_format"] = BETA_FORMATS[given]

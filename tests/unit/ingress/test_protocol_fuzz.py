@@ -11,6 +11,7 @@ A hang guard (faulthandler) ends the run with a traceback if one call never retu
 
 from __future__ import annotations
 
+import base64
 import faulthandler
 import io
 import json
@@ -25,7 +26,7 @@ from hypothesis import strategies as st
 from clients.opus import OPUS_FRAME_MS, OPUS_RATES, encode_pcm
 from clients.xiaozhi import frame_audio
 from serve_app.ingress import files as openai_files
-from serve_app.ingress import funasr, plain, security, xiaozhi
+from serve_app.ingress import funasr, plain, realtime, security, xiaozhi
 from serve_app.ingress.audio import AudioTooLongError, decode_file
 from serve_app.ingress.connection import ProtocolError
 from serve_app.ingress.security import SessionIntake, SessionLimitExceeded
@@ -51,6 +52,14 @@ CODES = {
     "xiaozhi_binary": {"frame_too_large", "bad_frame"},
     "xiaozhi_connect": {"bad_protocol_version"},
     "funasr": {"invalid_json", "bad_message", "bad_mode", "bad_sample_rate", "unsupported_audio"},
+    "realtime": {
+        "invalid_json",
+        "bad_message",
+        "invalid_value",
+        "invalid_type",
+        "missing_required_parameter",
+        "string_above_max_length",
+    },  # fmt: skip
 }
 
 
@@ -187,6 +196,49 @@ funasr_shaped = one_field_off(
     },
 )
 
+_turn = one_field_off({}, {"type": st.sampled_from(realtime.TURN_TYPES), "silence_duration_ms": whole,
+                           "prefix_padding_ms": whole, "threshold": st.floats(-1, 2)})  # fmt: skip
+_transcription = one_field_off({}, {"model": surrogate_text, "language": surrogate_text, "prompt": surrogate_text})
+realtime_shaped = one_field_off(
+    {
+        "type": st.sampled_from(
+            [
+                "session.update",
+                "transcription_session.update",
+                "input_audio_buffer.append",
+                "input_audio_buffer.commit",
+                "input_audio_buffer.clear",
+            ]
+        )
+    },  # fmt: skip
+    {
+        "event_id": surrogate_text,
+        "audio": st.binary(max_size=64).map(lambda b: base64.b64encode(b).decode()) | surrogate_text,
+        "session": one_field_off(
+            {},
+            {
+                "type": st.sampled_from(["transcription", "realtime"]),
+                "audio": one_field_off(
+                    {},
+                    {
+                        "input": one_field_off(
+                            {},
+                            {
+                                "format": one_field_off({}, {"type": st.sampled_from(realtime.FORMATS), "rate": whole}),
+                                "transcription": _transcription,
+                                "turn_detection": st.none() | _turn,
+                            },
+                        )
+                    },
+                ),  # fmt: skip
+                "input_audio_format": st.sampled_from([*realtime.BETA_FORMATS, "mp3"]),
+                "input_audio_transcription": _transcription,
+                "turn_detection": st.none() | _turn,
+            },
+        ),
+    },
+)
+
 
 def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -246,6 +298,31 @@ def test_error_frames_are_json_whatever_the_message(code, message):
         assert json.loads(rendered)["code"] == code
     rendered = xiaozhi.render_error("s", code, message)
     assert utf8_ok(rendered) and json.loads(rendered)["message"] == message
+
+
+# ---- realtime -------------------------------------------------------------------------------
+@FUZZ
+@given(hostile_text(realtime_shaped))
+@example("[" * 100_000)
+@example(json.dumps({"type": "session.update", "session": {"input_audio_format": ["pcm16"]}}))  # unhashable
+@example(json.dumps({"type": "input_audio_buffer.append", "audio": "é" * 8}))  # base64 of non-ASCII
+@example(json.dumps({"type": "x" * 100_000, "event_id": "e" * 100_000}))
+def test_realtime_events(text):
+    event = parse_or_error(lambda t: realtime.parse_event(t, 64), text, CODES["realtime"])
+    if event is None:
+        return
+    assert event.event_id is None or (isinstance(event.event_id, str) and len(event.event_id) <= 64)
+    if isinstance(event, realtime.SessionUpdate):
+        config = realtime.effective(realtime.apply_update(realtime.SessionConfig(), event), 600,
+                                    realtime.RealtimeSettings())  # fmt: skip
+        assert config.audio_format in realtime.FORMATS
+        for rendered in (realtime.render_session("session.updated", "e", "s", config),
+                         realtime.render_session("transcription_session.updated", "e", "s", config)):  # fmt: skip
+            assert utf8_ok(rendered) and json.loads(rendered)["session"]
+        turn = config.turn_detection
+        assert turn is None or (is_int(turn.silence_duration_ms) and 0 <= turn.threshold <= 1)
+    elif isinstance(event, realtime.Append):
+        assert isinstance(event.audio, bytes)
 
 
 # ---- xiaozhi --------------------------------------------------------------------------------

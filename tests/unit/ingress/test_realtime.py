@@ -1,22 +1,27 @@
 """The OpenAI Realtime transcription protocol's pure parts: both session shapes, the events, the
 error shape, the audio formats (G.711 tables, streamed 24 kHz -> 16 kHz)."""
 
+import asyncio
 import base64
 import json
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from serve_app import wire as realtime_wire
 from serve_app.ingress import realtime
 from serve_app.ingress.audio import ALAW_TABLE, ULAW_TABLE, alaw_to_pcm16, ulaw_to_pcm16
 from serve_app.ingress.connection import ProtocolError
+from serve_app.ingress.metrics import IngressMetrics
 from serve_app.ingress.realtime import (
     Append,
     Clear,
     Commit,
     EventError,
     InputAudio,
+    RealtimeConnection,
     SessionConfig,
     SessionUpdate,
     TurnDetection,
@@ -24,8 +29,11 @@ from serve_app.ingress.realtime import (
     effective,
     parse_event,
 )
-from serve_app.settings import RealtimeSettings
-from serve_app.wire import SpeakerInfo, UtteranceResult
+from serve_app.ingress.recognition import ModelCalls, UtteranceStreams
+from serve_app.ingress.sessions import replica_refusal
+from serve_app.settings import AppSettings, RealtimeSettings
+from serve_app.wire import CLOSE_TRY_AGAIN_LATER, SpeakerInfo, UtteranceResult
+from tests.unit.ingress.test_sessions import MemoryWebSocket
 
 MAX_CHARS = 64
 GA_UPDATE = {
@@ -248,3 +256,135 @@ def test_odd_pcm16_is_refused():
 
     with pytest.raises(AudioFormatError):
         InputAudio("audio/pcm")(b"\x00\x01\x02")
+
+
+# ---- the connection, over an in-memory WebSocket (no Ray) ---------------------------------------
+
+
+class ScriptedVad:
+    """A VADHost that hears speech from 300 to 1100 ms of every session (events when its chunk
+    covers them) and records each chunk's end silence."""
+
+    def __init__(self):
+        self.end_silences: list[int | None] = []
+
+        async def remote(lane, items):
+            results = []
+            for item in items:
+                if item.chunk is None:
+                    results.append(realtime_wire.VadFeedResult(events=[]))
+                    continue
+                self.end_silences.append(item.chunk.end_silence_ms)
+                a = item.chunk.start_ms
+                b = a + len(item.chunk.pcm) // 16
+                events = [
+                    realtime_wire.VadEvent(kind, ms) for kind, ms in (("start", 300), ("end", 1100)) if a <= ms < b
+                ]
+                results.append(realtime_wire.VadFeedResult(events=events))
+            return results
+
+        self.feed_many = SimpleNamespace(remote=remote)
+
+
+async def _transcribe(request):
+    return realtime_wire.Transcript("hello there", "en", "happy", "Speech", "<|en|>hello there")
+
+
+def realtime_session(frames: list[dict], until, settings: AppSettings | None = None) -> tuple[list[dict], ScriptedVad]:
+    """A RealtimeConnection run until `until(sent)` holds (10 s hang guard), then the client leaves."""
+    settings = settings or AppSettings(ingress={"max_audio_rate": None}, realtime={"interim_interval_ms": None})
+    vad = ScriptedVad()
+
+    async def scenario():
+        ws = MemoryWebSocket()
+        metrics = IngressMetrics()
+        asr = SimpleNamespace(transcribe=SimpleNamespace(remote=_transcribe))
+        models = ModelCalls(vad, asr, None, settings.retry, "test", speaker_enabled=False, vad_batch_interval_ms=0)
+        streams = UtteranceStreams(models, settings.ingress, settings.speaker.keep_embeddings, metrics)
+        conn = RealtimeConnection(ws, "s1", streams, settings.ingress, metrics, settings.realtime, 600)
+        session = asyncio.create_task(conn.run())
+        for frame in frames:
+            ws.inbox.put_nowait(frame)
+        for _ in range(1000):
+            if session.done() or until(ws.sent):
+                break
+            await asyncio.sleep(0.01)
+        ws.inbox.put_nowait({"type": "websocket.disconnect", "code": 1000})
+        await asyncio.wait_for(session, 10)
+        return ws.sent
+
+    return asyncio.run(scenario()), vad
+
+
+def client(event: dict) -> dict:
+    return {"type": "websocket.receive", "text": json.dumps(event)}
+
+
+def append(ms: int) -> dict:
+    pcm = (np.ones(24 * ms) * 1000).astype("<i2").tobytes()
+    return client({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm).decode()})
+
+
+def completed(sent: list[dict]) -> list[dict]:
+    return [e for e in sent if e["type"] == "conversation.item.input_audio_transcription.completed"]
+
+
+def test_server_vad_frames_each_utterance_and_a_bad_event_is_answered_in_between():
+    update = {"type": "session.update", "session": {"type": "transcription",
+              "audio": {"input": {"turn_detection": {"type": "server_vad", "silence_duration_ms": 450}}}}}  # fmt: skip
+    frames = [client(update), append(500), client({"type": "nope", "event_id": "c1"}), append(1000)]
+    sent, vad = realtime_session(frames, until=lambda sent: completed(sent))
+    kinds = [e["type"] for e in sent]
+    assert kinds == [
+        "session.created", "session.updated", "input_audio_buffer.speech_started", "error",
+        "input_audio_buffer.speech_stopped", "input_audio_buffer.committed",
+        "conversation.item.input_audio_transcription.completed",
+    ]  # fmt: skip
+    started, error, stopped, committed, done = sent[2:]
+    assert error["error"] == {"type": "invalid_request_error", "code": "invalid_value", "param": "type",
+                              "event_id": "c1", "message": error["error"]["message"]}  # fmt: skip
+    assert (started["audio_start_ms"], stopped["audio_end_ms"]) == (300, 1100)
+    assert started["item_id"] == stopped["item_id"] == committed["item_id"] == done["item_id"]
+    assert committed["previous_item_id"] is None and done["transcript"] == "hello there"
+    assert done["speech_serve"]["language"] == "en" and done["speech_serve"]["start_ms"] == 300
+    assert len({e["event_id"] for e in sent}) == len(sent)
+    assert set(vad.end_silences) == {450}  # silence_duration_ms reached the VAD with every chunk
+
+
+def test_manual_turns_cut_at_commit_and_an_empty_commit_is_an_error():
+    manual = {"type": "transcription_session.update", "session": {"turn_detection": None}}
+    frames = [client(manual), client({"type": "input_audio_buffer.commit", "event_id": "c0"}), append(700),
+              client({"type": "input_audio_buffer.commit"}), append(300), client({"type": "input_audio_buffer.clear"}),
+              append(200), client({"type": "input_audio_buffer.commit"})]  # fmt: skip
+    sent, vad = realtime_session(frames, until=lambda sent: len(completed(sent)) == 2)
+    kinds = [e["type"] for e in sent]
+    assert "input_audio_buffer.speech_started" not in kinds and not vad.end_silences  # no VAD call at all
+    assert kinds[:3] == ["session.created", "transcription_session.updated", "error"]
+    assert sent[1]["session"]["turn_detection"] is None
+    assert sent[2]["error"]["code"] == "input_audio_buffer_commit_empty" and sent[2]["error"]["event_id"] == "c0"
+    assert "input_audio_buffer.cleared" in kinds
+    committed = [e for e in sent if e["type"] == "input_audio_buffer.committed"]
+    first, second = completed(sent)
+    assert [c["item_id"] for c in committed] == [first["item_id"], second["item_id"]]
+    assert committed[1]["previous_item_id"] == committed[0]["item_id"]
+    # each turn is the audio since the last commit (less the resampler's delay, ~30 ms); the cleared
+    # 300 ms belongs to neither
+    turns = [(d["speech_serve"]["start_ms"], d["speech_serve"]["end_ms"]) for d in (first, second)]
+    assert np.allclose(turns, [(0, 700), (1000, 1200)], atol=40), turns
+
+
+def test_a_refused_session_gets_an_error_event_and_the_close_code():
+    async def scenario():
+        ws = MemoryWebSocket()
+        settings = AppSettings()
+        metrics = IngressMetrics()
+        models = ModelCalls(None, None, None, settings.retry, "test")
+        streams = UtteranceStreams(models, settings.ingress, settings.speaker.keep_embeddings, metrics)
+        conn = RealtimeConnection(ws, "s1", streams, settings.ingress, metrics, settings.realtime, 600)
+        await conn.refuse(replica_refusal(draining=False, live_here=5, max_per_replica=5))
+        return ws
+
+    ws = asyncio.run(scenario())
+    (busy,) = ws.sent
+    assert busy["type"] == "error" and busy["error"]["code"] == "server_busy"
+    assert busy["error"]["type"] == "server_error" and ws.closed[0] == CLOSE_TRY_AGAIN_LATER

@@ -1,0 +1,128 @@
+"""OpenAI's own Python SDK, unchanged, against the service (a real local Ray Serve, conftest.py):
+the file endpoint in its three response formats, and the Realtime transcription endpoint with the
+SDK's realtime client streaming a two-utterance WAV at real time. Only `base_url` and our
+credentials (the device token as the API key, the device id as a header) differ from talking to
+OpenAI."""
+
+import asyncio
+import base64
+import time
+
+import openai
+import pytest
+import soxr
+
+from tests.conftest import TWO_UTTERANCES_SPEECH_MS, TWO_UTTERANCES_WAV, read_pcm
+from tests.integration.conftest import TEST_DEVICE, device_token
+
+pytestmark = pytest.mark.integration
+DEVICE = {"Device-Id": TEST_DEVICE}
+CHUNK_MS = 100  # one append per 100 ms of audio, sent at real time
+HANG_GUARD_S = 120  # a wait for one event; far beyond any answer: only a hang gets there
+
+
+def sdk(service: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"http://{service}/v1", api_key=device_token(), default_headers=DEVICE)
+
+
+@pytest.mark.parametrize("response_format", ["json", "text", "verbose_json"])
+def test_the_file_api_answers_the_sdk_in_each_format(service, response_format):
+    with open(TWO_UTTERANCES_WAV, "rb") as audio:
+        answer = sdk(service).audio.transcriptions.create(
+            model="sensevoice", file=audio, response_format=response_format
+        )
+    if response_format == "text":
+        assert isinstance(answer, str) and answer.strip()
+        return
+    assert answer.text
+    if response_format == "verbose_json":
+        assert answer.duration == pytest.approx(8.17, abs=0.01)
+        assert len(answer.segments) == 2 and " ".join(s.text for s in answer.segments) == answer.text
+        for segment, (start, end) in zip(answer.segments, TWO_UTTERANCES_SPEECH_MS, strict=True):
+            assert abs(segment.start * 1000 - start) < 400 and abs(segment.end * 1000 - end) < 400
+
+
+def audio_24k() -> list[str]:
+    """The WAV at 24 kHz (the Realtime API's PCM rate), as base64 appends of CHUNK_MS each."""
+    pcm = soxr.resample(read_pcm(TWO_UTTERANCES_WAV), 16000, 24000).astype("<i2")
+    step = 24 * CHUNK_MS
+    return [base64.b64encode(pcm[i : i + step].tobytes()).decode() for i in range(0, len(pcm), step)]
+
+
+async def stream_realtime(service: str) -> list:
+    """Stream the WAV at real time through the SDK's realtime client, with one bad event in the
+    middle; returns every event received after session.created, up to the second transcript."""
+    client = openai.AsyncOpenAI(base_url=f"http://{service}/v1", api_key=device_token(), default_headers=DEVICE)
+    events = []
+    async with client.realtime.connect(model="sensevoice", extra_query={"intent": "transcription"}) as conn:
+        created = await asyncio.wait_for(conn.recv(), HANG_GUARD_S)
+        assert created.type == "session.created" and created.session.type == "transcription"
+        await conn.session.update(
+            session={
+                "type": "transcription",
+                "audio": {
+                    "input": {
+                        "format": {"type": "audio/pcm", "rate": 24000},
+                        "transcription": {"model": "sensevoice", "language": "en"},
+                        "turn_detection": {"type": "server_vad", "silence_duration_ms": 500},
+                    }
+                },
+            }
+        )
+
+        async def send_audio() -> None:
+            started = time.monotonic()
+            for n, chunk in enumerate(audio_24k()):
+                if n == 30:  # 3 s in, between the utterances' words: a bad event, then the audio goes on
+                    await conn.send({"type": "response.create", "event_id": "bad-1"})
+                await conn.input_audio_buffer.append(audio=chunk)
+                await asyncio.sleep(max(0.0, started + (n + 1) * CHUNK_MS / 1000 - time.monotonic()))
+
+        sender = asyncio.create_task(send_audio())
+        try:
+            while sum(e.type.endswith("transcription.completed") for e in events) < 2:
+                events.append(await asyncio.wait_for(conn.recv(), HANG_GUARD_S))
+            await sender
+        finally:
+            sender.cancel()
+    return events
+
+
+def test_the_realtime_client_gets_one_transcript_per_utterance_framed_by_speech_events(service):
+    events = asyncio.run(stream_realtime(service))
+    kinds = [e.type for e in events]
+    assert kinds[0] == "session.updated"
+    session = events[0].session
+    assert session.audio.input.turn_detection.silence_duration_ms == 500
+    assert session.audio.input.transcription.language == "en"
+
+    (error,) = [e for e in events if e.type == "error"]  # the bad event: answered, and the session went on
+    assert error.error.type == "invalid_request_error" and error.error.event_id == "bad-1"
+    assert error.error.param == "type"
+
+    speech = [e for e in events if e.type.startswith("input_audio_buffer.") or e.type.endswith(".completed")]
+    assert [e.type.rsplit(".", 1)[-1] for e in speech] == [
+        "speech_started", "speech_stopped", "committed", "completed",
+    ] * 2 or _interleaved(speech)  # fmt: skip
+    completed = [e for e in speech if e.type.endswith(".completed")]
+    deltas = [e for e in events if e.type.endswith("transcription.delta")]
+    assert {e.item_id for e in deltas} <= {e.item_id for e in completed}
+    assert len(completed) == 2 and all(e.transcript and e.content_index == 0 for e in completed)
+    for k, (start_ms, end_ms) in enumerate(TWO_UTTERANCES_SPEECH_MS):
+        started, stopped, committed = (next(e for e in speech if e.type == f"input_audio_buffer.{kind}"
+                                            and e.item_id == completed[k].item_id)
+                                       for kind in ("speech_started", "speech_stopped", "committed"))  # fmt: skip
+        assert abs(started.audio_start_ms - start_ms) < 400 and abs(stopped.audio_end_ms - end_ms) < 400
+        assert committed.previous_item_id == (None if k == 0 else completed[k - 1].item_id)
+        ours = completed[k].to_dict()["speech_serve"]  # our fields, beside OpenAI's
+        assert ours["index"] == k and {"language", "emotion", "event", "speaker", "latency_ms"} <= set(ours)
+    assert len({e.event_id for e in events}) == len(events)  # every server event has its own id
+
+
+def _interleaved(speech: list) -> bool:
+    """The second utterance's speech may start before the first one's transcript arrives: each
+    item's own events are still in order (started, stopped, committed, completed)."""
+    items: dict[str, list[str]] = {}
+    for e in speech:
+        items.setdefault(e.item_id, []).append(e.type.rsplit(".", 1)[-1])
+    return list(items.values()) == [["speech_started", "speech_stopped", "committed", "completed"]] * 2
