@@ -2,9 +2,10 @@
 path, the admin token, log redaction, in-memory uploads, per-session limits.
 
 Device tokens (minted by clients/tokens.py) are the Xiaozhi reference server's. Xiaozhi devices
-send them in headers; plain and FunASR clients, and file uploads, may use
-`Authorization: Bearer <token>` or the `token` query parameter (FunASR clients cannot always set
-headers), with `Device-Id` / `device_id` and optionally `Client-Id` / `client_id`. The admin API
+send them in headers; plain, FunASR and Realtime clients (OpenAI's SDK sends its api_key as a
+bearer token), and file uploads, may use `Authorization: Bearer <token>` or the `token` query
+parameter (FunASR clients and browsers cannot always set headers), with `Device-Id` /
+`device_id` and optionally `Client-Id` / `client_id`. The admin API
 (`/v1/speakers*`) takes a bearer token from the environment.
 
 Identity is decided once per connection: `device_credentials` is the one parser of credentials

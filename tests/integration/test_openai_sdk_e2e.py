@@ -11,6 +11,7 @@ import time
 import openai
 import pytest
 import soxr
+import websockets
 
 from tests.conftest import TWO_UTTERANCES_SPEECH_MS, TWO_UTTERANCES_WAV, read_pcm
 from tests.integration.conftest import TEST_DEVICE, device_token
@@ -126,3 +127,17 @@ def _interleaved(speech: list) -> bool:
     for e in speech:
         items.setdefault(e.item_id, []).append(e.type.rsplit(".", 1)[-1])
     return list(items.values()) == [["speech_started", "speech_stopped", "committed", "completed"]] * 2
+
+
+def test_a_realtime_client_with_a_bad_key_gets_an_error_event_and_close_1008(service):
+    async def connect_with_a_bad_key():
+        client = openai.AsyncOpenAI(base_url=f"http://{service}/v1", api_key="not-a-token", default_headers=DEVICE)
+        async with client.realtime.connect(extra_query={"intent": "transcription"}) as conn:
+            refused = await asyncio.wait_for(conn.recv(), HANG_GUARD_S)
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await asyncio.wait_for(conn.recv(), HANG_GUARD_S)
+        return refused, closed.value.rcvd.code
+
+    refused, close_code = asyncio.run(connect_with_a_bad_key())
+    assert refused.type == "error" and refused.error.code == "unauthorized"  # before any session.created
+    assert close_code == 1008
