@@ -40,14 +40,14 @@ from typing import Any
 
 import numpy as np
 
-from serve_app.ingress.audio import G711_RATE, StreamResampler, alaw_to_pcm16, ulaw_to_pcm16
+from serve_app.ingress.audio import G711_RATE, SUPPORTED_RATES, StreamResampler, alaw_to_pcm16, ulaw_to_pcm16
 from serve_app.ingress.connection import Connection, ProtocolError, brief, json_object, whole_number
 from serve_app.ingress.funasr import text_delta
 from serve_app.ingress.recognition import RecognitionOptions, SpeechEdge
 from serve_app.settings import RealtimeSettings
 from serve_app.wire import AudioFormatError, UtteranceResult, pcm16_from_bytes
 
-PCM_RATE = 24000  # the only PCM rate the Realtime API has
+PCM_RATE = 24000  # the only PCM rate OpenAI's Realtime API has; ours takes SUPPORTED_RATES (an extension)
 FORMATS = ("audio/pcm", "audio/pcmu", "audio/pcma")
 BETA_FORMATS = {"pcm16": "audio/pcm", "g711_ulaw": "audio/pcmu", "g711_alaw": "audio/pcma"}
 TURN_TYPES = ("server_vad", "semantic_vad")  # semantic_vad is served by the same fsmn-vad
@@ -76,6 +76,7 @@ class TurnDetection:
 @dataclass(frozen=True)
 class SessionConfig:
     audio_format: str = "audio/pcm"
+    pcm_rate: int = PCM_RATE  # audio/pcm only
     model: str = DEFAULT_MODEL
     language: str | None = None  # None: SenseVoice detects it
     prompt: str = ""
@@ -172,7 +173,7 @@ def _session_changes(session: dict[str, Any], max_chars: int) -> dict[str, Any]:
     if given_input is not None:
         audio_in = _object(given_input, "session.audio.input")
         if audio_in.get("format") is not None:
-            changes["audio_format"] = _ga_format(audio_in["format"])
+            changes["audio_format"], changes["pcm_rate"] = _ga_format(audio_in["format"])
         if audio_in.get("transcription") is not None:
             changes |= _transcription(audio_in["transcription"], "session.audio.input.transcription", max_chars)
         if "turn_detection" in audio_in:
@@ -182,7 +183,7 @@ def _session_changes(session: dict[str, Any], max_chars: int) -> dict[str, Any]:
         if not isinstance(given, str) or given not in BETA_FORMATS:
             raise EventError("invalid_value", f"input_audio_format {brief(given)}: use one of "
                              f"{', '.join(BETA_FORMATS)}", "session.input_audio_format")  # fmt: skip
-        changes["audio_format"] = BETA_FORMATS[given]
+        changes["audio_format"], changes["pcm_rate"] = BETA_FORMATS[given], PCM_RATE
     if session.get("input_audio_transcription") is not None:
         changes |= _transcription(session["input_audio_transcription"], "session.input_audio_transcription", max_chars)
     if "turn_detection" in session:
@@ -190,17 +191,21 @@ def _session_changes(session: dict[str, Any], max_chars: int) -> dict[str, Any]:
     return changes
 
 
-def _ga_format(value: Any) -> str:
+def _ga_format(value: Any) -> tuple[str, int]:
+    """(type, PCM rate). OpenAI's PCM is 24 kHz only; we also take the other rates our PCM
+    protocols take (a browser page may capture at 16 kHz), said in `rate`."""
     fmt = _object(value, "session.audio.input.format")
     kind = fmt.get("type", "audio/pcm")
     if kind not in FORMATS:
         raise EventError("invalid_value", f"audio format {brief(kind)}: use one of {', '.join(FORMATS)}",
                          "session.audio.input.format.type")  # fmt: skip
     rate = fmt.get("rate")
-    if kind == "audio/pcm" and rate is not None and whole_number(rate) != PCM_RATE:
-        raise EventError("invalid_value", f"audio/pcm rate {brief(rate)}: only {PCM_RATE} is supported",
-                         "session.audio.input.format.rate")  # fmt: skip
-    return kind
+    if kind != "audio/pcm" or rate is None:
+        return kind, PCM_RATE
+    if whole_number(rate) not in SUPPORTED_RATES:
+        raise EventError("invalid_value", f"audio/pcm rate {brief(rate)}: use {PCM_RATE} (or one of "
+                         f"{SUPPORTED_RATES})", "session.audio.input.format.rate")  # fmt: skip
+    return kind, whole_number(rate)
 
 
 def _transcription(value: Any, param: str, max_chars: int) -> dict[str, Any]:
@@ -271,9 +276,9 @@ class InputAudio:
     """One session's appended audio in its format -> 16 kHz int16, resampled as a stream (no
     clicks at append boundaries)."""
 
-    def __init__(self, audio_format: str):
+    def __init__(self, audio_format: str, pcm_rate: int = PCM_RATE):
         self.format = audio_format
-        self._resample = StreamResampler(PCM_RATE if audio_format == "audio/pcm" else G711_RATE)
+        self._resample = StreamResampler(pcm_rate if audio_format == "audio/pcm" else G711_RATE)
 
     def __call__(self, data: bytes) -> np.ndarray:
         """Raises AudioFormatError (PCM16 of odd length)."""
@@ -306,7 +311,7 @@ def _transcription_fields(config: SessionConfig) -> dict[str, Any]:
 
 def session_fields(session_id: str, config: SessionConfig) -> dict[str, Any]:
     """The GA transcription session object."""
-    fmt = {"type": config.audio_format, **({"rate": PCM_RATE} if config.audio_format == "audio/pcm" else {})}
+    fmt = {"type": config.audio_format, **({"rate": config.pcm_rate} if config.audio_format == "audio/pcm" else {})}
     audio_input = {
         "format": fmt,
         "noise_reduction": None,
@@ -378,7 +383,7 @@ class RealtimeConnection(Connection):
         super().__init__(ws, session_id, streams, limits, metrics)
         self.settings, self.default_silence_ms = settings, default_silence_ms
         self.config = effective(SessionConfig(), default_silence_ms, settings)
-        self.audio = InputAudio(self.config.audio_format)
+        self.audio = InputAudio(self.config.audio_format, self.config.pcm_rate)
         self._event_numbers = itertools.count(1)
         self._item_numbers = itertools.count(1)
         self._open_item: str | None = None  # the item of the speech being spoken (not committed yet)
@@ -448,10 +453,12 @@ class RealtimeConnection(Connection):
         cut = await self.stream.end_utterance()
         if self.config.turn_detection is None:
             self.stream.begin_utterance()  # the next turn's audio starts now
-        if not cut:
-            raise EventError("input_audio_buffer_commit_empty", "nothing to commit: no audio since the last commit"
-                             if self.config.turn_detection is None else "nothing to commit: no speech since the last "
-                             "committed utterance", None, commit.event_id)  # fmt: skip
+        if not cut:  # answered, not counted against max_protocol_errors: clients commonly commit after
+            # every turn even with server_vad, which has committed it already (OpenAI answers the same)
+            message = "nothing to commit: " + ("no audio since the last commit" if self.config.turn_detection is None
+                                               else "no speech since the last committed utterance")  # fmt: skip
+            empty = EventError("input_audio_buffer_commit_empty", message, None, commit.event_id)
+            await self.send(self.render_protocol_error(empty))
 
     def _clear(self) -> None:
         """Drop the uncommitted audio; committed items are still answered."""
@@ -465,8 +472,8 @@ class RealtimeConnection(Connection):
     async def _update(self, update: SessionUpdate) -> None:
         before = self.config
         self.config = effective(apply_update(before, update), self.default_silence_ms, self.settings)
-        if self.config.audio_format != before.audio_format:
-            self.audio = InputAudio(self.config.audio_format)
+        if (self.config.audio_format, self.config.pcm_rate) != (before.audio_format, before.pcm_rate):
+            self.audio = InputAudio(self.config.audio_format, self.config.pcm_rate)
         self.stream.options = replace(self.stream.options, language=self.config.language or "auto")
         self._apply_turn_detection()
         kind = "transcription_session.updated" if update.beta else "session.updated"

@@ -315,7 +315,7 @@ def test_realtime_events(text):
     if isinstance(event, realtime.SessionUpdate):
         config = realtime.effective(realtime.apply_update(realtime.SessionConfig(), event), 600,
                                     realtime.RealtimeSettings())  # fmt: skip
-        assert config.audio_format in realtime.FORMATS
+        assert config.audio_format in realtime.FORMATS and config.pcm_rate in realtime.SUPPORTED_RATES
         for rendered in (realtime.render_session("session.updated", "e", "s", config),
                          realtime.render_session("transcription_session.updated", "e", "s", config)):  # fmt: skip
             assert utf8_ok(rendered) and json.loads(rendered)["session"]

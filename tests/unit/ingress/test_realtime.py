@@ -103,6 +103,21 @@ def test_an_update_changes_only_what_it_gives():
     assert apply_update(SessionConfig(turn_detection=None), parse(semantic)).turn_detection == TurnDetection()
 
 
+def test_pcm_at_other_rates_is_our_extension():
+    at_16k = {
+        "type": "session.update",
+        "session": {"audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}}},
+    }
+    config = apply_update(SessionConfig(), parse(at_16k))
+    assert (config.audio_format, config.pcm_rate) == ("audio/pcm", 16000)
+    session = json.loads(realtime.render_session("session.updated", "e", "s", config))["session"]
+    assert session["audio"]["input"]["format"] == {"type": "audio/pcm", "rate": 16000}
+    pcm = np.arange(-800, 800, dtype=np.int16)
+    assert np.array_equal(InputAudio("audio/pcm", 16000)(pcm.tobytes()), pcm)  # no resampling at 16 kHz
+    back = apply_update(config, parse({"type": "session.update", "session": {"audio": {"input": {"format": {}}}}}))
+    assert back.pcm_rate == 24000  # a format without a rate is OpenAI's 24 kHz
+
+
 def test_the_served_end_silence_is_the_servers_default_or_the_clients_within_bounds():
     settings = RealtimeSettings(min_silence_duration_ms=200, max_silence_duration_ms=3000)
     silence = [
@@ -133,7 +148,7 @@ def test_audio_events():
         ({"type": "session.update", "session": {"type": "realtime"}}, "invalid_value", "session.type"),
         ({"type": "session.update", "session": {"audio": {"input": {"format": {"type": "audio/opus"}}}}},
          "invalid_value", "session.audio.input.format.type"),
-        ({"type": "session.update", "session": {"audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}}}},
+        ({"type": "session.update", "session": {"audio": {"input": {"format": {"type": "audio/pcm", "rate": 12345}}}}},
          "invalid_value", "session.audio.input.format.rate"),
         ({"type": "session.update", "session": {"audio": {"input": {"transcription": {"language": 5}}}}},
          "invalid_type", "session.audio.input.transcription.language"),
