@@ -44,6 +44,7 @@ from serve_app.ingress.audio import G711_RATE, SUPPORTED_RATES, StreamResampler,
 from serve_app.ingress.connection import Connection, ProtocolError, brief, json_object, whole_number
 from serve_app.ingress.funasr import text_delta
 from serve_app.ingress.recognition import RecognitionOptions, SpeechEdge
+from serve_app.ingress.security import Credentials, device_credentials
 from serve_app.settings import RealtimeSettings
 from serve_app.wire import AudioFormatError, UtteranceResult, pcm16_from_bytes
 
@@ -397,6 +398,10 @@ class RealtimeConnection(Connection):
 
     def _new_item(self) -> str:
         return f"item_{self.session_id}_{next(self._item_numbers)}"
+
+    def credentials(self) -> Credentials:
+        """Also the key OpenAI's browser clients offer as a subprotocol (`KEY_SUBPROTOCOL`)."""
+        return device_credentials(self.ws.headers, self.ws.query_params, self.ws.scope.get("subprotocols", ()))
 
     # ---- errors ----
     def render_error(self, code: str, message: str) -> str:

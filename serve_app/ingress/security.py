@@ -111,9 +111,16 @@ def _values(source: Mapping[str, str], key: str) -> list[str]:
     return [] if value is None else [value]
 
 
-def device_credentials(headers: Mapping[str, str], query: Mapping[str, str]) -> Credentials:
+# How OpenAI's browser Realtime clients send their key: a WebSocket subprotocol (browsers cannot set headers).
+KEY_SUBPROTOCOL = "openai-insecure-api-key."
+
+
+def device_credentials(
+    headers: Mapping[str, str], query: Mapping[str, str], subprotocols: Iterable[str] = ()
+) -> Credentials:
     """The one parser of device credentials, for every protocol and the file endpoint: headers for
-    clients that can set them, query parameters for those that cannot, in every spelling.
+    clients that can set them, query parameters for those that cannot, in every spelling, and the
+    token as a `KEY_SUBPROTOCOL` WebSocket subprotocol (Realtime browser clients).
 
     A field given more than once must say the same thing each time (`?device-id=A&device_id=B`
     is refused): otherwise which value counts would depend on who reads it. Raises
@@ -122,6 +129,8 @@ def device_credentials(headers: Mapping[str, str], query: Mapping[str, str]) -> 
     def one(field: str) -> str | None:
         header, params = _CREDENTIAL_FIELDS[field]
         given = [*_values(headers, header), *(v for p in params for v in _values(query, p))]
+        if field == "authorization":
+            given += [p[len(KEY_SUBPROTOCOL) :] for p in subprotocols if p.startswith(KEY_SUBPROTOCOL)]
         distinct: dict[str, str] = {}  # compared as the server reads it ("Bearer t" is "t"); the first kept
         for value in filter(None, given):
             distinct.setdefault(_bearer(value) if field == "authorization" else value, value)

@@ -9,6 +9,7 @@ from serve_app.ingress import security
 from serve_app.ingress.security import (
     MIN_SECRET_LEN,
     AdminAuth,
+    CredentialError,
     Credentials,
     DeviceAuth,
     Identity,
@@ -132,6 +133,11 @@ def test_credentials_from_headers_or_query_parameters():
     assert (by_query.device_id, by_query.client_id, by_query.authorization) == ("d2", None, "t2")
     both = device_credentials({"device-id": "d3", "authorization": "Bearer t3"}, {"device_id": "d3", "token": "t3"})
     assert (both.device_id, both.authorization) == ("d3", "Bearer t3")  # the same, given twice: fine
+    # OpenAI's browser Realtime clients offer the key as a subprotocol; it must agree with any other
+    protocols = ["realtime", "openai-insecure-api-key.t4", "openai-beta.realtime-v1"]
+    assert device_credentials({}, {"device_id": "d4"}, protocols).authorization == "t4"
+    with pytest.raises(CredentialError):
+        device_credentials({"authorization": "Bearer other"}, {"device_id": "d4"}, protocols)
 
 
 def test_client_helpers_put_credentials_where_the_server_reads_them():
