@@ -391,7 +391,6 @@ class RealtimeConnection(Connection):
         self._last_item: str | None = None  # the latest committed item: the next one's previous_item_id
         self._items: dict[int, str] = {}  # utterance index -> item id, committed and awaiting its result
         self._deltas: dict[str, str] = {}  # item id -> the text sent as deltas so far
-        self._start_ms: int | None = None  # where the open item's speech began
 
     def _event_id(self) -> str:
         return f"event_{self.session_id}_{next(self._event_numbers)}"
@@ -468,7 +467,7 @@ class RealtimeConnection(Connection):
     def _clear(self) -> None:
         """Drop the uncommitted audio; committed items are still answered."""
         self.stream.clear()
-        self._open_item = self._start_ms = None
+        self._open_item = None
         if self.config.turn_detection is None:
             self.stream.begin_utterance()  # push-to-talk: the next turn's audio starts now
         else:
@@ -495,13 +494,11 @@ class RealtimeConnection(Connection):
     # ---- from the utterance stream ----
     async def _on_speech(self, edge: SpeechEdge) -> None:
         if edge.kind == "started":
-            self._open_item, self._start_ms = self._new_item(), edge.ms
+            self._open_item = self._new_item()
             await self.send(event("input_audio_buffer.speech_started", self._event_id(), audio_start_ms=edge.ms,
                                   item_id=self._open_item))  # fmt: skip
             return
-        item = self._open_item or self._new_item()
-        start = self._start_ms if self._open_item is not None and self._start_ms is not None else edge.ms
-        self._open_item = self._start_ms = None
+        item, self._open_item = self._open_item or self._new_item(), None
         if edge.kind == "stopped":
             await self.send(event("input_audio_buffer.speech_stopped", self._event_id(), audio_end_ms=edge.ms,
                                   item_id=item))  # fmt: skip
@@ -510,6 +507,7 @@ class RealtimeConnection(Connection):
         self._last_item = item
         if edge.index is None:  # too short to recognise: no result will come
             self._deltas.pop(item, None)
+            start = edge.start_ms if edge.start_ms is not None else edge.ms
             await self.send(render_dropped(self._event_id(), item, start, edge.ms))
         else:
             self._items[edge.index] = item

@@ -70,11 +70,12 @@ class SpeechEdge:
     cut:     the client ended the utterance (push-to-talk released, a commit), or push-to-talk ran
              past max_utterance_ms.
     `index`: the utterance's number (its result's `index`); None when it was too short to
-    recognise and was dropped (no result follows)."""
+    recognise and was dropped (no result follows). `start_ms`: where the cut piece began."""
 
     kind: Literal["started", "stopped", "cut"]
     ms: int
     index: int | None = None
+    start_ms: int | None = None
 
 
 def _ms_since(t: float) -> float:
@@ -232,7 +233,7 @@ class Timeline:
         if self.received_ms <= start:
             return None
         utterance = self._cut(start, self.received_ms, forced=False)
-        self._edge("cut", self.received_ms, utterance)
+        self._edge("cut", self.received_ms, utterance, start)
         return utterance
 
     def abort(self) -> None:
@@ -247,8 +248,11 @@ class Timeline:
         edges, self.edges = self.edges, []
         return edges
 
-    def _edge(self, kind: Literal["started", "stopped", "cut"], ms: int, utterance: Utterance | None = None) -> None:
-        self.edges.append(SpeechEdge(kind, ms, None if utterance is None else utterance.index))
+    def _edge(
+        self, kind: Literal["started", "stopped", "cut"], ms: int, utterance: Utterance | None = None,
+        start_ms: int | None = None,
+    ) -> None:  # fmt: skip
+        self.edges.append(SpeechEdge(kind, ms, None if utterance is None else utterance.index, start_ms))
 
     def _skip_pending(self) -> None:
         """Audio not yet sent to the VAD will not be; the VAD state restarts at the next chunk."""
@@ -269,17 +273,17 @@ class Timeline:
                 end = max(min(event.ms, self.received_ms), start)
                 self._started(start)
                 done.append(self._cut(start, end, forced=False))
-                self._edge("stopped", end, done[-1])
+                self._edge("stopped", end, done[-1], start)
                 self._speaking = False
                 self.speech_start_ms = None
         if self.speech_start_ms is not None and self.sent_ms - self.speech_start_ms >= self._max_utterance_ms:
-            cut_at = self.sent_ms
-            done.append(self._cut(self.speech_start_ms, cut_at, forced=True))
+            cut_at, start = self.sent_ms, self.speech_start_ms
+            done.append(self._cut(start, cut_at, forced=True))
             self.speech_start_ms = cut_at  # the speech goes on; the VAD's end closes the next piece
             if self.manual:
-                self._edge("cut", cut_at, done[-1])
+                self._edge("cut", cut_at, done[-1], start)
             else:
-                self._edge("stopped", cut_at, done[-1])
+                self._edge("stopped", cut_at, done[-1], start)
                 self._edge("started", cut_at)
         if self.speech_start_ms is None:
             self._trim(self.sent_ms - self._idle_keep_ms)

@@ -388,6 +388,18 @@ def test_manual_turns_cut_at_commit_and_an_empty_commit_is_an_error():
     assert np.allclose(turns, [(0, 700), (1000, 1200)], atol=40), turns
 
 
+def test_a_committed_piece_too_short_to_recognise_gets_an_empty_transcript():
+    manual = {"type": "session.update", "session": {"audio": {"input": {"turn_detection": None}}}}
+    frames = [client(manual), append(530), client({"type": "input_audio_buffer.commit"}), append(40),
+              client({"type": "input_audio_buffer.commit"})]  # fmt: skip
+    sent, _ = realtime_session(frames, until=lambda sent: len(completed(sent)) == 2)
+    committed = [e["item_id"] for e in sent if e["type"] == "input_audio_buffer.committed"]
+    words, blip = sorted(completed(sent), key=lambda e: committed.index(e["item_id"]))
+    assert words["transcript"] == "hello there" and blip["transcript"] == ""
+    assert blip["speech_serve"]["skipped"] == "too_short" and blip["speech_serve"]["index"] is None
+    assert 0 < blip["speech_serve"]["end_ms"] - blip["speech_serve"]["start_ms"] < 50  # under min_utterance_ms
+
+
 def test_a_refused_session_gets_an_error_event_and_the_close_code():
     async def scenario():
         ws = MemoryWebSocket()

@@ -170,8 +170,8 @@ def test_vad_edges_frame_each_utterance_once_even_after_a_replay():
     s.add_audio(tone(500))
     s.on_vad_events([VadEvent("end", 700), VadEvent("start", 800), VadEvent("end", 820)])  # the last: too short
     assert s.take_edges() == [
-        SpeechEdge("started", 100), SpeechEdge("stopped", 700, 0),
-        SpeechEdge("started", 800), SpeechEdge("stopped", 820, None),
+        SpeechEdge("started", 100), SpeechEdge("stopped", 700, 0, 110),  # cut from the replayed start
+        SpeechEdge("started", 800), SpeechEdge("stopped", 820, None, 800),
     ]  # fmt: skip
     assert s.take_edges() == []
 
@@ -180,15 +180,15 @@ def test_a_forced_cut_stops_and_starts_again_and_push_to_talk_is_cut():
     s = Timeline(vad_chunk_ms=100, max_utterance_ms=1000)
     s.add_audio(tone(1200))
     s.on_vad_events([VadEvent("start", 0)])
-    assert s.take_edges() == [SpeechEdge("started", 0), SpeechEdge("stopped", 1200, 0), SpeechEdge("started", 1200)]
+    assert s.take_edges() == [SpeechEdge("started", 0), SpeechEdge("stopped", 1200, 0, 0), SpeechEdge("started", 1200)]
     s.add_audio(tone(200))
     s.end_manual()  # a commit while the VAD hears speech: cut, no `stopped`
-    assert s.take_edges() == [SpeechEdge("cut", 1400, 1)]
+    assert s.take_edges() == [SpeechEdge("cut", 1400, 1, 1200)]
     s.begin_manual()
     s.add_audio(tone(300))
     s.on_vad_events([])
     s.end_manual()
-    assert s.take_edges() == [SpeechEdge("cut", 1700, 2)]
+    assert s.take_edges() == [SpeechEdge("cut", 1700, 2, 1400)]
     s.begin_manual()
     s.end_manual()  # nothing since: no edge
     assert s.take_edges() == []
