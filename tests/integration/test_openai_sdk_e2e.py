@@ -141,3 +141,35 @@ def test_a_realtime_client_with_a_bad_key_gets_an_error_event_and_close_1008(ser
     refused, close_code = asyncio.run(connect_with_a_bad_key())
     assert refused.type == "error" and refused.error.code == "unauthorized"  # before any session.created
     assert close_code == 1008
+
+
+def test_the_sdks_beta_realtime_client_with_manual_turns(service):
+    """Older SDKs speak the beta shape (`OpenAI-Beta: realtime=v1`, transcription_session.update,
+    input_audio_format pcm16): served the same. Manual turns: the commit cuts the utterance."""
+    first_utterance = audio_24k()[: TWO_UTTERANCES_SPEECH_MS[0][1] // CHUNK_MS + 3]
+
+    async def one_turn():
+        # the beta client always dials wss:// from base_url; websocket_base_url is its way to say ws://
+        client = openai.AsyncOpenAI(base_url=f"http://{service}/v1", websocket_base_url=f"ws://{service}/v1",
+                                    api_key=device_token(), default_headers=DEVICE)  # fmt: skip
+        async with client.beta.realtime.connect(model="sensevoice", extra_query={"intent": "transcription"}) as conn:
+            assert (await asyncio.wait_for(conn.recv(), HANG_GUARD_S)).type == "session.created"
+            await conn.send({"type": "transcription_session.update", "session": {
+                "input_audio_format": "pcm16", "input_audio_transcription": {"model": "sensevoice"},
+                "turn_detection": None}})  # fmt: skip
+            for chunk in first_utterance:  # as fast as it goes: nothing here depends on timing
+                await conn.input_audio_buffer.append(audio=chunk)
+            await conn.input_audio_buffer.commit()
+            events = []
+            while not events or events[-1].type != "conversation.item.input_audio_transcription.completed":
+                events.append(await asyncio.wait_for(conn.recv(), HANG_GUARD_S))
+        return events
+
+    events = asyncio.run(one_turn())
+    updated, committed, completed = events[0], events[-2], events[-1]
+    assert updated.type == "transcription_session.updated" and updated.session.turn_detection is None
+    assert [e.type for e in events if "speech_" in e.type] == []  # no VAD events with manual turns
+    assert committed.type == "input_audio_buffer.committed" and committed.item_id == completed.item_id
+    ours = completed.to_dict()["speech_serve"]
+    assert completed.transcript and ours["start_ms"] == 0
+    assert abs(ours["end_ms"] - len(first_utterance) * CHUNK_MS) < 100  # the whole turn, cut at the commit
