@@ -88,3 +88,20 @@ def test_stream_resampler_keeps_length_across_chunks():
     assert np.abs(np.diff(joined[200:-200].astype(np.int32))).max() < 0.15 * 32767
     passthrough = StreamResampler(16000)
     assert passthrough(tone[:10]) is not None and len(passthrough(tone[:10])) == 10
+
+
+def test_a_partial_thresholds_map_keeps_the_other_models_defaults():
+    from serve_app.settings import MATCH_THRESHOLDS, VoiceprintSettings
+
+    v = VoiceprintSettings(thresholds={"ge2e": 0.9})
+    assert v.threshold("ge2e") == 0.9
+    assert v.threshold("eres2netv2") == MATCH_THRESHOLDS["eres2netv2"]  # was a silent 0.7 guess before
+
+
+def test_a_speaker_model_without_a_threshold_is_a_clear_error():
+    from serve_app.settings import VoiceprintSettings
+
+    with pytest.raises(ValueError, match="voiceprints.thresholds.newnet"):
+        VoiceprintSettings().threshold("newnet")
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        VoiceprintSettings(thresholds={"ge2e": 82})
