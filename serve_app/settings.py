@@ -223,8 +223,15 @@ class IngressSettings(_Strict):
     max_concurrent_uploads: int = Field(
         2,
         ge=1,
-        description="Uploads to /v1/audio/transcriptions one Ingress replica reads, decodes and recognises at "
-        "once (each may hold max_upload_bytes and max_upload_s of audio); more get HTTP 503 with Retry-After.",
+        description="Uploads (/v1/audio/transcriptions and voiceprint enrolments together) one Ingress replica "
+        "reads, decodes and recognises at once (each may hold max_upload_bytes and max_upload_s of audio); "
+        "more get HTTP 503 with Retry-After.",
+    )
+    upload_body_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="Longest time to receive an upload's whole body (transcription or enrolment): past it, HTTP "
+        "408. A client trickling its body would otherwise hold one of max_concurrent_uploads for ever.",
     )
     upload_retry_after_s: int = Field(
         5, ge=1, description="Retry-After (seconds) of the 503 an upload gets while the replica is at its cap."

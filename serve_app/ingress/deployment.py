@@ -28,7 +28,7 @@ from serve_app.ingress.health import DeploymentStates, serve_deployment_states
 from serve_app.ingress.metrics import IngressMetrics
 from serve_app.ingress.plain import PlainConnection
 from serve_app.ingress.recognition import ModelCalls, UtteranceStreams, live_stream_tasks
-from serve_app.ingress.security import AdminAuth, DeviceAuth, install_redaction, serve_bind_host
+from serve_app.ingress.security import AdminAuth, DeviceAuth, Slots, install_redaction, serve_bind_host
 from serve_app.ingress.sessions import Sessions
 from serve_app.ingress.speakers import SpeakerAdmin, admin_only
 from serve_app.ingress.xiaozhi import XiaozhiConnection
@@ -81,9 +81,11 @@ class Ingress:
         self.streams = UtteranceStreams(calls, settings.ingress, settings.speaker.keep_embeddings, self.metrics)
         self.sessions = Sessions(registry, settings.admission, settings.ingress, self.device_auth, self.metrics,
                                  compute)  # fmt: skip
-        self.files = FileTranscriptions(calls, self.device_auth, settings.ingress)
+        limits = settings.ingress
+        uploads = Slots(limits.max_concurrent_uploads, limits.upload_retry_after_s)  # files and enrolments
+        self.files = FileTranscriptions(calls, self.device_auth, limits, uploads)
         self.speakers = SpeakerAdmin(open_store(settings.voiceprints.store), calls, settings.voiceprints,
-                                     settings.ingress)  # fmt: skip
+                                     limits, uploads)  # fmt: skip
         self.health = DeploymentStates(serve_deployment_states, ingress.healthz_cache_s, ingress.healthz_timeout_s)
         for role, source in models.sources.items():
             logger.info("model %s: %s", role, source)

@@ -13,6 +13,7 @@ from ray import serve
 
 from serve_app.ingress.deployment import Ingress
 from serve_app.ingress.health import DeploymentStates, serve_deployment_states
+from serve_app.ingress.security import Slots
 from serve_app.ingress.speakers import SpeakerAdmin
 from serve_app.settings import AppSettings
 from serve_app.wire import ModelsSummary
@@ -82,7 +83,7 @@ def test_healthz_asks_the_serve_controller_off_the_event_loop(monkeypatch):
 def test_admin_routes_reach_sqlite_off_the_event_loop():
     store = SimpleNamespace(list=Blocking([]))
     ingress = bare_ingress(AppSettings())
-    ingress.speakers = SpeakerAdmin(store, None, AppSettings().voiceprints, AppSettings().ingress)
+    ingress.speakers = SpeakerAdmin(store, None, AppSettings().voiceprints, AppSettings().ingress, Slots(2))
 
     body, order = asyncio.run(alongside(ingress.list_speakers(None), store.list.release))
     assert store.list.released and order == ["other coroutine ran", "route answered"]
