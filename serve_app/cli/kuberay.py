@@ -187,14 +187,19 @@ def manifest(config: dict[str, Any], cluster: dict[str, Any], version: str) -> d
     grace = int(ingress.get("graceful_shutdown_timeout_s", 20))
     labels = {"app.kubernetes.io/name": cluster["name"]}
     serve_port = {"name": "serve", "containerPort": port}
-    # Ready = the app answers on this pod's proxy with every deployment running (/healthz: 503 while
-    # any is starting; it waits healthz_timeout_s for the controller, so the probe waits a bit longer).
+    # Ready = this pod's proxy is up and not draining (its /-/healthz, what KubeRay's own probe checks:
+    # a probe written here replaces KubeRay's) and the app answers through it with every deployment
+    # running (/healthz: 503 while any is starting; it waits up to healthz_timeout_s for the controller).
+    # /healthz is cluster-wide, so one failed answer would empty the Service at once: 3 in a row.
+    app_wait = math.ceil(settings.ingress.healthz_timeout_s) + 1
     probe = {
-        "httpGet": {"path": "/healthz", "port": port},
+        "exec": {"command": ["bash", "-c",
+            f"wget --tries 1 -T 2 -q -O- http://localhost:{port}/-/healthz | grep -q success && "
+            f"wget --tries 1 -T {app_wait} -q -O /dev/null http://localhost:{port}/healthz"]},
         "periodSeconds": 5,
-        "timeoutSeconds": math.ceil(settings.ingress.healthz_timeout_s) + 1,
+        "timeoutSeconds": 2 + app_wait + 1,
         "failureThreshold": 3,
-    }
+    }  # fmt: skip
     head_ports = [
         {"name": "gcs-server", "containerPort": 6379},
         {"name": "dashboard", "containerPort": 8265},

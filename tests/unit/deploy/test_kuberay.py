@@ -119,13 +119,20 @@ def test_groups_fractional_gpus_and_the_autoscaler(committed):
     for group in (cpu, gpu):
         (container,) = group["template"]["spec"]["containers"]
         probe = container["readinessProbe"]
-        assert probe["httpGet"] == {"path": "/healthz", "port": 8000}
-        assert probe["timeoutSeconds"] > 5  # longer than the app's own healthz_timeout_s
+        command = probe["exec"]["command"][-1]  # the proxy's own health, then the app's through it
+        assert "http://localhost:8000/-/healthz | grep -q success &&" in command
+        assert command.endswith("-T 6 -q -O /dev/null http://localhost:8000/healthz")  # healthz_timeout_s 5 + 1
+        assert probe["timeoutSeconds"] == 9 and probe["failureThreshold"] == 3
         assert {"name": "MODELSCOPE_CACHE", "value": "/models"} in container["env"]
     service = committed["spec"]["serveService"]
     assert service["spec"] == {"type": "LoadBalancer", "ports": [{"name": "serve", "port": 8000}]}
     assert committed["spec"]["excludeHeadPodFromServeSvc"] is True
     assert committed["spec"]["rayClusterDeletionDelaySeconds"] == 600  # Ingress graceful_shutdown_timeout_s
+
+
+def test_the_image_runs_the_ray_version_the_cluster_declares():
+    dockerfile = (kuberay.KUBERAY / "Dockerfile").read_text()
+    assert f"FROM rayproject/ray:{kuberay.ray_version()}-py311\n" in dockerfile  # a mismatch breaks the autoscaler
 
 
 def test_packing_counts_pods_first_fit():
