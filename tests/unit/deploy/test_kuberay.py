@@ -54,7 +54,10 @@ def test_serve_config_is_a_valid_ray_serve_config_with_every_deployment(committe
     config = ServeDeploySchema.model_validate(yaml.safe_load(text))
     assert config == ServeDeploySchema.model_validate(kuberay.serve_config())  # the overlay merged, nothing else
     (app,) = config.applications
-    assert {d.name for d in app.deployments} == {"Ingress", "VADHost", "SenseVoice", "Speaker"}
+    deployments = {d.name: d for d in app.deployments}
+    assert set(deployments) == {"Ingress", "VADHost", "SenseVoice", "Speaker", "SessionRegistry"}
+    registry = deployments["SessionRegistry"].ray_actor_options  # pinned to the head, still no CPU
+    assert (registry.num_cpus, registry.resources) == (0, {"node:__internal_head__": 0.001})
     settings = AppSettings(**app.args)  # our own settings accept the args (unknown keys would fail)
     assert settings.use_gpus == "always" and settings.models.require_real_models
     for placement in settings.placement.values():  # what the builder hands Ray per replica
