@@ -492,6 +492,11 @@ class Placement(_Strict):
     )
     num_gpus: float = 0.0
     memory_mb: int | None = None
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources per replica: steer it to the nodes that offer them (on KubeRay, a "
+        "worker group's rayStartParams resources; deploy/kuberay/).",
+    )
     num_replicas: int | None = Field(
         None, description="Fixed replica count; leave unset to use autoscaling_config from `deployments:`."
     )
@@ -508,6 +513,8 @@ class Placement(_Strict):
             opts["num_gpus"] = self.num_gpus
         if self.memory_mb:
             opts["memory"] = self.memory_mb * 1024 * 1024
+        if self.resources:
+            opts["resources"] = dict(self.resources)
         return opts
 
 
@@ -536,3 +543,9 @@ class AppSettings(_Strict):
     security: SecuritySettings = SecuritySettings()
     retry: RetrySettings = RetrySettings()
     placement: dict[PlacementName, Placement] = Field(default_factory=_default_placement)
+    use_gpus: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="auto: the placement's num_gpus apply where the cluster has GPUs when the app is built. "
+        "always: they apply even if no GPU node is up yet (a cluster autoscaler adds GPU nodes on demand, "
+        "e.g. KubeRay; the replicas wait for them). never: models on CPU even where there are GPUs.",
+    )
