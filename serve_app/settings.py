@@ -7,6 +7,7 @@ operator wants to change. Units are in the field names (`_ms`, `_s`).
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -361,6 +362,18 @@ class AdmissionSettings(_Strict):
         description="While the oldest finished utterance an Ingress replica waits on has waited longer than this "
         "for SenseVoice, new sessions get `server_busy` (1013): the admitted keep their latency. null: off.",
     )
+    # Optional work is shed before devices are refused: interims first, then the speaker model.
+    shed_interims_delay_s: float | None = Field(
+        None,
+        description="While the oldest finished utterance an Ingress replica waits on has waited longer than this "
+        "for SenseVoice, no interim (partial) text is computed for its sessions: the model time goes to finals. "
+        "null: never shed.",
+    )
+    shed_speaker_delay_s: float | None = Field(
+        None,
+        description="Past this queue delay, utterances skip the speaker model: their text goes out with speaker "
+        "`unknown`, reason `shed`. null: never shed.",
+    )
     lease_s: float = Field(30.0, description="The registry forgets sessions of an Ingress silent this long.")
     sync_s: float = Field(5.0, description="How often each Ingress replica re-syncs its live sessions.")
     registry_timeout_s: float = Field(
@@ -369,6 +382,19 @@ class AdmissionSettings(_Strict):
         description="Longest a SessionRegistry call (admit, release, sync) may take. Past it a new session is "
         "admitted unchecked (logged), as when the registry is down; a lost release is corrected by the next sync.",
     )
+
+    @model_validator(mode="after")
+    def _shed_before_refusing(self) -> AdmissionSettings:
+        """Interims go first, then the speaker model, then new devices are refused."""
+        steps = [("shed_interims_delay_s", self.shed_interims_delay_s),
+                 ("shed_speaker_delay_s", self.shed_speaker_delay_s),
+                 ("max_queue_delay_s", self.max_queue_delay_s)]  # fmt: skip
+        given = [(name, value) for name, value in steps if value is not None]
+        for (a, x), (b, y) in itertools.pairwise(given):
+            if x > y:
+                raise ValueError(f"admission.{a} ({x:g}) must not exceed {b} ({y:g}): optional work is shed "
+                                 "before devices are refused, interims before the speaker model")  # fmt: skip
+        return self
 
 
 class XiaozhiSettings(_Strict):

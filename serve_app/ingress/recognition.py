@@ -354,6 +354,7 @@ class ModelCalls:
         speaker_enabled: bool = True, default_group: str = "default",
         vad_batch_interval_ms: int = 100, vad_sessions_per_lane: int = 50,
         asr_waits: Callable[[], AbstractContextManager] = nullcontext, speaker_min_ms: int = 0,
+        shed: Callable[[str], bool] = lambda what: False,
     ):  # fmt: skip
         self.vad, self.asr, self.speaker = vad, asr, speaker
         self.retry = retry
@@ -363,6 +364,7 @@ class ModelCalls:
         self.default_group = default_group  # voiceprints matched when the client names no group
         self.vad_lanes = VadLanes(self._feed_many, vad_batch_interval_ms, vad_sessions_per_lane)
         self._asr_waits = asr_waits  # around each final's SenseVoice call (admission by compute watches it)
+        self.shed = shed  # skip this optional work now ("interim", "speaker")? (ComputeAdmission.shed)
         self._closing: set[asyncio.Task] = set()
 
     async def _feed_many(self, lane: str, items: list[VadItem]) -> list[VadFeedResult]:
@@ -482,6 +484,8 @@ class ModelCalls:
             return None, None, 0.0, 0
         if utt.end_ms - utt.start_ms < self.speaker_min_ms:
             return None, "too_short", 0.0, 0
+        if self.shed("speaker"):  # the models are behind: the transcript goes first
+            return None, "shed", 0.0, 0
         try:
             embedding, spk_ms, retries = await self.embed(utt.pcm, group, session_id)
         except Exception as exc:
@@ -692,7 +696,8 @@ class UtteranceStream:
         due = self.timeline.sent_ms - self._interim_at_ms >= self._interim_interval_ms
         if due and (self._interim_task is None or self._interim_task.done()):
             self._interim_at_ms = self.timeline.sent_ms
-            self._interim_task = asyncio.create_task(self._interim(*speech))
+            if not self.models.shed("interim"):  # the models are behind: finals first
+                self._interim_task = asyncio.create_task(self._interim(*speech))
 
     async def _interim(self, index: int, pcm: np.ndarray) -> None:
         try:
