@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install serve serve-bench serve-capacity sweep test lint models-full bench loadtest soak clean
+.PHONY: install serve serve-bench serve-capacity sweep test lint models-full bench loadtest soak kuberay clean
 
 # HAPROXY=1: Ray Serve's HAProxy mode with direct ingress (README "Capacity"): WebSocket frames go
 # from HAProxy straight to the Ingress replicas instead of through the Python proxy actor.
@@ -75,6 +75,11 @@ KILL ?= SenseVoice,Speaker
 soak: install
 	$(BIN)/python -m loadtest.soak --url ws://127.0.0.1:8000 --audio-hours $(AUDIO_HOURS) --sessions $(SESSIONS) \
 		--churn $(CHURN) --kill $(KILL) --kill-every 30 --out loadtest/results/soak-1h
+
+# deploy/kuberay/rayservice.yaml from config/serve.yaml + deploy/kuberay/{overlay,cluster}.yaml (README
+# "Kubernetes (KubeRay)"). Run it after changing any of them; CI fails while the manifest is stale.
+kuberay: install
+	$(BIN)/python -m serve_app.cli.kuberay
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -140,7 +140,7 @@ class Speaker(BatchedModelHost):
     def __init__(self, source: ModelSource, settings: SpeakerSettings, voiceprints: VoiceprintSettings):
         self._core = SpeakerCore(source, settings, device=pick_device())
         super().__init__(self._embed_and_identify)
-        threshold = voiceprints.thresholds.get(self._core.arch, 0.7)
+        threshold = voiceprints.threshold(self._core.arch)
         self._identifier = Identifier(
             open_store(voiceprints.store), self._core.model_name, threshold, voiceprints.refresh_s
         )

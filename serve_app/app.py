@@ -4,7 +4,7 @@ both the Ingress side (serve_app/ingress/) and the replicas (deployments/).
 `config/serve.yaml` points `import_path` at `serve_app.app:build_app` and passes `args`.
 Each deployment gets its options from `settings.DEPLOYMENT_OPTIONS` plus its `placement` (CPU
 and GPU fractions, decided here from the cluster's resources, so one config runs on GPU and CPU
-hosts); the YAML's `deployments:` section overrides both.
+hosts; `use_gpus` overrides that); the YAML's `deployments:` section overrides both.
 """
 
 from __future__ import annotations
@@ -28,6 +28,11 @@ logger = logging.getLogger("ray.serve")
 
 def cluster_has_gpu() -> bool:
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def gpus_apply(settings: AppSettings) -> bool:
+    """Whether the placement's num_gpus go into ray_actor_options (settings.use_gpus)."""
+    return cluster_has_gpu() if settings.use_gpus == "auto" else settings.use_gpus == "always"
 
 
 def largest_node_cpus() -> float | None:
@@ -62,7 +67,7 @@ def fit_model_cpus(settings: AppSettings, node_cpus: float | None) -> tuple[dict
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
     settings = AppSettings(**(args or {}))
-    gpu = cluster_has_gpu()
+    gpu = gpus_apply(settings)
     model_cpus, why = fit_model_cpus(settings, largest_node_cpus())
     for name, cpus in model_cpus.items():
         logger.info("placement: a %s replica reserves %g CPUs (%s)", name, cpus, why)

@@ -7,6 +7,7 @@ operator wants to change. Units are in the field names (`_ms`, `_s`).
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -135,12 +136,33 @@ class SpeakerSettings(_Strict):
     )
 
 
+MATCH_THRESHOLDS = {"ge2e": 0.82, "eres2netv2": 0.6, "campplus": 0.6}  # cosine; measured per model
+
+
 class VoiceprintSettings(_Strict):
     store: str = Field("sqlite:///~/.cache/speech-serve/voiceprints.sqlite3", description="Store URL or path.")
     thresholds: dict[str, float] = Field(
-        default_factory=lambda: {"ge2e": 0.82, "eres2netv2": 0.6, "campplus": 0.6},
-        description="Cosine to an enrolled centroid needed to name the speaker, per speaker model.",
+        default_factory=lambda: dict(MATCH_THRESHOLDS),
+        description="Cosine to an enrolled centroid needed to name the speaker, per speaker model. A model "
+        "left out keeps its default; a model with no default must be given one.",
     )
+
+    @field_validator("thresholds")
+    @classmethod
+    def _keep_defaults(cls, given: dict[str, float]) -> dict[str, float]:
+        """Overriding one model's threshold keeps the others' (a partial YAML map must not
+        leave the running model with none)."""
+        for arch, value in given.items():
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"thresholds.{arch} must be a cosine between 0 and 1, got {value}")
+        return {**MATCH_THRESHOLDS, **given}
+
+    def threshold(self, arch: str) -> float:
+        """The match threshold of a speaker model; a clear error if it has none."""
+        if arch not in self.thresholds:
+            raise ValueError(f"no speaker match threshold for model {arch!r}: set voiceprints.thresholds.{arch} "
+                             f"(known: {', '.join(sorted(self.thresholds))})")  # fmt: skip
+        return self.thresholds[arch]
     default_group: str = Field("default", description="Group for sessions that name none.")
     refresh_s: float = Field(1.0, description="How often a Speaker replica checks the store for new enrolments.")
     min_enroll_s: float = Field(1.0, description="Shortest enrolment clip accepted.")
@@ -202,8 +224,15 @@ class IngressSettings(_Strict):
     max_concurrent_uploads: int = Field(
         2,
         ge=1,
-        description="Uploads to /v1/audio/transcriptions one Ingress replica reads, decodes and recognises at "
-        "once (each may hold max_upload_bytes and max_upload_s of audio); more get HTTP 503 with Retry-After.",
+        description="Uploads (/v1/audio/transcriptions and voiceprint enrolments together) one Ingress replica "
+        "reads, decodes and recognises at once (each may hold max_upload_bytes and max_upload_s of audio); "
+        "more get HTTP 503 with Retry-After.",
+    )
+    upload_body_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="Longest time to receive an upload's whole body (transcription or enrolment): past it, HTTP "
+        "408. A client trickling its body would otherwise hold one of max_concurrent_uploads for ever.",
     )
     upload_retry_after_s: int = Field(
         5, ge=1, description="Retry-After (seconds) of the 503 an upload gets while the replica is at its cap."
@@ -333,6 +362,18 @@ class AdmissionSettings(_Strict):
         description="While the oldest finished utterance an Ingress replica waits on has waited longer than this "
         "for SenseVoice, new sessions get `server_busy` (1013): the admitted keep their latency. null: off.",
     )
+    # Optional work is shed before devices are refused: interims first, then the speaker model.
+    shed_interims_delay_s: float | None = Field(
+        None,
+        description="While the oldest finished utterance an Ingress replica waits on has waited longer than this "
+        "for SenseVoice, no interim (partial) text is computed for its sessions: the model time goes to finals. "
+        "null: never shed.",
+    )
+    shed_speaker_delay_s: float | None = Field(
+        None,
+        description="Past this queue delay, utterances skip the speaker model: their text goes out with speaker "
+        "`unknown`, reason `shed`. null: never shed.",
+    )
     lease_s: float = Field(30.0, description="The registry forgets sessions of an Ingress silent this long.")
     sync_s: float = Field(5.0, description="How often each Ingress replica re-syncs its live sessions.")
     registry_timeout_s: float = Field(
@@ -341,6 +382,19 @@ class AdmissionSettings(_Strict):
         description="Longest a SessionRegistry call (admit, release, sync) may take. Past it a new session is "
         "admitted unchecked (logged), as when the registry is down; a lost release is corrected by the next sync.",
     )
+
+    @model_validator(mode="after")
+    def _shed_before_refusing(self) -> AdmissionSettings:
+        """Interims go first, then the speaker model, then new devices are refused."""
+        steps = [("shed_interims_delay_s", self.shed_interims_delay_s),
+                 ("shed_speaker_delay_s", self.shed_speaker_delay_s),
+                 ("max_queue_delay_s", self.max_queue_delay_s)]  # fmt: skip
+        given = [(name, value) for name, value in steps if value is not None]
+        for (a, x), (b, y) in itertools.pairwise(given):
+            if x > y:
+                raise ValueError(f"admission.{a} ({x:g}) must not exceed {b} ({y:g}): optional work is shed "
+                                 "before devices are refused, interims before the speaker model")  # fmt: skip
+        return self
 
 
 class XiaozhiSettings(_Strict):
@@ -493,6 +547,11 @@ class Placement(_Strict):
     )
     num_gpus: float = 0.0
     memory_mb: int | None = None
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources per replica: steer it to the nodes that offer them (on KubeRay, a "
+        "worker group's rayStartParams resources; deploy/kuberay/).",
+    )
     num_replicas: int | None = Field(
         None, description="Fixed replica count; leave unset to use autoscaling_config from `deployments:`."
     )
@@ -509,6 +568,8 @@ class Placement(_Strict):
             opts["num_gpus"] = self.num_gpus
         if self.memory_mb:
             opts["memory"] = self.memory_mb * 1024 * 1024
+        if self.resources:
+            opts["resources"] = dict(self.resources)
         return opts
 
 
@@ -538,3 +599,9 @@ class AppSettings(_Strict):
     security: SecuritySettings = SecuritySettings()
     retry: RetrySettings = RetrySettings()
     placement: dict[PlacementName, Placement] = Field(default_factory=_default_placement)
+    use_gpus: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="auto: the placement's num_gpus apply where the cluster has GPUs when the app is built. "
+        "always: they apply even if no GPU node is up yet (a cluster autoscaler adds GPU nodes on demand, "
+        "e.g. KubeRay; the replicas wait for them). never: models on CPU even where there are GPUs.",
+    )

@@ -163,7 +163,7 @@ class SpeakerInfo:
     embedding_id: str | None = None
     embedding: list[float] | None = None
     # Why the speaker is unknown without a match having been tried (the text still went out):
-    # too_short, no_embedding, speaker_failed. None when the Speaker answered.
+    # too_short, no_embedding, speaker_failed, shed (skipped under load). None when the Speaker answered.
     reason: str | None = None
 
     def fields(self) -> dict:

@@ -12,6 +12,11 @@ Two signals, both cheap, both pure here (the Ingress feeds them):
   queue as it is now, so it lets sessions in again the moment the backlog is gone.
 
 Refusals are `server_busy` with close 1013 (try again later), the same as the session caps.
+
+Before refusing anyone, the same queue delay sheds optional work for the admitted
+(`admission.shed_interims_delay_s`, then `shed_speaker_delay_s`): interim text first, then the
+speaker model (the result says speaker `unknown`, reason `shed`). Both come back on their own once
+the queue is short again.
 """
 
 from __future__ import annotations
@@ -24,11 +29,20 @@ from contextlib import contextmanager
 from serve_app.settings import AdmissionSettings
 from serve_app.wire import CLOSE_TRY_AGAIN_LATER, Refusal
 
+SHEDDABLE = ("interim", "speaker")  # optional work, in the order it is shed
+
 
 class ComputeAdmission:
-    def __init__(self, settings: AdmissionSettings, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        settings: AdmissionSettings,
+        clock: Callable[[], float] = time.monotonic,
+        on_shed: Callable[[str], None] | None = None,
+    ):
         self.settings = settings
         self._clock = clock
+        self._on_shed = on_shed  # told each time a piece of optional work is skipped (metrics)
+        self._shed_after = {"interim": settings.shed_interims_delay_s, "speaker": settings.shed_speaker_delay_s}
         self._waiting: dict[int, float] = {}  # final transcriptions in flight: token -> when sent
         self._tokens = itertools.count()
         self.asr_replicas = 1  # running SenseVoice replicas, refreshed by the Ingress
@@ -47,6 +61,20 @@ class ComputeAdmission:
         """How long the oldest final in flight has waited (0 with none)."""
         oldest = min(self._waiting.values(), default=None)
         return 0.0 if oldest is None else self._clock() - oldest
+
+    def shedding(self) -> list[str]:
+        """The optional work shed now (in SHEDDABLE's order)."""
+        delay = self.queue_delay_s()
+        return [what for what in SHEDDABLE if (limit := self._shed_after[what]) is not None and delay > limit]
+
+    def shed(self, what: str) -> bool:
+        """Skip this piece of optional work (`interim`, `speaker`) now? Counted when it is."""
+        limit = self._shed_after[what]
+        if limit is None or self.queue_delay_s() <= limit:
+            return False
+        if self._on_shed is not None:
+            self._on_shed(what)
+        return True
 
     def sessions_cap(self) -> int | None:
         """The application's sessions the running model replicas serve in time (None: no cap)."""

@@ -30,7 +30,7 @@ from serve_app.ingress.metrics import IngressMetrics
 from serve_app.ingress.plain import PlainConnection
 from serve_app.ingress.realtime import RealtimeConnection
 from serve_app.ingress.recognition import ModelCalls, UtteranceStreams, live_stream_tasks
-from serve_app.ingress.security import AdminAuth, DeviceAuth, install_redaction, serve_bind_host
+from serve_app.ingress.security import AdminAuth, DeviceAuth, Slots, install_redaction, serve_bind_host
 from serve_app.ingress.sessions import Sessions
 from serve_app.ingress.speakers import SpeakerAdmin, admin_only
 from serve_app.ingress.xiaozhi import XiaozhiConnection
@@ -76,17 +76,18 @@ class Ingress:
         install_redaction(secrets=(self.device_auth.secret, self.admin_auth.token))  # before anything is logged
         self._log_security()
         ingress = settings.ingress
-        compute = ComputeAdmission(settings.admission)
+        self.compute = compute = ComputeAdmission(settings.admission, on_shed=self.metrics.shed)
         calls = ModelCalls(vad, asr, speaker, settings.retry, models.label, ingress.speaker_enabled,
                            settings.voiceprints.default_group, ingress.vad_batch_interval_ms,
                            ingress.vad_sessions_per_lane, asr_waits=compute.waiting_for_asr,
-                           speaker_min_ms=settings.speaker.min_utterance_ms)  # fmt: skip
+                           speaker_min_ms=settings.speaker.min_utterance_ms, shed=compute.shed)  # fmt: skip
         self.streams = UtteranceStreams(calls, settings.ingress, settings.speaker.keep_embeddings, self.metrics)
         self.sessions = Sessions(registry, settings.admission, settings.ingress, self.device_auth, self.metrics,
                                  compute)  # fmt: skip
-        self.files = FileTranscriptions(calls, self.device_auth, settings.ingress)
+        uploads = Slots(ingress.max_concurrent_uploads, ingress.upload_retry_after_s)  # files and enrolments
+        self.files = FileTranscriptions(calls, self.device_auth, ingress, uploads)
         self.speakers = SpeakerAdmin(open_store(settings.voiceprints.store), calls, settings.voiceprints,
-                                     settings.ingress)  # fmt: skip
+                                     ingress, uploads)  # fmt: skip
         self.health = DeploymentStates(serve_deployment_states, ingress.healthz_cache_s, ingress.healthz_timeout_s)
         for role, source in models.sources.items():
             logger.info("model %s: %s", role, source)
@@ -115,6 +116,9 @@ class Ingress:
             "model_sources": dict(self.models.sources),
             "live_sessions_this_replica": len(self.sessions.live),
             "stream_tasks_this_replica": live_stream_tasks(),  # 0 when idle: a leak check for soak tests
+            # admission by compute, this replica: how long the oldest final has waited, what is shed now
+            "load_this_replica": {"queue_delay_s": round(self.compute.queue_delay_s(), 3),
+                                  "shedding": self.compute.shedding()},  # fmt: skip
         }
         if self.models.warning:
             body["warning"] = self.models.warning

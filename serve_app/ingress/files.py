@@ -96,25 +96,20 @@ class FileTranscriptions:
     seconds of CPU that every live session of the replica would wait for) and recognised
     `max_upload_segments_in_flight` segments at a time."""
 
-    def __init__(self, models: ModelCalls, device_auth: DeviceAuth, limits: IngressSettings):
+    def __init__(self, models: ModelCalls, device_auth: DeviceAuth, limits: IngressSettings, slots: Slots):
         self.models, self.device_auth, self.limits = models, device_auth, limits
-        self.slots = Slots(limits.max_concurrent_uploads)
+        self.slots = slots  # shared with voiceprint enrolment: one cap on uploads per replica
 
     async def __call__(self, request: Request) -> Response:
         identity = require_device(self.device_auth, request)
-        if not self.slots.take():
-            raise HTTPException(
-                503,
-                f"this server is transcribing {self.slots.limit} uploads already; retry later",
-                headers={"Retry-After": str(self.limits.upload_retry_after_s)},
-            )
-        try:
+        with self.slots.hold():
             return await self._transcribe(request, identity)
-        finally:
-            self.slots.give()
 
     async def _transcribe(self, request: Request, identity: Identity) -> Response:
-        form = await read_upload_form(request, self.limits.max_upload_bytes, max_files=1)
+        limits = self.limits
+        form = await read_upload_form(
+            request, limits.max_upload_bytes, max_files=1, timeout_s=limits.upload_body_timeout_s
+        )
         try:
             (upload,) = file_fields(form, "file")
             fmt = check_response_format(text_field(form, "response_format", "json"))
@@ -126,7 +121,6 @@ class FileTranscriptions:
             raise HTTPException(400, str(exc)) from None
         finally:
             await form.close()
-        limits = self.limits
         try:
             pcm, duration_s = await asyncio.to_thread(
                 decode_file, data, limits.max_upload_s, limits.max_upload_sample_rate

@@ -25,6 +25,7 @@ DEFINED = {
     "speech_utterances_total": "Utterances answered, by protocol and outcome (ok or failed).",
     "speech_result_latency_ms": "End of speech to result sent, at the server (VAD endpointing included).",
     "speech_stage_latency_ms": "Round trip per pipeline stage (vad call, asr, speaker) seen by the ingress.",
+    "speech_shed_total": "Optional work skipped because the models were behind, by kind (interim, speaker).",
 }
 
 
@@ -50,6 +51,7 @@ class IngressMetrics:
         self.stage_latency = metrics.Histogram(
             "speech_stage_latency_ms", d["speech_stage_latency_ms"], LATENCY_BOUNDARIES_MS, tag_keys=("stage",)
         )
+        self.shed_total = metrics.Counter("speech_shed_total", d["speech_shed_total"], tag_keys=("kind",))
 
     def sessions_now(self, by_protocol: dict[str, int]) -> None:
         for protocol, count in by_protocol.items():
@@ -75,6 +77,9 @@ class IngressMetrics:
         for stage in ("asr", "speaker"):
             if f"{stage}_ms" in lat:
                 self.stage_latency.observe(lat[f"{stage}_ms"], tags={"stage": stage})
+
+    def shed(self, kind: str) -> None:
+        self.shed_total.inc(tags={"kind": kind})
 
     def vad_call(self, ms: float) -> None:
         self.stage_latency.observe(ms, tags={"stage": "vad"})

@@ -155,7 +155,10 @@ class Timeline:
         self._buffer = AudioBuffer()  # audio from _buffer_start_ms up to received_ms
         self._buffer_start_ms = 0
         self._pending = AudioBuffer()  # received, not yet sent to the VAD
-        self.sent_ms = 0  # stream position up to which the VAD has audio
+        self.sent_ms = 0  # stream position up to which audio has gone out in VAD chunks
+        # Position up to which the VAD's events have been applied. Behind sent_ms while the chunks
+        # of one large frame are fed one by one: trimming, force-cuts and replays count from here.
+        self.vad_ms = 0
         self.speech_start_ms: int | None = None
         self.utterances_done = 0
         self.finished = False
@@ -197,23 +200,26 @@ class Timeline:
         self.sent_ms += samples_to_ms(n)
         return chunk
 
-    def replay_chunk(self) -> VadChunk:
-        """All audio the VAD has seen since the last finished utterance, for a fresh VAD state.
+    def replay_chunk(self, failed: VadChunk | None = None) -> VadChunk:
+        """The audio since the last finished utterance up to the end of `failed` (the chunk whose
+        call found the VAD state gone; default: all that was sent), for a fresh VAD state.
 
-        Used when the session's VAD replica is gone: the new replica rebuilds its state
-        from this and reports the unfinished utterance's start again.
+        The new replica rebuilds its state from this and reports the unfinished utterance's start
+        again. It stops at `failed`: the chunks after it are still to be fed, each once.
         """
         self.speech_start_ms = None
-        n = ms_to_samples(self.sent_ms - self._buffer_start_ms)
-        return VadChunk(pcm=self._buffer.view()[:n], start_ms=self._buffer_start_ms, final=self.finished, restart=True,
+        end_ms = self.sent_ms if failed is None else failed.start_ms + samples_to_ms(len(failed.pcm))
+        final = self.finished if failed is None else failed.final
+        n = ms_to_samples(end_ms - self._buffer_start_ms)
+        return VadChunk(pcm=self._buffer.view()[:n], start_ms=self._buffer_start_ms, final=final, restart=True,
                         end_silence_ms=self.end_silence_ms)  # fmt: skip
 
     def speech_so_far(self) -> tuple[int, np.ndarray] | None:
         """The unfinished utterance (its index and audio up to what the VAD has seen), for interim text."""
-        if self.speech_start_ms is None or self.sent_ms - self.speech_start_ms < self._min_utterance_ms:
+        if self.speech_start_ms is None or self.vad_ms - self.speech_start_ms < self._min_utterance_ms:
             return None
         a = ms_to_samples(self.speech_start_ms - self._buffer_start_ms)
-        b = ms_to_samples(self.sent_ms - self._buffer_start_ms)
+        b = ms_to_samples(self.vad_ms - self._buffer_start_ms)
         return self.utterances_done, self._buffer.view()[a:b].copy()
 
     def begin_manual(self) -> None:
@@ -257,11 +263,13 @@ class Timeline:
     def _skip_pending(self) -> None:
         """Audio not yet sent to the VAD will not be; the VAD state restarts at the next chunk."""
         self._pending = AudioBuffer()
-        self.sent_ms = self.received_ms
+        self.sent_ms = self.vad_ms = self.received_ms
         self._restart_vad = True
 
-    def on_vad_events(self, events: list[VadEvent]) -> list[Utterance]:
-        """Apply VAD events; return finished utterances in order."""
+    def on_vad_events(self, events: list[VadEvent], upto_ms: int | None = None) -> list[Utterance]:
+        """Apply the VAD's events for the audio up to `upto_ms` (the end of the chunk they answer;
+        default: all that was sent); return finished utterances in order."""
+        self.vad_ms = self.sent_ms if upto_ms is None else min(max(upto_ms, self.vad_ms), self.sent_ms)
         done: list[Utterance] = []
         for event in events:
             if event.kind == "start":
@@ -276,8 +284,8 @@ class Timeline:
                 self._edge("stopped", end, done[-1], start)
                 self._speaking = False
                 self.speech_start_ms = None
-        if self.speech_start_ms is not None and self.sent_ms - self.speech_start_ms >= self._max_utterance_ms:
-            cut_at, start = self.sent_ms, self.speech_start_ms
+        if self.speech_start_ms is not None and self.vad_ms - self.speech_start_ms >= self._max_utterance_ms:
+            cut_at, start = self.vad_ms, self.speech_start_ms
             done.append(self._cut(start, cut_at, forced=True))
             self.speech_start_ms = cut_at  # the speech goes on; the VAD's end closes the next piece
             if self.manual:
@@ -286,7 +294,7 @@ class Timeline:
                 self._edge("stopped", cut_at, done[-1], start)
                 self._edge("started", cut_at)
         if self.speech_start_ms is None:
-            self._trim(self.sent_ms - self._idle_keep_ms)
+            self._trim(self.vad_ms - self._idle_keep_ms)
         return [u for u in done if u is not None]
 
     def _started(self, ms: int) -> None:
@@ -402,6 +410,7 @@ class ModelCalls:
         speaker_enabled: bool = True, default_group: str = "default",
         vad_batch_interval_ms: int = 100, vad_sessions_per_lane: int = 50,
         asr_waits: Callable[[], AbstractContextManager] = nullcontext, speaker_min_ms: int = 0,
+        shed: Callable[[str], bool] = lambda what: False,
     ):  # fmt: skip
         self.vad, self.asr, self.speaker = vad, asr, speaker
         self.retry = retry
@@ -411,6 +420,7 @@ class ModelCalls:
         self.default_group = default_group  # voiceprints matched when the client names no group
         self.vad_lanes = VadLanes(self._feed_many, vad_batch_interval_ms, vad_sessions_per_lane)
         self._asr_waits = asr_waits  # around each final's SenseVoice call (admission by compute watches it)
+        self.shed = shed  # skip this optional work now ("interim", "speaker")? (ComputeAdmission.shed)
         self._closing: set[asyncio.Task] = set()
 
     async def _feed_many(self, lane: str, items: list[VadItem]) -> list[VadFeedResult]:
@@ -440,7 +450,7 @@ class ModelCalls:
                     return result, replays
                 if chunk.restart:  # a fresh start is never refused; if it is, spend the budget, never loop
                     await self._before_retry(clock, RuntimeError("state lost on a restart"), "VADHost", sid)
-            chunk = timeline.replay_chunk()
+            chunk = timeline.replay_chunk(chunk)
             replays += 1
             logger.info("session %s: replaying %d ms of audio from %d ms (replay %d)",
                         sid, len(chunk.pcm) // 16, chunk.start_ms, replays)  # fmt: skip
@@ -530,6 +540,8 @@ class ModelCalls:
             return None, None, 0.0, 0
         if utt.end_ms - utt.start_ms < self.speaker_min_ms:
             return None, "too_short", 0.0, 0
+        if self.shed("speaker"):  # the models are behind: the transcript goes first
+            return None, "shed", 0.0, 0
         try:
             embedding, spk_ms, retries = await self.embed(utt.pcm, group, session_id)
         except Exception as exc:
@@ -732,10 +744,10 @@ class UtteranceStream:
             self.vad_replays += replays
             vad_ms = _ms_since(started)
             self.metrics.vad_call(vad_ms)
-        utterances = self.timeline.on_vad_events(result.events)
+        utterances = self.timeline.on_vad_events(result.events, chunk.start_ms + samples_to_ms(len(chunk.pcm)))
         await self._report_edges()
         for utt in utterances:
-            endpoint_ms = self.timeline.sent_ms - utt.end_ms
+            endpoint_ms = self.timeline.vad_ms - utt.end_ms
             self._recognise_later(utt, started, vad_ms, result.compute_ms, endpoint_ms)
         self._maybe_interim()
 
@@ -760,7 +772,8 @@ class UtteranceStream:
         due = self.timeline.sent_ms - self._interim_at_ms >= self._interim_interval_ms
         if due and (self._interim_task is None or self._interim_task.done()):
             self._interim_at_ms = self.timeline.sent_ms
-            self._interim_task = asyncio.create_task(self._interim(*speech))
+            if not self.models.shed("interim"):  # the models are behind: finals first
+                self._interim_task = asyncio.create_task(self._interim(*speech))
 
     async def _interim(self, index: int, pcm: np.ndarray) -> None:
         try:

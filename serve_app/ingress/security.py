@@ -15,6 +15,7 @@ Identity is decided once per connection: `device_credentials` is the one parser 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import ipaddress
@@ -22,7 +23,8 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from fastapi import HTTPException
@@ -500,12 +502,16 @@ async def read_form(request: Request, max_file_bytes: int, max_files: int) -> Fo
         raise UploadError(400, exc.message) from None
 
 
-async def read_upload_form(request: Request, max_file_bytes: int, max_files: int) -> FormData:
-    """`read_form`, with a bad upload answered as its HTTP error."""
+async def read_upload_form(request: Request, max_file_bytes: int, max_files: int, timeout_s: float) -> FormData:
+    """`read_form`, with a bad upload answered as its HTTP error, and a body that has not all
+    arrived within `timeout_s` as 408."""
     try:
-        return await read_form(request, max_file_bytes, max_files)
+        async with asyncio.timeout(timeout_s):
+            return await read_form(request, max_file_bytes, max_files)
     except UploadError as exc:
         raise HTTPException(exc.status, str(exc)) from None
+    except TimeoutError:
+        raise HTTPException(408, f"the upload's body did not arrive within {timeout_s:g} s") from None
 
 
 def text_field(form: FormData, name: str, default: str | None = None, required: bool = False) -> str | None:
@@ -640,9 +646,23 @@ class Slots:
     never queues: a waiting upload would hold its body in memory, and its client would not know
     why nothing happens."""
 
-    def __init__(self, limit: int):
-        self.limit = limit
+    def __init__(self, limit: int, retry_after_s: int = 5):
+        self.limit, self.retry_after_s = limit, retry_after_s
         self.held = 0
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        """One slot for the block, or HTTP 503 with Retry-After at once."""
+        if not self.take():
+            raise HTTPException(
+                503,
+                f"this server is handling {self.limit} uploads already; retry later",
+                headers={"Retry-After": str(self.retry_after_s)},
+            )
+        try:
+            yield
+        finally:
+            self.give()
 
     def take(self) -> bool:
         if self.held >= self.limit:

@@ -22,7 +22,14 @@ from starlette.datastructures import FormData
 
 from serve_app.ingress.audio import AudioTooLongError, decode_file
 from serve_app.ingress.recognition import ModelCalls
-from serve_app.ingress.security import UploadError, file_fields, read_upload_form, require_admin, text_field
+from serve_app.ingress.security import (
+    Slots,
+    UploadError,
+    file_fields,
+    read_upload_form,
+    require_admin,
+    text_field,
+)
 from serve_app.settings import IngressSettings, VoiceprintSettings
 from serve_app.voiceprints import Voiceprint, VoiceprintStore
 from serve_app.wire import AudioFormatError
@@ -92,19 +99,26 @@ class SpeakerAdmin:
     """The bodies of the admin routes."""
 
     def __init__(
-        self, store: VoiceprintStore, models: ModelCalls, settings: VoiceprintSettings, limits: IngressSettings
+        self,
+        store: VoiceprintStore,
+        models: ModelCalls,
+        settings: VoiceprintSettings,
+        limits: IngressSettings,
+        uploads: Slots,
     ):
         self.store, self.models, self.settings, self.limits = store, models, settings, limits
+        self.uploads = uploads  # shared with file transcription: one cap on uploads per replica
 
     async def enroll(self, request: Request) -> dict:
-        form, files = await self._enrolment_form(request)
-        try:
-            name = check_name(text_field(form, "name", required=True))
-        except (UploadError, EnrollmentError) as exc:
-            raise HTTPException(exc.status, str(exc)) from None
-        model, vectors = await self._embed_clips(await self._decode(files))
-        group = text_field(form, "group") or self.settings.default_group
-        return voiceprint_json(await _db(self.store.create, name, group, model, vectors))
+        with self.uploads.hold():  # the body, its decode and embedding: one upload slot
+            form, files = await self._enrolment_form(request)
+            try:
+                name = check_name(text_field(form, "name", required=True))
+            except (UploadError, EnrollmentError) as exc:
+                raise HTTPException(exc.status, str(exc)) from None
+            model, vectors = await self._embed_clips(await self._decode(files))
+            group = text_field(form, "group") or self.settings.default_group
+            return voiceprint_json(await _db(self.store.create, name, group, model, vectors))
 
     async def enroll_from_session(self, request: Request, live: dict) -> dict:
         body = await _json_body(request, EnrollFromSession)
@@ -129,11 +143,12 @@ class SpeakerAdmin:
         return _found(await _db(self.store.rename, speaker_id, body.name.strip()))
 
     async def reenroll(self, request: Request, speaker_id: str) -> dict:
-        if await _db(self.store.get, speaker_id) is None:
-            raise HTTPException(404, "no such speaker")
-        _, files = await self._enrolment_form(request)
-        model, vectors = await self._embed_clips(await self._decode(files))
-        return _found(await _db(self.store.replace_embeddings, speaker_id, model, vectors))
+        with self.uploads.hold():
+            if await _db(self.store.get, speaker_id) is None:
+                raise HTTPException(404, "no such speaker")
+            _, files = await self._enrolment_form(request)
+            model, vectors = await self._embed_clips(await self._decode(files))
+            return _found(await _db(self.store.replace_embeddings, speaker_id, model, vectors))
 
     async def delete(self, speaker_id: str) -> Response:
         if not await _db(self.store.delete, speaker_id):
@@ -149,7 +164,12 @@ class SpeakerAdmin:
 
     async def _enrolment_form(self, request: Request) -> tuple[FormData, list[tuple[str, bytes]]]:
         """The form (text fields) and its `files` as (filename, bytes), read into memory."""
-        form = await read_upload_form(request, self.limits.max_upload_bytes, max_files=self.settings.max_enroll_files)
+        form = await read_upload_form(
+            request,
+            self.limits.max_upload_bytes,
+            max_files=self.settings.max_enroll_files,
+            timeout_s=self.limits.upload_body_timeout_s,
+        )
         try:
             return form, [(f.filename or "file", await f.read()) for f in file_fields(form, "files")]
         except UploadError as exc:

@@ -33,6 +33,18 @@ def test_gpu_fraction_only_where_the_cluster_has_gpus():
     assert p.actor_options(cluster_has_gpu=False) == {"num_cpus": 1}
 
 
+def test_custom_resources_steer_a_replica_and_use_gpus_overrides_the_cluster_probe():
+    from serve_app.app import gpus_apply
+
+    p = Placement(num_cpus=1, resources={"speech_cpu": 0.01})
+    assert p.actor_options(cluster_has_gpu=False) == {"num_cpus": 1, "resources": {"speech_cpu": 0.01}}
+    assert gpus_apply(AppSettings()) is False  # auto, and no Ray here: no GPUs
+    assert gpus_apply(AppSettings(use_gpus="always")) is True  # KubeRay: GPU nodes come later
+    assert gpus_apply(AppSettings(use_gpus="never")) is False
+    with pytest.raises(ValidationError):
+        AppSettings(use_gpus="yes")
+
+
 def _result(i, text, lang):
     return UtteranceResult(
         session_id="f", index=i, start_ms=i * 1000, end_ms=i * 1000 + 500, text=text, language=lang,
@@ -88,3 +100,20 @@ def test_stream_resampler_keeps_length_across_chunks():
     assert np.abs(np.diff(joined[200:-200].astype(np.int32))).max() < 0.15 * 32767
     passthrough = StreamResampler(16000)
     assert passthrough(tone[:10]) is not None and len(passthrough(tone[:10])) == 10
+
+
+def test_a_partial_thresholds_map_keeps_the_other_models_defaults():
+    from serve_app.settings import MATCH_THRESHOLDS, VoiceprintSettings
+
+    v = VoiceprintSettings(thresholds={"ge2e": 0.9})
+    assert v.threshold("ge2e") == 0.9
+    assert v.threshold("eres2netv2") == MATCH_THRESHOLDS["eres2netv2"]  # was a silent 0.7 guess before
+
+
+def test_a_speaker_model_without_a_threshold_is_a_clear_error():
+    from serve_app.settings import VoiceprintSettings
+
+    with pytest.raises(ValueError, match="voiceprints.thresholds.newnet"):
+        VoiceprintSettings().threshold("newnet")
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        VoiceprintSettings(thresholds={"ge2e": 82})

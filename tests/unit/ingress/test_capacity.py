@@ -1,5 +1,7 @@
 """Admission by compute, without Ray: the per-replica cap and the queue-delay guard."""
 
+import pytest
+
 from deployments.registry import Limits, SessionLedger
 from serve_app.ingress.capacity import ComputeAdmission
 from serve_app.settings import AdmissionSettings
@@ -51,3 +53,36 @@ def test_the_registry_refuses_past_the_compute_cap_cluster_wide():
     assert refusal.code == "server_busy" and refusal.close_code == CLOSE_TRY_AGAIN_LATER
     assert "serve 4 sessions" in refusal.message
     assert ledger.admit("s4", "ingress-0", None, now=0.0) is None  # no compute cap: the counts only
+
+
+def test_optional_work_is_shed_before_devices_are_refused_and_comes_back():
+    """Interims go at 0.5 s of queue delay, the speaker model at 1 s, new devices at 2 s; all of
+    it comes back once the oldest final is answered."""
+    clock = Clock()
+    shed: list[str] = []
+    settings = AdmissionSettings(shed_interims_delay_s=0.5, shed_speaker_delay_s=1.0, max_queue_delay_s=2.0)
+    compute = ComputeAdmission(settings, clock, on_shed=shed.append)
+    with compute.waiting_for_asr():
+        clock.now += 0.4
+        assert compute.shedding() == [] and not compute.shed("interim")
+        clock.now += 0.2
+        assert compute.shedding() == ["interim"] and compute.shed("interim") and not compute.shed("speaker")
+        clock.now += 0.5
+        assert compute.shedding() == ["interim", "speaker"] and compute.shed("speaker")
+        assert compute.refusal() is None  # the admitted lose optional work before anyone is refused
+        clock.now += 1.0
+        assert compute.refusal() is not None
+    assert compute.shedding() == [] and not compute.shed("speaker")
+    assert shed == ["interim", "speaker"]  # counted only when skipped
+
+
+def test_shedding_is_off_unless_configured_and_must_come_before_refusing():
+    clock = Clock()
+    compute = ComputeAdmission(AdmissionSettings(), clock)
+    with compute.waiting_for_asr():
+        clock.now += 100
+        assert compute.shedding() == [] and not compute.shed("interim")
+    with pytest.raises(ValueError, match="interims before the speaker"):
+        AdmissionSettings(shed_interims_delay_s=1.5, shed_speaker_delay_s=1.0)
+    with pytest.raises(ValueError, match="before devices are refused"):
+        AdmissionSettings(shed_speaker_delay_s=3.0, max_queue_delay_s=2.0)

@@ -11,8 +11,10 @@ from types import SimpleNamespace
 
 from ray import serve
 
+from serve_app.ingress.capacity import ComputeAdmission
 from serve_app.ingress.deployment import Ingress
 from serve_app.ingress.health import DeploymentStates, serve_deployment_states
+from serve_app.ingress.security import Slots
 from serve_app.ingress.speakers import SpeakerAdmin
 from serve_app.settings import AppSettings
 from serve_app.wire import ModelsSummary
@@ -27,6 +29,7 @@ def bare_ingress(settings: AppSettings) -> INGRESS:
     ingress.models = ModelsSummary("test", {"asr": "tiny"})
     ingress.limits = settings.ingress
     ingress.sessions = SimpleNamespace(live={})
+    ingress.compute = ComputeAdmission(settings.admission)
     ingress.device_auth = SimpleNamespace(enabled=False, why="test", problem=None)
     ingress.admin_auth = SimpleNamespace(token="t", env_name="X")
     ingress.health = DeploymentStates(serve_deployment_states, settings.ingress.healthz_cache_s,
@@ -77,12 +80,13 @@ def test_healthz_asks_the_serve_controller_off_the_event_loop(monkeypatch):
     assert order == ["other coroutine ran", "route answered"]
     body = json.loads(response.body)
     assert response.status_code == 200 and body["deployments"]["SenseVoice"]["replicas"] == {"RUNNING": 1}
+    assert body["load_this_replica"] == {"queue_delay_s": 0.0, "shedding": []}
 
 
 def test_admin_routes_reach_sqlite_off_the_event_loop():
     store = SimpleNamespace(list=Blocking([]))
     ingress = bare_ingress(AppSettings())
-    ingress.speakers = SpeakerAdmin(store, None, AppSettings().voiceprints, AppSettings().ingress)
+    ingress.speakers = SpeakerAdmin(store, None, AppSettings().voiceprints, AppSettings().ingress, Slots(2))
 
     body, order = asyncio.run(alongside(ingress.list_speakers(None), store.list.release))
     assert store.list.released and order == ["other coroutine ran", "route answered"]

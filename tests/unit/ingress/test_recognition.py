@@ -158,6 +158,47 @@ def test_utterances_shorter_than_the_minimum_are_dropped_everywhere():
     assert [(u.start_ms, u.end_ms) for u in utterances_of(pcm, [(0, 0), (10, 40), (100, 400)], 50)] == [(100, 400)]
 
 
+def chunk_end(chunk) -> int:
+    return chunk.start_ms + len(chunk.pcm) // 16
+
+
+def test_one_big_frame_many_chunks_keeps_a_later_utterance_whole():
+    """A 2 s frame makes ten VAD chunks; their events come back one chunk at a time. Idle trimming
+    after the first chunk must count from what the VAD has seen (200 ms), not from all that was
+    sent (2000 ms): else a start the VAD reports later, for 500 ms, finds its audio gone."""
+    s = Timeline(vad_chunk_ms=200, max_utterance_ms=30_000, idle_keep_ms=1000)
+    audio = np.arange(2000 * 16, dtype=np.int32).astype(np.int16)
+    chunks = s.add_audio(audio)
+    assert len(chunks) == 10
+    events = {4: [VadEvent("start", 500)], 8: [VadEvent("end", 1500)]}  # lookback: the start is reported late
+    done = []
+    for i, chunk in enumerate(chunks):
+        done += s.on_vad_events(events.get(i, []), upto_ms=chunk_end(chunk))
+    (utt,) = done
+    assert (utt.start_ms, utt.end_ms) == (500, 1500)
+    assert np.array_equal(utt.pcm, audio[500 * 16 : 1500 * 16])
+
+
+def test_replay_stops_at_the_chunk_being_fed():
+    """A replay rebuilds the VAD state up to the chunk that failed, not past it: the chunks after
+    it are still to be sent, and would reach the VAD twice."""
+    s = Timeline(vad_chunk_ms=200, max_utterance_ms=30_000)
+    chunks = s.add_audio(tone(1000))
+    s.on_vad_events([], upto_ms=chunk_end(chunks[0]))
+    replay = s.replay_chunk(chunks[1])
+    assert (replay.start_ms, chunk_end(replay), replay.restart, replay.final) == (0, 400, True, False)
+
+
+def test_force_cut_counts_from_what_the_vad_has_seen():
+    s = Timeline(vad_chunk_ms=100, max_utterance_ms=1000)
+    chunks = s.add_audio(tone(1500))
+    assert s.on_vad_events([VadEvent("start", 0)], upto_ms=chunk_end(chunks[0])) == []
+    cuts = []
+    for chunk in chunks[1:]:
+        cuts += s.on_vad_events([], upto_ms=chunk_end(chunk))
+    assert [(c.start_ms, c.end_ms, c.forced_cut) for c in cuts] == [(0, 1000, True)]
+
+
 # ---- speech edges (Realtime's speech_started / speech_stopped / committed) ----------------------
 
 

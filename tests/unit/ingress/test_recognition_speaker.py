@@ -86,3 +86,12 @@ def test_a_good_answer_has_no_reason():
     result, embedding = recognise(TEXT, good_embedding())
     assert (result.speaker.label, result.speaker.reason, embedding.label) == ("alice", None, "alice")
     assert "reason" not in json.loads(render_result(result))["speaker"]
+
+
+def test_under_load_the_speaker_model_is_shed_and_the_result_says_so():
+    calls = []
+    result, embedding = recognise(TEXT, good_embedding(), speaker_log=calls, shed=lambda what: what == "speaker")
+    assert result.text == "turn on the light" and embedding is None and calls == []  # never asked
+    frame = json.loads(render_result(result))
+    assert frame["speaker"] == {"label": "unknown", "score": None, "speaker_id": None, "embedding_id": None,
+                                "reason": "shed"}  # fmt: skip

@@ -138,3 +138,46 @@ def test_forms_without_files_and_missing_fields():
     with pytest.raises(UploadError) as err:
         asyncio.run(read_form(request(b"--nope", f"multipart/form-data; boundary={BOUNDARY}"), 10, 1))
     assert err.value.status == 400
+
+
+def trickling_request(first: bytes) -> Request:
+    """A client that sends the start of its body, then nothing more (a slow-loris upload)."""
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": first, "more_body": True}
+        await asyncio.Event().wait()  # never
+
+    headers = [(b"content-type", f"multipart/form-data; boundary={BOUNDARY}".encode())]
+    return Request({"type": "http", "method": "POST", "path": "/", "query_string": b"", "headers": headers}, receive)
+
+
+def test_an_upload_body_that_stops_arriving_is_answered_408():
+    from fastapi import HTTPException
+
+    from serve_app.ingress.security import read_upload_form
+
+    body = multipart({"model": "x"}, [("file", "a.wav", audio(4096))])
+    with pytest.raises(HTTPException) as raised:
+        asyncio.run(read_upload_form(trickling_request(body[:100]), max_file_bytes=BIG, max_files=1, timeout_s=0.05))
+    assert raised.value.status_code == 408 and "did not arrive" in raised.value.detail
+
+
+def test_transcriptions_and_enrolments_share_one_upload_cap():
+    """Enrolment holds up to max_enroll_files files of max_upload_bytes each: it takes the same
+    slots as file transcription, so the two together stay within max_concurrent_uploads."""
+    from fastapi import HTTPException
+
+    from serve_app.ingress.security import Slots
+
+    slots = Slots(2, retry_after_s=7)
+    with slots.hold(), slots.hold():
+        with pytest.raises(HTTPException) as raised, slots.hold():
+            pass
+        assert raised.value.status_code == 503 and raised.value.headers == {"Retry-After": "7"}
+    with slots.hold():  # given back on the way out, errors included
+        assert slots.held == 1
+    assert slots.held == 0

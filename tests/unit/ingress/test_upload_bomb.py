@@ -20,7 +20,7 @@ from fastapi import HTTPException
 
 from serve_app.ingress.audio import decode_file
 from serve_app.ingress.files import FileTranscriptions
-from serve_app.ingress.security import DeviceAuth
+from serve_app.ingress.security import DeviceAuth, Slots
 from serve_app.settings import IngressSettings
 from serve_app.wire import AudioFormatError, SpeakerInfo, UtteranceResult
 from tests.unit.ingress.test_security_uploads import multipart, request
@@ -99,7 +99,9 @@ class FakeModels:
 
 
 def endpoint(models: FakeModels, **limits) -> FileTranscriptions:
-    return FileTranscriptions(models, DeviceAuth(enabled=False), IngressSettings(**limits))
+    settings = IngressSettings(**limits)
+    slots = Slots(settings.max_concurrent_uploads, settings.upload_retry_after_s)
+    return FileTranscriptions(models, DeviceAuth(enabled=False), settings, slots)
 
 
 def test_a_file_above_48_khz_gets_http_400_with_the_reason():
