@@ -1,0 +1,31 @@
+// Runs on the audio thread: turns the microphone's float samples (at the AudioContext's rate, which
+// demo.js sets to the rate the server expects) into PCM16 frames of `frameSamples`, and reports the
+// frame's RMS level for the meter.
+class PcmFrames extends AudioWorkletProcessor {
+  constructor(options) {
+    super();
+    this.frame = new Int16Array(options.processorOptions.frameSamples);
+    this.filled = 0;
+    this.squares = 0;
+  }
+
+  process(inputs) {
+    const channel = inputs[0] && inputs[0][0];
+    if (!channel) return true;
+    for (let i = 0; i < channel.length; i++) {
+      const s = Math.max(-1, Math.min(1, channel[i]));
+      this.frame[this.filled++] = s < 0 ? s * 0x8000 : s * 0x7fff;
+      this.squares += s * s;
+      if (this.filled === this.frame.length) {
+        const level = Math.sqrt(this.squares / this.frame.length);
+        this.port.postMessage({ pcm: this.frame.buffer, level }, [this.frame.buffer]);
+        this.frame = new Int16Array(this.frame.length);
+        this.filled = 0;
+        this.squares = 0;
+      }
+    }
+    return true;
+  }
+}
+
+registerProcessor("pcm-frames", PcmFrames);
