@@ -15,6 +15,7 @@ let session = null; // {ws, context, stream, node}
 const items = new Map(); // item_id -> {li, stoppedAt}
 
 $("token").value = params.get("token") || "";
+$("device").value = deviceId();
 $("language").value = params.get("language") || "";
 
 function deviceId() {
@@ -162,7 +163,7 @@ async function start() {
   });
   context.createMediaStreamSource(stream).connect(node);
 
-  const query = new URLSearchParams({ intent: "transcription", device_id: deviceId() });
+  const query = new URLSearchParams({ intent: "transcription", device_id: $("device").value });
   if ($("token").value) query.set("token", $("token").value);
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   const ws = new WebSocket(`${scheme}://${location.host}/v1/realtime?${query}`);
@@ -202,5 +203,6 @@ function stop() {
   session.ws.close(1000);
 }
 
+$("controls").addEventListener("submit", (e) => e.preventDefault());
 $("start").addEventListener("click", start);
 $("stop").addEventListener("click", stop);

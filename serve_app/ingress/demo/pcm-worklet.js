@@ -4,7 +4,8 @@
 class PcmFrames extends AudioWorkletProcessor {
   constructor(options) {
     super();
-    this.frame = new Int16Array(options.processorOptions.frameSamples);
+    this.frameSamples = options.processorOptions.frameSamples;
+    this.frame = new Int16Array(this.frameSamples);
     this.filled = 0;
     this.squares = 0;
   }
@@ -16,10 +17,11 @@ class PcmFrames extends AudioWorkletProcessor {
       const s = Math.max(-1, Math.min(1, channel[i]));
       this.frame[this.filled++] = s < 0 ? s * 0x8000 : s * 0x7fff;
       this.squares += s * s;
-      if (this.filled === this.frame.length) {
-        const level = Math.sqrt(this.squares / this.frame.length);
+      if (this.filled === this.frameSamples) {
+        const level = Math.sqrt(this.squares / this.frameSamples);
+        // Transferred, not copied: the buffer is detached here, so the next frame gets a new one.
         this.port.postMessage({ pcm: this.frame.buffer, level }, [this.frame.buffer]);
-        this.frame = new Int16Array(this.frame.length);
+        this.frame = new Int16Array(this.frameSamples);
         this.filled = 0;
         this.squares = 0;
       }
