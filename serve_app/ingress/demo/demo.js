@@ -1,7 +1,9 @@
 // The demo page's client: microphone -> AudioWorklet (PCM16 frames) -> the OpenAI Realtime
 // transcription protocol at /v1/realtime -> a live transcript. No build step, no dependencies.
 
-const RATE = 24000; // what the Realtime contract's audio/pcm carries; the AudioContext resamples the mic
+// The AudioContext resamples the microphone to this. OpenAI's audio/pcm is 24 kHz only; ours also
+// takes 16 kHz, the models' own rate, so nothing is resampled again on the server.
+const RATE = 16000;
 const FRAME_MS = 100;
 const CLOSE_REASONS = {
   1008: "The server refused this session (authentication or a limit)",
@@ -93,6 +95,12 @@ function tag(text, kind) {
 function showCompleted(event) {
   const item = itemFor(event.item_id);
   const extra = event.speech_serve || {};
+  if (extra.skipped) { // a blip too short to hold a word: not an utterance
+    item.li.remove();
+    items.delete(event.item_id);
+    $("interim").textContent = "";
+    return;
+  }
   item.li.classList.remove("pending");
   item.li.querySelector(".text").textContent = event.transcript || "(no words)";
   const meta = item.li.querySelector(".meta");
@@ -100,14 +108,15 @@ function showCompleted(event) {
   for (const [key, value] of [["language", extra.language], ["emotion", extra.emotion], ["event", extra.event]]) {
     if (value) meta.appendChild(tag(value, key));
   }
-  const speaker = extra.speaker && (extra.speaker.name || extra.speaker.speaker_id);
-  meta.appendChild(tag(speaker ? `speaker: ${speaker}` : "speaker: unknown", "speaker"));
-  const serverMs = extra.latency_ms && extra.latency_ms.end_of_speech_to_result;
+  const speaker = extra.speaker || {};
+  const why = speaker.reason ? ` (${speaker.reason})` : "";
+  meta.appendChild(tag(`speaker: ${speaker.label || "unknown"}${why}`, "speaker"));
+  // End of speech to result, as the server measured it: VAD endpointing, then the models.
+  const lat = extra.latency_ms || {};
+  const serverMs = lat.server_ms === undefined ? null : lat.server_ms + (lat.endpoint_ms || 0);
   const clientMs = item.stoppedAt === null ? null : performance.now() - item.stoppedAt;
   const latency = serverMs ?? clientMs;
-  if (latency !== null && latency !== undefined) {
-    meta.appendChild(tag(`${Math.round(latency)} ms after speech ended`, "latency"));
-  }
+  if (latency !== null) meta.appendChild(tag(`${Math.round(latency)} ms after speech ended`, "latency"));
   $("interim").textContent = "";
 }
 
@@ -136,6 +145,12 @@ function onEvent(event) {
     case "conversation.item.input_audio_transcription.completed":
       showCompleted(event);
       break;
+    case "conversation.item.input_audio_transcription.failed": {
+      const item = itemFor(event.item_id);
+      item.li.classList.replace("pending", "failed");
+      item.li.querySelector(".text").textContent = `(not recognised: ${event.error.message})`;
+      break;
+    }
     case "error":
       status(`Server: ${event.error.message}`, "error");
       break;
