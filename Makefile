@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install serve serve-bench serve-capacity sweep test lint models-full bench loadtest soak kuberay clean
+.PHONY: install browser serve serve-bench serve-capacity sweep test lint models-full bench loadtest soak kuberay clean
 
 # HAPROXY=1: Ray Serve's HAProxy mode with direct ingress (README "Capacity"): WebSocket frames go
 # from HAProxy straight to the Ingress replicas instead of through the Python proxy actor.
@@ -27,7 +27,14 @@ install: $(STAMP)
 serve: install
 	PATH=$(abspath $(BIN)):$$PATH $(SERVE_ENV) serve run config/serve.yaml
 
-test: install lint
+# The demo page's test drives a real browser: Debian's chromium package (Playwright drives it; it
+# downloads no browser of its own).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null || $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium \
+		|| ($(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
+
+test: install lint browser
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -v
 
 lint: install

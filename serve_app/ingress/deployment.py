@@ -9,10 +9,11 @@ Routes
   WS   /v1/realtime               OpenAI Realtime API, transcription sessions (realtime.py)
   POST /v1/audio/transcriptions   whole files, shaped like OpenAI's endpoint (files.py)
   /v1/speakers ...                voiceprint enrolment: create, list, get, rename, re-enrol, delete (speakers.py)
+  GET  /demo, /demo/<file>        a page to talk to the service from a browser (demo_page.py)
 
 Who may call what (security.py): every device path (the WebSockets and the file endpoint)
 takes device tokens when device authentication is on; /v1/speakers* always takes the admin
-bearer token; /healthz is open. Refusals come before any session, body or model work.
+bearer token; /healthz and the demo page's static files are open. Refusals come before any session, body or model work.
 """
 
 import logging
@@ -23,6 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from serve_app.ingress.capacity import ComputeAdmission
+from serve_app.ingress.demo_page import demo_asset
 from serve_app.ingress.files import FileTranscriptions
 from serve_app.ingress.funasr import FunasrConnection
 from serve_app.ingress.health import DeploymentStates, serve_deployment_states
@@ -171,6 +173,14 @@ class Ingress:
     async def transcriptions(self, request: Request) -> Response:
         """Form fields as OpenAI's: `file` (required), `model`, `language`, `response_format`."""
         return await self.files(request)
+
+    @app.get("/demo")
+    async def demo(self) -> Response:
+        return demo_asset()
+
+    @app.get("/demo/{name}")
+    async def demo_file(self, name: str) -> Response:
+        return demo_asset(name)
 
     @admin("POST", "/v1/speakers", status_code=201)
     async def enroll(self, request: Request) -> dict:
