@@ -3,6 +3,7 @@ with a fake microphone fed from a two-utterance WAV talks to the service over th
 protocol and shows one final per utterance, with its tags. Also: a denied microphone and a
 refused session each get a clear message on the page."""
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -33,12 +34,21 @@ def playwright():
         yield p
 
 
-def launch(playwright, *, microphone: bool):
-    args = ["--autoplay-policy=no-user-gesture-required"]
-    if microphone:  # the WAV once (%noloop), as the microphone; the permission prompt answered yes
-        args += ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-                 f"--use-file-for-fake-audio-capture={WAV}%noloop"]  # fmt: skip
+def launch(playwright, *, allow_microphone: bool):
+    """The WAV once (%noloop) as the microphone; the permission prompt answered yes, or (headless
+    answers no by itself) left unanswered."""
+    args = ["--autoplay-policy=no-user-gesture-required", "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={WAV}%noloop"]  # fmt: skip
+    if allow_microphone:
+        args.append("--use-fake-ui-for-media-stream")
     return playwright.chromium.launch(executable_path=chromium_path(), args=args)
+
+
+def keep_completed(frame: str | bytes, into: list[dict]) -> None:
+    if isinstance(frame, str) and '"conversation.item.input_audio_transcription.completed"' in frame:
+        event = json.loads(frame)
+        if not event["speech_serve"].get("skipped"):  # a blip too short to recognise is no utterance
+            into.append(event)
 
 
 def demo_url(base: str, **query) -> str:
@@ -46,20 +56,25 @@ def demo_url(base: str, **query) -> str:
 
 
 def test_demo_page_shows_one_final_per_utterance(service, playwright, tmp_path):
-    browser = launch(playwright, microphone=True)
+    browser = launch(playwright, allow_microphone=True)
     try:
         page = browser.new_page()
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
+        completed: list[dict] = []  # what the server said, to check the page shows all of it
+        page.on("websocket", lambda ws: ws.on("framereceived", lambda frame: keep_completed(frame, completed)))
         page.goto(demo_url(service, device_id=TEST_DEVICE, token=device_token()))
         page.click("#start")
         expect(page.locator("#status")).to_have_attribute("data-state", "listening", timeout=30_000)
         finals = page.locator("#finals .final:not(.pending)")
         expect(finals).to_have_count(UTTERANCES, timeout=RESULT_TIMEOUT_MS)
-        for i in range(UTTERANCES):
-            final = finals.nth(i)
-            expect(final.locator(".tag.language")).to_have_count(1)
-            expect(final.locator(".tag.speaker")).to_have_count(1)
+        assert len(completed) == UTTERANCES
+        for final, event in zip(finals.all(), completed, strict=True):
+            extra = event["speech_serve"]
+            expect(final.locator(".text")).to_have_text(event["transcript"] or "(no words)")
+            for kind in ("language", "emotion", "event"):  # each tag the model gave (tiny models: maybe none)
+                expect(final.locator(f".tag.{kind}")).to_have_count(1 if extra[kind] else 0)
+            expect(final.locator(".tag.speaker")).to_have_text(f"speaker: {extra['speaker']['label']}")
             expect(final.locator(".tag.latency")).to_contain_text("ms after speech ended")
         page.click("#stop")
         expect(page.locator("#status")).to_have_text("Stopped.")
@@ -72,7 +87,7 @@ def test_demo_page_shows_one_final_per_utterance(service, playwright, tmp_path):
 
 
 def test_denied_microphone_is_explained(service, playwright):
-    browser = launch(playwright, microphone=False)  # headless, no permission granted: denied
+    browser = launch(playwright, allow_microphone=False)
     try:
         page = browser.new_page()
         page.goto(demo_url(service))
@@ -86,7 +101,7 @@ def test_denied_microphone_is_explained(service, playwright):
 
 def test_refused_session_is_explained(service, playwright):
     """Device authentication is on in the test service: a device without a token is refused."""
-    browser = launch(playwright, microphone=True)
+    browser = launch(playwright, allow_microphone=True)
     try:
         page = browser.new_page()
         page.goto(demo_url(service, device_id="02:00:00:00:00:77"))
