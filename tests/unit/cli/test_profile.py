@@ -51,3 +51,5 @@ def test_the_multi_node_profile_steers_vad_and_the_models_to_worker_nodes_and_ke
         assert placement[name].resources == {"speech_worker": 0.001}
     assert placement["Ingress"].resources == {} and "SessionRegistry" not in placement
     assert placement["SenseVoice"].num_gpus == 0.25 and placement["VADHost"].num_cpus == 0.1  # serve.yaml's
+    retry = AppSettings(**args).retry  # covers a node's replacement, not only a replica's
+    assert retry.deadline_s >= 180 and retry.try_timeout_s >= 180
