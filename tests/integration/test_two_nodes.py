@@ -16,7 +16,7 @@ session registry on the worker, so that losing the worker takes the registry wit
     proxy was on the lost node are cut and reconnect through the head; the registry, restarted
     empty, is rebuilt from the Ingress's syncs (a device's connection limit holds again).
 
-The long version (README): NODE_LOSS_DEVICES=20 NODE_LOSS_KILL=hard `make node-loss`.
+The long version (README): `make node-loss` (20 devices through the head, the worker SIGKILLed).
 """
 
 from __future__ import annotations
