@@ -70,13 +70,15 @@ def _config(model_settings, http_port: int) -> dict:
     for placement in args["placement"].values():
         placement["num_cpus"] = 0  # a 2-core machine: no reservations, as the other integration tests
     args["placement"]["Ingress"]["resources"] = {"speech_ingress": 0.001}  # test layout: see the docstring
-    args["placement"]["SessionRegistry"] = {"num_cpus": 0, "resources": {"speech_worker": 0.001}}
     args["ingress"] |= {"vad_batch_interval_ms": 20, "max_audio_rate": None}  # as tests/integration/conftest.py
     args["admission"] = {"max_connections_per_device": PER_DEVICE, "max_sessions_total": SESSIONS_CAP,
                          "max_queue_delay_s": None, "sync_s": 1.0}  # fmt: skip
     for d in app["deployments"]:
         d.pop("autoscaling_config", None)
         d["num_replicas"] = 1
+    # The registry is placed by its deployments entry (ray_actor_options written whole), as deploy/kuberay does.
+    on_worker = {"num_cpus": 0, "resources": {"speech_worker": 0.001}}
+    app["deployments"].append({"name": "SessionRegistry", "ray_actor_options": on_worker})
     return config
 
 
