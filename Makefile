@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install browser serve serve-bench serve-capacity sweep test lint models-full bench loadtest soak kuberay clean
+.PHONY: install browser serve serve-bench serve-capacity sweep test lint models-full bench loadtest soak kuberay node-loss clean
 
 # HAPROXY=1: Ray Serve's HAProxy mode with direct ingress (README "Capacity"): WebSocket frames go
 # from HAProxy straight to the Ingress replicas instead of through the Python proxy actor.
@@ -87,6 +87,16 @@ soak: install
 # "Kubernetes (KubeRay)"). Run it after changing any of them; CI fails while the manifest is stale.
 kuberay: install
 	$(BIN)/python -m serve_app.cli.kuberay
+
+# Two Ray nodes on this machine (a head, a speech_worker node); the worker lost while devices stream
+# through the head, then replaced (README "Beyond one machine"). CI runs the short version (3 devices,
+# SIGTERM as `ray stop` sends). NODE_KILL=stop: SIGTERM; hard: SIGKILL.
+#   make node-loss NODE_DEVICES=20 NODE_KILL=hard
+NODE_DEVICES ?= 20
+NODE_KILL ?= hard
+node-loss: install
+	PATH=$(abspath $(BIN)):$$PATH NODE_LOSS_DEVICES=$(NODE_DEVICES) NODE_LOSS_KILL=$(NODE_KILL) \
+		$(BIN)/python -m pytest tests/integration/test_two_nodes.py -k losing -s -q -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

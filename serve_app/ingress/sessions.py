@@ -8,7 +8,8 @@ waits in a proxy queue. Two layers:
   * the one-replica `SessionRegistry` (deployments/registry.py) sees every session of the
     application: the overall cap and the per-device connection limit.
 This replica re-syncs its live sessions with the registry periodically (dropping sessions whose
-release was lost); admissions are numbered so a sync never drops one admitted after its snapshot.
+release was lost, and rebuilding a registry that restarted empty, e.g. with its node); admissions
+are numbered so a sync never drops one admitted after its snapshot.
 Every registry call is bounded by `registry_timeout_s`: a registry that is restarting may take a
 call and not answer, and a new session must then be admitted unchecked, not wait for ever.
 
@@ -154,10 +155,15 @@ class Sessions:
             await asyncio.sleep(self.admission.sync_s)
             await self._count_asr_replicas()
             try:
-                live = [*self.live, *self._admitting]  # taken together with the number below
-                await self._registry_call("sync", self._replica_id, live, self._admit_seq)
+                await self.sync_once()
             except Exception:
                 logger.info("session registry sync failed; retrying in %g s", self.admission.sync_s)
+
+    async def sync_once(self) -> None:
+        """Our admitted sessions with their devices (a restarted registry counts them again) and
+        those being admitted, as of our admission number: one snapshot, taken without awaiting."""
+        live = {sid: conn.identity.device_id for sid, conn in self.live.items()}
+        await self._registry_call("sync", self._replica_id, live, self._admit_seq, sorted(self._admitting))
 
     def _count(self) -> None:
         live = Counter(c.protocol for c in self.live.values())

@@ -37,8 +37,19 @@ def test_the_bench_profile_is_serve_yaml_with_full_models_and_small_reservations
 def test_every_profile_merges_into_valid_settings():
     """Each overlay in config/ (chains included: capacity-int8 -> capacity -> serve) parses."""
     overlays = [p for p in CONFIG.glob("*.yaml") if "base" in (yaml.safe_load(p.read_text()) or {})]
-    assert {p.name for p in overlays} >= {"bench-full.yaml", "capacity.yaml", "capacity-int8.yaml"}
+    assert {p.name for p in overlays} >= {"bench-full.yaml", "capacity.yaml", "capacity-int8.yaml", "multi-node.yaml"}
     for overlay in overlays:
         AppSettings(**load(overlay)["applications"][0]["args"])
     int8 = load(CONFIG / "capacity-int8.yaml")["applications"][0]["args"]
     assert int8["asr"]["quantize"] == "int8" and int8["ingress"]["speaker_enabled"] is False
+
+
+def test_the_multi_node_profile_steers_vad_and_the_models_to_worker_nodes_and_keeps_the_rest():
+    args = load(CONFIG / "multi-node.yaml")["applications"][0]["args"]
+    placement = AppSettings(**args).placement
+    for name in ("VADHost", "SenseVoice", "Speaker"):
+        assert placement[name].resources == {"speech_worker": 0.001}
+    assert placement["Ingress"].resources == {} and "SessionRegistry" not in placement
+    assert placement["SenseVoice"].num_gpus == 0.25 and placement["VADHost"].num_cpus == 0.1  # serve.yaml's
+    retry = AppSettings(**args).retry  # covers a node's replacement, not only a replica's
+    assert retry.deadline_s >= 180 and retry.try_timeout_s >= 180

@@ -370,3 +370,65 @@ def test_the_controller_is_looked_up_off_the_event_loop_once(monkeypatch):
 
     assert asyncio.run(scenario()) == {"r1": "RUNNING"}
     assert lookups == [False, False]  # in a worker thread; once, then once more after the failure
+
+
+def test_a_registry_restarted_empty_counts_the_live_sessions_and_devices_again_after_one_sync():
+    """The registry replica is lost with its node and Serve starts an empty one. Before the fix
+    the Ingress syncs only dropped sessions, so the new registry never counted the live ones: the
+    overall cap and a device's connection limit were exceeded by everything still connected."""
+    from types import SimpleNamespace
+
+    from deployments.registry import SessionRegistry
+    from serve_app.ingress.security import Identity
+    from serve_app.ingress.sessions import Sessions
+    from serve_app.wire import CLOSE_POLICY
+
+    settings = AppSettings(admission={"max_connections_per_device": 2, "max_sessions_total": 10})
+    registries = [SessionRegistry.func_or_class(settings.admission)]  # the real class, without Serve
+
+    def method(name):
+        async def call(*args):
+            return getattr(registries[-1], name)(*args)
+
+        return SimpleNamespace(remote=call)
+
+    handle = SimpleNamespace(**{name: method(name) for name in ("admit", "release", "sync")})
+
+    class Device:
+        protocol = "plain"
+
+        def __init__(self, session_id: str):
+            self.session_id, self.identity = session_id, Identity(device_id="dev-1")
+            self.leave, self.refused = asyncio.Event(), None
+
+        async def authenticate(self, auth) -> bool:
+            return True
+
+        async def run(self) -> None:
+            await self.leave.wait()
+
+        async def refuse(self, refusal) -> None:
+            self.refused = refusal
+
+    async def scenario():
+        sessions = Sessions(handle, settings.admission, settings.ingress, None, IngressMetrics())
+        sessions._drain = DrainWatch(None, "r", 1, 60, 10)  # no Serve here: background tasks stay off
+        sessions._replica_id = "r"
+        devices = [Device("s1"), Device("s2")]
+        tasks = [asyncio.create_task(sessions.serve(d)) for d in devices]
+        await asyncio.sleep(0.05)
+        assert registries[-1].live() == 2 and set(sessions.live) == {"s1", "s2"}
+        registries.append(SessionRegistry.func_or_class(settings.admission))  # lost with its node, restarted
+        assert registries[-1].live() == 0
+        await sessions.sync_once()
+        third = Device("s3")
+        await sessions.serve(third)  # the device's third connection
+        for d in devices:
+            d.leave.set()
+        await asyncio.gather(*tasks)
+        return registries[-1], third
+
+    registry, third = asyncio.run(scenario())
+    assert third.refused is not None and third.refused.code == "too_many_connections"
+    assert third.refused.close_code == CLOSE_POLICY
+    assert registry.live() == 0  # both released to the new registry
