@@ -15,6 +15,12 @@ same model size as the service's test models, or `--asr-model DIR`), measured wh
 is idle: speech-seconds transcribed per second, divided by the speech each device produces per
 second (the workload's speech share). "Held" is the most admitted devices of a level with p95 <=
 the target and nothing lost; the report prints held / bound.
+
+On a cluster (`--dashboard`, the Ray dashboard's address; the service's own by default) it also
+records, at the end of each level, the alive nodes and the Serve replicas on each, and reports
+devices per node: admitted devices over the nodes that ran SenseVoice replicas at that level (the
+compute), which is the figure to size a cluster with. The compute bound is this host's: run the
+sweep on a machine like the model nodes. Server CPU by process is read from /proc: this host only.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import json
 import os
 import statistics
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -59,6 +66,7 @@ class SweepConfig:
     bound_threads: int = 2
     bound_quantize: str = "auto"  # as the service's asr.quantize; auto: read from its /healthz
     bound_batch: int = 8
+    dashboard: str | None = "http://127.0.0.1:8265"  # Ray dashboard: nodes and replicas per node (None: skip)
 
 
 @dataclass
@@ -75,6 +83,19 @@ class Level:
     connection_errors: int
     error_frames: int
     drained: bool  # the service was quiet before this level started
+    nodes: list[dict] | None = None  # at the level's end: alive nodes and the Serve replicas on each
+
+    @property
+    def asr_nodes(self) -> int | None:
+        """Nodes that ran SenseVoice replicas at the end of the level (None: not known)."""
+        if self.nodes is None:
+            return None
+        return sum(1 for n in self.nodes if n["replicas"].get("SenseVoice"))
+
+    @property
+    def per_asr_node(self) -> float | None:
+        """Admitted devices per node running SenseVoice."""
+        return round(self.admitted / self.asr_nodes, 1) if self.asr_nodes else None
 
     @property
     def held(self) -> bool:
@@ -86,6 +107,43 @@ class Level:
             return None
         used = sum(self.cores.get(k, 0.0) - (idle or {}).get(k, 0.0) for k in kinds)
         return round(used / self.admitted, 3)
+
+
+def node_layout(nodes: list, actors: list, app: str | None = None) -> list[dict]:
+    """Each alive node (its IP, head or not, CPUs, GPUs) with the Serve replicas on it, by
+    deployment, from Ray's state API records. Replica actors are named
+    `SERVE_REPLICA::<app>#<deployment>#<id>`."""
+    replicas: dict[str, Counter] = {}
+    for actor in actors:
+        name = actor.name or ""
+        if actor.state != "ALIVE" or not name.startswith("SERVE_REPLICA::"):
+            continue
+        app_name, _, rest = name.removeprefix("SERVE_REPLICA::").partition("#")
+        if app is None or app_name == app:
+            replicas.setdefault(actor.node_id, Counter())[rest.partition("#")[0]] += 1
+    return [
+        {"node_id": n.node_id[:8], "ip": n.node_ip, "head": bool(n.is_head_node),
+         "cpus": n.resources_total.get("CPU", 0.0), "gpus": n.resources_total.get("GPU", 0.0),
+         "replicas": dict(sorted(replicas.get(n.node_id, Counter()).items()))}
+        for n in sorted(nodes, key=lambda n: (not n.is_head_node, n.node_ip))
+        if n.state == "ALIVE"
+    ]  # fmt: skip
+
+
+def cluster_nodes(dashboard: str | None) -> list[dict] | None:
+    """node_layout of the cluster behind the Ray dashboard at `dashboard` (None when unreachable:
+    the report then has no per-node figures)."""
+    if not dashboard:
+        return None
+    from ray.util.state import list_actors, list_nodes
+
+    try:
+        nodes = list_nodes(address=dashboard, limit=10_000, timeout=10)
+        actors = list_actors(address=dashboard, filters=[("state", "=", "ALIVE")], limit=100_000, timeout=10)
+    except Exception as exc:  # no dashboard there, or an older Ray: the sweep goes on without
+        print(f"no node layout from {dashboard}: {type(exc).__name__}: {exc}", flush=True)
+        return None
+    return node_layout(nodes, actors)
 
 
 def service_cores(seconds: float) -> dict[str, float]:
@@ -170,6 +228,7 @@ def run_level(cfg: SweepConfig, offered: int, clips: list[Clip], out: Path, idle
     started = time.monotonic()
     state = asyncio.run(run_load(load))
     wall = time.monotonic() - started
+    nodes = cluster_nodes(cfg.dashboard)  # before the drain: the replicas this load scaled to
     records = state.records
     on_time = [r.latency_s for r in records if r.latency_s is not None and r.latency_s <= cfg.lost_after_s]
     every = [r.latency_s for r in records if r.latency_s is not None]
@@ -179,6 +238,7 @@ def run_level(cfg: SweepConfig, offered: int, clips: list[Clip], out: Path, idle
         wall_s=round(wall, 1),
         cores={k: round(v / wall, 3) for k, v in state.cpu_seconds.items() if k not in SERVER_KINDS_EXCLUDED},
         connection_errors=len(state.connection_errors), error_frames=len(state.unexpected), drained=drained,
+        nodes=nodes,
     )  # fmt: skip
     raw = {"level": asdict(level), "connection_errors": state.connection_errors[:20],
            "error_frames": state.unexpected[:20], "latencies_s": every}  # fmt: skip
@@ -187,6 +247,12 @@ def run_level(cfg: SweepConfig, offered: int, clips: list[Clip], out: Path, idle
 
 def held_devices(levels: list[Level], target_p95_s: float) -> int:
     return max((lv.admitted for lv in levels if lv.held and lv.p95_s <= target_p95_s), default=0)
+
+
+def held_level(levels: list[Level], target_p95_s: float) -> Level | None:
+    """The level whose admitted devices are the held figure."""
+    held = [lv for lv in levels if lv.held and lv.p95_s <= target_p95_s]
+    return max(held, key=lambda lv: lv.admitted, default=None)
 
 
 def plot(out: Path, levels: list[Level], cfg: SweepConfig, bound_devices: float | None) -> str:
@@ -234,20 +300,37 @@ def render(cfg: SweepConfig, levels: list[Level], idle: dict[str, float], bound:
                      f"(batch {bound['batch']}, {bound['threads']} threads, {bound.get('precision', 'fp32')}, "
                      f"{bound['model']}) / {share:.2f} "
                      f"= **{bound_devices:.1f} devices**")  # fmt: skip
-    lines += [
+    lines.append(
         f"- **devices held at p95 <= {cfg.target_p95_s:g} s with nothing lost: {held}**"
-        + (f"; held / bound = **{held / bound_devices:.2f}**" if bound_devices else ""),
+        + (f"; held / bound = **{held / bound_devices:.2f}**" if bound_devices else "")
+    )
+    at = held_level(levels, cfg.target_p95_s)
+    if at is not None and at.per_asr_node is not None:
+        lines.append(f"- **devices held per SenseVoice node: {at.per_asr_node}** ({at.admitted} devices, "
+                     f"{at.asr_nodes} of {len(at.nodes)} nodes running SenseVoice at that level)")  # fmt: skip
+    lines += [
         "",
         "| offered | admitted | refused | utterances | lost | p50 s | p95 s | transport+VAD cores/device above idle "
-        "| SenseVoice cores | " + " | ".join(f"{k} cores" for k in kinds) + " | drained before |",
-        "|---" * (10 + len(kinds)) + "|",
+        "| SenseVoice cores | " + " | ".join(f"{k} cores" for k in kinds) + " | nodes (SenseVoice) "
+        "| admitted per SenseVoice node | drained before |",
+        "|---" * (12 + len(kinds)) + "|",
     ]
     for lv in levels:
+        nodes = "?" if lv.nodes is None else f"{len(lv.nodes)} ({lv.asr_nodes})"
         lines.append(
             f"| {lv.offered} | {lv.admitted} | {lv.refused} | {lv.utterances} | {lv.lost} | {lv.p50_s} | {lv.p95_s} "
             f"| {lv.cores_per_device(TRANSPORT_KINDS, idle)} | {lv.cores.get('SenseVoice', 0.0)} | "
-            + " | ".join(str(lv.cores.get(k, 0.0)) for k in kinds) + f" | {'yes' if lv.drained else 'NO'} |"
+            + " | ".join(str(lv.cores.get(k, 0.0)) for k in kinds)
+            + f" | {nodes} | {'?' if lv.per_asr_node is None else lv.per_asr_node} | {'yes' if lv.drained else 'NO'} |"
         )  # fmt: skip
+    last = next((lv for lv in reversed(levels) if lv.nodes), None)
+    if last is not None:
+        lines += ["", f"Nodes at the end of the last level ({last.offered} offered; the CPU above is this host's):", "",
+                  "| node | IP | head | CPUs | GPUs | Serve replicas |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for n in last.nodes:
+            replicas = ", ".join(f"{d} {k}" for d, k in n["replicas"].items()) or "none"
+            lines.append(f"| {n['node_id']} | {n['ip']} | {'yes' if n['head'] else ''} | {n['cpus']:g} "
+                         f"| {n['gpus']:g} | {replicas} |")  # fmt: skip
     lines += ["", "![capacity](capacity.png)", ""]
     return "\n".join(lines)
 
@@ -282,7 +365,9 @@ def sweep(cfg: SweepConfig) -> dict:
         "config": {k: v for k, v in asdict(cfg).items() if k != "auth_secret"},
         "speech_share": round(share, 3), "idle_cores": idle, "bound": bound,
         "bound_devices": round(bound_devices, 2) if bound_devices else None,
-        "held": held_devices(levels, cfg.target_p95_s), "levels": [asdict(lv) for lv in levels],
+        "held": held_devices(levels, cfg.target_p95_s),
+        "held_per_asr_node": (at := held_level(levels, cfg.target_p95_s)) and at.per_asr_node,
+        "levels": [asdict(lv) for lv in levels],
     }  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "raw.json").write_text(json.dumps(raw))
@@ -337,6 +422,11 @@ def parse_args(argv: list[str] | None = None) -> SweepConfig:
         default=DEFAULT_SECRET_ENV,
         help="env var with the device-token secret, when device auth is on",
     )
+    p.add_argument(
+        "--dashboard",
+        default=d.dashboard,
+        help="Ray dashboard address, for the nodes and the replicas on each (devices per node); 'none' to skip",
+    )
     p.add_argument("--out", default=None, help="report folder (default loadtest/reports/sweep-<time>)")
     a = p.parse_args(argv)
     lo, hi = (float(x) for x in a.pause.split("/"))
@@ -348,6 +438,7 @@ def parse_args(argv: list[str] | None = None) -> SweepConfig:
         out=a.out or f"loadtest/reports/sweep-{time.strftime('%Y%m%d-%H%M%S')}",
         bound=not a.no_bound, bound_size=a.bound_size, asr_model=a.asr_model, bound_threads=a.bound_threads,
         bound_quantize=a.bound_quantize, bound_batch=a.bound_batch,
+        dashboard=None if a.dashboard.lower() == "none" else a.dashboard,
     )  # fmt: skip
 
 

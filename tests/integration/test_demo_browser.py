@@ -6,11 +6,13 @@ refused session each get a clear message on the page."""
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import Page, expect, sync_playwright
 
 from tests.integration.conftest import TEST_DEVICE, device_token
 
@@ -34,14 +36,26 @@ def playwright():
         yield p
 
 
-def launch(playwright, *, allow_microphone: bool):
-    """The WAV once (%noloop) as the microphone; the permission prompt answered yes, or (headless
-    answers no by itself) left unanswered."""
+@contextmanager
+def demo_page(playwright, *, allow_microphone: bool = True) -> Iterator[Page]:
+    """A page of a fresh headless Chromium whose microphone plays the WAV once (%noloop); the
+    permission prompt answered yes, or left to headless, which answers no."""
     args = ["--autoplay-policy=no-user-gesture-required", "--use-fake-device-for-media-stream",
             f"--use-file-for-fake-audio-capture={WAV}%noloop"]  # fmt: skip
     if allow_microphone:
         args.append("--use-fake-ui-for-media-stream")
-    return playwright.chromium.launch(executable_path=chromium_path(), args=args)
+    browser = playwright.chromium.launch(executable_path=chromium_path(), args=args)
+    try:
+        page = browser.new_page()
+        yield page
+    finally:
+        browser.close()
+
+
+def start(page: Page, base: str, **query) -> None:
+    """Open /demo (the query fills its fields) and press Start."""
+    page.goto(f"http://{base}/demo?{urlencode(query)}")
+    page.click("#start")
 
 
 def keep_completed(frame: str | bytes, into: list[dict]) -> None:
@@ -51,20 +65,13 @@ def keep_completed(frame: str | bytes, into: list[dict]) -> None:
             into.append(event)
 
 
-def demo_url(base: str, **query) -> str:
-    return f"http://{base}/demo?{urlencode(query)}"
-
-
 def test_demo_page_shows_one_final_per_utterance(service, playwright, tmp_path):
-    browser = launch(playwright, allow_microphone=True)
-    try:
-        page = browser.new_page()
+    with demo_page(playwright) as page:
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
         completed: list[dict] = []  # what the server said, to check the page shows all of it
         page.on("websocket", lambda ws: ws.on("framereceived", lambda frame: keep_completed(frame, completed)))
-        page.goto(demo_url(service, device_id=TEST_DEVICE, token=device_token()))
-        page.click("#start")
+        start(page, service, device_id=TEST_DEVICE, token=device_token())
         expect(page.locator("#status")).to_have_attribute("data-state", "listening", timeout=30_000)
         finals = page.locator("#finals .final:not(.pending)")
         expect(finals).to_have_count(UTTERANCES, timeout=RESULT_TIMEOUT_MS)
@@ -82,32 +89,20 @@ def test_demo_page_shows_one_final_per_utterance(service, playwright, tmp_path):
         expect(page.locator("#finals .final")).to_have_count(UTTERANCES)
         assert errors == []
         page.screenshot(path=os.environ.get("DEMO_SCREENSHOT", str(tmp_path / "demo.png")), full_page=True)
-    finally:
-        browser.close()
 
 
 def test_denied_microphone_is_explained(service, playwright):
-    browser = launch(playwright, allow_microphone=False)
-    try:
-        page = browser.new_page()
-        page.goto(demo_url(service))
-        page.click("#start")
+    with demo_page(playwright, allow_microphone=False) as page:
+        start(page, service)
         expect(page.locator("#status")).to_have_attribute("data-state", "error")
         expect(page.locator("#status")).to_contain_text("Microphone access was denied")
         expect(page.locator("#start")).to_be_enabled()
-    finally:
-        browser.close()
 
 
 def test_refused_session_is_explained(service, playwright):
     """Device authentication is on in the test service: a device without a token is refused."""
-    browser = launch(playwright, allow_microphone=True)
-    try:
-        page = browser.new_page()
-        page.goto(demo_url(service, device_id="02:00:00:00:00:77"))
-        page.click("#start")
+    with demo_page(playwright) as page:
+        start(page, service, device_id="02:00:00:00:00:77")
         expect(page.locator("#status")).to_have_attribute("data-state", "error", timeout=30_000)
         expect(page.locator("#status")).to_contain_text("refused")
         expect(page.locator("#start")).to_be_enabled()
-    finally:
-        browser.close()

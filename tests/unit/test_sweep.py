@@ -35,3 +35,36 @@ def test_transport_cores_per_device_and_report():
     assert "compute bound" in report and "**10.0 devices**" in report
     assert "held at p95 <= 3 s with nothing lost: 4**" in report and "held / bound = **0.40**" in report
     assert report.count("SenseVoice cores") == 1
+
+
+def test_node_layout_counts_each_nodes_replicas_from_the_state_api():
+    from types import SimpleNamespace as NS
+
+    from loadtest.sweep import node_layout
+
+    nodes = [NS(node_id="w" * 28, node_ip="10.0.0.2", is_head_node=False, state="ALIVE", resources_total={"CPU": 8.0}),
+             NS(node_id="h" * 28, node_ip="10.0.0.1", is_head_node=True, state="ALIVE", resources_total={"CPU": 2.0}),
+             NS(node_id="d" * 28, node_ip="10.0.0.3", is_head_node=False, state="DEAD", resources_total={})]
+    actor = lambda node, name, state="ALIVE": NS(node_id=node * 28, name=name, state=state)  # noqa: E731
+    actors = [actor("w", "SERVE_REPLICA::speech#SenseVoice#a1"), actor("w", "SERVE_REPLICA::speech#SenseVoice#a2"),
+              actor("w", "SERVE_REPLICA::speech#VADHost#v1"), actor("h", "SERVE_REPLICA::speech#Ingress#i1"),
+              actor("h", "SERVE_PROXY_ACTOR-hhh"), actor("h", "SERVE_CONTROLLER_ACTOR"),
+              actor("w", "SERVE_REPLICA::other#SenseVoice#x", "DEAD")]  # fmt: skip
+    layout = node_layout(nodes, actors)
+    assert [(n["ip"], n["head"], n["replicas"]) for n in layout] == [
+        ("10.0.0.1", True, {"Ingress": 1}),  # the head first; the dead node left out
+        ("10.0.0.2", False, {"SenseVoice": 2, "VADHost": 1}),
+    ]
+
+
+def test_devices_per_sensevoice_node_in_the_report():
+    two = [{"node_id": "h", "ip": "10.0.0.1", "head": True, "cpus": 2.0, "gpus": 0.0, "replicas": {"Ingress": 1}},
+           {"node_id": "w", "ip": "10.0.0.2", "head": False, "cpus": 8.0, "gpus": 1.0,
+            "replicas": {"SenseVoice": 2}}]  # fmt: skip
+    held, over = level(12, 12, 0, 2.5), level(24, 24, 4, 4.0)
+    held.nodes, over.nodes = two, two
+    assert (held.asr_nodes, held.per_asr_node) == (1, 12.0)
+    assert level(4, 4, 0, 2.0).per_asr_node is None  # no layout (no dashboard): no per-node figure
+    report = render(SweepConfig(), [held, over], {}, None, 0.6)
+    assert "devices held per SenseVoice node: 12.0** (12 devices, 1 of 2 nodes running SenseVoice" in report
+    assert "| 10.0.0.2 |  | 8 | 1 | SenseVoice 2 |" in report
