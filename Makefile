@@ -35,7 +35,7 @@ browser:
 		|| ($(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 
 test: install lint browser
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -v
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -v --durations=30
 
 lint: install
 	$(BIN)/ruff check .

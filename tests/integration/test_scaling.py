@@ -59,8 +59,9 @@ def _yaml(model_settings, http_port: int) -> dict:
         "vad_sessions_per_lane": 2,
     }  # as VADHost's sessions_per_replica below
     # a refused second connection feeds the metric; no queue-delay refusals: a busy CI machine's speed
-    # must not decide which sessions these tests get
-    args["admission"] = {"max_connections_per_device": 1, "max_queue_delay_s": None}
+    # must not decide which sessions these tests get. A zero shed delay sheds the speaker model of
+    # every utterance (nothing here reads speakers): the shed counter is exported, end to end.
+    args["admission"] = {"max_connections_per_device": 1, "max_queue_delay_s": None, "shed_speaker_delay_s": 0.0}
     fast = {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 2, "downscale_delay_s": 8,
             "metrics_interval_s": 1, "look_back_period_s": 3}  # fmt: skip
     deployments = {d["name"]: d for d in app["deployments"]}
