@@ -34,14 +34,17 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 
+from clients.dashboard import auth_headers
 from loadtest.loadgen import Clip, LoadConfig, cpu_by_kind, cpu_seconds, load_corpus, run_load
 from loadtest.report import pct
 
 SERVER_KINDS_EXCLUDED = {"loadgen"}  # CPU not spent by the service
 TRANSPORT_KINDS = ("proxy", "Ingress", "VADHost")  # what carries frames and finds utterance ends
+STATE_API_LIMIT = 10_000  # the most records Ray's state API answers by default
 
 
 @dataclass
@@ -131,16 +134,22 @@ def node_layout(nodes: list, actors: list, app: str | None = None) -> list[dict]
 
 
 def cluster_nodes(dashboard: str | None) -> list[dict] | None:
-    """node_layout of the cluster behind the Ray dashboard at `dashboard` (None when unreachable:
-    the report then has no per-node figures)."""
+    """node_layout of the cluster behind the Ray dashboard at `dashboard`, from its state API over
+    HTTP with the cluster's token (clients.dashboard). None when it cannot be read: the report then
+    has no per-node figures."""
     if not dashboard:
         return None
-    from ray.util.state import list_actors, list_nodes
+
+    def records(kind: str, **params) -> list[SimpleNamespace]:
+        r = httpx.get(f"{dashboard.rstrip('/')}/api/v0/{kind}", params={"limit": STATE_API_LIMIT, **params},
+                      headers=auth_headers(), timeout=10)  # fmt: skip
+        r.raise_for_status()
+        return [SimpleNamespace(**item) for item in r.json()["data"]["result"]["result"]]
 
     try:
-        nodes = list_nodes(address=dashboard, limit=10_000, timeout=10)
-        actors = list_actors(address=dashboard, filters=[("state", "=", "ALIVE")], limit=100_000, timeout=10)
-    except Exception as exc:  # no dashboard there, or an older Ray: the sweep goes on without
+        nodes = records("nodes")
+        actors = records("actors", filter_keys="state", filter_predicates="=", filter_values="ALIVE")
+    except Exception as exc:  # no dashboard there, no token, an older Ray: the sweep goes on without
         print(f"no node layout from {dashboard}: {type(exc).__name__}: {exc}", flush=True)
         return None
     return node_layout(nodes, actors)
