@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from deployments import fast_fbank
 from deployments.fsmn_batch import BatchedFsmnVad, Step
 from deployments.metrics import VadMetrics
 from deployments.models import ModelSource, load_automodel
@@ -51,6 +52,7 @@ class VadCore:
     ):  # fmt: skip
         self.settings = settings
         self._now = clock
+        fast_fbank.install()  # the same features as funasr's, without its per-call set-up (a quarter of our CPU)
         self.model = load_automodel(
             source, device=device, threads=settings.threads, max_end_silence_time=settings.max_end_silence_ms
         )
