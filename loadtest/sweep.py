@@ -87,6 +87,8 @@ class Level:
     error_frames: int
     drained: bool  # the service was quiet before this level started
     nodes: list[dict] | None = None  # at the level's end: alive nodes and the Serve replicas on each
+    bound_before: float | None = None  # the compute bound's burst just before this level (speech-s/s)
+    stages: dict[str, list[float]] | None = None  # stage -> [p50, p95] ms: where the latency went
 
     @property
     def asr_nodes(self) -> int | None:
@@ -196,36 +198,57 @@ def service_asr_quantize(cfg: SweepConfig) -> str:
     return "int8" if "[int8" in asr else "none"
 
 
-def compute_bound(cfg: SweepConfig, clips: list[Clip]) -> dict:
-    """Bare batched SenseVoice throughput on this host, in speech-seconds per second."""
-    from deployments.models import ModelSource, load_automodel, materialize, quantize_automodel, resolve_models
-    from serve_app.settings import ModelSettings
-    from serve_app.wire import to_float32
+class BoundMeter:
+    """Bare batched SenseVoice throughput on this host, in speech-seconds per second.
 
-    if cfg.asr_model:
-        source = ModelSource("asr", "local", cfg.asr_model)
-    else:
-        source = resolve_models(ModelSettings(test_model_size=cfg.bound_size), hub_up=False).asr
-        materialize(source)
-    model = load_automodel(source, device="cpu", threads=cfg.bound_threads, frontend_conf={"dither": 0.0})
-    quantize = cfg.bound_quantize if cfg.bound_quantize != "auto" else service_asr_quantize(cfg)
-    precision = quantize_automodel(model, quantize, "cpu")
-    inputs = [to_float32(c.pcm) for c in clips]
-    model.generate(input=inputs[: cfg.bound_batch], batch_size=cfg.bound_batch, language="auto")  # warm up
-    rates = []
-    for start in range(0, len(inputs) - cfg.bound_batch + 1, cfg.bound_batch):
-        batch = inputs[start : start + cfg.bound_batch]
-        started = time.perf_counter()
-        model.generate(input=batch, batch_size=len(batch), language="auto", use_itn=True)
-        rates.append(sum(len(x) for x in batch) / 16000 / (time.perf_counter() - started))
-    del model
-    return {"speech_s_per_s": round(statistics.median(rates), 2), "runs": [round(r, 2) for r in rates],
-            "threads": cfg.bound_threads, "batch": cfg.bound_batch, "precision": precision,
-            "model": source.describe()}  # fmt: skip
+    Measured in bursts while the service is idle: one before every level, all with one loaded
+    model. This host's speed drifts by tens of percent within minutes (three single measurements
+    of the same command gave 15.9, 17.8 and 28.1 speech-s/s), so a bound taken once says little
+    about the levels that come long after it; the report uses the median of every batch of every
+    burst and shows their range."""
+
+    def __init__(self, cfg: SweepConfig, clips: list[Clip]):
+        from deployments.models import ModelSource, load_automodel, materialize, quantize_automodel, resolve_models
+        from serve_app.settings import ModelSettings
+        from serve_app.wire import to_float32
+
+        self.cfg = cfg
+        if cfg.asr_model:
+            self.source = ModelSource("asr", "local", cfg.asr_model)
+        else:
+            self.source = resolve_models(ModelSettings(test_model_size=cfg.bound_size), hub_up=False).asr
+            materialize(self.source)
+        self.model = load_automodel(self.source, device="cpu", threads=cfg.bound_threads, frontend_conf={"dither": 0.0})
+        quantize = cfg.bound_quantize if cfg.bound_quantize != "auto" else service_asr_quantize(cfg)
+        self.precision = quantize_automodel(self.model, quantize, "cpu")
+        self.inputs = [to_float32(c.pcm) for c in clips]
+        warm_up = self.inputs[: cfg.bound_batch]
+        self.model.generate(input=warm_up, batch_size=cfg.bound_batch, language="auto")
+        self.bursts: list[list[float]] = []
+
+    def measure(self) -> float:
+        """One burst: every whole batch of the corpus once; returns its median rate."""
+        batch_size, rates = self.cfg.bound_batch, []
+        for start in range(0, len(self.inputs) - batch_size + 1, batch_size):
+            batch = self.inputs[start : start + batch_size]
+            started = time.perf_counter()
+            self.model.generate(input=batch, batch_size=len(batch), language="auto", use_itn=True)
+            rates.append(sum(len(x) for x in batch) / 16000 / (time.perf_counter() - started))
+        self.bursts.append([round(r, 2) for r in rates])
+        return round(statistics.median(rates), 2)
+
+    def result(self) -> dict:
+        every = [r for burst in self.bursts for r in burst]
+        return {"speech_s_per_s": round(statistics.median(every), 2), "min": min(every), "max": max(every),
+                "bursts": self.bursts, "threads": self.cfg.bound_threads, "batch": self.cfg.bound_batch,
+                "precision": self.precision, "model": self.source.describe()}  # fmt: skip
 
 
-def run_level(cfg: SweepConfig, offered: int, clips: list[Clip], out: Path, idle_cores: float) -> tuple[Level, dict]:
+def run_level(
+    cfg: SweepConfig, offered: int, clips: list[Clip], out: Path, idle_cores: float, meter: BoundMeter | None = None
+) -> tuple[Level, dict]:
     drained = wait_quiet(cfg, idle_cores)
+    bound = meter.measure() if meter else None  # the service is idle now
     per_utterance_s = statistics.mean(c.seconds for c in clips) + sum(cfg.pause_s) / 2
     load = LoadConfig(
         url=cfg.url, protocol=cfg.protocol, funasr_mode=cfg.funasr_mode, clients=offered, ramp_step=offered,
@@ -247,11 +270,36 @@ def run_level(cfg: SweepConfig, offered: int, clips: list[Clip], out: Path, idle
         wall_s=round(wall, 1),
         cores={k: round(v / wall, 3) for k, v in state.cpu_seconds.items() if k not in SERVER_KINDS_EXCLUDED},
         connection_errors=len(state.connection_errors), error_frames=len(state.unexpected), drained=drained,
-        nodes=nodes,
+        nodes=nodes, bound_before=bound, stages=stage_breakdown(records),
     )  # fmt: skip
     raw = {"level": asdict(level), "connection_errors": state.connection_errors[:20],
            "error_frames": state.unexpected[:20], "latencies_s": every}  # fmt: skip
     return level, raw
+
+
+STAGES = {  # the server's latency_ms stages, in the order a result goes through them
+    "endpoint": "endpoint_ms",  # audio time from the end of speech to the VAD's end (end silence, chunking)
+    "vad call": "vad_ms",  # round trip of the VADHost call that found the end
+    "asr queue": None,  # asr_ms - asr_model_ms: waiting for a SenseVoice batch (and the hop)
+    "asr model": "asr_model_ms",
+    "rest": None,  # latency - endpoint - server: frames in transit, queued before the VAD, the result's way back
+}
+
+
+def stage_breakdown(records: list) -> dict[str, list[float]]:
+    """p50 and p95 (ms) of each stage over the answered utterances that carry the server's stages."""
+    rows = [r for r in records if r.latency_s is not None and r.stages_ms]
+    if not rows:
+        return {}
+    values: dict[str, list[float]] = {name: [] for name in STAGES}
+    for r in rows:
+        st = r.stages_ms
+        for name, key in STAGES.items():
+            if key:
+                values[name].append(st.get(key, 0.0))
+        values["asr queue"].append(st.get("asr_ms", 0.0) - st.get("asr_model_ms", 0.0))
+        values["rest"].append(r.latency_s * 1000 - st.get("endpoint_ms", 0.0) - st.get("server_ms", 0.0))
+    return {name: [round(pct(v, 50)), round(pct(v, 95))] for name, v in values.items()}
 
 
 def held_devices(levels: list[Level], target_p95_s: float) -> int:
@@ -305,8 +353,10 @@ def render(cfg: SweepConfig, levels: list[Level], idle: dict[str, float], bound:
         f"- idle service CPU (cores): {idle} (total {sum(idle.values()):.3f})",
     ]
     if bound:
+        spread = f", batches {bound['min']}-{bound['max']}" if "min" in bound else ""
         lines.append(f"- compute bound: bare batched SenseVoice {bound['speech_s_per_s']} speech-s/s "
-                     f"(batch {bound['batch']}, {bound['threads']} threads, {bound.get('precision', 'fp32')}, "
+                     f"(median of {sum(map(len, bound.get('bursts', [[0]])))} batches measured before the levels"
+                     f"{spread}; batch {bound['batch']}, {bound['threads']} threads, {bound.get('precision', 'fp32')}, "
                      f"{bound['model']}) / {share:.2f} "
                      f"= **{bound_devices:.1f} devices**")  # fmt: skip
     lines.append(
@@ -321,8 +371,8 @@ def render(cfg: SweepConfig, levels: list[Level], idle: dict[str, float], bound:
         "",
         "| offered | admitted | refused | utterances | lost | p50 s | p95 s | transport+VAD cores/device above idle "
         "| SenseVoice cores | " + " | ".join(f"{k} cores" for k in kinds) + " | nodes (SenseVoice) "
-        "| admitted per SenseVoice node | drained before |",
-        "|---" * (12 + len(kinds)) + "|",
+        "| admitted per SenseVoice node | drained before | bound just before (devices) |",
+        "|---" * (13 + len(kinds)) + "|",
     ]
     for lv in levels:
         nodes = "?" if lv.nodes is None else f"{len(lv.nodes)} ({lv.asr_nodes})"
@@ -330,8 +380,16 @@ def render(cfg: SweepConfig, levels: list[Level], idle: dict[str, float], bound:
             f"| {lv.offered} | {lv.admitted} | {lv.refused} | {lv.utterances} | {lv.lost} | {lv.p50_s} | {lv.p95_s} "
             f"| {lv.cores_per_device(TRANSPORT_KINDS, idle)} | {lv.cores.get('SenseVoice', 0.0)} | "
             + " | ".join(str(lv.cores.get(k, 0.0)) for k in kinds)
-            + f" | {nodes} | {'?' if lv.per_asr_node is None else lv.per_asr_node} | {'yes' if lv.drained else 'NO'} |"
+            + f" | {nodes} | {'?' if lv.per_asr_node is None else lv.per_asr_node} | {'yes' if lv.drained else 'NO'} "
+            f"| {'' if lv.bound_before is None else round(lv.bound_before / share, 1)} |"
         )  # fmt: skip
+    if any(lv.stages for lv in levels):
+        lines += ["", "Where the time went (ms, p50 / p95 of each stage; the stages' p95s do not add up to the "
+                  "latency's):", "", "| offered | " + " | ".join(STAGES) + " |", "|---" * (1 + len(STAGES)) + "|"]
+        for lv in levels:
+            if lv.stages:
+                lines.append(f"| {lv.offered} | " + " | ".join(
+                    f"{lv.stages[n][0]} / {lv.stages[n][1]}" for n in STAGES) + " |")  # fmt: skip
     last = next((lv for lv in reversed(levels) if lv.nodes), None)
     if last is not None:
         lines += ["", f"Nodes at the end of the last level ({last.offered} offered; the CPU above is this host's):", "",
@@ -355,17 +413,17 @@ def sweep(cfg: SweepConfig) -> dict:
     time.sleep(5.0)  # let start-up work settle
     idle = service_cores(10.0)
     print(f"idle service CPU: {idle}", flush=True)
-    bound = compute_bound(cfg, clips) if cfg.bound else None
-    if bound:
-        print(f"compute bound: {bound}", flush=True)
+    meter = BoundMeter(cfg, clips) if cfg.bound else None
     levels, raw = [], []
     for offered in cfg.levels:
-        level, level_raw = run_level(cfg, offered, clips, out, sum(idle.values()))
+        level, level_raw = run_level(cfg, offered, clips, out, sum(idle.values()), meter)
         levels.append(level)
         raw.append(level_raw)
         print(f"level {offered}: admitted {level.admitted}, refused {level.refused}, lost {level.lost}/"
-              f"{level.utterances}, p50 {level.p50_s} s, p95 {level.p95_s} s, cores {level.cores}",
-              flush=True)  # fmt: skip
+              f"{level.utterances}, p50 {level.p50_s} s, p95 {level.p95_s} s, cores {level.cores}, "
+              f"bound before it {level.bound_before} speech-s/s", flush=True)  # fmt: skip
+    bound = meter.result() if meter else None
+    del meter  # the model's memory
     bound_devices = bound["speech_s_per_s"] / share if bound else None
     plot(out, levels, cfg, bound_devices)
     report = render(cfg, levels, idle, bound, share)

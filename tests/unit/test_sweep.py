@@ -68,3 +68,43 @@ def test_devices_per_sensevoice_node_in_the_report():
     report = render(SweepConfig(), [held, over], {}, None, 0.6)
     assert "devices held per SenseVoice node: 12.0** (12 devices, 1 of 2 nodes running SenseVoice" in report
     assert "| 10.0.0.2 |  | 8 | 1 | SenseVoice 2 |" in report
+
+
+def test_the_bound_is_measured_before_every_level_and_reported_as_the_median(tiny_models, two_utterances):
+    """The host's speed drifts: a burst before each level, one loaded model, the median of all batches."""
+    from loadtest.sweep import BoundMeter
+
+    clips = [Clip(str(i), two_utterances[i * 8000 : i * 8000 + 16000], None) for i in range(4)]
+    meter = BoundMeter(SweepConfig(bound_size="tiny", bound_quantize="none", bound_batch=2, bound_threads=1), clips)
+    firsts = [meter.measure() for _ in range(3)]
+    result = meter.result()
+    assert [len(b) for b in result["bursts"]] == [2, 2, 2]  # every whole batch of the corpus, each time
+    every = sorted(r for b in result["bursts"] for r in b)
+    assert result["speech_s_per_s"] == round((every[2] + every[3]) / 2, 2)
+    assert result["min"] == every[0] and result["max"] == every[-1] and all(f > 0 for f in firsts)
+    lv = level(4, 4, 0, 2.0)
+    lv.bound_before = 6.0
+    report = render(SweepConfig(), [lv], {}, {**result, "speech_s_per_s": 6.0}, 0.6)
+    assert "median of 6 batches measured before the levels" in report and "**10.0 devices**" in report
+    assert report.splitlines()[-3].endswith("| yes | 10.0 |")  # the bound just before this level, in devices
+
+
+def test_where_the_time_went_per_level():
+    from loadtest.loadgen import UtteranceRecord
+    from loadtest.sweep import stage_breakdown
+
+    def rec(latency_s, endpoint, vad, asr, model, server):
+        r = UtteranceRecord(0, "funasr", 0, "a.wav", None, 2.0, speech_end_t=100.0, result_t=100.0 + latency_s)
+        r.stages_ms = {"endpoint_ms": endpoint, "vad_ms": vad, "asr_ms": asr, "asr_model_ms": model,
+                       "server_ms": server}  # fmt: skip
+        return r
+
+    lost = UtteranceRecord(0, "funasr", 1, "b.wav", None, 2.0, speech_end_t=100.0)
+    stages = stage_breakdown([rec(1.5, 700, 20, 600, 500, 650), rec(1.5, 700, 20, 600, 500, 650), lost])
+    assert stages == {"endpoint": [700, 700], "vad call": [20, 20], "asr queue": [100, 100],
+                      "asr model": [500, 500], "rest": [150, 150]}  # fmt: skip
+    lv = level(4, 4, 0, 2.0)
+    lv.stages = stages
+    report = render(SweepConfig(), [lv], {}, None, 0.6)
+    assert "| 4 | 700 / 700 | 20 / 20 | 100 / 100 | 500 / 500 | 150 / 150 |" in report
+    assert stage_breakdown([lost]) == {}
