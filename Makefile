@@ -8,11 +8,13 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 .PHONY: install browser serve serve-bench serve-capacity sweep test lint models-full bench loadtest soak kuberay node-loss clean
 
+# Ray Serve's own settings (config/serve.env, which says why), then HAProxy mode if asked for
+SERVE_ENV := $(shell grep -v '^\#' config/serve.env | xargs)
 # HAPROXY=1: Ray Serve's HAProxy mode with direct ingress (README "Capacity"): WebSocket frames go
 # from HAProxy straight to the Ingress replicas instead of through the Python proxy actor.
 HAPROXY ?= 0
 ifeq ($(HAPROXY),1)
-SERVE_ENV := RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_ENABLE_DIRECT_INGRESS=1
+SERVE_ENV += RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_ENABLE_DIRECT_INGRESS=1
 endif
 
 $(STAMP): pyproject.toml

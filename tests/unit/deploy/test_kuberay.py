@@ -172,3 +172,17 @@ def test_cluster_settings_the_builder_cannot_use_are_refused():
         kuberay.replica_needs(config)
     with pytest.raises(kuberay.GenerateError, match="num_cpus must be a number"):
         _needs(Speaker={"num_cpus": None, "num_gpus": 0.15})
+
+
+def test_every_pod_gets_ray_serves_own_settings_from_serve_env(committed, tmp_path):
+    """config/serve.env is what `make serve` exports too (Makefile SERVE_ENV)."""
+    expected = kuberay.serve_env()
+    assert {e["name"] for e in expected} >= {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S"}
+    specs = [committed["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]]
+    specs += [g["template"]["spec"] for g in committed["spec"]["rayClusterConfig"]["workerGroupSpecs"]]
+    for spec in specs:
+        env = spec["containers"][0]["env"]
+        assert all(e in env for e in expected)
+    other = tmp_path / "serve.env"
+    other.write_text("# a comment\n\nA=1\nB = two=2\n")
+    assert kuberay.serve_env(other) == [{"name": "A", "value": "1"}, {"name": "B", "value": "two=2"}]
