@@ -190,6 +190,13 @@ class IngressSettings(_Strict):
         "go in one call). A Serve call costs more CPU than the VAD work of a chunk: under load the calls "
         "per second stay flat and batches grow; a chunk waits at most this long.",
     )
+    vad_max_lag_ms: int = Field(
+        2000,
+        ge=0,
+        description="How far a session's VAD may lag behind its audio before its frames wait (they queue in "
+        "its socket, and TCP slows the client). Audio that came while a VAD call was out goes in the next "
+        "call as one chunk, so a session catches up at once after a slow call.",
+    )
     vad_sessions_per_lane: int = Field(
         50,
         ge=1,
@@ -301,7 +308,8 @@ class IngressSettings(_Strict):
         4,
         ge=1,
         description="Utterances of one session being recognised at once. Audio that ends more waits for room "
-        "(its frames queue, bounded by max_queued_bytes): no session fans out without bound.",
+        "(its frames queue, bounded by max_queued_bytes): no session fans out without bound. One VAD call "
+        "that ends several utterances (a session catching up) may pass it by those.",
     )
     idle_timeout_s: float = Field(
         300.0, description="Close a session that sends nothing for this long (error `idle_timeout`, close 1000)."

@@ -418,7 +418,7 @@ class RealtimeConnection(Connection):
             on_interim=self._on_interim if interim else None, interim_interval_ms=interim or 0,
             on_speech=self._on_speech,
         )  # fmt: skip
-        self._apply_turn_detection()
+        await self._apply_turn_detection()
         await self.send(render_session("session.created", self._event_id(), self.session_id, self.config))
         return True
 
@@ -439,7 +439,7 @@ class RealtimeConnection(Connection):
         if isinstance(parsed, Commit):
             await self._commit(parsed)
         elif isinstance(parsed, Clear):
-            self._clear()
+            await self._clear()
             await self.send(event("input_audio_buffer.cleared", self._event_id()))
         else:
             await self._update(parsed)
@@ -456,7 +456,7 @@ class RealtimeConnection(Connection):
     async def _commit(self, commit: Commit) -> None:
         cut = await self.stream.end_utterance()
         if self.config.turn_detection is None:
-            self.stream.begin_utterance()  # the next turn's audio starts now
+            await self.stream.begin_utterance()  # the next turn's audio starts now
         if not cut:  # answered, not counted against max_protocol_errors: clients commonly commit after
             # every turn even with server_vad, which has committed it already (OpenAI answers the same)
             message = "nothing to commit: " + ("no audio since the last commit" if self.config.turn_detection is None
@@ -464,14 +464,14 @@ class RealtimeConnection(Connection):
             empty = EventError("input_audio_buffer_commit_empty", message, None, commit.event_id)
             await self.send(self.render_protocol_error(empty))
 
-    def _clear(self) -> None:
+    async def _clear(self) -> None:
         """Drop the uncommitted audio; committed items are still answered."""
-        self.stream.clear()
+        await self.stream.clear()
         self._open_item = None
         if self.config.turn_detection is None:
-            self.stream.begin_utterance()  # push-to-talk: the next turn's audio starts now
+            await self.stream.begin_utterance()  # push-to-talk: the next turn's audio starts now
         else:
-            self.stream.use_vad()
+            await self.stream.use_vad()
 
     async def _update(self, update: SessionUpdate) -> None:
         before = self.config
@@ -479,17 +479,17 @@ class RealtimeConnection(Connection):
         if (self.config.audio_format, self.config.pcm_rate) != (before.audio_format, before.pcm_rate):
             self.audio = InputAudio(self.config.audio_format, self.config.pcm_rate)
         self.stream.options = replace(self.stream.options, language=self.config.language or "auto")
-        self._apply_turn_detection()
+        await self._apply_turn_detection()
         kind = "transcription_session.updated" if update.beta else "session.updated"
         await self.send(render_session(kind, self._event_id(), self.session_id, self.config))
 
-    def _apply_turn_detection(self) -> None:
+    async def _apply_turn_detection(self) -> None:
         """VAD or manual turns as the session says, and the VAD's end silence (from the next chunk
         on). Switching between them drops the uncommitted audio (it was being cut the other way)."""
         turn, timeline = self.config.turn_detection, self.stream.timeline
         timeline.end_silence_ms = None if turn is None else turn.silence_duration_ms
         if (turn is None) != timeline.manual:
-            self._clear()
+            await self._clear()
 
     # ---- from the utterance stream ----
     async def _on_speech(self, edge: SpeechEdge) -> None:

@@ -293,15 +293,15 @@ class XiaozhiConnection(Connection):
         if isinstance(message, Listen):
             if message.state == "start":
                 if message.mode == "manual":
-                    stream.begin_utterance()
+                    await stream.begin_utterance()
                 else:
-                    stream.use_vad()
+                    await stream.use_vad()
             elif message.state == "stop":
                 await stream.end_utterance()
             else:  # detect: the device heard its wake word; nothing to transcribe yet
                 logger.info("xiaozhi session %s: wake word %r", self.session_id, message.text)
         elif isinstance(message, Abort):
-            stream.abort()
+            await stream.abort()
         elif isinstance(message, Hello):
             await self.send(render_hello(self.session_id, self.settings.hello_audio_params))
 

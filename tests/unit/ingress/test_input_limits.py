@@ -176,7 +176,8 @@ def test_a_session_far_behind_stops_reading_its_socket():
 
     async def scenario():
         ws = MemoryWebSocket()
-        settings = AppSettings(ingress={"max_queued_bytes": 1_000_000, "max_audio_rate": None})
+        # vad_max_lag_ms 0: the first frame's audio is already too far ahead of the hung VAD
+        settings = AppSettings(ingress={"max_queued_bytes": 1_000_000, "max_audio_rate": None, "vad_max_lag_ms": 0})
         handler = connection(PlainConnection, ws, settings, vad=HungVad())
         session = asyncio.create_task(handler.run())
         for frame in frames:
@@ -268,8 +269,9 @@ def test_utterances_in_flight_per_session_are_capped():
             answered.append(result.index)
 
         metrics = type("M", (), {"vad_call": lambda self, ms: None})()
+        # max_vad_lag_ms 0: every push waits for its chunk's VAD call, so each 200 ms frame is one call
         stream = UtteranceStream("s1", Timeline(200, 30_000), models, metrics, RecognitionOptions(),
-                                 on_result, on_result, max_in_flight=3)  # fmt: skip
+                                 on_result, on_result, max_in_flight=3, max_vad_lag_ms=0)  # fmt: skip
 
         async def push_frames():  # 20 frames of 200 ms, each ending an utterance (one frame of 4 s would
             for _ in range(20):  # have its chunks' events land behind the trimmed buffer: empty utterances)
