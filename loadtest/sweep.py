@@ -198,50 +198,73 @@ def service_asr_quantize(cfg: SweepConfig) -> str:
     return "int8" if "[int8" in asr else "none"
 
 
+def _bound_worker(conn, cfg: SweepConfig, quantize: str, inputs: list) -> None:
+    """The bound's own process: loads the model once, then runs one burst per request."""
+    from deployments.models import ModelSource, load_automodel, materialize, quantize_automodel, resolve_models
+    from serve_app.settings import ModelSettings
+
+    if cfg.asr_model:
+        source = ModelSource("asr", "local", cfg.asr_model)
+    else:
+        source = resolve_models(ModelSettings(test_model_size=cfg.bound_size), hub_up=False).asr
+        materialize(source)
+    model = load_automodel(source, device="cpu", threads=cfg.bound_threads, frontend_conf={"dither": 0.0})
+    precision = quantize_automodel(model, quantize, "cpu")
+    model.generate(input=inputs[: cfg.bound_batch], batch_size=cfg.bound_batch, language="auto")  # warm up
+    conn.send((precision, source.describe()))
+    batch_size = cfg.bound_batch
+    while conn.recv() == "burst":
+        rates = []
+        for start in range(0, len(inputs) - batch_size + 1, batch_size):
+            batch = inputs[start : start + batch_size]
+            started = time.perf_counter()
+            model.generate(input=batch, batch_size=len(batch), language="auto", use_itn=True)
+            rates.append(sum(len(x) for x in batch) / 16000 / (time.perf_counter() - started))
+        conn.send(rates)
+
+
 class BoundMeter:
     """Bare batched SenseVoice throughput on this host, in speech-seconds per second.
 
-    Measured in bursts while the service is idle: one before every level, all with one loaded
-    model. This host's speed drifts by tens of percent within minutes (three single measurements
-    of the same command gave 15.9, 17.8 and 28.1 speech-s/s), so a bound taken once says little
-    about the levels that come long after it; the report uses the median of every batch of every
-    burst and shows their range."""
+    Measured in bursts while the service is idle: one before every level. This host's speed drifts
+    by tens of percent within minutes (three single measurements of the same command gave 15.9, 17.8
+    and 28.1 speech-s/s), so a bound taken once says little about the levels long after it; the
+    report uses the median of every batch of every burst and shows their range. The model lives in
+    a process of its own, loaded once: kept in the load generator's process it slowed the levels
+    (16 devices lost 12 of 133 utterances where a run without it lost none)."""
 
     def __init__(self, cfg: SweepConfig, clips: list[Clip]):
-        from deployments.models import ModelSource, load_automodel, materialize, quantize_automodel, resolve_models
-        from serve_app.settings import ModelSettings
+        import multiprocessing
+
         from serve_app.wire import to_float32
 
         self.cfg = cfg
-        if cfg.asr_model:
-            self.source = ModelSource("asr", "local", cfg.asr_model)
-        else:
-            self.source = resolve_models(ModelSettings(test_model_size=cfg.bound_size), hub_up=False).asr
-            materialize(self.source)
-        self.model = load_automodel(self.source, device="cpu", threads=cfg.bound_threads, frontend_conf={"dither": 0.0})
         quantize = cfg.bound_quantize if cfg.bound_quantize != "auto" else service_asr_quantize(cfg)
-        self.precision = quantize_automodel(self.model, quantize, "cpu")
-        self.inputs = [to_float32(c.pcm) for c in clips]
-        warm_up = self.inputs[: cfg.bound_batch]
-        self.model.generate(input=warm_up, batch_size=cfg.bound_batch, language="auto")
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        inputs = [to_float32(c.pcm) for c in clips]
+        self._process = ctx.Process(target=_bound_worker, args=(child, cfg, quantize, inputs), daemon=True)
+        self._process.start()
+        self.precision, self.model = self._conn.recv()
         self.bursts: list[list[float]] = []
 
     def measure(self) -> float:
         """One burst: every whole batch of the corpus once; returns its median rate."""
-        batch_size, rates = self.cfg.bound_batch, []
-        for start in range(0, len(self.inputs) - batch_size + 1, batch_size):
-            batch = self.inputs[start : start + batch_size]
-            started = time.perf_counter()
-            self.model.generate(input=batch, batch_size=len(batch), language="auto", use_itn=True)
-            rates.append(sum(len(x) for x in batch) / 16000 / (time.perf_counter() - started))
+        self._conn.send("burst")
+        rates = self._conn.recv()
         self.bursts.append([round(r, 2) for r in rates])
         return round(statistics.median(rates), 2)
+
+    def close(self) -> None:
+        if self._process.is_alive():
+            self._conn.send("stop")
+            self._process.join(30)
 
     def result(self) -> dict:
         every = [r for burst in self.bursts for r in burst]
         return {"speech_s_per_s": round(statistics.median(every), 2), "min": min(every), "max": max(every),
                 "bursts": self.bursts, "threads": self.cfg.bound_threads, "batch": self.cfg.bound_batch,
-                "precision": self.precision, "model": self.source.describe()}  # fmt: skip
+                "precision": self.precision, "model": self.model}  # fmt: skip
 
 
 def run_level(
@@ -415,15 +438,18 @@ def sweep(cfg: SweepConfig) -> dict:
     print(f"idle service CPU: {idle}", flush=True)
     meter = BoundMeter(cfg, clips) if cfg.bound else None
     levels, raw = [], []
-    for offered in cfg.levels:
-        level, level_raw = run_level(cfg, offered, clips, out, sum(idle.values()), meter)
-        levels.append(level)
-        raw.append(level_raw)
-        print(f"level {offered}: admitted {level.admitted}, refused {level.refused}, lost {level.lost}/"
-              f"{level.utterances}, p50 {level.p50_s} s, p95 {level.p95_s} s, cores {level.cores}, "
-              f"bound before it {level.bound_before} speech-s/s", flush=True)  # fmt: skip
+    try:
+        for offered in cfg.levels:
+            level, level_raw = run_level(cfg, offered, clips, out, sum(idle.values()), meter)
+            levels.append(level)
+            raw.append(level_raw)
+            print(f"level {offered}: admitted {level.admitted}, refused {level.refused}, lost {level.lost}/"
+                  f"{level.utterances}, p50 {level.p50_s} s, p95 {level.p95_s} s, cores {level.cores}, "
+                  f"bound before it {level.bound_before} speech-s/s", flush=True)  # fmt: skip
+    finally:
+        if meter:
+            meter.close()
     bound = meter.result() if meter else None
-    del meter  # the model's memory
     bound_devices = bound["speech_s_per_s"] / share if bound else None
     plot(out, levels, cfg, bound_devices)
     report = render(cfg, levels, idle, bound, share)

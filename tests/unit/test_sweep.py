@@ -71,12 +71,17 @@ def test_devices_per_sensevoice_node_in_the_report():
 
 
 def test_the_bound_is_measured_before_every_level_and_reported_as_the_median(tiny_models, two_utterances):
-    """The host's speed drifts: a burst before each level, one loaded model, the median of all batches."""
+    """The host's speed drifts: a burst before each level, one model loaded once in a process of its
+    own, the median of all batches."""
     from loadtest.sweep import BoundMeter
 
     clips = [Clip(str(i), two_utterances[i * 8000 : i * 8000 + 16000], None) for i in range(4)]
     meter = BoundMeter(SweepConfig(bound_size="tiny", bound_quantize="none", bound_batch=2, bound_threads=1), clips)
-    firsts = [meter.measure() for _ in range(3)]
+    try:
+        firsts = [meter.measure() for _ in range(3)]
+    finally:
+        meter.close()
+    assert not meter._process.is_alive()  # the model's process is gone once the sweep ends
     result = meter.result()
     assert [len(b) for b in result["bursts"]] == [2, 2, 2]  # every whole batch of the corpus, each time
     every = sorted(r for b in result["bursts"] for r in b)
