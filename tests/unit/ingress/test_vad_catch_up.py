@@ -9,15 +9,19 @@ import asyncio
 import numpy as np
 
 from serve_app.ingress.recognition import RecognitionOptions, Timeline, UtteranceStream
-from serve_app.wire import SpeakerInfo, UtteranceResult, VadEvent, VadFeedResult, samples_to_ms
+from serve_app.wire import VadEvent, VadFeedResult, samples_to_ms
+from tests.unit.ingress.test_input_limits import SlowModels
 
 SPEECH = [(1000, 2000), (3400, 4200)]  # ms of the stream where the fake VAD hears speech
 
 
-class SlowVad:
-    """A VAD that takes `call_s` per call and reports SPEECH's edges as their audio arrives."""
+class SlowVad(SlowModels):
+    """A VAD that takes `call_s` per call and reports SPEECH's edges as their audio arrives; the
+    recognitions answer at once."""
 
     def __init__(self, call_s: float):
+        super().__init__()
+        self.release.set()
         self.call_s = call_s
         self.chunks: list[tuple[int, int]] = []  # (start_ms, length ms) of each call
 
@@ -27,16 +31,6 @@ class SlowVad:
         self.chunks.append((start, end - start))
         events = [VadEvent(kind, at) for s, e in SPEECH for kind, at in (("start", s), ("end", e)) if start <= at < end]
         return VadFeedResult(events=events), 0
-
-    async def recognise(self, sid, utt, options):
-        result = UtteranceResult(
-            session_id=sid, index=utt.index, start_ms=utt.start_ms, end_ms=utt.end_ms, text="t", language="en",
-            emotion=None, event=None, raw_text="t", speaker=SpeakerInfo(), models="test",
-        )  # fmt: skip
-        return result, None
-
-    def close_vad_later(self, sid):
-        pass
 
 
 def run(call_s: float, max_vad_lag_ms: int, frames: int = 100, frame_ms: int = 60):
