@@ -85,8 +85,8 @@ def fbank(waveform: torch.Tensor, **options: Any) -> torch.Tensor:
         or options.get("dither", 0.0) != 0.0
         or not options.get("snip_edges", True)
         or options.get("window_type", "povey") not in ("hamming", "hanning", "povey", "rectangular")
-        or waveform.dim() > 2 and waveform.shape[0] != 1
-        or waveform.dim() == 2 and waveform.shape[0] != 1
+        or waveform.dim() > 2
+        or (waveform.dim() == 2 and waveform.shape[0] != 1)  # one channel only, as funasr's fallback
     ):
         return _ORIGINAL(waveform, **options)
     # energy_floor only matters with use_energy, which funasr's frontends leave off

@@ -52,7 +52,7 @@ class VadCore:
     ):  # fmt: skip
         self.settings = settings
         self._now = clock
-        fast_fbank.install()  # the same features as funasr's, without its per-call set-up (a quarter of our CPU)
+        fast_fbank.install()  # funasr's features without its per-call set-up (a quarter of a VAD step's CPU)
         self.model = load_automodel(
             source, device=device, threads=settings.threads, max_end_silence_time=settings.max_end_silence_ms
         )
