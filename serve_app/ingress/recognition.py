@@ -25,7 +25,7 @@ import numpy as np
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from serve_app.ingress.metrics import IngressMetrics
-from serve_app.ingress.vad_lanes import VadLanes
+from serve_app.ingress.vad_lanes import VadLanes, retrieve_exception
 from serve_app.settings import IngressSettings, RetrySettings
 from serve_app.wire import (
     AsrRequest,
@@ -615,11 +615,6 @@ class UtteranceStreams:
         )  # fmt: skip
 
 
-def _retrieved(task: asyncio.Task) -> None:
-    if not task.cancelled():
-        task.exception()  # marks it retrieved: no "exception never retrieved" noise
-
-
 def live_stream_tasks() -> int:
     """Tasks of `UtteranceStream`s still running in this process (result sender, recognitions,
     interims). Once every stream has ended this is 0; anything else is a leak."""
@@ -691,14 +686,18 @@ class UtteranceStream:
 
     @property
     def _fed(self) -> bool:
-        return not self._ready and (self._feeder is None or self._feeder.done())
+        return not self._ready and not self._feeding
+
+    @property
+    def _feeding(self) -> bool:
+        return self._feeder is not None and not self._feeder.done()
 
     async def push(self, pcm: np.ndarray) -> None:
         self._raise_feed_failure()
         self._ready += self.timeline.add_audio(pcm)
-        if self._ready and (self._feeder is None or self._feeder.done()):
+        if self._ready and not self._feeding:
             self._feeder = asyncio.create_task(self._feed())
-            self._feeder.add_done_callback(_retrieved)  # raised by the next push or settle
+            self._feeder.add_done_callback(retrieve_exception)  # raised by the next push or settle
         if self.timeline.sent_ms - self.timeline.vad_ms > self._max_vad_lag_ms:
             await self._settle()  # backpressure: the client's frames wait in its socket
 
@@ -723,7 +722,7 @@ class UtteranceStream:
 
     async def _settle(self) -> None:
         """Every chunk pushed so far has been through the VAD (its failure re-raised here)."""
-        if self._feeder is not None and not self._feeder.done():
+        if self._feeding:
             await asyncio.wait([self._feeder])
         self._raise_feed_failure()
 

@@ -92,7 +92,7 @@ class VadLanes:
         key = self.lane_of(item.session_id)
         lane = self._lanes[key]
         future = asyncio.get_running_loop().create_future()
-        future.add_done_callback(_retrieve)  # nobody may be waiting any more
+        future.add_done_callback(retrieve_exception)  # nobody may be waiting any more
         lane.pending.append((item, future))
         if item.chunk is None:  # the session leaves its lane; its close still goes out in order
             lane.members.discard(item.session_id)
@@ -139,6 +139,6 @@ class VadLanes:
         self._kick(key)
 
 
-def _retrieve(future: asyncio.Future) -> None:
+def retrieve_exception(future: asyncio.Future) -> None:
     if not future.cancelled():
         future.exception()  # marks it retrieved: no "exception never retrieved" noise for gone callers
