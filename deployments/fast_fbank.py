@@ -1,4 +1,4 @@
-"""Kaldi fbank features in numpy, for the VADHost's 200 ms streaming chunks.
+"""Kaldi fbank features in torch, for the VADHost's 200 ms streaming chunks.
 
 funasr computes fbank through torchaudio or, without it (our install), kaldi-native-fbank, and
 builds a new extractor (options, window, mel banks) for every call. A VADHost runs that once per
@@ -26,6 +26,15 @@ _HANDLED = {"num_mel_bins", "frame_length", "frame_shift", "dither", "energy_flo
             "sample_frequency", "snip_edges"}  # fmt: skip
 
 
+# Kaldi's windows over the samples n = 0..size-1 of a frame
+_WINDOWS = {
+    "hamming": lambda n, size: 0.54 - 0.46 * np.cos(2 * np.pi * n / (size - 1)),
+    "hanning": lambda n, size: 0.5 - 0.5 * np.cos(2 * np.pi * n / (size - 1)),
+    "povey": lambda n, size: (0.5 - 0.5 * np.cos(2 * np.pi * n / (size - 1))) ** 0.85,
+    "rectangular": lambda n, size: np.ones(size),
+}
+
+
 def _mel(freq: np.ndarray | float) -> np.ndarray | float:
     return 1127.0 * np.log(1.0 + np.asarray(freq) / 700.0)
 
@@ -33,17 +42,7 @@ def _mel(freq: np.ndarray | float) -> np.ndarray | float:
 @functools.lru_cache(maxsize=16)
 def _tables(sample_rate: float, frame_len: int, num_bins: int, window: str) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(window, mel banks [fft bins x mel bins], FFT size) as Kaldi builds them (low 20 Hz, high Nyquist)."""
-    n = np.arange(frame_len)
-    if window == "hamming":
-        win = 0.54 - 0.46 * np.cos(2 * np.pi * n / (frame_len - 1))
-    elif window == "hanning":
-        win = 0.5 - 0.5 * np.cos(2 * np.pi * n / (frame_len - 1))
-    elif window == "povey":
-        win = (0.5 - 0.5 * np.cos(2 * np.pi * n / (frame_len - 1))) ** 0.85
-    elif window == "rectangular":
-        win = np.ones(frame_len)
-    else:
-        raise ValueError(window)
+    win = _WINDOWS[window](np.arange(frame_len), frame_len)
     fft = 1 << (frame_len - 1).bit_length()  # round_to_power_of_two
     fft_bins = fft // 2  # Kaldi leaves out the Nyquist bin
     mel_low, mel_high = _mel(20.0), _mel(sample_rate / 2)
@@ -84,7 +83,7 @@ def fbank(waveform: torch.Tensor, **options: Any) -> torch.Tensor:
         set(options) - _HANDLED
         or options.get("dither", 0.0) != 0.0
         or not options.get("snip_edges", True)
-        or options.get("window_type", "povey") not in ("hamming", "hanning", "povey", "rectangular")
+        or options.get("window_type", "povey") not in _WINDOWS
         or waveform.dim() > 2
         or (waveform.dim() == 2 and waveform.shape[0] != 1)  # one channel only, as funasr's fallback
     ):

@@ -230,8 +230,9 @@ class BoundMeter:
     by tens of percent within minutes (three single measurements of the same command gave 15.9, 17.8
     and 28.1 speech-s/s), so a bound taken once says little about the levels long after it; the
     report uses the median of every batch of every burst and shows their range. The model lives in
-    a process of its own, loaded once: kept in the load generator's process it slowed the levels
-    (16 devices lost 12 of 133 utterances where a run without it lost none)."""
+    a process of its own, loaded once, so the load generator's process holds no model while a level
+    runs (the one sweep run with the model in-process lost 12 of 133 utterances at 16 devices; not
+    isolated from this host's noise)."""
 
     def __init__(self, cfg: SweepConfig, clips: list[Clip]):
         import multiprocessing
@@ -245,7 +246,7 @@ class BoundMeter:
         inputs = [to_float32(c.pcm) for c in clips]
         self._process = ctx.Process(target=_bound_worker, args=(child, cfg, quantize, inputs), daemon=True)
         self._process.start()
-        self.precision, self.model = self._conn.recv()
+        self.precision, self.model_described = self._conn.recv()
         self.bursts: list[list[float]] = []
 
     def measure(self) -> float:
@@ -264,7 +265,7 @@ class BoundMeter:
         every = [r for burst in self.bursts for r in burst]
         return {"speech_s_per_s": round(statistics.median(every), 2), "min": min(every), "max": max(every),
                 "bursts": self.bursts, "threads": self.cfg.bound_threads, "batch": self.cfg.bound_batch,
-                "precision": self.precision, "model": self.model}  # fmt: skip
+                "precision": self.precision, "model": self.model_described}  # fmt: skip
 
 
 def run_level(
@@ -300,12 +301,18 @@ def run_level(
     return level, raw
 
 
-STAGES = {  # the server's latency_ms stages, in the order a result goes through them
-    "endpoint": "endpoint_ms",  # audio time from the end of speech to the VAD's end (end silence, chunking)
-    "vad call": "vad_ms",  # round trip of the VADHost call that found the end
-    "asr queue": None,  # asr_ms - asr_model_ms: waiting for a SenseVoice batch (and the hop)
-    "asr model": "asr_model_ms",
-    "rest": None,  # latency - endpoint - server: frames in transit, queued before the VAD, the result's way back
+# Where an utterance's latency went, in the order a result goes through it: each stage in ms from
+# the record's measured latency and the server's latency_ms stages (st).
+STAGES = {
+    # audio time from the end of speech to the VAD's end (end silence, chunking)
+    "endpoint": lambda latency_ms, st: st.get("endpoint_ms", 0.0),
+    # round trip of the VADHost call that found the end
+    "vad call": lambda latency_ms, st: st.get("vad_ms", 0.0),
+    # waiting for a SenseVoice batch (and the hop)
+    "asr queue": lambda latency_ms, st: st.get("asr_ms", 0.0) - st.get("asr_model_ms", 0.0),
+    "asr model": lambda latency_ms, st: st.get("asr_model_ms", 0.0),
+    # frames in transit, queued before the VAD, the result's way back
+    "rest": lambda latency_ms, st: latency_ms - st.get("endpoint_ms", 0.0) - st.get("server_ms", 0.0),
 }
 
 
@@ -314,15 +321,11 @@ def stage_breakdown(records: list) -> dict[str, list[float]]:
     rows = [r for r in records if r.latency_s is not None and r.stages_ms]
     if not rows:
         return {}
-    values: dict[str, list[float]] = {name: [] for name in STAGES}
-    for r in rows:
-        st = r.stages_ms
-        for name, key in STAGES.items():
-            if key:
-                values[name].append(st.get(key, 0.0))
-        values["asr queue"].append(st.get("asr_ms", 0.0) - st.get("asr_model_ms", 0.0))
-        values["rest"].append(r.latency_s * 1000 - st.get("endpoint_ms", 0.0) - st.get("server_ms", 0.0))
-    return {name: [round(pct(v, 50)), round(pct(v, 95))] for name, v in values.items()}
+    out = {}
+    for name, stage in STAGES.items():
+        values = [stage(r.latency_s * 1000, r.stages_ms) for r in rows]
+        out[name] = [round(pct(values, 50)), round(pct(values, 95))]
+    return out
 
 
 def held_devices(levels: list[Level], target_p95_s: float) -> int:
@@ -376,10 +379,10 @@ def render(cfg: SweepConfig, levels: list[Level], idle: dict[str, float], bound:
         f"- idle service CPU (cores): {idle} (total {sum(idle.values()):.3f})",
     ]
     if bound:
-        spread = f", batches {bound['min']}-{bound['max']}" if "min" in bound else ""
+        how = (f"median of {sum(map(len, bound['bursts']))} batches measured before the levels, batches "
+               f"{bound['min']}-{bound['max']}; ") if "bursts" in bound else ""
         lines.append(f"- compute bound: bare batched SenseVoice {bound['speech_s_per_s']} speech-s/s "
-                     f"(median of {sum(map(len, bound.get('bursts', [[0]])))} batches measured before the levels"
-                     f"{spread}; batch {bound['batch']}, {bound['threads']} threads, {bound.get('precision', 'fp32')}, "
+                     f"({how}batch {bound['batch']}, {bound['threads']} threads, {bound.get('precision', 'fp32')}, "
                      f"{bound['model']}) / {share:.2f} "
                      f"= **{bound_devices:.1f} devices**")  # fmt: skip
     lines.append(
