@@ -461,11 +461,18 @@ class ModelCalls:
         except Exception:  # the replica may be gone already; nothing to clean up then
             logger.info("session %s: VAD close failed; replica gone", session_id)
 
-    def close_vad_later(self, session_id: str) -> None:
-        """Free the session's VAD state without waiting for it (its lane may be busy)."""
-        task = asyncio.create_task(self.close_vad(session_id))
+    def close_vad_later(self, session_id: str, after: asyncio.Task | None = None) -> None:
+        """Free the session's VAD state without waiting for it (its lane may be busy), once
+        `after` (the stream's feeder, just cancelled) has ended: a feed sent after the close
+        would find no state, replay from a fresh one and leave that behind."""
+        task = asyncio.create_task(self._close_vad_after(session_id, after))
         self._closing.add(task)  # a reference until done, or the loop may drop the task
         task.add_done_callback(self._closing.discard)
+
+    async def _close_vad_after(self, session_id: str, after: asyncio.Task | None) -> None:
+        if after is not None and not after.done():
+            await asyncio.wait([after], timeout=self.retry.try_timeout_s)  # its call is bounded by this too
+        await self.close_vad(session_id)
 
     async def segment(self, pcm: np.ndarray, request_id: str) -> list[tuple[int, int]]:
         """Speech segments of a whole file."""
@@ -670,6 +677,7 @@ class UtteranceStream:
         self._max_vad_lag_ms = max_vad_lag_ms
         self._ready: list[VadChunk] = []  # full chunks the VAD has not had yet, in order
         self._feeder: asyncio.Task | None = None
+        self._closed = False
         self._interim_task: asyncio.Task | None = None
         self._interim_at_ms = 0
         self._queue: asyncio.Queue[tuple[int, asyncio.Task] | None] = asyncio.Queue()
@@ -702,7 +710,7 @@ class UtteranceStream:
             await self._settle()  # backpressure: the client's frames wait in its socket
 
     async def _feed(self) -> None:
-        while self._ready:
+        while self._ready and not self._closed:  # closed: Python 3.11's wait_for can swallow the cancel
             chunk = self._take_ready()
             await self._room()
             await self._process(chunk)
@@ -793,10 +801,11 @@ class UtteranceStream:
         """The client is gone: stop work for it (queued model calls are cancelled on their
         replicas) and free its VAD state in the background."""
         self._sender.cancel()
+        self._closed = True
         for task in [*self._in_flight, self._interim_task, self._feeder]:
             if task is not None:
                 task.cancel()
-        self.models.close_vad_later(self.session_id)
+        self.models.close_vad_later(self.session_id, after=self._feeder)
 
     async def _process(self, chunk: VadChunk) -> None:
         started = time.perf_counter()
@@ -804,6 +813,8 @@ class UtteranceStream:
             result, vad_ms = VadFeedResult(events=[]), 0.0
         else:
             result, replays = await self.models.feed_vad(self.session_id, self.timeline, chunk)
+            if self._closed:  # the client left while the call was out (and the cancel was swallowed)
+                return
             self.vad_replays += replays
             vad_ms = _ms_since(started)
             self.metrics.vad_call(vad_ms)

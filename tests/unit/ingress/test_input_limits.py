@@ -253,7 +253,7 @@ class SlowModels:
         )  # fmt: skip
         return result, None
 
-    def close_vad_later(self, sid):
+    def close_vad_later(self, sid, after=None):
         pass
 
 

@@ -74,3 +74,56 @@ def test_push_waits_once_the_vad_is_too_far_behind():
     assert sum(1 for w in waits if w > 0.1) >= 2  # it waited for the VAD now and then
     assert all(n <= 1000 + 200 for _, n in chunks)  # no call carries much more than the lag allowed
     assert sum(n for _, n in chunks) == 3000
+
+
+class StubbornVad(SlowVad):
+    """A VAD call that finishes as the stream closes: Python 3.11's `asyncio.wait_for` then
+    returns the result and swallows the cancellation (the feeder goes on as if never cancelled).
+    Records every feed and the close, in the order the VADHost would see them."""
+
+    def __init__(self):
+        super().__init__(call_s=0.05)
+        self.calls: list[str] = []
+
+    async def feed_vad(self, sid, timeline, chunk):
+        try:
+            await asyncio.sleep(self.call_s)
+        except asyncio.CancelledError:
+            pass  # the answer was already there: wait_for returns it
+        self.calls.append("feed")
+        start = chunk.start_ms
+        return VadFeedResult(events=[VadEvent("start", start), VadEvent("end", start + 100)]), 0  # an utterance
+
+    async def recognise(self, sid, utt, options):
+        self.calls.append("recognise")
+        return await super().recognise(sid, utt, options)
+
+    def close_vad_later(self, sid, after=None):
+        async def close():
+            if after is not None:
+                await asyncio.wait([after])
+            self.calls.append("close")
+
+        self.closing = asyncio.create_task(close())
+
+
+def test_no_vad_call_follows_the_close_even_if_the_feeder_missed_its_cancel():
+    """The client left while a VAD call was out. A feed after the close would find no state,
+    replay from a fresh one and leave it on the VADHost for `session_idle_s` (seen in CI as one
+    `vad_sessions` left after the churn test); an utterance that call ended is for nobody."""
+
+    async def scenario():
+        vad = StubbornVad()
+        metrics = type("M", (), {"vad_call": lambda self, ms: None})()
+        stream = UtteranceStream("s1", Timeline(200, 30_000), vad, metrics, RecognitionOptions(),
+                                 None, None, max_vad_lag_ms=10_000)  # fmt: skip
+        await stream.push(np.ones(16 * 200, dtype=np.int16))  # one chunk: the feeder's call goes out
+        await asyncio.sleep(0)
+        await stream.push(np.ones(16 * 400, dtype=np.int16))  # two more wait for that call
+        stream.close()
+        await asyncio.wait_for(vad.closing, 5)
+        await asyncio.sleep(0.2)  # anything the feeder would still send
+        return vad.calls
+
+    calls = asyncio.run(scenario())
+    assert calls == ["feed", "close"]  # the call that was out; nothing recognised, nothing fed after
