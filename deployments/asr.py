@@ -52,7 +52,7 @@ class AsrCore:
         self.model = load_automodel(
             source, device=device, threads=settings.threads, frontend_conf={"dither": settings.dither}
         )
-        self.precision = quantize_automodel(self.model, settings.quantize, device)
+        self.precision = quantize_automodel(self.model, settings.quantize, device, settings.quantized_engine)
 
     def transcribe_batch(self, requests: list[AsrRequest]) -> list[Transcript]:
         """One generate() per (language, itn) group; results in request order."""

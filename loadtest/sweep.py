@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import statistics
 import time
 from collections import Counter
@@ -68,6 +69,7 @@ class SweepConfig:
     asr_model: str | None = None  # a local SenseVoice directory instead (real weights)
     bound_threads: int = 2
     bound_quantize: str = "auto"  # as the service's asr.quantize; auto: read from its /healthz
+    bound_engine: str = "auto"  # as the service's asr.quantized_engine; auto: read from its /healthz
     bound_batch: int = 8
     dashboard: str | None = "http://127.0.0.1:8265"  # Ray dashboard: nodes and replicas per node (None: skip)
 
@@ -191,14 +193,21 @@ def speech_share(clips: list[Clip], pause_s: tuple[float, float]) -> float:
     return speech / (speech + sum(pause_s) / 2)
 
 
-def service_asr_quantize(cfg: SweepConfig) -> str:
-    """The running service's asr.quantize, as its /healthz reports the SenseVoice source."""
+def service_asr_quantize(cfg: SweepConfig) -> tuple[str, str]:
+    """The running service's asr.quantize and asr.quantized_engine, as its /healthz reports the
+    SenseVoice source ("... [int8 on CPU, onednn kernels]")."""
     base = cfg.url.replace("ws://", "http://").replace("wss://", "https://").rstrip("/")
     asr = httpx.get(f"{base}/healthz", timeout=10).json().get("model_sources", {}).get("asr", "")
-    return "int8" if "[int8" in asr else "none"
+    return parse_asr_precision(asr)
 
 
-def _bound_worker(conn, cfg: SweepConfig, quantize: str, inputs: list) -> None:
+def parse_asr_precision(described: str) -> tuple[str, str]:
+    found = re.search(r"\[int8 on CPU(?:, (\w+) kernels)?\]", described)
+    engine = found.group(1) if found and found.group(1) else "x86"  # named by none: torch's default
+    return ("int8" if found else "none"), engine
+
+
+def _bound_worker(conn, cfg: SweepConfig, quantize: str, engine: str, inputs: list) -> None:
     """The bound's own process: loads the model once, then runs one burst per request."""
     from deployments.models import ModelSource, load_automodel, materialize, quantize_automodel, resolve_models
     from serve_app.settings import ModelSettings
@@ -209,7 +218,7 @@ def _bound_worker(conn, cfg: SweepConfig, quantize: str, inputs: list) -> None:
         source = resolve_models(ModelSettings(test_model_size=cfg.bound_size), hub_up=False).asr
         materialize(source)
     model = load_automodel(source, device="cpu", threads=cfg.bound_threads, frontend_conf={"dither": 0.0})
-    precision = quantize_automodel(model, quantize, "cpu")
+    precision = quantize_automodel(model, quantize, "cpu", engine)
     model.generate(input=inputs[: cfg.bound_batch], batch_size=cfg.bound_batch, language="auto")  # warm up
     conn.send((precision, source.describe()))
     batch_size = cfg.bound_batch
@@ -240,11 +249,15 @@ class BoundMeter:
         from serve_app.wire import to_float32
 
         self.cfg = cfg
-        quantize = cfg.bound_quantize if cfg.bound_quantize != "auto" else service_asr_quantize(cfg)
+        quantize, engine = cfg.bound_quantize, cfg.bound_engine
+        if quantize == "auto" or (quantize != "none" and engine == "auto"):  # fp32 has no int8 kernels to ask for
+            served_quantize, served_engine = service_asr_quantize(cfg)
+            quantize = served_quantize if quantize == "auto" else quantize
+            engine = served_engine if engine == "auto" else engine
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
         inputs = [to_float32(c.pcm) for c in clips]
-        self._process = ctx.Process(target=_bound_worker, args=(child, cfg, quantize, inputs), daemon=True)
+        self._process = ctx.Process(target=_bound_worker, args=(child, cfg, quantize, engine, inputs), daemon=True)
         self._process.start()
         self.precision, self.model_described = self._conn.recv()
         self.bursts: list[list[float]] = []
@@ -512,6 +525,12 @@ def parse_args(argv: list[str] | None = None) -> SweepConfig:
         choices=["auto", "none", "int8"],
         help="SenseVoice precision for the bound, as the service's asr.quantize (auto: ask its /healthz)",
     )
+    p.add_argument(
+        "--bound-engine",
+        default=d.bound_engine,
+        choices=["auto", "onednn", "x86", "fbgemm"],
+        help="torch's int8 kernels for the bound, as the service's asr.quantized_engine (auto: ask its /healthz)",
+    )
     p.add_argument("--bound-batch", type=int, default=d.bound_batch, help="batch size, as the service's max_batch_size")
     p.add_argument(
         "--auth-secret-env",
@@ -533,7 +552,7 @@ def parse_args(argv: list[str] | None = None) -> SweepConfig:
         auth_secret=os.environ.get(a.auth_secret_env),
         out=a.out or f"loadtest/reports/sweep-{time.strftime('%Y%m%d-%H%M%S')}",
         bound=not a.no_bound, bound_size=a.bound_size, asr_model=a.asr_model, bound_threads=a.bound_threads,
-        bound_quantize=a.bound_quantize, bound_batch=a.bound_batch,
+        bound_quantize=a.bound_quantize, bound_engine=a.bound_engine, bound_batch=a.bound_batch,
         dashboard=None if a.dashboard.lower() == "none" else a.dashboard,
     )  # fmt: skip
 

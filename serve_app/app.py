@@ -92,7 +92,8 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     asr = placed(SenseVoice, "SenseVoice").bind(models.asr, settings.asr)
     speaker = placed(Speaker, "Speaker").bind(models.speaker, settings.speaker, settings.voiceprints)
     registry = placed(SessionRegistry, "SessionRegistry").bind(settings.admission)  # no model, no placement
-    return placed(Ingress, "Ingress").bind(vad, asr, speaker, registry, settings, models.summary(settings.asr.quantize))
+    summary = models.summary(settings.asr.quantize, settings.asr.quantized_engine)
+    return placed(Ingress, "Ingress").bind(vad, asr, speaker, registry, settings, summary)
 
 
 def free_port() -> int:

@@ -77,11 +77,11 @@ class ResolvedModels:
             )
         return "RANDOM-WEIGHT TEST MODELS IN USE: " + "; ".join(parts) + "." if parts else None
 
-    def summary(self, asr_quantize: str = "none") -> ModelsSummary:
+    def summary(self, asr_quantize: str = "none", engine: str = "x86") -> ModelsSummary:
         """What the Ingress reports about the models (it never imports this module)."""
         sources = {s.role: s.describe() for s in (self.vad, self.asr, self.speaker)}
         if asr_quantize != "none":  # load tools read it here (the sweep sizes its compute bound by it)
-            sources["asr"] += f" [{asr_quantize} on CPU]"
+            sources["asr"] += f" [{asr_quantize} on CPU, {engine} kernels]"
         return ModelsSummary(self.label, sources, self.warning())
 
 
@@ -186,13 +186,16 @@ def load_automodel(source: ModelSource, device: str, threads: int, **extra):
     return AutoModel(**kwargs)
 
 
-def quantize_automodel(automodel, mode: str, device: str) -> str:
+def quantize_automodel(automodel, mode: str, device: str, engine: str = "x86") -> str:
     """Apply `asr.quantize` to a loaded AutoModel; returns what was done, in words.
 
     "int8": PyTorch dynamic quantization of every Linear layer (weights int8, activations quantized
     per batch at run time). SenseVoiceSmall is mostly Linear layers: on this project's CPU host it
     halves the CPU per utterance (README "Capacity"). FunASR's own runtime serves SenseVoice as an
-    int8 model too. It is a CPU path: torch's dynamic quantized kernels do not run on CUDA."""
+    int8 model too. It is a CPU path: torch's dynamic quantized kernels do not run on CUDA.
+
+    `engine` (`asr.quantized_engine`) picks torch's int8 kernels for this process: the weights are
+    packed for it here and it runs them later, so it is set for the whole process (a replica)."""
     if mode == "none":
         return "fp32"
     if mode != "int8":
@@ -202,5 +205,9 @@ def quantize_automodel(automodel, mode: str, device: str) -> str:
         return f"fp32 (int8 asked, ignored on {device})"
     import torch
 
+    if engine not in torch.backends.quantized.supported_engines:
+        raise ValueError(f"asr.quantized_engine {engine!r} is not supported by this torch build on this CPU "
+                         f"(it has {', '.join(torch.backends.quantized.supported_engines)})")  # fmt: skip
+    torch.backends.quantized.engine = engine
     automodel.model = torch.ao.quantization.quantize_dynamic(automodel.model, {torch.nn.Linear}, dtype=torch.qint8)
-    return "int8 (dynamic, Linear layers)"
+    return f"int8 (dynamic, Linear layers, {engine} kernels)"

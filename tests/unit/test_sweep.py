@@ -3,7 +3,15 @@
 import numpy as np
 
 from loadtest.loadgen import Clip
-from loadtest.sweep import TRANSPORT_KINDS, Level, SweepConfig, held_devices, render, speech_share
+from loadtest.sweep import (
+    TRANSPORT_KINDS,
+    Level,
+    SweepConfig,
+    held_devices,
+    parse_asr_precision,
+    render,
+    speech_share,
+)
 
 
 def level(offered, admitted, lost, p95, cores=None) -> Level:
@@ -113,3 +121,14 @@ def test_where_the_time_went_per_level():
     report = render(SweepConfig(), [lv], {}, None, 0.6)
     assert "| 4 | 700 / 700 | 20 / 20 | 100 / 100 | 500 / 500 | 150 / 150 |" in report
     assert stage_breakdown([lost]) == {}
+
+
+def test_the_bound_runs_the_precision_and_kernels_the_service_reports():
+    from deployments.models import resolve_models  # the service's side of the string
+    from serve_app.settings import ModelSettings
+
+    models = resolve_models(ModelSettings(test_model_size="tiny"), hub_up=False)
+    for quantize, engine in [("int8", "onednn"), ("int8", "x86"), ("none", "onednn")]:
+        described = models.summary(quantize, engine).sources["asr"]
+        assert parse_asr_precision(described) == (quantize, engine if quantize == "int8" else "x86")
+    assert parse_asr_precision("SenseVoice at /m [int8 on CPU]") == ("int8", "x86")  # an older service: torch's default

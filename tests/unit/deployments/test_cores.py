@@ -105,7 +105,8 @@ def test_asr_int8_quantizes_every_linear_layer_and_still_transcribes(tiny_models
 
     fp32 = AsrCore(tiny_models.asr, AsrSettings(threads=1))
     int8 = AsrCore(tiny_models.asr, AsrSettings(threads=1, quantize="int8"))
-    assert (fp32.precision, int8.precision) == ("fp32", "int8 (dynamic, Linear layers)")
+    assert (fp32.precision, int8.precision) == ("fp32", "int8 (dynamic, Linear layers, onednn kernels)")
+    assert torch.backends.quantized.engine == "onednn"  # asr.quantized_engine's default, for this process
     linear = [m for m in fp32.model.model.modules() if type(m) is torch.nn.Linear]
     assert linear and not [m for m in int8.model.model.modules() if type(m) is torch.nn.Linear]
     quantized = [m for m in int8.model.model.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
@@ -116,6 +117,29 @@ def test_asr_int8_quantizes_every_linear_layer_and_still_transcribes(tiny_models
     # Repeatable for the same batch; but activation scales are computed per batch, so unlike fp32 a
     # transcript may change with its batch-mates (README "Capacity" says so).
     assert int8.transcribe_batch([AsrRequest(a), AsrRequest(b)])[0].raw_text == batch[0].raw_text
+
+
+@pytest.mark.parametrize("engine", ["x86", "fbgemm"])
+def test_asr_int8_runs_on_the_kernels_asked_for(tiny_models, two_utterances, engine):
+    """`asr.quantized_engine` packs the weights for, and runs, the kernels it names; the choice is
+    process-wide in torch, so it is put back after."""
+    import torch
+
+    before = torch.backends.quantized.engine
+    try:
+        core = AsrCore(tiny_models.asr, AsrSettings(threads=1, quantize="int8", quantized_engine=engine))
+        assert torch.backends.quantized.engine == engine and core.precision.endswith(f"{engine} kernels)")
+        assert isinstance(core.transcribe_batch([AsrRequest(two_utterances[8000:44800])])[0].raw_text, str)
+    finally:
+        torch.backends.quantized.engine = before
+
+
+def test_asr_int8_refuses_kernels_this_torch_lacks(tiny_models):
+    from deployments.models import quantize_automodel
+
+    asr = AsrCore(tiny_models.asr, AsrSettings(threads=1))
+    with pytest.raises(ValueError, match="'armv9' is not supported by this torch build on this CPU"):
+        quantize_automodel(asr.model, "int8", "cpu", "armv9")
 
 
 def test_asr_int8_is_a_cpu_path(tiny_models):
