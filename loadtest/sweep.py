@@ -193,7 +193,7 @@ def speech_share(clips: list[Clip], pause_s: tuple[float, float]) -> float:
     return speech / (speech + sum(pause_s) / 2)
 
 
-def service_asr_quantize(cfg: SweepConfig) -> tuple[str, str]:
+def service_asr_precision(cfg: SweepConfig) -> tuple[str, str]:
     """The running service's asr.quantize and asr.quantized_engine, as its /healthz reports the
     SenseVoice source ("... [int8 on CPU, onednn kernels]")."""
     base = cfg.url.replace("ws://", "http://").replace("wss://", "https://").rstrip("/")
@@ -203,7 +203,7 @@ def service_asr_quantize(cfg: SweepConfig) -> tuple[str, str]:
 
 def parse_asr_precision(described: str) -> tuple[str, str]:
     found = re.search(r"\[int8 on CPU(?:, (\w+) kernels)?\]", described)
-    engine = found.group(1) if found and found.group(1) else "x86"  # named by none: torch's default
+    engine = found.group(1) if found and found.group(1) else "x86"  # a service that names none runs torch's default
     return ("int8" if found else "none"), engine
 
 
@@ -251,7 +251,7 @@ class BoundMeter:
         self.cfg = cfg
         quantize, engine = cfg.bound_quantize, cfg.bound_engine
         if quantize == "auto" or (quantize != "none" and engine == "auto"):  # fp32 has no int8 kernels to ask for
-            served_quantize, served_engine = service_asr_quantize(cfg)
+            served_quantize, served_engine = service_asr_precision(cfg)
             quantize = served_quantize if quantize == "auto" else quantize
             engine = served_engine if engine == "auto" else engine
         ctx = multiprocessing.get_context("spawn")
