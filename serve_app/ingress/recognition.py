@@ -95,6 +95,21 @@ async def awaited(response: Awaitable) -> Any:
         raise
 
 
+async def bounded(call: Awaitable, timeout_s: float | None) -> Any:
+    """`asyncio.wait_for`, except that a cancel is never swallowed. Python 3.11's returns the inner
+    result when the cancel and the result land in one tick (a VAD lane answers all its sessions at
+    once, so they do), and the caller then goes on as if never cancelled: a closed session's feeder
+    fed a chunk after its close and left VAD state behind. 3.12's wait_for raises instead.
+    Only a cancel asked for during this wait counts: cleanup that runs after an earlier cancel
+    (a `finally` of a cancelled task) still gets its answer."""
+    task = asyncio.current_task()
+    cancels_before = task.cancelling() if task is not None else 0
+    result = await asyncio.wait_for(call, timeout_s)
+    if task is not None and task.cancelling() > cancels_before:
+        raise asyncio.CancelledError
+    return result
+
+
 # ---- the timeline: pure ----------------------------------------------------------------------
 
 
@@ -427,7 +442,7 @@ class ModelCalls:
         """One lane's call. Bounded here, not only by each caller's try: a lane makes one call at a
         time, so a call that never returned would block every session of the lane."""
         try:
-            return await asyncio.wait_for(awaited(self.vad.feed_many.remote(lane, items)), self.retry.try_timeout_s)
+            return await bounded(awaited(self.vad.feed_many.remote(lane, items)), self.retry.try_timeout_s)
         except TimeoutError:
             raise ReplicaLostError(
                 f"VADHost gave no answer within {self.retry.try_timeout_s:g} s (retry.try_timeout_s)"
@@ -485,7 +500,7 @@ class ModelCalls:
         wait must end). A try that runs out is cancelled on its replica."""
         left = clock.remaining_s()
         try:
-            return await asyncio.wait_for(awaited(call()), left)
+            return await bounded(awaited(call()), left)
         except TimeoutError:
             raise clock.timeout_error(what, left) from None
 
@@ -524,7 +539,7 @@ class ModelCalls:
         """Text of an unfinished utterance; runs behind every final on the SenseVoice replica.
         Bounded like any try, or a wedged replica would keep the stream's one interim for ever."""
         request = AsrRequest(pcm, options.language, options.use_itn)
-        return await asyncio.wait_for(awaited(self.asr.transcribe_interim.remote(request)), self.retry.try_timeout_s)
+        return await bounded(awaited(self.asr.transcribe_interim.remote(request)), self.retry.try_timeout_s)
 
     async def embed(
         self, pcm: np.ndarray, group: str | None, session_id: str

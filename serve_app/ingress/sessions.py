@@ -41,7 +41,7 @@ from ray import serve
 from serve_app.ingress.capacity import ComputeAdmission
 from serve_app.ingress.connection import DRAINING, Connection
 from serve_app.ingress.metrics import IngressMetrics
-from serve_app.ingress.recognition import awaited
+from serve_app.ingress.recognition import awaited, bounded
 from serve_app.ingress.security import DeviceAuth
 from serve_app.settings import AdmissionSettings, IngressSettings
 from serve_app.wire import CLOSE_TRY_AGAIN_LATER, Refusal
@@ -131,7 +131,7 @@ class Sessions:
     async def _registry_call(self, method: str, *args):
         """One registry call, cancelled on the registry if it takes over `registry_timeout_s`."""
         response = getattr(self.registry, method).remote(*args)
-        return await asyncio.wait_for(awaited(response), self.admission.registry_timeout_s)
+        return await bounded(awaited(response), self.admission.registry_timeout_s)
 
     async def _release(self, session_id: str) -> None:
         try:

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import yaml
 
-from serve_app.ingress.recognition import ModelCalls, RecognitionOptions, ReplicaLostError, RetryClock, Timeline
+from serve_app.ingress.recognition import (
+    ModelCalls,
+    RecognitionOptions,
+    ReplicaLostError,
+    RetryClock,
+    Timeline,
+    bounded,
+)
 from serve_app.settings import AppSettings, RetrySettings
 from serve_app.wire import VadChunk, VadFeedResult
 
@@ -133,3 +140,51 @@ def test_a_wedged_vad_call_frees_its_lane_for_the_next_call():
 
     assert asyncio.run(scenario()).events == []
     assert sent[0].cancelled and [item.session_id for item in sent[1]] == ["b"]
+
+
+async def _answered_as_cancelled(wait):
+    """`wait(future)` in a task whose cancel lands in the tick its answer does (a VAD lane answers
+    all its sessions at once): what the task ends with."""
+    answer = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(wait(answer))
+    await asyncio.sleep(0)  # the task waits on the answer
+    answer.set_result("answer")
+    task.cancel()
+    try:
+        return await task
+    except asyncio.CancelledError:
+        return "cancelled"
+
+
+def test_a_cancel_that_lands_with_the_answer_is_not_swallowed():
+    """Python 3.11's wait_for returned the answer and dropped the cancel, so a closed session's
+    feeder went on feeding; every Serve call of the Ingress is bounded through `bounded`."""
+    assert asyncio.run(_answered_as_cancelled(lambda f: bounded(f, 5))) == "cancelled"
+
+
+def test_a_try_cancelled_as_its_answer_lands_ends_cancelled():
+    async def wait(answer):
+        asr = SimpleNamespace(transcribe=SimpleNamespace(remote=lambda request: answer))
+        calls = ModelCalls(None, asr, None, RetrySettings(try_timeout_s=5), "test")
+        return await calls.transcribe(np.zeros(1600, np.int16), RecognitionOptions(), "s1")
+
+    assert asyncio.run(_answered_as_cancelled(wait)) == "cancelled"
+
+
+def test_cleanup_after_an_earlier_cancel_still_gets_its_answer():
+    """Only a cancel asked for during the wait counts: a `finally` of a cancelled task (a slot's
+    release, say) still gets what its call returns."""
+
+    async def scenario():
+        async def cancelled_then_cleans_up():
+            try:
+                await asyncio.sleep(10)
+            finally:
+                return await bounded(asyncio.sleep(0.01, result="released"), 5)  # noqa: B012
+
+        task = asyncio.create_task(cancelled_then_cleans_up())
+        await asyncio.sleep(0)
+        task.cancel()
+        return await task
+
+    assert asyncio.run(scenario()) == "released"
