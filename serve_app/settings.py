@@ -122,6 +122,12 @@ class AsrSettings(_Strict):
         "transcribed 13% more speech per CPU-second than torch's default x86 at batch 2 and 30% more at "
         "batch 4, the same at batch 1 (README \"Capacity\"); x86 is torch's default.",
     )
+    trace_encoder: bool = Field(
+        True,
+        description="Run SenseVoice's encoder as a TorchScript trace of itself on CPU: the same transcripts "
+        "without Python's per-layer overhead, about a third more speech per CPU-second at batch 1-2 (README "
+        "\"Capacity\"). Checked against the eager encoder at load; CUDA keeps eager.",
+    )
     dither: float = Field(
         0.0,
         description="Random noise the fbank frontend adds to the audio (FunASR's default is 1.0). "

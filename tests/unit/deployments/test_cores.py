@@ -103,8 +103,8 @@ def test_asr_int8_quantizes_every_linear_layer_and_still_transcribes(tiny_models
     utterance, README "Capacity"); batching and parsing work as before; fp32 stays the default."""
     import torch
 
-    fp32 = AsrCore(tiny_models.asr, AsrSettings(threads=1))
-    int8 = AsrCore(tiny_models.asr, AsrSettings(threads=1, quantize="int8"))
+    fp32 = AsrCore(tiny_models.asr, AsrSettings(threads=1, trace_encoder=False))
+    int8 = AsrCore(tiny_models.asr, AsrSettings(threads=1, quantize="int8", trace_encoder=False))
     assert (fp32.precision, int8.precision) == ("fp32", "int8 (dynamic, Linear layers, onednn kernels)")
     assert torch.backends.quantized.engine == "onednn"  # asr.quantized_engine's default, for this process
     linear = [m for m in fp32.model.model.modules() if type(m) is torch.nn.Linear]
@@ -128,7 +128,7 @@ def test_asr_int8_runs_on_the_kernels_asked_for(tiny_models, two_utterances, eng
     before = torch.backends.quantized.engine
     try:
         core = AsrCore(tiny_models.asr, AsrSettings(threads=1, quantize="int8", quantized_engine=engine))
-        assert torch.backends.quantized.engine == engine and core.precision.endswith(f"{engine} kernels)")
+        assert torch.backends.quantized.engine == engine and f"{engine} kernels)" in core.precision
         assert isinstance(core.transcribe_batch([AsrRequest(two_utterances[8000:44800])])[0].raw_text, str)
     finally:
         torch.backends.quantized.engine = before
@@ -151,6 +151,53 @@ def test_asr_int8_is_a_cpu_path(tiny_models):
     assert asr.model.model is before
     with pytest.raises(ValueError, match="none or int8"):
         quantize_automodel(asr.model, "int4", "cpu")
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_asr_traced_encoder_gives_the_eager_transcripts(tiny_models, two_utterances, quantize):
+    """`asr.trace_encoder` (the default): the encoder runs as a TorchScript trace of itself, and
+    every clip of a batch of three lengths gets exactly the eager encoder's transcript."""
+    import torch
+
+    eager = AsrCore(tiny_models.asr, AsrSettings(threads=1, quantize=quantize, trace_encoder=False))
+    traced = AsrCore(tiny_models.asr, AsrSettings(threads=1, quantize=quantize))
+    assert traced.precision.endswith(", traced encoder") and "traced" not in eager.precision
+    assert isinstance(traced.model.model.encoder, torch.jit.ScriptModule)
+    assert not isinstance(eager.model.model.encoder, torch.jit.ScriptModule)
+    batch = [AsrRequest(two_utterances[8000:44800]), AsrRequest(two_utterances[68800:112000]),
+             AsrRequest(two_utterances[:9000])]  # fmt: skip
+    want = [t.raw_text for t in eager.transcribe_batch(batch)]
+    assert [t.raw_text for t in traced.transcribe_batch(batch)] == want
+    alone = batch[2:]  # one clip: the trace was made with two
+    assert traced.transcribe_batch(alone)[0].raw_text == eager.transcribe_batch(alone)[0].raw_text
+
+
+def test_asr_a_trace_that_disagrees_is_not_used(tiny_models, monkeypatch, caplog):
+    """The load-time check: a trace whose output differs from the eager encoder's leaves the
+    eager encoder in place, and says so."""
+    import torch
+
+    from deployments.models import trace_encoder
+
+    asr = AsrCore(tiny_models.asr, AsrSettings(threads=1, trace_encoder=False))
+    eager = asr.model.model.encoder
+    real_trace = torch.jit.trace
+
+    def off_by_a_little(module, example, **kwargs):
+        traced = real_trace(module, example, **kwargs)
+        return lambda x, lengths: (traced(x, lengths)[0] + 1e-6, traced(x, lengths)[1])
+
+    monkeypatch.setattr(torch.jit, "trace", off_by_a_little)
+    assert trace_encoder(asr.model, "cpu") is None
+    assert asr.model.model.encoder is eager and "disagrees with the eager one" in caplog.text
+
+
+def test_asr_trace_is_a_cpu_path(tiny_models):
+    from deployments.models import trace_encoder
+
+    asr = AsrCore(tiny_models.asr, AsrSettings(threads=1, trace_encoder=False))
+    eager = asr.model.model.encoder
+    assert trace_encoder(asr.model, "cuda:0") is None and asr.model.model.encoder is eager
 
 
 def test_speaker_batched_embedding_matches_single(tiny_models, two_utterances):
