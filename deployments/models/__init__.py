@@ -219,7 +219,7 @@ def trace_encoder(automodel, device: str) -> str | None:
 
     The encoder is about 70 layers of small ops, and at the batches a replica serves (1-4 clips)
     Python's per-layer overhead is a large part of a call: the trace runs the same ops without it
-    (README "Capacity": a third more speech per CPU-second at batch 1-2, identical transcripts). Its
+    (README "Fifth round": 1.35-1.8x the speech per CPU-second at batches 1-4, identical transcripts). Its
     forward is straight-line code over the batch and frame axes, so one trace serves every shape; a
     check batch of other shapes must come out identical or the eager encoder stays. CPU only:
     measured nowhere else."""
