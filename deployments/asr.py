@@ -10,7 +10,7 @@ from collections import defaultdict
 
 from ray import serve
 
-from deployments.models import ModelSource, load_automodel, quantize_automodel, trace_encoder
+from deployments.models import ModelSource, load_automodel, prepare_asr
 from deployments.worker import FINAL, INTERIM, BatchedModelHost, pick_device
 from serve_app.settings import AsrSettings
 from serve_app.wire import AsrRequest, Transcript, to_float32
@@ -52,11 +52,9 @@ class AsrCore:
         self.model = load_automodel(
             source, device=device, threads=settings.threads, frontend_conf={"dither": settings.dither}
         )
-        self.precision = quantize_automodel(self.model, settings.quantize, device, settings.quantized_engine)
-        # after quantizing: the trace records the int8 ops
-        traced = trace_encoder(self.model, device) if settings.trace_encoder else None
-        if traced:
-            self.precision += f", {traced}"
+        self.precision = prepare_asr(
+            self.model, device, settings.quantize, settings.quantized_engine, settings.trace_encoder
+        )
 
     def transcribe_batch(self, requests: list[AsrRequest]) -> list[Transcript]:
         """One generate() per (language, itn) group; results in request order."""

@@ -209,14 +209,7 @@ def parse_asr_precision(described: str) -> tuple[str, str]:
 
 def _bound_worker(conn, cfg: SweepConfig, quantize: str, engine: str, inputs: list) -> None:
     """The bound's own process: loads the model once, then runs one burst per request."""
-    from deployments.models import (
-        ModelSource,
-        load_automodel,
-        materialize,
-        quantize_automodel,
-        resolve_models,
-        trace_encoder,
-    )
+    from deployments.models import ModelSource, load_automodel, materialize, prepare_asr, resolve_models
     from serve_app.settings import ModelSettings
 
     if cfg.asr_model:
@@ -225,9 +218,8 @@ def _bound_worker(conn, cfg: SweepConfig, quantize: str, engine: str, inputs: li
         source = resolve_models(ModelSettings(test_model_size=cfg.bound_size), hub_up=False).asr
         materialize(source)
     model = load_automodel(source, device="cpu", threads=cfg.bound_threads, frontend_conf={"dither": 0.0})
-    precision = quantize_automodel(model, quantize, "cpu", engine)
-    traced = trace_encoder(model, "cpu")  # the fastest way this host runs the model: a trace changes no result
-    precision += f", {traced}" if traced else ""
+    # traced whatever the service does: the fastest way this host runs the model, and it changes no result
+    precision = prepare_asr(model, "cpu", quantize, engine, trace=True)
     model.generate(input=inputs[: cfg.bound_batch], batch_size=cfg.bound_batch, language="auto")  # warm up
     conn.send((precision, source.describe()))
     batch_size = cfg.bound_batch

@@ -213,6 +213,14 @@ def quantize_automodel(automodel, mode: str, device: str, engine: str = "x86") -
     return f"int8 (dynamic, Linear layers, {engine} kernels)"
 
 
+def prepare_asr(automodel, device: str, quantize: str, engine: str, trace: bool) -> str:
+    """SenseVoice as a replica runs it (`asr.quantize`, `asr.quantized_engine`, `asr.trace_encoder`),
+    for the replica and for the sweep's compute bound alike; returns what was done, in words."""
+    precision = quantize_automodel(automodel, quantize, device, engine)
+    traced = trace_encoder(automodel, device) if trace else None  # after quantizing: it records the int8 ops
+    return f"{precision}, {traced}" if traced else precision
+
+
 def trace_encoder(automodel, device: str) -> str | None:
     """Run SenseVoice's encoder as a TorchScript trace of itself (`asr.trace_encoder`); returns what
     was done in words, or None where it keeps the eager encoder.
