@@ -91,6 +91,9 @@ class Level:
     nodes: list[dict] | None = None  # at the level's end: alive nodes and the Serve replicas on each
     bound_before: float | None = None  # the compute bound's burst just before this level (speech-s/s)
     stages: dict[str, list[float]] | None = None  # stage -> [p50, p95] ms: where the latency went
+    load_tool_cores: float | None = None  # this sweep's own devices, on the same host
+    host_busy_cores: float | None = None  # every process on this host (from /proc/stat)
+    speaker_ran: int | None = None  # answered utterances whose result says the speaker model ran
 
     @property
     def asr_nodes(self) -> int | None:
@@ -165,6 +168,21 @@ def service_cores(seconds: float) -> dict[str, float]:
     time.sleep(seconds)
     used = cpu_by_kind(before, cpu_seconds())
     return {k: round(v / seconds, 3) for k, v in used.items() if k not in SERVER_KINDS_EXCLUDED}
+
+
+def host_busy_seconds() -> float | None:
+    """CPU seconds this host has been busy (every CPU, every process: /proc/stat's user, nice,
+    system, irq, softirq and steal), or None off Linux."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def host_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def live_sessions(url: str) -> int | None:
@@ -295,20 +313,24 @@ def run_level(
         grace_s=cfg.lost_after_s + 5, auth_secret=cfg.auth_secret, serve_api="http://127.0.0.1:1",
         out=str(out / f"level-{offered}"), progress_every_s=10,
     )  # fmt: skip
-    started = time.monotonic()
+    started, busy_before = time.monotonic(), host_busy_seconds()
     state = asyncio.run(run_load(load))
     wall = time.monotonic() - started
+    busy_after = host_busy_seconds()
+    busy = None if busy_before is None or busy_after is None else round((busy_after - busy_before) / wall, 3)
     nodes = cluster_nodes(cfg.dashboard)  # before the drain: the replicas this load scaled to
     records = state.records
-    on_time = [r.latency_s for r in records if r.latency_s is not None and r.latency_s <= cfg.lost_after_s]
+    answered = [r for r in records if r.latency_s is not None and r.latency_s <= cfg.lost_after_s]  # on time
     every = [r.latency_s for r in records if r.latency_s is not None]
     level = Level(
         offered=offered, admitted=state.connected - len(state.refused), refused=len(state.refused),
-        utterances=len(records), lost=len(records) - len(on_time), p50_s=pct(every, 50), p95_s=pct(every, 95),
+        utterances=len(records), lost=len(records) - len(answered), p50_s=pct(every, 50), p95_s=pct(every, 95),
         wall_s=round(wall, 1),
         cores={k: round(v / wall, 3) for k, v in state.cpu_seconds.items() if k not in SERVER_KINDS_EXCLUDED},
         connection_errors=len(state.connection_errors), error_frames=len(state.unexpected), drained=drained,
         nodes=nodes, bound_before=bound, stages=stage_breakdown(records),
+        load_tool_cores=round(state.cpu_seconds["loadgen"] / wall, 3) if "loadgen" in state.cpu_seconds else None,
+        host_busy_cores=busy, speaker_ran=sum(1 for r in answered if "speaker_model_ms" in (r.stages_ms or {})),
     )  # fmt: skip
     raw = {"level": asdict(level), "connection_errors": state.connection_errors[:20],
            "error_frames": state.unexpected[:20], "latencies_s": every}  # fmt: skip
@@ -407,12 +429,16 @@ def render(cfg: SweepConfig, levels: list[Level], idle: dict[str, float], bound:
     if at is not None and at.per_asr_node is not None:
         lines.append(f"- **devices held per SenseVoice node: {at.per_asr_node}** ({at.admitted} devices, "
                      f"{at.asr_nodes} of {len(at.nodes)} nodes running SenseVoice at that level)")  # fmt: skip
+    if at is not None and at.host_busy_cores is not None:
+        lines.append(host_share_line(at))
+    speaker = any(lv.speaker_ran for lv in levels)
     lines += [
         "",
         "| offered | admitted | refused | utterances | lost | p50 s | p95 s | transport+VAD cores/device above idle "
-        "| SenseVoice cores | " + " | ".join(f"{k} cores" for k in kinds) + " | nodes (SenseVoice) "
+        "| SenseVoice cores | " + " | ".join(f"{k} cores" for k in kinds) + f" | load tool cores "
+        f"| host busy cores (of {host_cpus()}) | " + ("speaker model ran | " if speaker else "") + "nodes (SenseVoice) "
         "| admitted per SenseVoice node | drained before | bound just before (devices) |",
-        "|---" * (13 + len(kinds)) + "|",
+        "|---" * (15 + speaker + len(kinds)) + "|",
     ]
     for lv in levels:
         nodes = "?" if lv.nodes is None else f"{len(lv.nodes)} ({lv.asr_nodes})"
@@ -420,7 +446,9 @@ def render(cfg: SweepConfig, levels: list[Level], idle: dict[str, float], bound:
             f"| {lv.offered} | {lv.admitted} | {lv.refused} | {lv.utterances} | {lv.lost} | {lv.p50_s} | {lv.p95_s} "
             f"| {lv.cores_per_device(TRANSPORT_KINDS, idle)} | {lv.cores.get('SenseVoice', 0.0)} | "
             + " | ".join(str(lv.cores.get(k, 0.0)) for k in kinds)
-            + f" | {nodes} | {'?' if lv.per_asr_node is None else lv.per_asr_node} | {'yes' if lv.drained else 'NO'} "
+            + f" | {_figure(lv.load_tool_cores)} | {_figure(lv.host_busy_cores)} | "
+            + (f"{lv.speaker_ran or 0} of {lv.utterances - lv.lost} | " if speaker else "")
+            + f"{nodes} | {'?' if lv.per_asr_node is None else lv.per_asr_node} | {'yes' if lv.drained else 'NO'} "
             f"| {'' if lv.bound_before is None else round(lv.bound_before / share, 1)} |"
         )  # fmt: skip
     if any(lv.stages for lv in levels):
@@ -440,6 +468,22 @@ def render(cfg: SweepConfig, levels: list[Level], idle: dict[str, float], bound:
                          f"| {n['gpus']:g} | {replicas} |")  # fmt: skip
     lines += ["", "![capacity](capacity.png)", ""]
     return "\n".join(lines)
+
+
+def _figure(value: float | None) -> str:
+    return "?" if value is None else str(value)
+
+
+def host_share_line(lv: Level) -> str:
+    """Where this host's CPU went at a level: the share SenseVoice had of it, next to what else ran
+    on the same cores (held / bound compares with a bound that has every core to itself)."""
+    service = sum(lv.cores.values())
+    asr = lv.cores.get("SenseVoice", 0.0)
+    tool = lv.load_tool_cores or 0.0
+    other = max(0.0, (lv.host_busy_cores or 0.0) - service - tool)
+    return (f"- at that level this host was busy {lv.host_busy_cores:.2f} of {host_cpus()} cores: SenseVoice "
+            f"{asr:.2f}, the rest of the service {service - asr:.2f}, the load tool {tool:.2f}, everything else "
+            f"(Ray, the OS) {other:.2f}")  # fmt: skip
 
 
 def sweep(cfg: SweepConfig) -> dict:

@@ -132,3 +132,24 @@ def test_the_bound_runs_the_precision_and_kernels_the_service_reports():
         described = models.summary(quantize, engine).sources["asr"]
         assert parse_asr_precision(described) == (quantize, engine if quantize == "int8" else "x86")
     assert parse_asr_precision("SenseVoice at /m [int8 on CPU]") == ("int8", "x86")  # an older service: torch's default
+
+
+def test_the_report_says_where_the_hosts_cpu_went_and_whether_the_speaker_ran():
+    from loadtest.sweep import host_busy_seconds
+
+    lv = level(8, 8, 0, 2.0, cores={"SenseVoice": 0.8, "Ingress": 0.2, "VADHost": 0.3})
+    lv.load_tool_cores, lv.host_busy_cores = 0.15, 1.85
+    report = render(SweepConfig(), [lv], {}, None, 0.6)
+    assert "this host was busy 1.85 of" in report
+    assert ("SenseVoice 0.80, the rest of the service 0.50, the load tool 0.15, everything else (Ray, the OS) 0.40"
+            in report)
+    assert "| 0.15 | 1.85 |" in report and "speaker model ran" not in report  # speaker off: no column
+    lv.speaker_ran = 50
+    report = render(SweepConfig(), [lv], {}, None, 0.6)
+    assert "speaker model ran" in report and "| 50 of 64 |" in report
+    lines = report.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| offered | admitted"))
+    assert lines[header].count("|") == lines[header + 1].count("|") == lines[header + 2].count("|")
+    first = host_busy_seconds()
+    sum(range(2_000_000))  # some CPU
+    assert first is not None and host_busy_seconds() > first
