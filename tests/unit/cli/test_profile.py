@@ -42,6 +42,11 @@ def test_every_profile_merges_into_valid_settings():
         AppSettings(**load(overlay)["applications"][0]["args"])
     int8 = load(CONFIG / "capacity-int8.yaml")["applications"][0]["args"]
     assert int8["asr"]["quantize"] == "int8" and int8["ingress"]["speaker_enabled"] is False
+    campplus = AppSettings(**load(CONFIG / "capacity-int8-campplus.yaml")["applications"][0]["args"])
+    assert campplus.ingress.speaker_enabled and campplus.models.speaker_arch == "campplus"
+    assert "campplus" in campplus.models.speaker.hub_id and campplus.asr.quantize == "int8"
+    # the Speaker replica fits beside the others on a 2-core node
+    assert sum(p.num_cpus for name, p in campplus.placement.items() if name != "SessionRegistry") <= 2.0
 
 
 def test_the_multi_node_profile_steers_vad_and_the_models_to_worker_nodes_and_keeps_the_rest():
