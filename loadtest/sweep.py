@@ -435,7 +435,7 @@ def render(cfg: SweepConfig, levels: list[Level], idle: dict[str, float], bound:
     lines += [
         "",
         "| offered | admitted | refused | utterances | lost | p50 s | p95 s | transport+VAD cores/device above idle "
-        "| SenseVoice cores | " + " | ".join(f"{k} cores" for k in kinds) + f" | load tool cores "
+        "| SenseVoice cores | " + " | ".join(f"{k} cores" for k in kinds) + " | load tool cores "
         f"| host busy cores (of {host_cpus()}) | " + ("speaker model ran | " if speaker else "") + "nodes (SenseVoice) "
         "| admitted per SenseVoice node | drained before | bound just before (devices) |",
         "|---" * (15 + speaker + len(kinds)) + "|",
