@@ -45,8 +45,11 @@ def test_every_profile_merges_into_valid_settings():
     campplus = AppSettings(**load(CONFIG / "capacity-int8-campplus.yaml")["applications"][0]["args"])
     assert campplus.ingress.speaker_enabled and campplus.models.speaker_arch == "campplus"
     assert "campplus" in campplus.models.speaker.hub_id and campplus.asr.quantize == "int8"
-    # the Speaker replica fits beside the others on a 2-core node
-    assert sum(p.num_cpus for name, p in campplus.placement.items() if name != "SessionRegistry") <= 2.0
+    # the Speaker replica fits beside the others' least replicas on a 2-core node
+    least = {d["name"]: d.get("autoscaling_config", {}).get("min_replicas", 1)
+             for d in load(CONFIG / "capacity-int8-campplus.yaml")["applications"][0]["deployments"]}  # fmt: skip
+    assert least["SenseVoice"] == 2
+    assert sum(p.num_cpus * least[name] for name, p in campplus.placement.items()) <= 2.0
 
 
 def test_the_multi_node_profile_steers_vad_and_the_models_to_worker_nodes_and_keeps_the_rest():
