@@ -98,6 +98,8 @@ def render_final(config: Config, result: UtteranceResult, online_sent: str = "")
         "language": result.language, "emotion": result.emotion, "event": result.event,
         "models": result.models, "latency_ms": result.latency_ms,
     }  # fmt: skip
+    if result.speaker.reason is not None:  # ours: why no match was tried (shed, too_short, ...), as other protocols say
+        body["spk_reason"] = result.speaker.reason
     return json.dumps(body, ensure_ascii=False)
 
 

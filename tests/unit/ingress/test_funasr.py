@@ -42,10 +42,10 @@ def test_text_delta():
     assert funasr.text_delta("hello", "help") is None  # revised: wait for the final
 
 
-def _result(text="hello world"):
+def _result(text="hello world", speaker=None):
     return UtteranceResult(
         session_id="s", index=0, start_ms=100, end_ms=900, text=text, language="en", emotion=None, event=None,
-        raw_text=text, speaker=SpeakerInfo(), models="test",
+        raw_text=text, speaker=speaker or SpeakerInfo(), models="test",
     )  # fmt: skip
 
 
@@ -61,3 +61,10 @@ def test_answers_per_mode():
     assert json.loads(funasr.render_final(online, _result(), online_sent="hello"))["text"] == " world"
     end = json.loads(funasr.render_end(funasr.Config(mode="2pass"), 2))
     assert end["is_final"] is True and end["is_end"] is True and end["mode"] == "2pass-offline"
+
+
+def test_an_answer_says_why_no_speaker_was_matched_only_when_there_is_a_reason():
+    config = funasr.Config(mode="offline")
+    assert "spk_reason" not in json.loads(funasr.render_final(config, _result()))
+    shed = json.loads(funasr.render_final(config, _result(speaker=SpeakerInfo(reason="shed"))))
+    assert (shed["spk_name"], shed["spk_score"], shed["spk_reason"]) == ("unknown", None, "shed")
