@@ -340,14 +340,15 @@ def run_level(
 # Where an utterance's latency went, in the order a result goes through it: each stage in ms from
 # the record's measured latency and the server's latency_ms stages (st).
 STAGES = {
-    # audio time from the end of speech to the VAD's end (end silence, chunking)
+    # audio time from the VAD's segment end to the chunk that closed it (end silence, chunking)
     "endpoint": lambda latency_ms, st: st.get("endpoint_ms", 0.0),
     # round trip of the VADHost call that found the end
     "vad call": lambda latency_ms, st: st.get("vad_ms", 0.0),
     # waiting for a SenseVoice batch (and the hop)
     "asr queue": lambda latency_ms, st: st.get("asr_ms", 0.0) - st.get("asr_model_ms", 0.0),
     "asr model": lambda latency_ms, st: st.get("asr_model_ms", 0.0),
-    # frames in transit, queued before the VAD, the result's way back
+    # fsmn-vad puts a segment's end ~150-210 ms after the last speech sample (so "endpoint" leaves
+    # that out: it lands here), frames in transit and queued before the VAD, the result's way back
     "rest": lambda latency_ms, st: latency_ms - st.get("endpoint_ms", 0.0) - st.get("server_ms", 0.0),
 }
 
