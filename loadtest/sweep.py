@@ -449,7 +449,7 @@ def render(cfg: SweepConfig, levels: list[Level], idle: dict[str, float], bound:
             + " | ".join(str(lv.cores.get(k, 0.0)) for k in kinds)
             + f" | {_figure(lv.load_tool_cores)} | {_figure(lv.host_busy_cores)} | "
             + (f"{lv.speaker_ran or 0} of {lv.utterances - lv.lost} | " if speaker else "")
-            + f"{nodes} | {'?' if lv.per_asr_node is None else lv.per_asr_node} | {'yes' if lv.drained else 'NO'} "
+            + f"{nodes} | {_figure(lv.per_asr_node)} | {'yes' if lv.drained else 'NO'} "
             f"| {'' if lv.bound_before is None else round(lv.bound_before / share, 1)} |"
         )  # fmt: skip
     if any(lv.stages for lv in levels):
@@ -481,7 +481,7 @@ def host_share_line(lv: Level) -> str:
     service = sum(lv.cores.values())
     asr = lv.cores.get("SenseVoice", 0.0)
     tool = lv.load_tool_cores or 0.0
-    other = max(0.0, (lv.host_busy_cores or 0.0) - service - tool)
+    other = max(0.0, lv.host_busy_cores - service - tool)
     return (f"- at that level this host was busy {lv.host_busy_cores:.2f} of {host_cpus()} cores: SenseVoice "
             f"{asr:.2f}, the rest of the service {service - asr:.2f}, the load tool {tool:.2f}, everything else "
             f"(Ray, the OS) {other:.2f}")  # fmt: skip

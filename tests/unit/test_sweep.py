@@ -1,5 +1,7 @@
 """The capacity sweep's arithmetic: which level counts as held, the speech share, the report."""
 
+import time
+
 import numpy as np
 
 from loadtest.loadgen import Clip
@@ -8,6 +10,7 @@ from loadtest.sweep import (
     Level,
     SweepConfig,
     held_devices,
+    host_busy_seconds,
     parse_asr_precision,
     render,
     speech_share,
@@ -135,8 +138,6 @@ def test_the_bound_runs_the_precision_and_kernels_the_service_reports():
 
 
 def test_the_report_says_where_the_hosts_cpu_went_and_whether_the_speaker_ran():
-    from loadtest.sweep import host_busy_seconds
-
     lv = level(8, 8, 0, 2.0, cores={"SenseVoice": 0.8, "Ingress": 0.2, "VADHost": 0.3})
     lv.load_tool_cores, lv.host_busy_cores = 0.15, 1.85
     report = render(SweepConfig(), [lv], {}, None, 0.6)
@@ -150,8 +151,6 @@ def test_the_report_says_where_the_hosts_cpu_went_and_whether_the_speaker_ran():
     lines = report.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("| offered | admitted"))
     assert lines[header].count("|") == lines[header + 1].count("|") == lines[header + 2].count("|")
-    import time
-
     first = host_busy_seconds()
     assert first is not None
     deadline = time.monotonic() + 30  # a bound on the loop, not a timing assertion

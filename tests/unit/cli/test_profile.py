@@ -42,12 +42,12 @@ def test_every_profile_merges_into_valid_settings():
         AppSettings(**load(overlay)["applications"][0]["args"])
     int8 = load(CONFIG / "capacity-int8.yaml")["applications"][0]["args"]
     assert int8["asr"]["quantize"] == "int8" and int8["ingress"]["speaker_enabled"] is False
-    campplus = AppSettings(**load(CONFIG / "capacity-int8-campplus.yaml")["applications"][0]["args"])
+    campplus_app = load(CONFIG / "capacity-int8-campplus.yaml")["applications"][0]
+    campplus = AppSettings(**campplus_app["args"])
     assert campplus.ingress.speaker_enabled and campplus.models.speaker_arch == "campplus"
     assert "campplus" in campplus.models.speaker.hub_id and campplus.asr.quantize == "int8"
     # the Speaker replica fits beside the others' least replicas on a 2-core node
-    least = {d["name"]: d.get("autoscaling_config", {}).get("min_replicas", 1)
-             for d in load(CONFIG / "capacity-int8-campplus.yaml")["applications"][0]["deployments"]}  # fmt: skip
+    least = {d["name"]: d.get("autoscaling_config", {}).get("min_replicas", 1) for d in campplus_app["deployments"]}
     assert least["SenseVoice"] == 2
     assert sum(p.num_cpus * least[name] for name, p in campplus.placement.items()) <= 2.0
 
