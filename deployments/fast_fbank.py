@@ -27,7 +27,7 @@ _HANDLED = {"num_mel_bins", "frame_length", "frame_shift", "dither", "energy_flo
 
 
 # Kaldi's windows over the samples n = 0..size-1 of a frame
-_WINDOWS = {
+WINDOWS = {
     "hamming": lambda n, size: 0.54 - 0.46 * np.cos(2 * np.pi * n / (size - 1)),
     "hanning": lambda n, size: 0.5 - 0.5 * np.cos(2 * np.pi * n / (size - 1)),
     "povey": lambda n, size: (0.5 - 0.5 * np.cos(2 * np.pi * n / (size - 1))) ** 0.85,
@@ -42,7 +42,7 @@ def _mel(freq: np.ndarray | float) -> np.ndarray | float:
 @functools.lru_cache(maxsize=16)
 def _tables(sample_rate: float, frame_len: int, num_bins: int, window: str) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(window, mel banks [fft bins x mel bins], FFT size) as Kaldi builds them (low 20 Hz, high Nyquist)."""
-    win = _WINDOWS[window](np.arange(frame_len), frame_len)
+    win = WINDOWS[window](np.arange(frame_len), frame_len)
     fft = 1 << (frame_len - 1).bit_length()  # round_to_power_of_two
     fft_bins = fft // 2  # Kaldi leaves out the Nyquist bin
     mel_low, mel_high = _mel(20.0), _mel(sample_rate / 2)
@@ -59,7 +59,7 @@ def _tables(sample_rate: float, frame_len: int, num_bins: int, window: str) -> t
 def fbank_frames(
     wave: torch.Tensor, sample_rate: float = 16000.0, frame_length_ms: float = 25.0, frame_shift_ms: float = 10.0,
     num_bins: int = 80, window: str = "povey",
-) -> torch.Tensor:
+) -> torch.Tensor:  # fmt: skip
     """Log mel fbank (float32, frames x bins) of one channel, Kaldi's way (snip edges, DC removed,
     pre-emphasis 0.97, power spectrum). In torch: its small matmuls beat numpy's BLAS here."""
     frame_len = int(sample_rate * frame_length_ms / 1000)
@@ -68,9 +68,17 @@ def fbank_frames(
     if len(wave) < frame_len:
         return torch.zeros((0, num_bins), dtype=torch.float32)
     frames = wave.unfold(0, frame_len, shift)  # snip_edges: whole frames only
+    return fbank_of_frames(frames, sample_rate, num_bins, window)
+
+
+def fbank_of_frames(
+    frames: torch.Tensor, sample_rate: float = 16000.0, num_bins: int = 80, window: str = "povey"
+) -> torch.Tensor:
+    """The log mel fbank of frames already cut (frames x samples): each row on its own, so the
+    frames of many streams go through in one call (deployments/vad_frontend.py)."""
     frames = frames - frames.mean(dim=1, keepdim=True)
     emphasized = torch.cat((frames[:, :1] * (1 - 0.97), frames[:, 1:] - 0.97 * frames[:, :-1]), dim=1)
-    win, banks, fft = _tables(float(sample_rate), frame_len, num_bins, window)
+    win, banks, fft = _tables(float(sample_rate), frames.shape[1], num_bins, window)
     spectrum = torch.fft.rfft(emphasized * win, n=fft)
     power = spectrum.real.square() + spectrum.imag.square()
     return torch.mm(power[:, : fft // 2], banks).clamp_min(_EPSILON).log()
@@ -83,7 +91,7 @@ def fbank(waveform: torch.Tensor, **options: Any) -> torch.Tensor:
         set(options) - _HANDLED
         or options.get("dither", 0.0) != 0.0
         or not options.get("snip_edges", True)
-        or options.get("window_type", "povey") not in _WINDOWS
+        or options.get("window_type", "povey") not in WINDOWS
         or waveform.dim() > 2
         or (waveform.dim() == 2 and waveform.shape[0] != 1)  # one channel only, as funasr's fallback
     ):

@@ -1,11 +1,13 @@
 """One streaming fsmn-vad step for many sessions at once.
 
 `AutoModel.generate` runs one session's chunk at a time, and at 200 ms chunks most of its cost is
-fixed per call: the wrapper (config deep-copies), and a 4-layer FSMN forward on ~20 frames whose
-torch op overhead does not depend on the frame count. This module runs the same streaming path as
-funasr 1.4.16's `FsmnVADStreaming.inference` (pinned in pyproject.toml) without the wrapper, and
-puts the FSMN encoder of every session with the same frame count into one batched forward. The
-frontend (fbank) and the endpoint state machine stay per session, in funasr's own code.
+fixed per call: the wrapper (config deep-copies), the frontend's bookkeeping, and a 4-layer FSMN
+forward on ~20 frames whose torch op overhead does not depend on the frame count. This module runs
+the same streaming path as funasr 1.4.16's `FsmnVADStreaming.inference` (pinned in pyproject.toml)
+without the wrapper: the features of every session in one pass (deployments/vad_frontend.py; funasr's
+own frontend for a model configured otherwise), and the FSMN encoder of every session with the same
+frame count in one batched forward. The endpoint state machine stays per session, in funasr's code,
+but for the frame classifier (`GetFrameState`): it reads a list of floats here, not a tensor per frame.
 
 Each session's state is funasr's own `cache` dict, exactly as `generate` keeps it;
 tests/unit/deployments/test_fsmn_batch.py checks that interleaved sessions get the same events
@@ -14,12 +16,16 @@ as through `generate`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from funasr.models.fsmn_vad_streaming.model import E2EVadFrameProb, FrameState
 from funasr.utils.load_utils import extract_fbank
+
+from deployments.vad_frontend import OnlineFeatures, Piece, supports
 
 
 @dataclass
@@ -45,6 +51,7 @@ class BatchedFsmnVad:
     def __init__(self, automodel: Any):
         self.model = automodel.model
         self.frontend = automodel.kwargs["frontend"]
+        self.features = OnlineFeatures(self.frontend) if supports(self.frontend) else None
         # what funasr's init_cache reads from the model's configuration (generate passes it all)
         wanted = ("max_end_silence_time", "speech_noise_thres")
         self.kwargs = {k: automodel.kwargs[k] for k in wanted if k in automodel.kwargs}
@@ -53,7 +60,15 @@ class BatchedFsmnVad:
             raise ValueError("BatchedFsmnVad needs a fixed max_end_silence_time")
         self.layers = len(self.model.encoder.fsmn)
         self._speech_to_sil_ms = self.model.vad_opts.speech_to_sil_time_thres
-        self.model.ComputeScores = self._compute_scores  # this instance only: scores may come precomputed
+        opts = self.model.vad_opts
+        if len(opts.sil_pdf_ids) != opts.silence_pdf_num:
+            raise ValueError("fsmn-vad's sil_pdf_ids and silence_pdf_num disagree")
+        # this instance only: scores may come precomputed, and each frame's silence score is kept
+        # as a float next to funasr's score tensor (which a drop trims: so is the list)
+        self.model.ComputeScores = self._compute_scores
+        self.model.GetFrameState = self._frame_state
+        self._drop_frames = self.model.DropCachedFrames
+        self.model.DropCachedFrames = self._drop_cached_frames
 
     @torch.no_grad()
     def run(self, steps: list[Step]) -> None:
@@ -64,12 +79,13 @@ class BatchedFsmnVad:
             try:
                 n = self._iterations(step)
                 if n == 1:
-                    self._frontend(step)
                     together.append(step)
                 else:  # a final chunk flushes the frontend in a second pass: one by one, as funasr does
                     self._run_alone(step, n)
             except Exception as exc:
                 step.error = exc
+        self._frontend(together)
+        together = [step for step in together if step.error is None]
         self._batched_scores(together)
         for step in together:
             try:
@@ -95,9 +111,30 @@ class BatchedFsmnVad:
         silence_ms = step.end_silence_ms if step.end_silence_ms is not None else self.kwargs["max_end_silence_time"]
         step.cache["stats"].max_end_sil_frame_cnt_thresh = max(silence_ms - self._speech_to_sil_ms, 0)
 
-    def _frontend(self, step: Step, i: int = 0, final: bool | None = None) -> None:
-        piece = step._audio[i * step._stride : (i + 1) * step._stride]
-        is_final = step.final if final is None else final
+    def _frontend(self, steps: list[Step], i: int = 0, final: bool | None = None) -> None:
+        """Each step's features for its `i`th piece of audio (all of them together when ours);
+        a step that fails gets `error`."""
+        pieces = [step._audio[i * step._stride : (i + 1) * step._stride] for step in steps]
+        finals = [step.final if final is None else final for step in steps]
+        if self.features is not None:
+            batch = [Piece(s.cache["frontend"], p, f) for s, p, f in zip(steps, pieces, finals, strict=True)]
+            try:
+                self.features.features(batch)
+            except Exception as exc:  # the shared fbank itself: no session's state can be trusted
+                for piece in batch:
+                    piece.error = exc
+            for step, piece in zip(steps, batch, strict=True):
+                step._feats, step._waveform, step._is_final = piece.feats, piece.waveform, piece.final
+                step.error = piece.error
+            return
+        for step, piece, is_final in zip(steps, pieces, finals, strict=True):
+            try:
+                step._feats, step._waveform = self._funasr_frontend(step, piece, is_final)
+                step._is_final = is_final
+            except Exception as exc:
+                step.error = exc
+
+    def _funasr_frontend(self, step: Step, piece: torch.Tensor, is_final: bool) -> tuple[torch.Tensor, torch.Tensor]:
         extra = {"return_waveform": True} if getattr(self.frontend, "supports_aligned_waveforms", False) else {}
         feats, _ = extract_fbank(
             [piece], data_type="sound", frontend=self.frontend, cache=step.cache["frontend"], is_final=is_final, **extra
@@ -107,7 +144,7 @@ class BatchedFsmnVad:
             waveform = step.cache["frontend"].get("waveforms")
         if feats.numel() > 0 and (waveform is None or waveform.numel() == 0):
             raise RuntimeError("fsmn-vad frontend gave features without their waveform")
-        step._feats, step._waveform, step._is_final = feats, waveform, is_final
+        return feats, waveform
 
     def _finish(self, step: Step) -> None:
         segments = self.model.forward(
@@ -126,7 +163,9 @@ class BatchedFsmnVad:
 
     def _run_alone(self, step: Step, n: int) -> None:
         for i in range(n):
-            self._frontend(step, i, step.final and i == n - 1)
+            self._frontend([step], i, step.final and i == n - 1)
+            if step.error is not None:
+                raise step.error
             self._finish(step)
         self._close(step)
 
@@ -167,4 +206,49 @@ class BatchedFsmnVad:
         self.model.vad_opts.nn_eval_block_size = scores.shape[1]
         stats = cache["stats"]
         stats.frm_cnt += scores.shape[1]
-        stats.scores = scores if stats.scores is None else torch.cat((stats.scores, scores), dim=1)
+        # funasr sums the silence ids' scores as Python floats: sum() of the same floats is the same
+        silence = [sum(row) for row in scores[0][:, stats.sil_pdf_ids].tolist()] if stats.sil_pdf_ids else []
+        if stats.scores is None:
+            stats.scores, stats.silence_scores = scores, silence
+        else:
+            stats.scores = torch.cat((stats.scores, scores), dim=1)
+            stats.silence_scores += silence
+
+    def _drop_cached_frames(self, drop_frames: int, cache: dict) -> None:
+        """funasr's DropCachedFrames, keeping the silence scores in step with the score tensor."""
+        self._drop_frames(drop_frames, cache=cache)
+        stats = cache["stats"]
+        if stats.scores is not None:
+            kept = stats.scores.shape[1]
+            stats.silence_scores = stats.silence_scores[len(stats.silence_scores) - kept :]
+
+    def _frame_state(self, t: int, cache: dict) -> FrameState:
+        """funasr's GetFrameState (the same decisions, the same noise level update), reading frame
+        t's silence score from the list instead of the tensor."""
+        stats, opts = cache["stats"], self.model.vad_opts
+        if t >= len(stats.decibel):
+            return FrameState.kFrameStateSil
+        decibel = stats.decibel[t]
+        if decibel < opts.decibel_thres:
+            return FrameState.kFrameStateSil
+        score, noise_prob = 0.0, 0.0
+        if stats.sil_pdf_ids:
+            score = stats.silence_scores[t]
+            noise_prob = math.log(score) * opts.speech_2_noise_ratio
+            score = 1.0 - score
+        speech_prob = math.log(score)
+        if opts.output_frame_probs:
+            prob = E2EVadFrameProb()
+            prob.noise_prob, prob.speech_prob, prob.score, prob.frame_id = noise_prob, speech_prob, score, t
+            stats.frame_probs.append(prob)
+        if math.exp(speech_prob) >= math.exp(noise_prob) + stats.speech_noise_thres:
+            snr = decibel - stats.noise_average_decibel
+            if snr >= opts.snr_thres and decibel >= opts.decibel_thres:
+                return FrameState.kFrameStateSpeech
+            return FrameState.kFrameStateSil
+        if stats.noise_average_decibel < -99.9:
+            stats.noise_average_decibel = decibel
+        else:
+            frames = opts.noise_frame_num_used_for_snr
+            stats.noise_average_decibel = (decibel + stats.noise_average_decibel * (frames - 1)) / frames
+        return FrameState.kFrameStateSil

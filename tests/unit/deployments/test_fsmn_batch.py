@@ -1,11 +1,13 @@
 """The batched fsmn-vad step gives every session exactly what `AutoModel.generate` gives it alone
-(real fsmn-vad weights, interleaved sessions, finals, odd chunk lengths), and a bad chunk fails alone."""
+(real fsmn-vad weights, interleaved sessions, finals, odd chunk lengths), and a bad chunk fails alone.
+The reference is a model of its own: BatchedFsmnVad replaces methods of the model it wraps."""
 
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+from funasr.models.fsmn_vad_streaming.model import FrameState
 
 from deployments.fsmn_batch import BatchedFsmnVad, Step
 from deployments.models import load_automodel
@@ -16,6 +18,12 @@ CORPUS = Path(__file__).parents[3] / "loadtest" / "corpus"
 
 @pytest.fixture(scope="module")
 def automodel(tiny_models):
+    return load_automodel(tiny_models.vad, device="cpu", threads=1, max_end_silence_time=800)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_models):
+    """funasr's own code, never wrapped."""
     return load_automodel(tiny_models.vad, device="cpu", threads=1, max_end_silence_time=800)
 
 
@@ -66,9 +74,9 @@ def batched(engine: BatchedFsmnVad, audio: list[np.ndarray], chunk_sizes: list[i
     return out
 
 
-def test_batched_steps_match_generate_session_by_session(automodel, streams):
+def test_batched_steps_match_generate_session_by_session(automodel, reference, streams):
     chunk_sizes = [3200, 3200, 3200, 3200, 3200 + 48]  # 200 ms; one session with an odd length
-    expected = [through_generate(automodel, pcm, size) for pcm, size in zip(streams, chunk_sizes, strict=True)]
+    expected = [through_generate(reference, pcm, size) for pcm, size in zip(streams, chunk_sizes, strict=True)]
     assert sum(1 for session in expected for segs in session for seg in segs if seg[1] != -1) >= 9  # utterances ended
 
     engine = BatchedFsmnVad(automodel)
@@ -103,11 +111,11 @@ def test_needs_a_fixed_end_silence(tiny_models):
         BatchedFsmnVad(load_automodel(tiny_models.vad, device="cpu", threads=1))
 
 
-def test_each_session_keeps_its_own_end_silence(automodel, two_utterances):
+def test_each_session_keeps_its_own_end_silence(automodel, reference, two_utterances):
     """Sessions of one batch with different end silences (a Realtime client's silence_duration_ms)
     each get what generate() gives with that silence as the model's option."""
     silences = (300, 1200)
-    expected = {ms: through_generate(automodel, two_utterances, 3200, max_end_silence_time=ms) for ms in silences}
+    expected = {ms: through_generate(reference, two_utterances, 3200, max_end_silence_time=ms) for ms in silences}
     ends = {ms: [r for r, segs in enumerate(out) for seg in segs if seg[1] != -1] for ms, out in expected.items()}
     assert ends[300][0] < ends[1200][0]  # the shorter silence ends the first utterance sooner
     engine = BatchedFsmnVad(automodel)  # the model's own option stays 800: never used below
@@ -122,3 +130,39 @@ def test_each_session_keeps_its_own_end_silence(automodel, two_utterances):
             assert step.error is None
             got[ms].append(step.segments)
     assert got == expected
+
+
+def recording(classify, log: list):
+    """A GetFrameState that logs (frame, state, noise level after it) for each frame it classifies."""
+
+    def frame_state(t, cache=None):
+        state = classify(t, cache)
+        log.append((t, state, cache["stats"].noise_average_decibel))
+        return state
+
+    return frame_state
+
+
+def test_each_frame_is_classified_as_funasr_classifies_it(automodel, reference, streams, monkeypatch):
+    """Our frame classifier (a float list, not a tensor per frame) against funasr's, frame by frame."""
+    engine = BatchedFsmnVad(automodel)
+    theirs: list = []
+    ours: list = []
+    funasrs = reference.model.GetFrameState  # the bound method of funasr's class
+    monkeypatch.setattr(reference.model, "GetFrameState", recording(funasrs, theirs))
+    monkeypatch.setattr(automodel.model, "GetFrameState", recording(engine._frame_state, ours))
+    for pcm in streams:
+        theirs.clear(), ours.clear()
+        through_generate(reference, pcm, 3200)
+        batched(engine, [pcm], [3200])
+        assert len(ours) > 100 and ours == theirs
+        assert {state for _, state, _ in ours} == {FrameState.kFrameStateSil, FrameState.kFrameStateSpeech}
+
+
+def test_whole_files_are_segmented_as_before_with_the_engine_in_place(automodel, reference, streams):
+    """VadCore.segment runs generate() on the model the engine has wrapped."""
+    BatchedFsmnVad(automodel)
+    for pcm in streams:
+        ours = automodel.generate(input=to_float32(pcm), cache={}, is_final=True)[0]["value"]
+        assert ours == reference.generate(input=to_float32(pcm), cache={}, is_final=True)[0]["value"]
+        assert ours
