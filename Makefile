@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install browser serve serve-bench serve-capacity sweep test lint models-full bench loadtest soak kuberay node-loss clean
+.PHONY: install browser serve serve-bench serve-capacity sweep test lint models-full bench bench-vad loadtest soak kuberay node-loss clean
 
 # Ray Serve's own settings (config/serve.env, which says why), then HAProxy mode if asked for
 SERVE_ENV := $(shell grep -v '^\#' config/serve.env | xargs)
@@ -47,6 +47,10 @@ models-full: install
 
 bench: models-full
 	$(BIN)/python loadtest/bench_pipeline.py
+
+# The VADHost's work per session and chunk, in-process (fsmn-vad ships in the install)
+bench-vad: install
+	$(BIN)/python loadtest/bench_vad.py
 
 # The benchmark profile: config/bench-full.yaml, an overlay of config/serve.yaml, merged and run.
 serve-bench: models-full

@@ -13,7 +13,7 @@ resets it as before):
 - `wave`, `wave_start`, `emitted`: the audio from the first frame not yet scored, so each chunk's
   features come with the exact samples the VAD measures loudness on (its `aligned_waveforms`).
 
-Only funasr's configuration of fsmn-vad is mirrored (`lfr_n` 1, no dither, snip edges);
+Only funasr's configuration of fsmn-vad is mirrored (`lfr_m` 5, `lfr_n` 1, no dither, snip edges);
 `supports()` says whether a frontend is, and deployments/fsmn_batch.py uses funasr's own for any
 other. tests/unit/deployments/test_vad_frontend.py checks it against funasr chunk by chunk.
 """
@@ -51,7 +51,7 @@ def supports(frontend: Any) -> bool:
     return (
         type(frontend).__name__ == "WavFrontendOnline"
         and getattr(frontend, "lfr_n", None) == 1
-        and getattr(frontend, "lfr_m", 0) >= 1
+        and getattr(frontend, "lfr_m", None) == 5  # fsmn-vad's, the one tested (funasr fails on lfr_m 1)
         and getattr(frontend, "dither", None) == 0.0
         and getattr(frontend, "snip_edges", False) is True
         and getattr(frontend, "upsacle_samples", False) is True
