@@ -59,7 +59,7 @@ def _tables(sample_rate: float, frame_len: int, num_bins: int, window: str) -> t
 def fbank_frames(
     wave: torch.Tensor, sample_rate: float = 16000.0, frame_length_ms: float = 25.0, frame_shift_ms: float = 10.0,
     num_bins: int = 80, window: str = "povey",
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """Log mel fbank (float32, frames x bins) of one channel, Kaldi's way (snip edges, DC removed,
     pre-emphasis 0.97, power spectrum). In torch: its small matmuls beat numpy's BLAS here."""
     frame_len = int(sample_rate * frame_length_ms / 1000)
