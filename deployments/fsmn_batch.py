@@ -9,7 +9,8 @@ own frontend for a model configured otherwise), and the FSMN encoder of every se
 frame count in one batched forward. The endpoint state machine stays per session, in funasr's code,
 but for the frame classifier (`GetFrameState`): it reads a list of floats here, not a tensor per frame.
 
-Each session's state is funasr's own `cache` dict, exactly as `generate` keeps it;
+Each session's state is funasr's own `cache` dict, as `generate` keeps it, but for
+`cache["frontend"]`, which holds our frontend's state when it runs (vad_frontend.py);
 tests/unit/deployments/test_fsmn_batch.py checks that interleaved sessions get the same events
 as through `generate`.
 """

@@ -52,7 +52,9 @@ class VadCore:
     ):  # fmt: skip
         self.settings = settings
         self._now = clock
-        fast_fbank.install()  # funasr's features without its per-call set-up (a quarter of a VAD step's CPU)
+        # funasr's fbank without its per-call set-up, where funasr's frontend still runs: whole files
+        # (`segment`) and VAD models configured otherwise; the streaming step has its own (vad_frontend.py)
+        fast_fbank.install()
         self.model = load_automodel(
             source, device=device, threads=settings.threads, max_end_silence_time=settings.max_end_silence_ms
         )

@@ -4,8 +4,8 @@
     python loadtest/bench_vad.py --sessions 32 --profile
 
 `VadCore.feed_many` (the VADHost's work for one lane call, without Serve) on the bundled fsmn-vad,
-one torch thread, every session fed one chunk per round: corpus clips with 1.2-2 s pauses, as the
-capacity sweep's devices speak. Prints CPU milliseconds per session-chunk for each run (min and
+one torch thread, every session fed one chunk per round: corpus clips with the capacity sweep's
+pauses (1.2-2 s), as its devices speak. Prints CPU milliseconds per session-chunk for each run (min and
 median) and the speech events found, which must not change when the step gets cheaper.
 """
 
@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 from deployments.models import resolve_models  # noqa: E402
 from deployments.vad import VadCore  # noqa: E402
+from loadtest.loadgen import load_corpus  # noqa: E402
+from loadtest.sweep import SweepConfig  # noqa: E402
 from serve_app.settings import ModelSettings, VadSettings  # noqa: E402
 from serve_app.wire import VadChunk, VadItem, ms_to_samples  # noqa: E402
 
@@ -35,13 +36,15 @@ CORPUS = ROOT / "loadtest" / "corpus"
 
 
 def session_audio(sessions: int, utterances: int, seed: int = 1) -> list[np.ndarray]:
-    clips = [sf.read(p, dtype="int16")[0] for p in sorted(CORPUS.glob("*.wav"))]
+    """Each session's audio: corpus clips after pauses drawn from the sweep's range."""
+    clips = [clip.pcm for clip in load_corpus(CORPUS)]
+    low, high = SweepConfig().pause_s
     rng = np.random.default_rng(seed)
     out = []
     for s in range(sessions):
         parts = []
         for k in range(utterances):
-            parts += [np.zeros(int(16000 * rng.uniform(1.2, 2.0)), np.int16), clips[(s * utterances + k) % len(clips)]]
+            parts += [np.zeros(int(16000 * rng.uniform(low, high)), np.int16), clips[(s * utterances + k) % len(clips)]]
         out.append(np.concatenate(parts))
     return out
 
