@@ -111,6 +111,17 @@ class Level:
     def held(self) -> bool:
         return self.lost == 0 and self.admitted > 0 and self.p95_s is not None
 
+    def ceiling(self, cpus: int) -> float | None:
+        """The most devices SenseVoice could serve on this host with every core the rest of the
+        host's work left it at this level (the rest of the service, the load tool, Ray, the OS), at
+        the cores per device it used here: where held / bound stops on shared cores, however the
+        service batches or queues. An upper estimate, reached only with every core busy; the rest
+        grows with devices too."""
+        asr = self.cores.get("SenseVoice", 0.0)
+        if not self.admitted or self.host_busy_cores is None or asr <= 0:
+            return None
+        return round(self.admitted * (cpus - (self.host_busy_cores - asr)) / asr, 1)
+
     def cores_per_device(self, kinds: tuple[str, ...], idle: dict[str, float] | None = None) -> float | None:
         """Cores of `kinds` per admitted device, above what they use idle."""
         if not self.admitted:
@@ -432,6 +443,7 @@ def render(cfg: SweepConfig, levels: list[Level], idle: dict[str, float], bound:
                      f"{at.asr_nodes} of {len(at.nodes)} nodes running SenseVoice at that level)")  # fmt: skip
     if at is not None and at.host_busy_cores is not None:
         lines.append(host_share_line(at))
+        lines.append(ceiling_line(at, bound_devices))
     speaker = any(lv.speaker_ran for lv in levels)
     lines += [
         "",
@@ -487,6 +499,17 @@ def host_share_line(lv: Level) -> str:
             f"(Ray, the OS) {other:.2f}")  # fmt: skip
 
 
+def ceiling_line(lv: Level, bound_devices: float | None) -> str:
+    ceiling, cpus = lv.ceiling(host_cpus()), host_cpus()
+    if ceiling is None:
+        return "- SenseVoice's ceiling on these cores: not known (it used no CPU at that level)"
+    left = cpus - (lv.host_busy_cores - lv.cores["SenseVoice"])
+    ratio = f" = {ceiling / bound_devices:.2f} of the bound" if bound_devices else ""
+    return (f"- **SenseVoice's ceiling on these cores: {ceiling:g} devices{ratio}**: the {left:.2f} of {cpus} cores "
+            f"the rest left it, at the {lv.cores['SenseVoice'] / lv.admitted:.3f} cores per device it used; "
+            "reached only with every core busy, so held stays below it")  # fmt: skip
+
+
 def sweep(cfg: SweepConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -522,6 +545,7 @@ def sweep(cfg: SweepConfig) -> dict:
         "bound_devices": round(bound_devices, 2) if bound_devices else None,
         "held": held_devices(levels, cfg.target_p95_s),
         "held_per_asr_node": (at := held_level(levels, cfg.target_p95_s)) and at.per_asr_node,
+        "ceiling_devices": at and at.ceiling(host_cpus()),
         "levels": [asdict(lv) for lv in levels],
     }  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

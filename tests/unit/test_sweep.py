@@ -145,6 +145,9 @@ def test_the_report_says_where_the_hosts_cpu_went_and_whether_the_speaker_ran():
     assert ("SenseVoice 0.80, the rest of the service 0.50, the load tool 0.15, everything else (Ray, the OS) 0.40"
             in report)
     assert "| 0.15 | 1.85 |" in report and "speaker model ran" not in report  # speaker off: no column
+    # SenseVoice's ceiling: 8 devices on 0.8 cores; the rest took 1.05, leaving 0.95 of 2 cores
+    assert lv.ceiling(2) == 9.5 and lv.ceiling(4) == 29.5
+    assert level(8, 8, 0, 2.0).ceiling(2) is None  # SenseVoice's cores not known
     lv.speaker_ran = 50
     report = render(SweepConfig(), [lv], {}, None, 0.6)
     assert "speaker model ran" in report and "| 50 of 64 |" in report
@@ -157,3 +160,16 @@ def test_the_report_says_where_the_hosts_cpu_went_and_whether_the_speaker_ran():
     while host_busy_seconds() <= first and time.monotonic() < deadline:
         sum(range(100_000))  # some CPU: the host's busy time only grows
     assert host_busy_seconds() > first
+
+
+def test_the_report_gives_sensevoices_ceiling_on_the_cores_the_rest_left(monkeypatch):
+    import loadtest.sweep as sweep_module
+
+    monkeypatch.setattr(sweep_module, "host_cpus", lambda: 2)
+    lv = level(32, 32, 0, 2.8, cores={"SenseVoice": 1.08, "Ingress": 0.27, "VADHost": 0.19})
+    lv.load_tool_cores, lv.host_busy_cores = 0.09, 1.80
+    report = render(SweepConfig(), [lv], {}, {"speech_s_per_s": 32.4, "batch": 8, "threads": 2, "model": "m"}, 0.6)
+    assert "**54.0 devices**" in report and "held / bound = **0.59**" in report
+    # 2 - (1.80 - 1.08) = 1.28 cores left, at 1.08 / 32 cores per device: 37.9 devices, 0.70 of the bound
+    assert "**SenseVoice's ceiling on these cores: 37.9 devices = 0.70 of the bound**" in report
+    assert "the 1.28 of 2 cores the rest left it, at the 0.034 cores per device" in report
