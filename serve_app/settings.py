@@ -126,7 +126,7 @@ class AsrSettings(_Strict):
         True,
         description="Run SenseVoice's encoder as a TorchScript trace of itself on CPU: the same transcripts "
         "without Python's per-layer overhead: 1.35-1.8x the speech per CPU-second at batches 1-4, the same at 8 "
-        "(README \"Fifth round\"). Checked against the eager encoder at load; CUDA keeps eager.",
+        "(docs/capacity.md \"Fifth round\"). Checked against the eager encoder at load; CUDA keeps eager.",
     )
     dither: float = Field(
         0.0,

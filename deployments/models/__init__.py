@@ -227,7 +227,7 @@ def trace_encoder(automodel, device: str) -> str | None:
 
     The encoder is about 70 layers of small ops, and at the batches a replica serves (1-4 clips)
     Python's per-layer overhead is a large part of a call: the trace runs the same ops without it
-    (README "Fifth round": 1.35-1.8x the speech per CPU-second at batches 1-4, identical transcripts). Its
+    (docs/capacity.md "Fifth round": 1.35-1.8x the speech per CPU-second at batches 1-4, identical transcripts). Its
     forward is straight-line code over the batch and frame axes, so one trace serves every shape; a
     check batch of other shapes must come out identical or the eager encoder stays. CPU only:
     measured nowhere else."""
