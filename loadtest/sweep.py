@@ -120,7 +120,11 @@ class Level:
         asr = self.cores.get("SenseVoice", 0.0)
         if not self.admitted or self.host_busy_cores is None or asr <= 0:
             return None
-        return round(self.admitted * (cpus - (self.host_busy_cores - asr)) / asr, 1)
+        return round(self.admitted * self.cores_left_for_asr(cpus) / asr, 1)
+
+    def cores_left_for_asr(self, cpus: int) -> float:
+        """The cores everything but SenseVoice left free at this level (host_busy_cores known)."""
+        return cpus - (self.host_busy_cores - self.cores.get("SenseVoice", 0.0))
 
     def cores_per_device(self, kinds: tuple[str, ...], idle: dict[str, float] | None = None) -> float | None:
         """Cores of `kinds` per admitted device, above what they use idle."""
@@ -500,10 +504,11 @@ def host_share_line(lv: Level) -> str:
 
 
 def ceiling_line(lv: Level, bound_devices: float | None) -> str:
-    ceiling, cpus = lv.ceiling(host_cpus()), host_cpus()
+    cpus = host_cpus()
+    ceiling = lv.ceiling(cpus)
     if ceiling is None:
         return "- SenseVoice's ceiling on these cores: not known (it used no CPU at that level)"
-    left = cpus - (lv.host_busy_cores - lv.cores["SenseVoice"])
+    left = lv.cores_left_for_asr(cpus)
     ratio = f" = {ceiling / bound_devices:.2f} of the bound" if bound_devices else ""
     return (f"- **SenseVoice's ceiling on these cores: {ceiling:g} devices{ratio}**: the {left:.2f} of {cpus} cores "
             f"the rest left it, at the {lv.cores['SenseVoice'] / lv.admitted:.3f} cores per device it used; "
