@@ -2,10 +2,12 @@
 
     python loadtest/bench_pipeline.py                  # full-size models (built on first use)
     python loadtest/bench_pipeline.py --size tiny --runs 3
+    python loadtest/bench_pipeline.py --profile config/capacity-int8.yaml   # a profile's models and settings
 
 In one run on one machine:
-1. bare: `AutoModel.generate` of SenseVoice and the speaker model on each utterance clip of
-   the WAV, alone, and both at once in two threads (which is what the pipeline does);
+1. bare: `AutoModel.generate` of SenseVoice, prepared as a replica prepares it (`AsrCore`: the
+   profile's precision, kernels, trace and threads), and of the speaker model on each utterance
+   clip of the WAV, alone, and both at once in two threads (which is what the pipeline does);
    fsmn-vad streaming cost per audio-second.
 2. served: the same WAV streamed in real time through a local Ray Serve (plain WebSocket protocol),
    one session at a time, recording every stage's latency from the results.
@@ -30,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 from deployments.models import load_automodel, materialize, resolve_models  # noqa: E402
 from examples.plain_client import stream_file  # noqa: E402
-from serve_app.settings import ModelSettings, VadSettings  # noqa: E402
+from serve_app.cli import profile  # noqa: E402
+from serve_app.settings import AsrSettings, ModelSettings, VadSettings  # noqa: E402
 
 DEFAULT_WAV = ROOT / "tests" / "fixtures" / "two_utterances.wav"
 
@@ -45,35 +48,44 @@ def timed(fn, *args, **kwargs) -> float:
     return (time.perf_counter() - started) * 1000
 
 
-def bare(models, clips: list[np.ndarray], runs: int, threads: int) -> dict:
+def app_args(path: Path | None, size: str, threads: int) -> dict:
+    """The application args both halves run with: a profile's (its models, SenseVoice's
+    precision and threads, the speaker on or off), or config/serve.yaml's defaults at --size and
+    --threads."""
+    if path is None:
+        return {"models": {"test_model_size": size}, "asr": {"threads": threads}, "speaker": {"threads": threads}}
+    args = profile.load(path)["applications"][0]["args"]
+    return {k: args[k] for k in ("models", "asr", "speaker", "vad", "ingress") if k in args}
+
+
+def bare(models, clips: list[np.ndarray], runs: int, asr_settings: AsrSettings, speaker_threads: int | None) -> dict:
+    """speaker_threads None: the speaker model is off (as in the capacity profiles)."""
+    from deployments.asr import AsrCore
     from deployments.vad import VadCore
     from serve_app.wire import to_float32
 
-    asr = load_automodel(models.asr, device="cpu", threads=threads)
-    spk = load_automodel(models.speaker, device="cpu", threads=threads)
+    asr = AsrCore(models.asr, asr_settings).model  # loaded and prepared as a SenseVoice replica does
+    spk = None if speaker_threads is None else load_automodel(models.speaker, device="cpu", threads=speaker_threads)
+    kwargs = {"language": asr_settings.language, "use_itn": asr_settings.use_itn}
     out: dict = {"clips": []}
     for clip in clips:
         x = to_float32(clip)
-        asr.generate(input=x, language="auto", use_itn=True)  # warm up
-        spk.generate(input=x)
-        a = [timed(asr.generate, input=x, language="auto", use_itn=True) for _ in range(runs)]
-        s = [timed(spk.generate, input=x) for _ in range(runs)]
-        both = []
-        with ThreadPoolExecutor(2) as pool:
-            for _ in range(runs):
-                started = time.perf_counter()
-                f1 = pool.submit(asr.generate, input=x, language="auto", use_itn=True)
-                f2 = pool.submit(spk.generate, input=x)
-                f1.result(), f2.result()
-                both.append((time.perf_counter() - started) * 1000)
-        out["clips"].append(
-            {
-                "seconds": len(clip) / 16000,
-                "asr_ms": median_ms(a),
-                "speaker_ms": median_ms(s),
-                "both_ms": median_ms(both),
-            }
-        )
+        asr.generate(input=[x], batch_size=1, **kwargs)  # warm up; the replica passes a list, as here
+        a = [timed(asr.generate, input=[x], batch_size=1, **kwargs) for _ in range(runs)]
+        numbers = {"seconds": len(clip) / 16000, "asr_ms": median_ms(a)}
+        if spk is not None:
+            spk.generate(input=x)
+            s = [timed(spk.generate, input=x) for _ in range(runs)]
+            both = []
+            with ThreadPoolExecutor(2) as pool:
+                for _ in range(runs):
+                    started = time.perf_counter()
+                    f1 = pool.submit(asr.generate, input=[x], batch_size=1, **kwargs)
+                    f2 = pool.submit(spk.generate, input=x)
+                    f1.result(), f2.result()
+                    both.append((time.perf_counter() - started) * 1000)
+            numbers |= {"speaker_ms": median_ms(s), "both_ms": median_ms(both)}
+        out["clips"].append(numbers)
     del asr, spk
     gc.collect()
     vad = VadCore(models.vad, VadSettings())
@@ -86,7 +98,7 @@ def bare(models, clips: list[np.ndarray], runs: int, threads: int) -> dict:
     return out
 
 
-def served(model_settings: ModelSettings, wav: Path, runs: int, threads: int) -> dict:
+def served(app: dict, wav: Path, runs: int) -> dict:
     import ray
     from ray import serve
 
@@ -94,13 +106,7 @@ def served(model_settings: ModelSettings, wav: Path, runs: int, threads: int) ->
 
     port = free_port()
     placement = {n: {"num_cpus": 0} for n in ("Ingress", "VADHost", "SenseVoice", "Speaker")}
-    args = {
-        "models": model_settings.model_dump(),
-        "asr": {"threads": threads},
-        "speaker": {"threads": threads},
-        "placement": placement,
-    }
-    base = run_local(args, port)
+    base = run_local({**app, "placement": placement}, port)
     stream_file(f"ws://{base}/v1/stream", str(wav), realtime=True)  # warm up every replica
     per_utt: list[dict] = []
     for _ in range(runs):
@@ -117,10 +123,16 @@ def main() -> None:
     parser.add_argument("--wav", type=Path, default=DEFAULT_WAV)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="torch threads per model, as in config/serve.yaml")
+    parser.add_argument("--profile", type=Path, help="a config profile (overlay of serve.yaml) whose models, "
+                        "SenseVoice settings and speaker on/off both halves use; --size and --threads are then ignored")
     parser.add_argument("--out", type=Path, default=ROOT / "loadtest" / "reports" / "bench_pipeline.json")
     args = parser.parse_args()
 
-    model_settings = ModelSettings(test_model_size=args.size)
+    app = app_args(args.profile, args.size, args.threads)
+    model_settings = ModelSettings(**app["models"])
+    asr_settings = AsrSettings(**app.get("asr", {}))
+    speaker_on = app.get("ingress", {}).get("speaker_enabled", True)
+    speaker_threads = app.get("speaker", {}).get("threads", 2) if speaker_on else None
     models = resolve_models(model_settings)
     for source in (models.asr, models.speaker):
         print(f"preparing {source.describe()} ...", flush=True)
@@ -136,31 +148,35 @@ def main() -> None:
     clips = [pcm[ms_to_samples(a) : ms_to_samples(b)] for a, b in segments]
     print(f"{len(clips)} utterances in {args.wav.name}: {segments}", flush=True)
 
-    bare_numbers = bare(models, clips, args.runs, args.threads)
+    bare_numbers = bare(models, clips, args.runs, asr_settings, speaker_threads)
     print("bare:", json.dumps(bare_numbers), flush=True)
-    served_numbers = served(model_settings, args.wav, args.runs, args.threads)
+    served_numbers = served(app, args.wav, args.runs)
 
     rows = []
     for i, clip in enumerate(bare_numbers["clips"]):
         utts = [u for u in served_numbers["utterances"] if u["index"] == i]
-        stage = {k: median_ms([u[k] for u in utts]) for k in utts[0] if k != "index"}
-        overhead = stage["server_ms"] - clip["both_ms"]
+        stage = {k: median_ms([u[k] for u in utts if k in u]) for k in utts[0] if isinstance(utts[0][k], float | int)}
+        models_bare = clip.get("both_ms", clip["asr_ms"])  # what the models cost together, bare
+        overhead = stage["server_ms"] - models_bare
         rows.append(
-            f"| {i} ({clip['seconds']:.2f} s) | {clip['asr_ms']} | {clip['speaker_ms']} | {clip['both_ms']} "
-            f"| {stage['asr_model_ms']} | {stage['asr_ms']} | {stage['speaker_model_ms']} | {stage['speaker_ms']} "
-            f"| {stage['vad_ms']} | {stage['server_ms']} | {overhead:+.1f} ms ({overhead / clip['both_ms']:+.0%}) |"
+            f"| {i} ({clip['seconds']:.2f} s) | {clip['asr_ms']} | {clip.get('speaker_ms', 'off')} "
+            f"| {clip.get('both_ms', 'off')} | {stage['asr_model_ms']} ({stage['asr_model_ms'] / clip['asr_ms']:.2f}x) "
+            f"| {stage['asr_ms']} | {stage.get('speaker_model_ms', 'off')} | {stage.get('speaker_ms', 'off')} "
+            f"| {stage['vad_ms']} | {stage['server_ms']} | {overhead:+.1f} ms ({overhead / models_bare:+.0%}) |"
         )
     header = (
-        "| utterance | bare ASR | bare speaker | bare both (2 threads) | ASR in replica | ASR round trip "
-        "| speaker in replica | speaker round trip | VAD call | server total | overhead vs bare both |\n"
+        "| utterance | bare ASR | bare speaker | bare both (2 threads) | ASR in replica (/ bare) | ASR round trip "
+        "| speaker in replica | speaker round trip | VAD call | server total | overhead vs the bare models |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|"
     )
-    print(f"\nmodels: {args.size}, {args.runs} runs, medians in ms, torch threads {args.threads}\n")
+    print(f"\nmodels: {model_settings.test_model_size}, {args.runs} runs, medians in ms, SenseVoice "
+          f"{asr_settings.model_dump(include={'threads', 'quantize', 'trace_encoder'})}, "
+          f"speaker {'on' if speaker_on else 'off'}\n")  # fmt: skip
     print(header)
     print("\n".join(rows))
     print(f"\nfsmn-vad streaming (200 ms chunks, one thread): {bare_numbers['vad_ms_per_audio_s']} ms per audio-second")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"size": args.size, "bare": bare_numbers, "served": served_numbers}, indent=1))
+    args.out.write_text(json.dumps({"app": app, "bare": bare_numbers, "served": served_numbers}, indent=1))
     print(f"raw numbers: {args.out}")
 
 
