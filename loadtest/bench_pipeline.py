@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from deployments.models import load_automodel, materialize, resolve_models  # noqa: E402
 from examples.plain_client import stream_file  # noqa: E402
 from serve_app.cli import profile  # noqa: E402
-from serve_app.settings import AsrSettings, ModelSettings, VadSettings  # noqa: E402
+from serve_app.settings import AsrSettings, ModelSettings, SpeakerSettings, VadSettings  # noqa: E402
 
 DEFAULT_WAV = ROOT / "tests" / "fixtures" / "two_utterances.wav"
 
@@ -132,7 +132,8 @@ def main() -> None:
     model_settings = ModelSettings(**app["models"])
     asr_settings = AsrSettings(**app.get("asr", {}))
     speaker_on = app.get("ingress", {}).get("speaker_enabled", True)
-    speaker_threads = app.get("speaker", {}).get("threads", 2) if speaker_on else None
+    speaker_threads = SpeakerSettings(**app.get("speaker", {})).threads if speaker_on else None
+    vad_settings = VadSettings(**app.get("vad", {}))  # the clips as the served VAD cuts them
     models = resolve_models(model_settings)
     for source in (models.asr, models.speaker):
         print(f"preparing {source.describe()} ...", flush=True)
@@ -144,7 +145,7 @@ def main() -> None:
     pcm = read_pcm(args.wav)
     from deployments.vad import VadCore
 
-    segments = VadCore(models.vad, VadSettings()).segment(pcm)
+    segments = VadCore(models.vad, vad_settings).segment(pcm)
     clips = [pcm[ms_to_samples(a) : ms_to_samples(b)] for a, b in segments]
     print(f"{len(clips)} utterances in {args.wav.name}: {segments}", flush=True)
 
