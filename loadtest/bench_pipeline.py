@@ -58,20 +58,26 @@ def app_args(path: Path | None, size: str, threads: int) -> dict:
     return {k: args[k] for k in ("models", "asr", "speaker", "vad", "ingress") if k in args}
 
 
+def model_ms(core, request) -> float:
+    """SenseVoice's time on one clip through the replica's own call (`AsrCore.transcribe_batch`, a
+    batch of one): what a served result's `asr_model_ms` says."""
+    return core.transcribe_batch([request])[0].model_ms
+
+
 def bare(models, clips: list[np.ndarray], runs: int, asr_settings: AsrSettings, speaker_threads: int | None) -> dict:
     """speaker_threads None: the speaker model is off (as in the capacity profiles)."""
     from deployments.asr import AsrCore
     from deployments.vad import VadCore
-    from serve_app.wire import to_float32
+    from serve_app.wire import AsrRequest, to_float32
 
-    asr = AsrCore(models.asr, asr_settings).model  # loaded and prepared as a SenseVoice replica does
+    asr = AsrCore(models.asr, asr_settings)  # loaded and prepared as a SenseVoice replica does
     spk = None if speaker_threads is None else load_automodel(models.speaker, device="cpu", threads=speaker_threads)
-    kwargs = {"language": asr_settings.language, "use_itn": asr_settings.use_itn}
     out: dict = {"clips": []}
     for clip in clips:
         x = to_float32(clip)
-        asr.generate(input=[x], batch_size=1, **kwargs)  # warm up; the replica passes a list, as here
-        a = [timed(asr.generate, input=[x], batch_size=1, **kwargs) for _ in range(runs)]
+        request = AsrRequest(clip, asr_settings.language, asr_settings.use_itn)
+        model_ms(asr, request)  # warm up
+        a = [model_ms(asr, request) for _ in range(runs)]
         numbers = {"seconds": len(clip) / 16000, "asr_ms": median_ms(a)}
         if spk is not None:
             spk.generate(input=x)
@@ -80,7 +86,7 @@ def bare(models, clips: list[np.ndarray], runs: int, asr_settings: AsrSettings, 
             with ThreadPoolExecutor(2) as pool:
                 for _ in range(runs):
                     started = time.perf_counter()
-                    f1 = pool.submit(asr.generate, input=[x], batch_size=1, **kwargs)
+                    f1 = pool.submit(model_ms, asr, request)
                     f2 = pool.submit(spk.generate, input=x)
                     f1.result(), f2.result()
                     both.append((time.perf_counter() - started) * 1000)
@@ -156,7 +162,7 @@ def main() -> None:
     rows = []
     for i, clip in enumerate(bare_numbers["clips"]):
         utts = [u for u in served_numbers["utterances"] if u["index"] == i]
-        stage = {k: median_ms([u[k] for u in utts if k in u]) for k in utts[0] if isinstance(utts[0][k], float | int)}
+        stage = {k: median_ms([u[k] for u in utts]) for k in utts[0] if k != "index"}
         models_bare = clip.get("both_ms", clip["asr_ms"])  # what the models cost together, bare
         overhead = stage["server_ms"] - models_bare
         rows.append(
