@@ -43,18 +43,18 @@ lint: install
 	$(BIN)/ruff check .
 
 models-full: install
-	$(BIN)/python -m deployments.models build --size full
+	$(BIN)/python -m speech_serve.replicas.models build --size full
 
 bench: models-full
-	$(BIN)/python loadtest/bench_pipeline.py
+	$(BIN)/python -m speech_serve.loadtest.bench_pipeline
 
 # The VADHost's work per session and chunk, in-process (fsmn-vad ships in the install)
 bench-vad: install
-	$(BIN)/python loadtest/bench_vad.py
+	$(BIN)/python -m speech_serve.loadtest.bench_vad
 
 # The benchmark profile: config/bench-full.yaml, an overlay of config/serve.yaml, merged and run.
 serve-bench: models-full
-	$(BIN)/python -m serve_app.cli.profile config/bench-full.yaml -o $(VENV)/bench-full.merged.yaml
+	$(BIN)/python -m speech_serve.cli.profile config/bench-full.yaml -o $(VENV)/bench-full.merged.yaml
 	PATH=$(abspath $(BIN)):$$PATH $(SERVE_ENV) serve run $(VENV)/bench-full.merged.yaml
 
 # The capacity profile (config/capacity.yaml: full-size models, speaker off, 800 ms end silence),
@@ -62,12 +62,12 @@ serve-bench: models-full
 # PROFILE=config/capacity-int8.yaml: the same with SenseVoice in dynamic int8.
 PROFILE ?= config/capacity.yaml
 serve-capacity: models-full
-	$(BIN)/python -m serve_app.cli.profile $(PROFILE) -o $(VENV)/capacity.merged.yaml
+	$(BIN)/python -m speech_serve.cli.profile $(PROFILE) -o $(VENV)/capacity.merged.yaml
 	PATH=$(abspath $(BIN)):$$PATH $(SERVE_ENV) serve run $(VENV)/capacity.merged.yaml
 
 LEVELS ?= 1,2,4,6,8,12,16
 sweep: install
-	$(BIN)/python -m loadtest.sweep --levels $(LEVELS) --protocol funasr --out loadtest/results/sweep-latest
+	$(BIN)/python -m speech_serve.loadtest.sweep --levels $(LEVELS) --protocol funasr --out loadtest/results/sweep-latest
 
 # Against a running service (`make serve`, or `make serve-bench`):
 #   make loadtest CLIENTS=8 DURATION=60 PROTOCOL=xiaozhi RAMP=4/10
@@ -76,7 +76,7 @@ DURATION ?= 60
 PROTOCOL ?= mix
 RAMP ?= 5/10
 loadtest: install
-	$(BIN)/python -m loadtest.loadgen --clients $(CLIENTS) --duration $(DURATION) --protocol $(PROTOCOL) --ramp $(RAMP)
+	$(BIN)/python -m speech_serve.loadtest.loadgen --clients $(CLIENTS) --duration $(DURATION) --protocol $(PROTOCOL) --ramp $(RAMP)
 
 # Against a running service on this machine (`make serve`): long sessions with replica kills, then
 # connection churn; see README "Long sessions and churn".
@@ -86,13 +86,13 @@ SESSIONS ?= 2
 CHURN ?= 500
 KILL ?= SenseVoice,Speaker
 soak: install
-	$(BIN)/python -m loadtest.soak --url ws://127.0.0.1:8000 --audio-hours $(AUDIO_HOURS) --sessions $(SESSIONS) \
+	$(BIN)/python -m speech_serve.loadtest.soak --url ws://127.0.0.1:8000 --audio-hours $(AUDIO_HOURS) --sessions $(SESSIONS) \
 		--churn $(CHURN) --kill $(KILL) --kill-every 30 --out loadtest/results/soak-1h
 
 # deploy/kuberay/rayservice.yaml from config/serve.yaml + deploy/kuberay/{overlay,cluster}.yaml (README
 # "Kubernetes (KubeRay)"). Run it after changing any of them; CI fails while the manifest is stale.
 kuberay: install
-	$(BIN)/python -m serve_app.cli.kuberay
+	$(BIN)/python -m speech_serve.cli.kuberay
 
 # Two Ray nodes on this machine (a head, a speech_worker node); the worker lost while devices stream
 # through the head, then replaced (README "Beyond one machine"). CI runs the short version (3 devices,

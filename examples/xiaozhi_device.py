@@ -1,8 +1,8 @@
 """Simulate a Xiaozhi device: encode a WAV to Opus and stream it like the firmware does.
 
-    python examples/xiaozhi_device.py tests/fixtures/two_utterances.wav
-    python examples/xiaozhi_device.py speech.wav --protocol-version 3 --mode manual --realtime
-    SPEECH_SERVE_DEVICE_SECRET=... python examples/xiaozhi_device.py speech.wav --device-id aa:bb:cc:dd:ee:ff
+    python -m examples.xiaozhi_device tests/fixtures/two_utterances.wav
+    python -m examples.xiaozhi_device speech.wav --protocol-version 3 --mode manual --realtime
+    SPEECH_SERVE_DEVICE_SECRET=... python -m examples.xiaozhi_device speech.wav --device-id aa:bb:cc:dd:ee:ff
 
 auto/realtime: one `listen start`, then every frame; the server's VAD finds the utterances.
 manual: push-to-talk around each stretch of speech (found by energy, like a person pressing
@@ -20,9 +20,9 @@ import uuid
 import numpy as np
 from websockets.sync.client import connect
 
-from clients.opus import OpusEncoder
-from clients.xiaozhi import frame_audio
-from examples.plain_client import env_token, read_wav
+from speech_serve.wire.client import env_token, read_wav
+from speech_serve.wire.opus import OpusEncoder
+from speech_serve.wire.xiaozhi import frame_audio
 
 
 def speech_windows(pcm: np.ndarray, frame_ms: int = 60, gap_ms: int = 600, pad_ms: int = 240) -> list[tuple[int, int]]:

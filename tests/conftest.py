@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deployments.models import ModelSource, ResolvedModels, materialize, resolve_models
-from serve_app.settings import ModelSettings
+from speech_serve.replicas.models import ModelSource, ResolvedModels, materialize, resolve_models
+from speech_serve.settings import ModelSettings
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TWO_UTTERANCES_WAV = FIXTURES / "two_utterances.wav"

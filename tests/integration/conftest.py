@@ -12,8 +12,8 @@ import pytest
 import ray
 from ray import serve
 
-from clients.tokens import issue_token
-from serve_app.app import free_port, run_local
+from speech_serve.app import free_port, run_local
+from speech_serve.wire.tokens import issue_token
 
 APP = "speech"
 SECRET_ENV, SECRET = "SPEECH_SERVE_TEST_SECRET", "test-secret-not-for-production"
@@ -31,7 +31,7 @@ def device_token(device_id: str = TEST_DEVICE, client_id: str = "") -> str:
 
 
 def as_device(device_id: str = TEST_DEVICE) -> dict:
-    """Keyword arguments for examples.plain_client.stream_file and examples.funasr_client.run_funasr."""
+    """Keyword arguments for speech_serve.wire.client.stream_file and run_funasr."""
     return {"device_id": device_id, "token": device_token(device_id)}
 
 

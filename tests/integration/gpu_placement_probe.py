@@ -10,7 +10,7 @@ import time
 import ray
 from ray import serve
 
-from serve_app.app import build_app
+from speech_serve.app import build_app
 
 args, port = json.loads(sys.argv[1]), int(sys.argv[2])
 ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False)

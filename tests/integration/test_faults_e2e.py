@@ -1,6 +1,6 @@
 """Faults on the real Ray Serve (see conftest.py): replicas killed under live sessions, long
 sessions, and connection churn. The session client, checks and process probes are the soak
-tool's (loadtest/soak.py), which runs the same scenarios for an hour against `make serve`."""
+tool's (speech_serve/loadtest/soak.py), which runs the same scenarios for an hour against `make serve`."""
 
 import asyncio
 import time
@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from loadtest.soak import (
+from speech_serve.loadtest.soak import (
     Probe,
     SessionLog,
     SoakConfig,
@@ -20,7 +20,7 @@ from loadtest.soak import (
     run_long_sessions,
     stream_session,
 )
-from serve_app.settings import IngressSettings
+from speech_serve.settings import IngressSettings
 from tests.conftest import TWO_UTTERANCES_WAV
 from tests.integration.conftest import APP, SECRET
 

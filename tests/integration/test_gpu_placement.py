@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from serve_app.app import free_port
+from speech_serve.app import free_port
 
 pytestmark = pytest.mark.integration
 PROBE = Path(__file__).with_name("gpu_placement_probe.py")

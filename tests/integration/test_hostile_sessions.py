@@ -21,12 +21,12 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from clients.opus import encode_pcm
-from clients.tokens import device_headers as credentials
-from clients.xiaozhi import frame_audio
 from examples.xiaozhi_device import run_device
-from serve_app.ingress import xiaozhi
-from serve_app.settings import IngressSettings
+from speech_serve.ingress.protocols import xiaozhi
+from speech_serve.settings import IngressSettings
+from speech_serve.wire.opus import encode_pcm
+from speech_serve.wire.tokens import device_headers as credentials
+from speech_serve.wire.xiaozhi import frame_audio
 from tests.conftest import TWO_UTTERANCES_WAV, read_pcm
 from tests.integration.conftest import as_device, vad_live_sessions
 from tests.integration.test_protocols_e2e import assert_two_utterances_in_order, device_token, xiaozhi_url

@@ -9,7 +9,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from clients.tokens import device_headers
+from speech_serve.wire.tokens import device_headers
 from tests.integration.conftest import (
     ALLOWED_DEVICE,
     DEVICE_CONNECTIONS_CAP,

@@ -13,9 +13,9 @@ import time
 import pytest
 from websockets.asyncio.client import connect
 
-from clients.tokens import device_headers
-from loadtest.loadgen import LoadConfig, run_load
-from loadtest.report import write_report
+from speech_serve.loadtest.loadgen import LoadConfig, run_load
+from speech_serve.loadtest.report import write_report
+from speech_serve.wire.tokens import device_headers
 from tests.integration.conftest import SECRET, SESSIONS_CAP, admission_state, device_token
 
 pytestmark = pytest.mark.integration

@@ -13,10 +13,10 @@ from scipy.signal import resample_poly
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from clients.opus import encode_pcm
-from clients.tokens import issue_token
-from examples.funasr_client import run_funasr
 from examples.xiaozhi_device import run_device, speech_windows
+from speech_serve.wire.client import run_funasr
+from speech_serve.wire.opus import encode_pcm
+from speech_serve.wire.tokens import issue_token
 from tests.conftest import TWO_UTTERANCES_SPEECH_MS, TWO_UTTERANCES_WAV, read_pcm
 from tests.integration.conftest import ALLOWED_DEVICE, SECRET, as_device, device_token, vad_live_sessions
 

@@ -31,9 +31,9 @@ import yaml
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from clients.dashboard import APPLICATIONS, auth_headers
-from serve_app.app import free_port
-from serve_app.wire import CLOSE_SERVICE_RESTART
+from speech_serve.app import free_port
+from speech_serve.cli.dashboard import APPLICATIONS, auth_headers
+from speech_serve.messages import CLOSE_SERVICE_RESTART
 from tests.conftest import TWO_UTTERANCES_WAV
 from tests.unit.test_grafana_dashboard import dashboard_series
 
@@ -139,7 +139,7 @@ def _running(cluster: Cluster, name: str) -> int:
 
 
 def _scale(cluster: Cluster, *args: str) -> str:
-    cli = subprocess.run([sys.executable, "-m", "serve_app.cli.scale", *args, "--address", cluster.dashboard],
+    cli = subprocess.run([sys.executable, "-m", "speech_serve.cli.scale", *args, "--address", cluster.dashboard],
                          capture_output=True, text=True, env=cluster.env, cwd=ROOT, timeout=60)  # fmt: skip
     assert cli.returncode == 0, cli.stderr
     return cli.stdout

@@ -17,9 +17,9 @@ import ray
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from clients.tokens import device_headers, issue_token, url_with_token
-from examples.plain_client import stream_file
-from serve_app.ingress.security import device_auth_required, serve_bind_host
+from speech_serve.ingress.security import device_auth_required, serve_bind_host
+from speech_serve.wire.client import stream_file
+from speech_serve.wire.tokens import device_headers, issue_token, url_with_token
 from tests.conftest import TWO_UTTERANCES_WAV, read_pcm
 from tests.integration.conftest import (
     ADMIN,

@@ -8,8 +8,8 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from clients.tokens import device_headers
-from examples.plain_client import stream_file
+from speech_serve.wire.client import stream_file
+from speech_serve.wire.tokens import device_headers
 from tests.conftest import TWO_UTTERANCES_SPEECH_MS, TWO_UTTERANCES_WAV
 from tests.integration.conftest import as_device
 

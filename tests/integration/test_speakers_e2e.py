@@ -15,11 +15,10 @@ import pytest
 from ray import serve
 from websockets.sync.client import connect
 
-from clients.tokens import device_headers
-from examples.funasr_client import run_funasr
-from examples.plain_client import stream_file
 from examples.xiaozhi_device import run_device
-from serve_app.app import run_local
+from speech_serve.app import run_local
+from speech_serve.wire.client import run_funasr, stream_file
+from speech_serve.wire.tokens import device_headers
 from tests.conftest import FIXTURES
 from tests.integration.conftest import ADMIN, ALLOWED_DEVICE, APP, TEST_GROUP, as_device, wait_healthy
 

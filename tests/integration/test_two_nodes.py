@@ -40,11 +40,11 @@ import yaml
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from clients.dashboard import APPLICATIONS, auth_headers
-from clients.tokens import device_headers
-from examples.plain_client import stream_file
-from serve_app.app import free_port
-from serve_app.cli.profile import load
+from speech_serve.app import free_port
+from speech_serve.cli.dashboard import APPLICATIONS, auth_headers
+from speech_serve.cli.profile import load
+from speech_serve.wire.client import stream_file
+from speech_serve.wire.tokens import device_headers
 from tests.conftest import TWO_UTTERANCES_WAV
 from tests.integration.test_scaling import UTTERANCES_PER_LOOP, LoopingDevice, _finish, _wait
 

@@ -1,8 +1,8 @@
 """The VAD benchmark runs the VADHost's real step and counts what it finds (make bench-vad)."""
 
-from deployments.vad import VadCore
-from loadtest import bench_vad
-from serve_app.settings import VadSettings
+from speech_serve.loadtest import bench_vad
+from speech_serve.replicas.vad import VadCore
+from speech_serve.settings import VadSettings
 
 
 def test_it_feeds_every_session_chunk_by_chunk_and_finds_the_speech(tiny_models):

@@ -5,8 +5,8 @@ import json
 import re
 from pathlib import Path
 
-from deployments.metrics import DEFINED as REPLICA_METRICS
-from serve_app.ingress.metrics import DEFINED as INGRESS_METRICS
+from speech_serve.ingress.metrics import DEFINED as INGRESS_METRICS
+from speech_serve.replicas.metrics import DEFINED as REPLICA_METRICS
 
 DEFINED = {**INGRESS_METRICS, **REPLICA_METRICS}  # every metric we export, from either side
 

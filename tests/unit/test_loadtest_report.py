@@ -1,5 +1,5 @@
-from loadtest.loadgen import LoadConfig, RunState, UtteranceRecord, load_corpus
-from loadtest.report import cer, summarize
+from speech_serve.loadtest.loadgen import LoadConfig, RunState, UtteranceRecord, load_corpus
+from speech_serve.loadtest.report import cer, summarize
 
 
 def test_cer():

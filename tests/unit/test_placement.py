@@ -1,7 +1,7 @@
 """The builder's CPU reservations for model replicas (placement num_cpus: null)."""
 
-from serve_app.app import fit_model_cpus
-from serve_app.settings import AppSettings
+from speech_serve.app import fit_model_cpus
+from speech_serve.settings import AppSettings
 
 
 def test_a_model_replica_reserves_its_threads_where_they_fit():

@@ -5,17 +5,17 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from serve_app.ingress import files as openai_files
-from serve_app.ingress.audio import AudioTooLongError, StreamResampler, decode_file, resample
-from serve_app.settings import AppSettings, Placement
-from serve_app.wire import AudioFormatError, SpeakerInfo, UtteranceResult
+from speech_serve.ingress import files as openai_files
+from speech_serve.ingress.audio import AudioTooLongError, StreamResampler, decode_file, resample
+from speech_serve.messages import AudioFormatError, SpeakerInfo, UtteranceResult
+from speech_serve.settings import AppSettings, Placement
 
 
 def test_the_shipped_config_parses_into_settings():
     with open("config/serve.yaml") as f:
         config = yaml.safe_load(f)
     (app,) = config["applications"]
-    assert app["import_path"] == "serve_app.app:build_app"
+    assert app["import_path"] == "speech_serve.app:build_app"
     settings = AppSettings(**app["args"])
     assert settings.ingress.vad_chunk_ms >= 120
     names = {d["name"] for d in app["deployments"]}
@@ -34,7 +34,7 @@ def test_gpu_fraction_only_where_the_cluster_has_gpus():
 
 
 def test_custom_resources_steer_a_replica_and_use_gpus_overrides_the_cluster_probe():
-    from serve_app.app import gpus_apply
+    from speech_serve.app import gpus_apply
 
     p = Placement(num_cpus=1, resources={"speech_cpu": 0.01})
     assert p.actor_options(cluster_has_gpu=False) == {"num_cpus": 1, "resources": {"speech_cpu": 0.01}}
@@ -103,7 +103,7 @@ def test_stream_resampler_keeps_length_across_chunks():
 
 
 def test_a_partial_thresholds_map_keeps_the_other_models_defaults():
-    from serve_app.settings import MATCH_THRESHOLDS, VoiceprintSettings
+    from speech_serve.settings import MATCH_THRESHOLDS, VoiceprintSettings
 
     v = VoiceprintSettings(thresholds={"ge2e": 0.9})
     assert v.threshold("ge2e") == 0.9
@@ -111,7 +111,7 @@ def test_a_partial_thresholds_map_keeps_the_other_models_defaults():
 
 
 def test_a_speaker_model_without_a_threshold_is_a_clear_error():
-    from serve_app.settings import VoiceprintSettings
+    from speech_serve.settings import VoiceprintSettings
 
     with pytest.raises(ValueError, match="voiceprints.thresholds.newnet"):
         VoiceprintSettings().threshold("newnet")

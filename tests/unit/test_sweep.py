@@ -4,8 +4,8 @@ import time
 
 import numpy as np
 
-from loadtest.loadgen import Clip
-from loadtest.sweep import (
+from speech_serve.loadtest.loadgen import Clip
+from speech_serve.loadtest.sweep import (
     TRANSPORT_KINDS,
     Level,
     SweepConfig,
@@ -51,7 +51,7 @@ def test_transport_cores_per_device_and_report():
 def test_node_layout_counts_each_nodes_replicas_from_the_state_api():
     from types import SimpleNamespace as NS
 
-    from loadtest.sweep import node_layout
+    from speech_serve.loadtest.sweep import node_layout
 
     nodes = [NS(node_id="w" * 28, node_ip="10.0.0.2", is_head_node=False, state="ALIVE", resources_total={"CPU": 8.0}),
              NS(node_id="h" * 28, node_ip="10.0.0.1", is_head_node=True, state="ALIVE", resources_total={"CPU": 2.0}),
@@ -84,7 +84,7 @@ def test_devices_per_sensevoice_node_in_the_report():
 def test_the_bound_is_measured_before_every_level_and_reported_as_the_median(tiny_models, two_utterances):
     """The host's speed drifts: a burst before each level, one model loaded once in a process of its
     own, the median of all batches."""
-    from loadtest.sweep import BoundMeter
+    from speech_serve.loadtest.sweep import BoundMeter
 
     clips = [Clip(str(i), two_utterances[i * 8000 : i * 8000 + 16000], None) for i in range(4)]
     meter = BoundMeter(SweepConfig(bound_size="tiny", bound_quantize="none", bound_batch=2, bound_threads=1), clips)
@@ -106,8 +106,8 @@ def test_the_bound_is_measured_before_every_level_and_reported_as_the_median(tin
 
 
 def test_where_the_time_went_per_level():
-    from loadtest.loadgen import UtteranceRecord
-    from loadtest.sweep import stage_breakdown
+    from speech_serve.loadtest.loadgen import UtteranceRecord
+    from speech_serve.loadtest.sweep import stage_breakdown
 
     def rec(latency_s, endpoint, vad, asr, model, server):
         r = UtteranceRecord(0, "funasr", 0, "a.wav", None, 2.0, speech_end_t=100.0, result_t=100.0 + latency_s)
@@ -127,8 +127,8 @@ def test_where_the_time_went_per_level():
 
 
 def test_the_bound_runs_the_precision_and_kernels_the_service_reports():
-    from deployments.models import resolve_models  # the service's side of the string
-    from serve_app.settings import ModelSettings
+    from speech_serve.replicas.models import resolve_models  # the service's side of the string
+    from speech_serve.settings import ModelSettings
 
     models = resolve_models(ModelSettings(test_model_size="tiny"), hub_up=False)
     for quantize, engine in [("int8", "onednn"), ("int8", "x86"), ("none", "onednn")]:
@@ -163,7 +163,7 @@ def test_the_report_says_where_the_hosts_cpu_went_and_whether_the_speaker_ran():
 
 
 def test_the_report_gives_sensevoices_ceiling_on_the_cores_the_rest_left(monkeypatch):
-    import loadtest.sweep as sweep_module
+    import speech_serve.loadtest.sweep as sweep_module
 
     monkeypatch.setattr(sweep_module, "host_cpus", lambda: 2)
     lv = level(32, 32, 0, 2.8, cores={"SenseVoice": 1.08, "Ingress": 0.27, "VADHost": 0.19})

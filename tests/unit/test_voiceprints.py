@@ -4,10 +4,10 @@ import threading
 import numpy as np
 import pytest
 
-from deployments.speaker import Identifier, best_match
-from serve_app.ingress.speakers import EnrollmentError, decode_uploads
-from serve_app.settings import VoiceprintSettings
-from serve_app.voiceprints import Candidate, SqliteVoiceprintStore, open_store
+from speech_serve.ingress.speakers import EnrollmentError, decode_uploads
+from speech_serve.replicas.speaker import Identifier, best_match
+from speech_serve.settings import VoiceprintSettings
+from speech_serve.voiceprints import Candidate, SqliteVoiceprintStore, open_store
 from tests.conftest import FIXTURES
 
 
@@ -170,7 +170,7 @@ def test_a_failed_commit_is_rolled_back_and_the_store_goes_on(store):
 def test_a_corrupt_database_is_reported_not_fatal(tmp_path):
     """Opening never raises (the Ingress and Speaker replicas start, the speaker model may be off);
     the store's calls say what is wrong, and matching answers `unknown`."""
-    from serve_app.voiceprints import StoreUnavailable
+    from speech_serve.voiceprints import StoreUnavailable
 
     path = tmp_path / "vp.sqlite3"
     path.write_bytes(b"this is not a SQLite database" * 100)
@@ -189,7 +189,7 @@ def test_the_admin_api_answers_503_while_the_store_is_unavailable(tmp_path):
 
     from starlette.requests import Request
 
-    from serve_app.ingress.deployment import store_unavailable
+    from speech_serve.ingress.routes import store_unavailable
 
     path = tmp_path / "vp.sqlite3"
     path.write_bytes(b"not a database" * 100)

@@ -1,11 +1,11 @@
-"""Config profiles are overlays of config/serve.yaml, merged by serve_app/cli/profile.py."""
+"""Config profiles are overlays of config/serve.yaml, merged by speech_serve/cli/profile.py."""
 
 from pathlib import Path
 
 import yaml
 
-from serve_app.cli.profile import load, merge
-from serve_app.settings import AppSettings
+from speech_serve.cli.profile import load, merge
+from speech_serve.settings import AppSettings
 
 CONFIG = Path(__file__).parents[3] / "config"
 

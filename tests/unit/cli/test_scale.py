@@ -1,6 +1,6 @@
 import pytest
 
-from serve_app.cli.scale import ScaleError, deploy_body, rescale
+from speech_serve.cli.scale import ScaleError, deploy_body, rescale
 
 STATUS = {
     "proxy_location": "EveryNode",
@@ -10,12 +10,12 @@ STATUS = {
         "speech": {
             "status": "RUNNING",
             "deployed_app_config": {
-                "name": "speech", "import_path": "serve_app.app:build_app", "args": {"asr": {"threads": 2}},
+                "name": "speech", "import_path": "speech_serve.app:build_app", "args": {"asr": {"threads": 2}},
                 "deployments": [
                     {"name": "SenseVoice", "autoscaling_config": {"min_replicas": 1, "max_replicas": 4},
                      "user_config": {"max_batch_size": 8, "batch_wait_timeout_s": 0.02}},
                     {"name": "VADHost", "autoscaling_config": {"min_replicas": 1, "max_replicas": 4, "policy": {
-                        "policy_function": "serve_app.autoscaling:SessionsPolicy",
+                        "policy_function": "speech_serve.autoscaling:SessionsPolicy",
                         "policy_kwargs": {"sessions_per_replica": 50}}}},
                 ],
             },

@@ -11,8 +11,8 @@ import pytest
 import yaml
 from ray.serve.schema import RayActorOptionsSchema, ServeDeploySchema
 
-from serve_app.cli import kuberay
-from serve_app.settings import AppSettings
+from speech_serve.cli import kuberay
+from speech_serve.settings import AppSettings
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-from deployments.asr import parse_sensevoice
+from speech_serve.replicas.asr import parse_sensevoice
 
 
 def test_tags_become_fields_and_leave_the_text():

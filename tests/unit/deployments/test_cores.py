@@ -4,11 +4,11 @@ tiny random SenseVoice and ERes2NetV2 built locally."""
 import numpy as np
 import pytest
 
-from deployments.asr import AsrCore
-from deployments.speaker import SpeakerCore, tile_to
-from deployments.vad import VadCore
-from serve_app.settings import AsrSettings, SpeakerSettings, VadSettings
-from serve_app.wire import AsrRequest
+from speech_serve.messages import AsrRequest
+from speech_serve.replicas.asr import AsrCore
+from speech_serve.replicas.speaker import SpeakerCore, tile_to
+from speech_serve.replicas.vad import VadCore
+from speech_serve.settings import AsrSettings, SpeakerSettings, VadSettings
 from tests.conftest import TWO_UTTERANCES_SPEECH_MS
 
 
@@ -135,7 +135,7 @@ def test_asr_int8_runs_on_the_kernels_asked_for(tiny_models, two_utterances, eng
 
 
 def test_asr_int8_refuses_kernels_this_torch_lacks(tiny_models):
-    from deployments.models import quantize_automodel
+    from speech_serve.replicas.models import quantize_automodel
 
     asr = AsrCore(tiny_models.asr, AsrSettings(threads=1))
     with pytest.raises(ValueError, match="'armv9' is not supported by this torch build on this CPU"):
@@ -143,7 +143,7 @@ def test_asr_int8_refuses_kernels_this_torch_lacks(tiny_models):
 
 
 def test_asr_int8_is_a_cpu_path(tiny_models):
-    from deployments.models import quantize_automodel
+    from speech_serve.replicas.models import quantize_automodel
 
     asr = AsrCore(tiny_models.asr, AsrSettings(threads=1))
     before = asr.model.model
@@ -177,7 +177,7 @@ def test_asr_a_trace_that_disagrees_is_not_used(tiny_models, monkeypatch, caplog
     eager encoder in place, and says so."""
     import torch
 
-    from deployments.models import trace_encoder
+    from speech_serve.replicas.models import trace_encoder
 
     asr = AsrCore(tiny_models.asr, AsrSettings(threads=1, trace_encoder=False))
     eager = asr.model.model.encoder
@@ -193,7 +193,7 @@ def test_asr_a_trace_that_disagrees_is_not_used(tiny_models, monkeypatch, caplog
 
 
 def test_asr_trace_is_a_cpu_path(tiny_models):
-    from deployments.models import trace_encoder
+    from speech_serve.replicas.models import trace_encoder
 
     asr = AsrCore(tiny_models.asr, AsrSettings(threads=1, trace_encoder=False))
     eager = asr.model.model.encoder
@@ -215,8 +215,8 @@ def test_speaker_batched_embedding_matches_single(tiny_models, two_utterances):
 def test_voiceprints_of_a_random_weight_model_are_never_filed_under_the_real_models_name(tiny_models):
     """A test model's embeddings are noise: stored as `eres2netv2` they would be matched against the
     real model's once it is installed."""
-    from deployments.models import ModelSource
-    from deployments.speaker import voiceprint_model_name
+    from speech_serve.replicas.models import ModelSource
+    from speech_serve.replicas.speaker import voiceprint_model_name
 
     spk = SpeakerCore(tiny_models.speaker, SpeakerSettings(threads=1))
     assert tiny_models.speaker.is_test
@@ -247,7 +247,7 @@ def test_vad_reset_keeps_the_session_cache_from_growing(tiny_models, two_utteran
 def test_vad_batched_step_keeps_sessions_apart_and_fails_a_bad_chunk_alone(vad, two_utterances):
     """feed_many (one VADHost call for a lane) gives each session what feed alone gives it; a chunk
     that raises gets an error result, and the rest of its batch goes on."""
-    from serve_app.wire import VadChunk, VadItem
+    from speech_serve.messages import VadChunk, VadItem
 
     step, events = 200 * 16, {"m": [], "n": []}
     for i in range(0, len(two_utterances), step):
@@ -265,7 +265,7 @@ def test_vad_batched_step_keeps_sessions_apart_and_fails_a_bad_chunk_alone(vad, 
 def test_vad_forgets_sessions_nobody_has_fed_for_session_idle_s(tiny_models, two_utterances):
     """An Ingress that crashed never sends `final` or a close: its sessions' state must not stay on
     the VADHost for ever (it counts in live_sessions, which drives routing and autoscaling)."""
-    from serve_app.wire import VadChunk, VadItem
+    from speech_serve.messages import VadChunk, VadItem
 
     now = [1000.0]
     vad = VadCore(tiny_models.vad, VadSettings(session_idle_s=300), clock=lambda: now[0])

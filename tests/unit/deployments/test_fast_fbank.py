@@ -10,9 +10,9 @@ import torch
 from funasr.frontends import wav_frontend
 from funasr.utils import fbank as funasr_fbank
 
-from deployments import fast_fbank
-from deployments.models import load_automodel
-from serve_app.wire import to_float32
+from speech_serve.messages import to_float32
+from speech_serve.replicas import fast_fbank
+from speech_serve.replicas.models import load_automodel
 
 CORPUS = Path(__file__).parents[3] / "loadtest" / "corpus"
 FSMN_OPTIONS = dict(num_mel_bins=80, frame_length=25, frame_shift=10, dither=0.0, energy_floor=0.0,

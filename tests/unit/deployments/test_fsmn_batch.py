@@ -9,9 +9,9 @@ import pytest
 import soundfile as sf
 from funasr.models.fsmn_vad_streaming.model import FrameState
 
-from deployments.fsmn_batch import BatchedFsmnVad, Step
-from deployments.models import load_automodel
-from serve_app.wire import samples_to_ms, to_float32
+from speech_serve.messages import samples_to_ms, to_float32
+from speech_serve.replicas.fsmn_batch import BatchedFsmnVad, Step
+from speech_serve.replicas.models import load_automodel
 
 CORPUS = Path(__file__).parents[3] / "loadtest" / "corpus"
 

@@ -1,7 +1,7 @@
 import pytest
 
-from deployments.models import ModelUnavailableError, bundled_vad_dir, resolve_models
-from serve_app.settings import ModelSettings, ModelSpec
+from speech_serve.replicas.models import ModelUnavailableError, bundled_vad_dir, resolve_models
+from speech_serve.settings import ModelSettings, ModelSpec
 
 
 @pytest.fixture(autouse=True)

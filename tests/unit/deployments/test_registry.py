@@ -2,8 +2,8 @@
 (An Ingress replica's own cap and sessions closed for idling or for never saying hello:
 tests/unit/ingress/test_sessions.py.)"""
 
-from deployments.registry import Limits, SessionLedger
-from serve_app.wire import CLOSE_POLICY, CLOSE_TRY_AGAIN_LATER
+from speech_serve.messages import CLOSE_POLICY, CLOSE_TRY_AGAIN_LATER
+from speech_serve.replicas.registry import Limits, SessionLedger
 
 
 def ledger(total=None, per_device=None, lease_s=30.0) -> SessionLedger:

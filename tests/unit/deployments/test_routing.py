@@ -1,4 +1,4 @@
-from deployments.routing import choose_replica, replica_loads, sticky_key
+from speech_serve.replicas.lane_router import choose_replica, replica_loads, sticky_key
 
 
 def test_new_session_goes_to_the_least_loaded_replica():
@@ -63,9 +63,9 @@ def test_the_router_asks_serve_to_back_off_before_it_retries():
 
     from ray.serve._private.request_router.common import RequestRoutingContext
 
-    from deployments.routing import StickySessionRouter
+    from speech_serve.replicas.lane_router import LaneRouter
 
-    router = object.__new__(StickySessionRouter)  # Serve builds it with its own plumbing; the state is ours
+    router = object.__new__(LaneRouter)  # Serve builds it with its own plumbing; the state is ours
     router.initialize_state()
     replicas = [SimpleNamespace(replica_id=SimpleNamespace(unique_id=rid), routing_stats={}) for rid in ("a", "b")]
     pending = SimpleNamespace(metadata=SimpleNamespace(call_method="feed_many"), args=("lane-0", []), kwargs={},

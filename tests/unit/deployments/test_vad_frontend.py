@@ -7,10 +7,10 @@ import pytest
 import torch
 from funasr.utils.load_utils import extract_fbank
 
-from deployments import fast_fbank
-from deployments.models import load_automodel
-from deployments.vad_frontend import OnlineFeatures, Piece, supports
-from serve_app.wire import to_float32
+from speech_serve.messages import to_float32
+from speech_serve.replicas import fast_fbank
+from speech_serve.replicas.models import load_automodel
+from speech_serve.replicas.vad_frontend import OnlineFeatures, Piece, supports
 
 # lengths around the frame (400 samples) and shift (160), the VADHost's 200 ms chunks, odd ones
 LENGTHS = [1, 50, 160, 399, 400, 401, 559, 560, 800, 3200, 3248, 4321]

@@ -2,7 +2,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from deployments.vad import SessionsPolicy, replicas_for_sessions
+from speech_serve.replicas.vad import SessionsPolicy, replicas_for_sessions
 
 
 @pytest.mark.parametrize("sessions, expected", [(0, 1), (1, 1), (50, 1), (51, 2), (100, 2), (101, 3), (499.5, 10)])

@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from deployments.worker import FINAL, INTERIM, Batcher
-from serve_app.settings import BatchSettings
+from speech_serve.replicas.worker import FINAL, INTERIM, Batcher
+from speech_serve.settings import BatchSettings
 
 
 class GatedModel:

@@ -2,10 +2,10 @@
 
 import pytest
 
-from deployments.registry import Limits, SessionLedger
-from serve_app.ingress.capacity import ComputeAdmission
-from serve_app.settings import AdmissionSettings
-from serve_app.wire import CLOSE_TRY_AGAIN_LATER
+from speech_serve.ingress.capacity import ComputeAdmission
+from speech_serve.messages import CLOSE_TRY_AGAIN_LATER
+from speech_serve.replicas.registry import Limits, SessionLedger
+from speech_serve.settings import AdmissionSettings
 
 
 class Clock:

@@ -3,7 +3,7 @@
 import pytest
 from fastapi import HTTPException
 
-from serve_app.ingress.demo_page import ASSETS, demo_asset
+from speech_serve.ingress.demo_page import ASSETS, demo_asset
 
 
 def test_index_is_the_default_and_loads_our_script_only():

@@ -11,13 +11,13 @@ from types import SimpleNamespace
 
 from ray import serve
 
-from serve_app.ingress.capacity import ComputeAdmission
-from serve_app.ingress.deployment import Ingress
-from serve_app.ingress.health import DeploymentStates, serve_deployment_states
-from serve_app.ingress.security import Slots
-from serve_app.ingress.speakers import SpeakerAdmin
-from serve_app.settings import AppSettings
-from serve_app.wire import ModelsSummary
+from speech_serve.ingress.capacity import ComputeAdmission
+from speech_serve.ingress.health import DeploymentStates, serve_deployment_states
+from speech_serve.ingress.routes import Ingress
+from speech_serve.ingress.security import Slots
+from speech_serve.ingress.speakers import SpeakerAdmin
+from speech_serve.messages import ModelsSummary
+from speech_serve.settings import AppSettings
 
 # The class as written, with its routes (Serve's wrapper above it adds an ASGI app and an async __del__)
 INGRESS = next(c for c in Ingress.func_or_class.__mro__ if "healthz" in vars(c))

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from serve_app.ingress import funasr
-from serve_app.ingress.connection import ProtocolError
-from serve_app.wire import SpeakerInfo, UtteranceResult
+from speech_serve.ingress.connection import ProtocolError
+from speech_serve.ingress.protocols import funasr
+from speech_serve.messages import SpeakerInfo, UtteranceResult
 
 
 def test_config_as_funasr_clients_send_it():

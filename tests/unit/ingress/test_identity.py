@@ -9,16 +9,16 @@ from types import SimpleNamespace
 
 import pytest
 
-from clients.tokens import issue_token
-from serve_app.ingress import security
-from serve_app.ingress.funasr import FunasrConnection
-from serve_app.ingress.metrics import IngressMetrics
-from serve_app.ingress.plain import PlainConnection
-from serve_app.ingress.security import DeviceAuth, device_credentials
-from serve_app.ingress.sessions import DrainWatch, Sessions
-from serve_app.ingress.xiaozhi import XiaozhiConnection
-from serve_app.settings import AppSettings
-from serve_app.wire import CLOSE_POLICY, VadFeedResult
+from speech_serve.ingress import security
+from speech_serve.ingress.metrics import IngressMetrics
+from speech_serve.ingress.protocols.funasr import FunasrConnection
+from speech_serve.ingress.protocols.plain import PlainConnection
+from speech_serve.ingress.protocols.xiaozhi import XiaozhiConnection
+from speech_serve.ingress.security import DeviceAuth, device_credentials
+from speech_serve.ingress.sessions import DrainWatch, Sessions
+from speech_serve.messages import CLOSE_POLICY, VadFeedResult
+from speech_serve.settings import AppSettings
+from speech_serve.wire.tokens import issue_token
 from tests.unit.ingress.test_sessions import MemoryWebSocket, connection
 
 SECRET = "unit-test-device-secret"

@@ -12,20 +12,20 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from serve_app.ingress import funasr, plain, xiaozhi
-from serve_app.ingress.connection import ProtocolError
-from serve_app.ingress.funasr import FunasrConnection
-from serve_app.ingress.metrics import IngressMetrics
-from serve_app.ingress.plain import PlainConnection
-from serve_app.ingress.recognition import (
+from speech_serve.ingress.connection import ProtocolError
+from speech_serve.ingress.metrics import IngressMetrics
+from speech_serve.ingress.protocols import funasr, plain, xiaozhi
+from speech_serve.ingress.protocols.funasr import FunasrConnection
+from speech_serve.ingress.protocols.plain import PlainConnection
+from speech_serve.ingress.recognition import (
     ModelCalls,
     RecognitionOptions,
     Timeline,
     UtteranceStream,
     UtteranceStreams,
 )
-from serve_app.settings import AppSettings
-from serve_app.wire import CLOSE_POLICY, CLOSE_TOO_BIG, SpeakerInfo, UtteranceResult, VadEvent, VadFeedResult
+from speech_serve.messages import CLOSE_POLICY, CLOSE_TOO_BIG, SpeakerInfo, UtteranceResult, VadEvent, VadFeedResult
+from speech_serve.settings import AppSettings
 from tests.unit.ingress.test_sessions import HungVad, MemoryWebSocket
 
 

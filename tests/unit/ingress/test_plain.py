@@ -3,9 +3,9 @@ import json
 import numpy as np
 import pytest
 
-from serve_app.ingress import plain
-from serve_app.ingress.connection import ProtocolError
-from serve_app.wire import SpeakerInfo, UtteranceResult
+from speech_serve.ingress.connection import ProtocolError
+from speech_serve.ingress.protocols import plain
+from speech_serve.messages import SpeakerInfo, UtteranceResult
 
 
 def test_start_message_with_defaults_and_values():

@@ -23,16 +23,17 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from clients.opus import OPUS_FRAME_MS, OPUS_RATES, encode_pcm
-from clients.xiaozhi import frame_audio
-from serve_app.ingress import files as openai_files
-from serve_app.ingress import funasr, plain, realtime, security, xiaozhi
-from serve_app.ingress.audio import AudioTooLongError, decode_file
-from serve_app.ingress.connection import ProtocolError
-from serve_app.ingress.security import SessionIntake, SessionLimitExceeded
-from serve_app.ingress.xiaozhi import OpusDecoder
-from serve_app.settings import IngressSettings
-from serve_app.wire import AudioFormatError, SpeakerInfo, UtteranceResult
+from speech_serve.ingress import files as openai_files
+from speech_serve.ingress import security
+from speech_serve.ingress.audio import AudioTooLongError, decode_file
+from speech_serve.ingress.connection import ProtocolError
+from speech_serve.ingress.protocols import funasr, plain, realtime, xiaozhi
+from speech_serve.ingress.protocols.xiaozhi import OpusDecoder
+from speech_serve.ingress.security import SessionIntake, SessionLimitExceeded
+from speech_serve.messages import AudioFormatError, SpeakerInfo, UtteranceResult
+from speech_serve.settings import IngressSettings
+from speech_serve.wire.opus import OPUS_FRAME_MS, OPUS_RATES, encode_pcm
+from speech_serve.wire.xiaozhi import frame_audio
 
 FUZZ = settings(
     max_examples=300,

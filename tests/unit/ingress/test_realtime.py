@@ -10,12 +10,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from serve_app import wire as realtime_wire
-from serve_app.ingress import realtime
-from serve_app.ingress.audio import ALAW_TABLE, ULAW_TABLE, alaw_to_pcm16, ulaw_to_pcm16
-from serve_app.ingress.connection import ProtocolError
-from serve_app.ingress.metrics import IngressMetrics
-from serve_app.ingress.realtime import (
+from speech_serve import messages as realtime_wire
+from speech_serve.ingress.audio import ALAW_TABLE, ULAW_TABLE, alaw_to_pcm16, ulaw_to_pcm16
+from speech_serve.ingress.connection import ProtocolError
+from speech_serve.ingress.metrics import IngressMetrics
+from speech_serve.ingress.protocols import realtime
+from speech_serve.ingress.protocols.realtime import (
     Append,
     Clear,
     Commit,
@@ -29,10 +29,10 @@ from serve_app.ingress.realtime import (
     effective,
     parse_event,
 )
-from serve_app.ingress.recognition import ModelCalls, UtteranceStreams
-from serve_app.ingress.sessions import replica_refusal
-from serve_app.settings import AppSettings, RealtimeSettings
-from serve_app.wire import CLOSE_TRY_AGAIN_LATER, SpeakerInfo, UtteranceResult
+from speech_serve.ingress.recognition import ModelCalls, UtteranceStreams
+from speech_serve.ingress.sessions import replica_refusal
+from speech_serve.messages import CLOSE_TRY_AGAIN_LATER, SpeakerInfo, UtteranceResult
+from speech_serve.settings import AppSettings, RealtimeSettings
 from tests.unit.ingress.test_sessions import MemoryWebSocket
 
 MAX_CHARS = 64
@@ -267,7 +267,7 @@ def test_g711_appends_come_out_at_16khz():
 
 
 def test_odd_pcm16_is_refused():
-    from serve_app.wire import AudioFormatError
+    from speech_serve.messages import AudioFormatError
 
     with pytest.raises(AudioFormatError):
         InputAudio("audio/pcm")(b"\x00\x01\x02")

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from serve_app.ingress.recognition import SpeechEdge, Timeline, utterances_of
-from serve_app.wire import VadEvent
+from speech_serve.ingress.recognition import SpeechEdge, Timeline, utterances_of
+from speech_serve.messages import VadEvent
 
 
 def tone(ms: int, value: int = 1000) -> np.ndarray:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from serve_app.ingress.recognition import (
+from speech_serve.ingress.recognition import (
     ModelCalls,
     RecognitionOptions,
     ReplicaLostError,
@@ -16,8 +16,8 @@ from serve_app.ingress.recognition import (
     Timeline,
     bounded,
 )
-from serve_app.settings import AppSettings, RetrySettings
-from serve_app.wire import VadChunk, VadFeedResult
+from speech_serve.messages import VadChunk, VadFeedResult
+from speech_serve.settings import AppSettings, RetrySettings
 
 
 class FakeTime:

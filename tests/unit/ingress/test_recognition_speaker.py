@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from serve_app.ingress.plain import render_result
-from serve_app.ingress.recognition import ModelCalls, RecognitionOptions
-from serve_app.settings import RetrySettings
-from serve_app.wire import SpeakerEmbedding, Transcript, Utterance
+from speech_serve.ingress.protocols.plain import render_result
+from speech_serve.ingress.recognition import ModelCalls, RecognitionOptions
+from speech_serve.messages import SpeakerEmbedding, Transcript, Utterance
+from speech_serve.settings import RetrySettings
 
 TEXT = Transcript("turn on the light", "en", "neutral", "Speech", "<|en|>turn on the light")
 

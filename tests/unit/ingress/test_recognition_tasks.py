@@ -6,9 +6,9 @@ import asyncio
 
 import numpy as np
 
-from serve_app.ingress.metrics import IngressMetrics
-from serve_app.ingress.recognition import ModelCalls, RecognitionOptions, UtteranceStreams, live_stream_tasks
-from serve_app.settings import AppSettings
+from speech_serve.ingress.metrics import IngressMetrics
+from speech_serve.ingress.recognition import ModelCalls, RecognitionOptions, UtteranceStreams, live_stream_tasks
+from speech_serve.settings import AppSettings
 
 
 async def _noop(*_args) -> None:
@@ -42,7 +42,7 @@ def test_a_call_whose_model_replica_died_is_retried_and_counted():
 
     from ray.exceptions import ActorDiedError
 
-    from serve_app.settings import RetrySettings
+    from speech_serve.settings import RetrySettings
 
     answers = [ActorDiedError(), "embedding"]
 

@@ -7,9 +7,9 @@ import re
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from clients.tokens import issue_token
-from serve_app.ingress import security as redact
-from serve_app.settings import ENV_NAME, AppSettings
+from speech_serve.ingress import security as redact
+from speech_serve.settings import ENV_NAME, AppSettings
+from speech_serve.wire.tokens import issue_token
 
 SECRETISH = re.compile(r"secret|token|password|passwd|api_?key|credential|private_key|auth_key", re.I)
 

@@ -4,9 +4,9 @@ from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 
-from clients.tokens import device_headers, issue_token, main, url_with_token
-from serve_app.ingress import security
-from serve_app.ingress.security import (
+from speech_serve.ingress import security
+from speech_serve.ingress.protocols.xiaozhi import ConnectParams, connect_params
+from speech_serve.ingress.security import (
     MIN_SECRET_LEN,
     AdminAuth,
     CredentialError,
@@ -19,8 +19,8 @@ from serve_app.ingress.security import (
     is_loopback,
     redact,
 )
-from serve_app.ingress.xiaozhi import ConnectParams, connect_params
-from serve_app.settings import SecuritySettings
+from speech_serve.settings import SecuritySettings
+from speech_serve.wire.tokens import device_headers, issue_token, main, url_with_token
 
 SECRET, NOW, DAY = "s3cret-for-unit-tests", 1_800_000_000, 86400
 
@@ -94,7 +94,7 @@ def test_device_auth_is_on_unless_bound_to_loopback_or_switched(mode, host, on):
 def test_bind_host_is_unknown_outside_a_ray_cluster_and_no_ray_is_started():
     """In a fresh process (this one may hold the integration tests' Ray)."""
     code = (
-        "import ray; from serve_app.ingress.security import serve_bind_host; "
+        "import ray; from speech_serve.ingress.security import serve_bind_host; "
         "print(serve_bind_host(timeout_s=1), ray.is_initialized())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -1,4 +1,4 @@
-from serve_app.ingress.security import TokenBucket
+from speech_serve.ingress.security import TokenBucket
 
 
 class Clock:

@@ -11,7 +11,7 @@ import pytest
 from starlette.formparsers import MultiPartParser
 from starlette.requests import Request
 
-from serve_app.ingress.security import UploadError, file_fields, read_form, text_field
+from speech_serve.ingress.security import UploadError, file_fields, read_form, text_field
 
 BOUNDARY = "speechserveboundary"
 SPOOL_THRESHOLD = MultiPartParser.spool_max_size  # starlette's 1 MiB
@@ -158,7 +158,7 @@ def trickling_request(first: bytes) -> Request:
 def test_an_upload_body_that_stops_arriving_is_answered_408():
     from fastapi import HTTPException
 
-    from serve_app.ingress.security import read_upload_form
+    from speech_serve.ingress.security import read_upload_form
 
     body = multipart({"model": "x"}, [("file", "a.wav", audio(4096))])
     with pytest.raises(HTTPException) as raised:
@@ -171,7 +171,7 @@ def test_transcriptions_and_enrolments_share_one_upload_cap():
     slots as file transcription, so the two together stay within max_concurrent_uploads."""
     from fastapi import HTTPException
 
-    from serve_app.ingress.security import Slots
+    from speech_serve.ingress.security import Slots
 
     slots = Slots(2, retry_after_s=7)
     with slots.hold(), slots.hold():

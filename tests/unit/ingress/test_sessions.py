@@ -7,13 +7,13 @@ import json
 
 import pytest
 
-from serve_app.ingress.connection import DRAINING
-from serve_app.ingress.metrics import IngressMetrics
-from serve_app.ingress.plain import PlainConnection
-from serve_app.ingress.recognition import ModelCalls, UtteranceStreams
-from serve_app.ingress.sessions import DrainPlan, DrainWatch, replica_is_stopping, replica_refusal
-from serve_app.settings import AppSettings
-from serve_app.wire import CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER, VadFeedResult, VadItem
+from speech_serve.ingress.connection import DRAINING
+from speech_serve.ingress.metrics import IngressMetrics
+from speech_serve.ingress.protocols.plain import PlainConnection
+from speech_serve.ingress.recognition import ModelCalls, UtteranceStreams
+from speech_serve.ingress.sessions import DrainPlan, DrainWatch, replica_is_stopping, replica_refusal
+from speech_serve.messages import CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER, VadFeedResult, VadItem
+from speech_serve.settings import AppSettings
 
 
 def connection(cls, ws, settings: AppSettings, session_id: str, *extra, vad=None):
@@ -133,7 +133,7 @@ def test_an_ingress_replica_refuses_past_its_own_cap_and_while_draining():
 
 
 def test_a_device_that_sends_no_hello_is_closed_after_the_hello_timeout():
-    from serve_app.ingress.xiaozhi import XiaozhiConnection
+    from speech_serve.ingress.protocols.xiaozhi import XiaozhiConnection
 
     async def scenario():
         ws = MemoryWebSocket()
@@ -170,7 +170,7 @@ class AdmittedConn:
     protocol = "plain"
 
     def __init__(self, session_id: str, ran: list[str] | None = None):
-        from serve_app.ingress.security import Identity
+        from speech_serve.ingress.security import Identity
 
         self.session_id, self.identity, self._ran = session_id, Identity(), ran
 
@@ -233,7 +233,7 @@ def test_the_slot_is_given_back_even_when_serve_cancels_the_request_as_its_clien
     registry release in its `finally` must still go out at once, not wait for the next sync."""
     from types import SimpleNamespace
 
-    from serve_app.ingress.sessions import Sessions
+    from speech_serve.ingress.sessions import Sessions
 
     class Registry:
         def __init__(self):
@@ -272,7 +272,7 @@ def test_a_registry_that_never_answers_admits_unchecked_and_release_does_not_han
     request open. Both calls are bounded by admission.registry_timeout_s and cancelled after it."""
     from types import SimpleNamespace
 
-    from serve_app.ingress.sessions import Sessions
+    from speech_serve.ingress.sessions import Sessions
 
     calls: list[HungResponse] = []
     registry = SimpleNamespace(admit=SimpleNamespace(remote=lambda *args: HungResponse(calls)),
@@ -298,8 +298,8 @@ def test_the_first_admissions_use_the_running_asr_replica_count(monkeypatch):
     capped as if one replica ran (a sweep's first level of 16, cap 2 x 12, admitted 12)."""
     from types import SimpleNamespace
 
-    from serve_app.ingress import sessions as sessions_module
-    from serve_app.ingress.sessions import Sessions
+    from speech_serve.ingress import sessions as sessions_module
+    from speech_serve.ingress.sessions import Sessions
 
     asked = []
 
@@ -340,7 +340,7 @@ def test_the_controller_is_looked_up_off_the_event_loop_once(monkeypatch):
 
     import ray
 
-    from serve_app.ingress import sessions as sessions_module
+    from speech_serve.ingress import sessions as sessions_module
 
     lookups = []
     fail = [False]
@@ -378,10 +378,10 @@ def test_a_registry_restarted_empty_counts_the_live_sessions_and_devices_again_a
     overall cap and a device's connection limit were exceeded by everything still connected."""
     from types import SimpleNamespace
 
-    from deployments.registry import SessionRegistry
-    from serve_app.ingress.security import Identity
-    from serve_app.ingress.sessions import Sessions
-    from serve_app.wire import CLOSE_POLICY
+    from speech_serve.ingress.security import Identity
+    from speech_serve.ingress.sessions import Sessions
+    from speech_serve.messages import CLOSE_POLICY
+    from speech_serve.replicas.registry import SessionRegistry
 
     settings = AppSettings(admission={"max_connections_per_device": 2, "max_sessions_total": 10})
     registries = [SessionRegistry.func_or_class(settings.admission)]  # the real class, without Serve

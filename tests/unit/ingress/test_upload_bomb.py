@@ -18,11 +18,11 @@ import pytest
 import soundfile as sf
 from fastapi import HTTPException
 
-from serve_app.ingress.audio import decode_file
-from serve_app.ingress.files import FileTranscriptions
-from serve_app.ingress.security import DeviceAuth, Slots
-from serve_app.settings import IngressSettings
-from serve_app.wire import AudioFormatError, SpeakerInfo, UtteranceResult
+from speech_serve.ingress.audio import decode_file
+from speech_serve.ingress.files import FileTranscriptions
+from speech_serve.ingress.security import DeviceAuth, Slots
+from speech_serve.messages import AudioFormatError, SpeakerInfo, UtteranceResult
+from speech_serve.settings import IngressSettings
 from tests.unit.ingress.test_security_uploads import multipart, request
 
 FLAC_MAX_RATE = 655_350  # the highest rate a FLAC header can state: the measured bomb's
@@ -114,7 +114,7 @@ def test_a_file_above_48_khz_gets_http_400_with_the_reason():
 def test_the_file_is_decoded_off_the_event_loop(monkeypatch):
     """Decoding a long file takes seconds of CPU: on the event loop it would stall every
     session of the replica."""
-    import serve_app.ingress.files as files
+    import speech_serve.ingress.files as files
 
     threads = []
     real = files.decode_file

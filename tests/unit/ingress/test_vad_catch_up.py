@@ -8,8 +8,8 @@ import asyncio
 
 import numpy as np
 
-from serve_app.ingress.recognition import RecognitionOptions, Timeline, UtteranceStream
-from serve_app.wire import VadEvent, VadFeedResult, samples_to_ms
+from speech_serve.ingress.recognition import RecognitionOptions, Timeline, UtteranceStream
+from speech_serve.messages import VadEvent, VadFeedResult, samples_to_ms
 from tests.unit.ingress.test_input_limits import SlowModels
 
 SPEECH = [(1000, 2000), (3400, 4200)]  # ms of the stream where the fake VAD hears speech

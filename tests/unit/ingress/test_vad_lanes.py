@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from ray.serve.context import _get_serve_request_context
 
-from serve_app.ingress.vad_lanes import VadItemError, VadLanes
-from serve_app.wire import VadChunk, VadFeedResult, VadItem
+from speech_serve.ingress.vad_lanes import VadItemError, VadLanes
+from speech_serve.messages import VadChunk, VadFeedResult, VadItem
 
 
 def chunk(start_ms: int = 0) -> VadChunk:

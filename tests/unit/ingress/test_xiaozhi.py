@@ -2,10 +2,10 @@ import json
 
 import pytest
 
-from clients.xiaozhi import frame_audio
-from serve_app.ingress import xiaozhi
-from serve_app.ingress.connection import ProtocolError
-from serve_app.wire import SpeakerInfo, UtteranceResult
+from speech_serve.ingress.connection import ProtocolError
+from speech_serve.ingress.protocols import xiaozhi
+from speech_serve.messages import SpeakerInfo, UtteranceResult
+from speech_serve.wire.xiaozhi import frame_audio
 
 
 def test_connect_params_from_headers_or_query():

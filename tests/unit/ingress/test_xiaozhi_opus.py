@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from clients.opus import encode_pcm
-from serve_app.ingress.xiaozhi import OpusDecoder
-from serve_app.wire import AudioFormatError
+from speech_serve.ingress.protocols.xiaozhi import OpusDecoder
+from speech_serve.messages import AudioFormatError
+from speech_serve.wire.opus import encode_pcm
 
 
 def test_opus_round_trip_keeps_the_speech(two_utterances):

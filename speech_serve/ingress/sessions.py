@@ -1,0 +1,282 @@
+"""This Ingress replica's sessions: who may open one, the application-wide registry, and what
+the replica does once Serve has decided to stop it.
+
+Admission: a session over a cap is refused at once with a reason and a close code; it never
+waits in a proxy queue. Two layers:
+  * each Ingress replica refuses beyond `max_sessions_per_replica` (kept below Serve's
+    `max_ongoing_requests`, so the proxy never queues a WebSocket) and while it drains;
+  * the one-replica `SessionRegistry` (speech_serve/replicas/registry.py) sees every session of the
+    application: the overall cap and the per-device connection limit.
+This replica re-syncs its live sessions with the registry periodically (dropping sessions whose
+release was lost, and rebuilding a registry that restarted empty, e.g. with its node); admissions
+are numbered so a sync never drops one admitted after its snapshot.
+Every registry call is bounded by `registry_timeout_s`: a registry that is restarting may take a
+call and not answer, and a new session must then be admitted unchecked, not wait for ever.
+
+Draining: Ingress draining: what a replica does once Serve has decided to stop it.
+
+Serve picks which Ingress replica to stop (scale-down, redeploy) without looking at its
+WebSockets, then waits up to `graceful_shutdown_timeout_s` for its requests (our live
+sessions) to end before killing it. Serve has no drain hook for user code, so the replica
+polls the controller for its own state. From STOPPING on it:
+  * refuses new sessions at once (close 1012 "service restart": reconnect now), though
+    Serve's router already stops sending it any;
+  * lets live sessions go on untouched: most end by themselves within the grace period;
+  * `margin_s` before Serve's deadline, asks the rest to reconnect: each waits for a pause
+    between utterances (up to `idle_wait_s`), sends every result it owes, then closes 1012.
+Nothing is lost: an utterance still open at the deadline is cut and transcribed first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from ray import serve
+
+from speech_serve.ingress.capacity import ComputeAdmission
+from speech_serve.ingress.connection import DRAINING, Connection
+from speech_serve.ingress.metrics import IngressMetrics
+from speech_serve.ingress.recognition import awaited, bounded
+from speech_serve.ingress.security import DeviceAuth
+from speech_serve.messages import CLOSE_TRY_AGAIN_LATER, Refusal
+from speech_serve.settings import AdmissionSettings, IngressSettings
+
+logger = logging.getLogger("ray.serve")
+PROTOCOLS = ("plain", "xiaozhi", "funasr", "realtime")
+
+
+def replica_full(limit: int) -> Refusal:
+    return Refusal("server_busy", f"this server holds its maximum of {limit} sessions; retry later",
+                   CLOSE_TRY_AGAIN_LATER)  # fmt: skip
+
+
+def replica_refusal(draining: bool, live_here: int, max_per_replica: int) -> Refusal | None:
+    """One Ingress replica's own answer to a new session, before the application-wide caps."""
+    if draining:
+        return DRAINING
+    return replica_full(max_per_replica) if live_here >= max_per_replica else None
+
+
+class Sessions:
+    """The live connections of this replica, from admission to release."""
+
+    def __init__(
+        self, registry, admission: AdmissionSettings, ingress: IngressSettings, device_auth: DeviceAuth,
+        metrics: IngressMetrics, compute: ComputeAdmission | None = None,
+    ):  # fmt: skip
+        self.registry = registry
+        self.compute = compute or ComputeAdmission(admission)
+        self.admission, self.ingress = admission, ingress
+        self.device_auth = device_auth
+        self.metrics = metrics
+        self.live: dict[str, Connection] = {}  # for enrol-from-session and draining
+        self._drain: DrainWatch | None = None  # started with the first session (needs the event loop)
+        self._admit_seq = 0  # numbers our admissions, so a registry sync cannot drop a newer one
+        self._admitting: set[str] = set()  # sessions whose admission is on its way
+        self._asr_counted: asyncio.Future | None = None  # the first count of SenseVoice replicas
+        self._app_name = ""  # set with the first session, from the replica context
+
+    async def serve(self, conn: Connection) -> None:
+        """Authenticate (credentials parsed once), admit under that identity, run the connection
+        to its end, release the very id that was admitted."""
+        if not await conn.authenticate(self.device_auth):
+            return  # refused before any registry call, slot or metric of an admitted session
+        session_id = conn.session_id
+        self._start_background()
+        if self._asr_counted is None:  # the compute cap needs the replica count before the first admission
+            self._asr_counted = asyncio.ensure_future(self._count_asr_replicas())
+        await asyncio.shield(self._asr_counted)
+        refusal = self._local_refusal() or await self._register(session_id, conn.identity.device_id)
+        if refusal is not None:
+            self.metrics.session_rejected(conn.protocol, refusal.code)
+            logger.info("session %s (%s) refused: %s", session_id, conn.protocol, refusal.message)
+            await conn.refuse(refusal)
+            return
+        self.live[session_id] = conn
+        self.metrics.session_admitted(conn.protocol)
+        self._count()
+        try:
+            await conn.run()
+        finally:
+            self.live.pop(session_id, None)
+            self._count()
+            # shielded: Serve may cancel this request when its client leaves (direct ingress does);
+            # the slot must still be given back now, not at the next sync
+            await asyncio.shield(self._release(session_id))
+
+    def _local_refusal(self) -> Refusal | None:
+        return (replica_refusal(self._drain.draining, len(self.live), self.admission.max_sessions_per_replica)
+                or self.compute.refusal())  # fmt: skip
+
+    async def _register(self, session_id: str, device: str | None) -> Refusal | None:
+        """The application-wide caps, for the authenticated device. If the registry cannot answer,
+        admit: a cap is not worth refusing everyone over."""
+        self._admit_seq += 1
+        self._admitting.add(session_id)
+        try:
+            return await self._registry_call("admit", session_id, self._replica_id, device, self._admit_seq,
+                                             self.compute.sessions_cap())  # fmt: skip
+        except Exception:  # TimeoutError included
+            logger.warning("session %s: session registry unavailable; admitted unchecked", session_id,
+                           exc_info=True)  # fmt: skip
+            return None
+        finally:  # from here to `self.live[...] = conn` nothing awaits: no sync sees a gap
+            self._admitting.discard(session_id)
+
+    async def _registry_call(self, method: str, *args):
+        """One registry call, cancelled on the registry if it takes over `registry_timeout_s`."""
+        response = getattr(self.registry, method).remote(*args)
+        return await bounded(awaited(response), self.admission.registry_timeout_s)
+
+    async def _release(self, session_id: str) -> None:
+        try:
+            await self._registry_call("release", session_id)
+        except Exception:  # the periodic sync corrects the registry
+            logger.info("session %s: registry release failed; the next sync corrects it", session_id)
+
+    async def _count_asr_replicas(self) -> None:
+        """The compute cap follows the running SenseVoice replicas (bounded: the controller may be busy)."""
+        if self.admission.sessions_per_asr_replica is None:
+            return
+        try:
+            states = await asyncio.wait_for(controller_states(self._app_name, ASR_DEPLOYMENT),
+                                            self.admission.registry_timeout_s)  # fmt: skip
+            self.compute.asr_replicas = sum(state == RUNNING for state in states.values())
+        except Exception:
+            logger.info("could not count SenseVoice replicas; keeping %d", self.compute.asr_replicas)
+
+    async def _sync_registry(self) -> None:
+        while True:
+            await asyncio.sleep(self.admission.sync_s)
+            await self._count_asr_replicas()
+            try:
+                await self.sync_once()
+            except Exception:
+                logger.info("session registry sync failed; retrying in %g s", self.admission.sync_s)
+
+    async def sync_once(self) -> None:
+        """Our admitted sessions with their devices (a restarted registry counts them again) and
+        those being admitted, as of our admission number: one snapshot, taken without awaiting."""
+        live = {sid: conn.identity.device_id for sid, conn in self.live.items()}
+        await self._registry_call("sync", self._replica_id, live, self._admit_seq, sorted(self._admitting))
+
+    def _count(self) -> None:
+        live = Counter(c.protocol for c in self.live.values())
+        self.metrics.sessions_now({p: live.get(p, 0) for p in PROTOCOLS})
+
+    def _start_background(self) -> None:
+        """Drain watch and registry sync: started with the first session (they need the loop)."""
+        if self._drain is not None:
+            return
+        ctx = serve.get_replica_context()
+        self._replica_id = ctx.replica_id.unique_id
+        self._app_name = ctx.app_name
+        grace_s = ctx._deployment_config.graceful_shutdown_timeout_s  # what Serve enforces for this replica
+        cap = self.admission.max_sessions_per_replica
+        if cap >= ctx._deployment_config.max_ongoing_requests:
+            logger.warning("admission.max_sessions_per_replica (%d) >= Ingress max_ongoing_requests (%d): "
+                           "excess sessions will queue in the proxy instead of being refused",
+                           cap, ctx._deployment_config.max_ongoing_requests)  # fmt: skip
+        s = self.ingress
+        self._drain = DrainWatch(lambda: controller_states(ctx.app_name, ctx.deployment), self._replica_id,
+                                 s.drain_poll_s, grace_s, s.drain_margin_s)  # fmt: skip
+        self._background = [
+            asyncio.create_task(self._move_sessions_when_stopping()),
+            asyncio.create_task(self._sync_registry()),
+        ]
+
+    async def _move_sessions_when_stopping(self) -> None:
+        plan = await self._drain.wait()
+        await asyncio.sleep(plan.reconnect_in(time.monotonic()))
+        logger.warning("ingress stopping: asking %d live sessions to reconnect", len(self.live))
+        for conn in list(self.live.values()):
+            conn.ask_to_reconnect(self.ingress.drain_idle_wait_s)
+
+
+# ---- draining ---------------------------------------------------------------------------------
+
+
+STOPPING, RUNNING = "STOPPING", "RUNNING"
+ASR_DEPLOYMENT = "SenseVoice"
+
+
+def replica_is_stopping(states: dict[str, str], replica_id: str) -> bool:
+    """`states`: replica id -> state, as the controller lists them. An unknown replica is not
+    treated as stopping: sessions are never cut on uncertain information."""
+    return states.get(replica_id) == STOPPING
+
+
+@dataclass(frozen=True)
+class DrainPlan:
+    started: float  # time.monotonic() when the stop was seen
+    grace_s: float  # Serve's graceful_shutdown_timeout_s for this deployment
+    margin_s: float  # ask sessions to reconnect this long before Serve's deadline
+
+    def reconnect_in(self, now: float) -> float:
+        """Seconds until sessions are asked to reconnect (0: now)."""
+        return max(0.0, self.started + self.grace_s - self.margin_s - now)
+
+
+class DrainWatch:
+    """Polls this replica's state; `wait()` returns the plan once Serve starts stopping it."""
+
+    def __init__(
+        self,
+        fetch_states: Callable[[], Awaitable[dict[str, str]]],
+        replica_id: str,
+        poll_s: float,
+        grace_s: float,
+        margin_s: float,
+    ):
+        self._fetch, self.replica_id, self.poll_s = fetch_states, replica_id, poll_s
+        self.grace_s, self.margin_s = grace_s, margin_s
+        self.plan: DrainPlan | None = None
+
+    @property
+    def draining(self) -> bool:
+        return self.plan is not None
+
+    async def wait(self) -> DrainPlan:
+        while True:
+            try:
+                states = await self._fetch()
+            except Exception as exc:  # the controller may be restarting: keep serving, ask again
+                logger.info("drain watch: controller unavailable (%s)", type(exc).__name__)
+                states = {}
+            if replica_is_stopping(states, self.replica_id):
+                self.plan = DrainPlan(time.monotonic(), self.grace_s, self.margin_s)
+                wait_s = self.plan.reconnect_in(time.monotonic())
+                logger.warning("ingress replica %s is stopping: refusing new sessions; live ones asked to "
+                               "reconnect in %.0f s", self.replica_id, wait_s)  # fmt: skip
+                return self.plan
+            await asyncio.sleep(self.poll_s)
+
+
+_controller = None  # the Serve controller's handle, looked up once per process
+
+
+async def controller_states(app_name: str, deployment: str) -> dict[str, str]:
+    """Replica id -> state for one deployment, from the Serve controller. The handle is looked up
+    in a worker thread, once: `ray.get_actor` is a blocking GCS call, and this runs on the event
+    loop every session of the replica shares (each drain poll, each sync, the first admission)."""
+    global _controller
+    if _controller is None:
+        _controller = await asyncio.to_thread(_serve_controller)
+    try:
+        details = await _controller.get_deployment_details.remote(app_name, deployment)
+    except Exception:
+        _controller = None  # look it up again next time (the controller may have been replaced)
+        raise
+    return {r.replica_id: str(r.state.value) for r in details.replicas}
+
+
+def _serve_controller():
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    return ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
