@@ -2,7 +2,7 @@
 both the Ingress side (speech_serve/ingress/) and the replicas (deployments/).
 
 `config/serve.yaml` points `import_path` at `speech_serve.app:build_app` and passes `args`.
-Each deployment gets its options from `settings.DEPLOYMENT_OPTIONS` plus its `placement` (CPU
+Each deployment gets its options from `settings.DEFAULT_DEPLOYMENT_OPTIONS` plus its `placement` (CPU
 and GPU fractions, decided here from the cluster's resources, so one config runs on GPU and CPU
 hosts; `use_gpus` overrides that); the YAML's `deployments:` section overrides both.
 """
@@ -21,7 +21,7 @@ from speech_serve.replicas.models import resolve_models
 from speech_serve.replicas.registry import SessionRegistry
 from speech_serve.replicas.speaker import Speaker
 from speech_serve.replicas.vad import VADHost
-from speech_serve.settings import DEPLOYMENT_OPTIONS, AppSettings
+from speech_serve.settings import DEFAULT_DEPLOYMENT_OPTIONS, AppSettings
 
 logger = logging.getLogger("ray.serve")
 
@@ -52,7 +52,7 @@ def fit_model_cpus(settings: AppSettings, node_cpus: float | None) -> tuple[dict
     reservations shrink together to what is left (threads stay: `make serve` starts on 2 cores).
     """
     want = {"SenseVoice": float(settings.asr.threads),
-            "Speaker": float(settings.speaker.threads) if settings.ingress.speaker_enabled else 0.0}  # fmt: skip
+            "Speaker": float(settings.speaker.threads) if settings.speaker.enabled else 0.0}  # fmt: skip
     want = {name: cpus for name, cpus in want.items() if settings.placement[name].num_cpus is None}
     if not want:
         return {}, ""
@@ -80,7 +80,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         print(f"\n{banner}\n{models.warning()}\n{banner}\n", flush=True)
 
     def placed(deployment, name: str):
-        options = dict(DEPLOYMENT_OPTIONS[name])
+        options = dict(DEFAULT_DEPLOYMENT_OPTIONS[name])
         if name in settings.placement:
             placement = settings.placement[name]
             if placement.num_cpus is None:

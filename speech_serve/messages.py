@@ -1,7 +1,7 @@
 """What crosses processes: the messages between the Ingress and the replicas (all picklable for
-Ray), the PCM conventions both sides share, and the refusal and close codes every protocol uses.
+Ray), and the refusals both sides give (the session registry refuses too).
 
-Inside the service audio is int16 mono at 16 kHz; times are milliseconds from the start of a
+Audio is int16 mono at 16 kHz (speech_serve/wire/pcm.py); times are milliseconds from the start of a
 session's audio stream.
 """
 
@@ -12,18 +12,6 @@ from typing import Literal
 
 import numpy as np
 
-SAMPLE_RATE = 16000  # every model here is a 16 kHz model
-
-# WebSocket close codes (RFC 6455)
-CLOSE_NORMAL = 1000
-CLOSE_PROTOCOL_ERROR = 1002
-CLOSE_UNSUPPORTED_DATA = 1003
-CLOSE_POLICY = 1008  # policy violation: authentication refused, a limit passed (retrying will not help)
-CLOSE_TOO_BIG = 1009
-CLOSE_INTERNAL = 1011
-CLOSE_SERVICE_RESTART = 1012  # the server is restarting; the client should reconnect
-CLOSE_TRY_AGAIN_LATER = 1013  # server overloaded; retry with backoff
-
 
 @dataclass(frozen=True)
 class Refusal:
@@ -32,16 +20,6 @@ class Refusal:
     code: str  # error code in the protocol's error frame, and the metrics' `reason` tag
     message: str
     close_code: int
-
-
-class AudioFormatError(ValueError):
-    """Audio the user sent cannot be used; the message says why."""
-
-
-def pcm16_from_bytes(data: bytes) -> np.ndarray:
-    if len(data) % 2:
-        raise AudioFormatError(f"PCM16 frame has an odd length ({len(data)} bytes)")
-    return np.frombuffer(data, dtype="<i2").astype(np.int16, copy=False)
 
 
 def to_float32(pcm: np.ndarray) -> np.ndarray:
@@ -54,14 +32,6 @@ def usable_embedding(vector: np.ndarray) -> bool:
     clip of a frame or two gives NaN)."""
     v = np.asarray(vector, dtype=np.float32)
     return v.size > 0 and bool(np.isfinite(v).all()) and bool(v.any())
-
-
-def ms_to_samples(ms: int) -> int:
-    return ms * SAMPLE_RATE // 1000
-
-
-def samples_to_ms(n: int) -> int:
-    return n * 1000 // SAMPLE_RATE
 
 
 @dataclass(frozen=True)

@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-import wave
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from speech_serve.replicas.models import ModelSource, ResolvedModels, materialize, resolve_models
+from speech_serve.replicas.models import ResolvedModels, materialize, resolve_models
 from speech_serve.settings import ModelSettings
-
-FIXTURES = Path(__file__).parent / "fixtures"
-TWO_UTTERANCES_WAV = FIXTURES / "two_utterances.wav"
-# Where speech is in two_utterances.wav (from the espeak-ng clips and the sox padding).
-TWO_UTTERANCES_SPEECH_MS = [(500, 2800), (4300, 7000)]
-
-
-def read_pcm(path: Path) -> np.ndarray:
-    with wave.open(str(path), "rb") as w:
-        assert w.getframerate() == 16000 and w.getnchannels() == 1 and w.getsampwidth() == 2
-        return np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.int16)
+from tests.support.audio import TWO_UTTERANCES_WAV, read_pcm
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +27,3 @@ def tiny_models(model_settings) -> ResolvedModels:
     for source in (resolved.asr, resolved.speaker):
         materialize(source)
     return resolved
-
-
-def source_of(resolved: ResolvedModels, role: str) -> ModelSource:
-    return getattr(resolved, role)

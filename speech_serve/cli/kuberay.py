@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from speech_serve.cli.profile import load as load_profile
-from speech_serve.settings import AppSettings
+from speech_serve.settings import DEFAULT_DEPLOYMENT_OPTIONS, AppSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 KUBERAY = ROOT / "deploy" / "kuberay"
@@ -193,15 +193,16 @@ def manifest(config: dict[str, Any], cluster: dict[str, Any], version: str) -> d
     needs = replica_needs(config)
     check_groups(needs, cluster["groups"])
     port = int(config.get("http_options", {}).get("port", 8000))
-    ingress = {d["name"]: d for d in app.get("deployments", [])}.get("Ingress", {})
-    grace = int(ingress.get("graceful_shutdown_timeout_s", 20))
+    ingress = {**DEFAULT_DEPLOYMENT_OPTIONS["Ingress"], **{d["name"]: d for d in app.get("deployments", [])}.get(
+        "Ingress", {})}  # the code's table, under the YAML's entry
+    grace = int(ingress.get("graceful_shutdown_timeout_s", 20))  # Serve's own default
     labels = {"app.kubernetes.io/name": cluster["name"]}
     serve_port = {"name": "serve", "containerPort": port}
     # Ready = this pod's proxy is up and not draining (its /-/healthz, what KubeRay's own probe checks:
     # a probe written here replaces KubeRay's) and the app answers through it with every deployment
     # running (/healthz: 503 while any is starting; it waits up to healthz_timeout_s for the controller).
     # /healthz is cluster-wide, so one failed answer would empty the Service at once: 3 in a row.
-    app_wait = math.ceil(settings.ingress.healthz_timeout_s) + 1
+    app_wait = math.ceil(settings.health.timeout_s) + 1
     probe = {
         "exec": {"command": ["bash", "-c",
             f"wget --tries 1 -T 2 -q -O- http://localhost:{port}/-/healthz | grep -q success && "

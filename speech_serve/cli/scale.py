@@ -2,14 +2,15 @@
 
     python -m speech_serve.cli.scale SenseVoice --min 2 --max 8
     python -m speech_serve.cli.scale SenseVoice --batch-size 16 --batch-wait-s 0.03
-    python -m speech_serve.cli.scale VADHost --sessions-per-replica 100
+    python -m speech_serve.cli.scale VADHost --sessions-per-replica 100   # vad.sessions_per_replica: redeploys
     python -m speech_serve.cli.scale --show                      # what is deployed now
 
 It reads the deployed config (GET /api/serve/applications/), changes the deployment's
 `autoscaling_config` / `user_config`, and applies it with a PUT: Serve updates those in place,
-without restarting replicas. Equivalent by hand: edit config/serve.yaml, `serve deploy
-config/serve.yaml`. Only works for applications deployed from a config (`serve run
-config/serve.yaml` or `serve deploy`).
+without restarting replicas. `--sessions-per-replica` changes the app's `vad.sessions_per_replica`
+instead (the Ingress's lanes and VADHost's policy follow it together): Serve redeploys the app.
+Equivalent by hand: edit config/serve.yaml, `serve deploy config/serve.yaml`. Only works for
+applications deployed from a config (`serve run config/serve.yaml` or `serve deploy`).
 """
 
 from __future__ import annotations
@@ -74,7 +75,9 @@ def rescale(
         policy = auto.get("policy") or {}
         if not str(policy.get("policy_function", "")).endswith("SessionsPolicy"):
             raise ScaleError(f"{deployment} does not scale on sessions (no SessionsPolicy in its autoscaling_config)")
-        policy.setdefault("policy_kwargs", {})["sessions_per_replica"] = sessions_per_replica
+        # One setting sizes both the Ingress's lanes and the policy's target (the replicas report it):
+        # an args change, so Serve redeploys the application (sessions move with 1012, as on any redeploy).
+        apps[0].setdefault("args", {}).setdefault("vad", {})["sessions_per_replica"] = sessions_per_replica
     if batch_size is not None or batch_wait_s is not None:
         user = entry.setdefault("user_config", {})
         if batch_size is not None:
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max", type=int, dest="max_replicas")
     p.add_argument("--batch-size", type=int, help="user_config.max_batch_size (SenseVoice, Speaker)")
     p.add_argument("--batch-wait-s", type=float, help="user_config.batch_wait_timeout_s")
-    p.add_argument("--sessions-per-replica", type=int, help="VADHost's SessionsPolicy target")
+    p.add_argument("--sessions-per-replica", type=int, help="vad.sessions_per_replica (VADHost's target; redeploys)")
     p.add_argument("--show", action="store_true", help="print the deployed config and exit")
     a = p.parse_args(argv)
     url = a.address.rstrip("/") + APPLICATIONS

@@ -6,8 +6,8 @@ import io
 
 import numpy as np
 
-from speech_serve.ingress.connection import ProtocolError
-from speech_serve.messages import SAMPLE_RATE, AudioFormatError, pcm16_from_bytes
+from speech_serve.ingress.protocols.parsing import ProtocolError
+from speech_serve.wire.pcm import SAMPLE_RATE, AudioFormatError, pcm16_from_bytes
 
 SUPPORTED_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)  # PCM streams (plain, FunASR)
 

@@ -1,56 +1,51 @@
-"""What every WebSocket protocol shares: the connection loop (receive -> dispatch -> error or
-close), the send lock, idle and control-frame limits, moving to another replica when this one
-stops, and the pure helpers every protocol's parser uses.
+"""One WebSocket from its first frame to its close, for every protocol: the receive loop (a reader
+task moves frames into an inbox within the session's intake bounds; the frame loop dispatches them
+to the protocol), sending, errors and close codes, idling, and moving to another replica when this
+one stops.
 
-A protocol is one module (plain.py, xiaozhi.py, funasr.py, realtime.py) that fills in the hooks:
-`render_error()`, `open()` (optional: what happens before the first frame), `on_frame()` and
-`on_result()`.
+A protocol is one module in protocols/ whose connection class fills in the hooks: `render_error()`,
+`open()` (optional: what happens before the first frame), `on_frame()`, `render_result()`.
 
-Frames are read by their own task into an inbox, so a client that leaves is noticed at once,
-even while the frame loop is behind (busy in a VAD call with frames waiting): its frame loop is
-cancelled, its model work dropped, and its admission slot freed without working through the
-backlog for nobody.
+The reader runs apart from the frame loop, so a client that leaves is noticed at once, even while
+the frame loop is behind (busy in a VAD call with frames waiting): its frame loop is cancelled, its
+model work dropped, and its admission slot freed without working through the backlog for nobody.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import reprlib
+import operator
 import time
-from typing import Any
 
 import numpy as np
 from fastapi import WebSocket, WebSocketDisconnect
 
-from speech_serve.ingress.metrics import IngressMetrics
-from speech_serve.ingress.recognition import RecognitionOptions, UtteranceStream, UtteranceStreams
-from speech_serve.ingress.security import (
+from speech_serve.ingress.auth import (
     AuthDecision,
     CredentialError,
     Credentials,
     DeviceAuth,
     GroupNotAllowed,
     Identity,
-    SessionIntake,
-    SessionLimitExceeded,
-    TokenBucket,
     device_credentials,
     request_target,
 )
-from speech_serve.messages import (
+from speech_serve.ingress.drain import DRAINING
+from speech_serve.ingress.limits import SessionIntake, SessionLimitExceeded, TokenBucket
+from speech_serve.ingress.metrics import IngressMetrics
+from speech_serve.ingress.protocols.parsing import ProtocolError
+from speech_serve.ingress.stream import RecognitionOptions, UtteranceStream, UtteranceStreams
+from speech_serve.messages import Refusal, UtteranceResult
+from speech_serve.settings import LimitSettings
+from speech_serve.wire.codes import (
     CLOSE_INTERNAL,
     CLOSE_NORMAL,
     CLOSE_POLICY,
     CLOSE_PROTOCOL_ERROR,
-    CLOSE_SERVICE_RESTART,
     CLOSE_TOO_BIG,
     CLOSE_UNSUPPORTED_DATA,
-    Refusal,
-    UtteranceResult,
 )
-from speech_serve.settings import IngressSettings
 
 logger = logging.getLogger("ray.serve")
 
@@ -63,79 +58,7 @@ FATAL_ERRORS = {
     "bad_protocol_version": CLOSE_PROTOCOL_ERROR,
     "hello_timeout": CLOSE_PROTOCOL_ERROR,
 }
-DRAINING = Refusal("reconnect", "this server is shutting down; reconnect now", CLOSE_SERVICE_RESTART)
 RECONNECT_POLL_S = 0.1  # while asked to reconnect: how often to look for a pause between utterances
-
-
-class ProtocolError(ValueError):
-    """The client broke the protocol. `code` goes into the error frame; `param` names the field
-    at fault, for protocols whose error frames say so (Realtime)."""
-
-    def __init__(self, code: str, message: str, param: str | None = None):
-        super().__init__(message)
-        self.code = code
-        self.param = param
-
-
-_BRIEF_CHARS = 40
-_brief = reprlib.Repr()  # never builds the whole repr of a huge or deeply nested value
-_brief.maxstring = _brief.maxother = _BRIEF_CHARS
-_brief.maxlist = _brief.maxdict = _brief.maxtuple = 3
-_brief.maxlevel = 1
-
-
-def brief(value: Any) -> str:
-    """A client's value, short enough to quote in an error message (the frame may be megabytes)."""
-    text = _brief.repr(value)
-    return text if len(text) <= _BRIEF_CHARS else text[: _BRIEF_CHARS - 3] + "..."
-
-
-def json_object(text: str, max_string_chars: int | None = None) -> dict[str, Any]:
-    """A text frame as a JSON object, or the protocol error every adapter answers with.
-    `max_string_chars` bounds its top-level string fields (wav_name, speaker_group, ...: some are
-    echoed in every answer or kept for the session)."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ProtocolError("invalid_json", f"text frame is not JSON: {exc.msg}") from None
-    except RecursionError:  # '[[[[...' deeper than the decoder's recursion limit
-        raise ProtocolError("invalid_json", "text frame is nested too deeply") from None
-    except ValueError:  # an integer past Python's limit on digits (4300)
-        raise ProtocolError("invalid_json", "text frame holds a number with too many digits") from None
-    if not isinstance(data, dict):
-        raise ProtocolError("bad_message", "text frame must be a JSON object")
-    if "\\u" in text:  # only escapes can make a lone surrogate: the frame itself was UTF-8
-        _check_unicode(data)
-    if max_string_chars is not None:
-        for key, value in data.items():
-            if isinstance(value, str) and len(value) > max_string_chars:
-                raise ProtocolError(
-                    "field_too_long", f"{brief(key)} is {len(value)} characters long; at most {max_string_chars}"
-                )
-    return data
-
-
-def _check_unicode(data: dict[str, Any]) -> None:
-    """A lone surrogate escape ("\\ud800") is valid JSON but not text: it cannot be echoed in a text frame
-    (FunASR answers echo wav_name) nor bound in SQLite (speaker_group)."""
-    try:
-        json.dumps(data, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise ProtocolError("invalid_json", "text frame escapes a lone UTF-16 surrogate (\\ud800-\\udfff)") from None
-    except RecursionError:
-        raise ProtocolError("invalid_json", "text frame is nested too deeply") from None
-
-
-def whole_number(value: Any) -> int | None:
-    """A JSON number that is a whole number (16000 or 16000.0) as an int; None for anything
-    else, booleans included (True == 1 in Python)."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return None
 
 
 class ReconnectRequested(Exception):
@@ -146,56 +69,42 @@ class SessionIdle(Exception):
     """Raised inside the frame loop when the client has sent nothing for idle_timeout_s."""
 
 
-class Connection:
-    """One WebSocket, from its first frame to its close. Owns at most one `UtteranceStream` at a time.
+# ---- the connection -----------------------------------------------------------------------------
 
-    `session_id` is the id the session is admitted, counted and released under: fixed for the
-    connection's life (read-only). A stream may have an id of its own (`start_stream(stream_id=)`,
-    FunASR's second file): that one names its VAD state, never the session."""
+
+class Connection:
+    """Owns at most one `UtteranceStream` at a time. `session_id` is the id the session is admitted,
+    counted and released under, fixed for the connection's life (read-only). A stream may have an id
+    of its own (`start_stream(stream_id=)`, FunASR's second file): it names its VAD state only."""
 
     protocol = "?"  # metrics tag: plain, xiaozhi, funasr, realtime
     # Every text frame counts against the control budget as it is taken from the inbox. A protocol
     # whose audio comes in text frames (Realtime's base64 appends) sets False and counts its
     # control events itself, once parsed (`count_control`).
     text_is_control = True
+    session_id = property(operator.attrgetter("_session_id"))
 
-    def __init__(
-        self,
-        ws: WebSocket,
-        session_id: str,
-        streams: UtteranceStreams,
-        limits: IngressSettings,
-        metrics: IngressMetrics,
-    ):
-        self.ws = ws
-        self._session_id = session_id
-        # Set by authenticate() (Sessions.serve calls it before anything else); until then an
-        # anonymous identity, as with device authentication off.
-        self.identity = Identity()
-        self.streams = streams
-        self.limits = limits
-        self.metrics = metrics
+    def __init__(self, ws: WebSocket, session_id: str, streams: UtteranceStreams, limits: LimitSettings,
+                 metrics: IngressMetrics):  # fmt: skip
+        self.ws, self._session_id, self.streams, self.limits, self.metrics = ws, session_id, streams, limits, metrics
+        self.identity = Identity()  # who the session is admitted as: set by authenticate()
         self.stream: UtteranceStream | None = None
+        self.intake = SessionIntake(limits)  # checked by the reader and push_audio
+        self.protocol_errors = 0
         self._send_lock = asyncio.Lock()  # results and error frames come from different tasks
         self._inbox: asyncio.Queue[dict | BaseException] = asyncio.Queue()  # filled by _read_frames
         self._next_frame: asyncio.Future | None = None  # kept across receive() calls: never cancelled
         self._client_gone = asyncio.Event()  # the client's disconnect has been read
-        self.intake = SessionIntake(limits)  # what the client may send: checked by the reader and push_audio
         self._over_limit: SessionLimitExceeded | None = None  # why the reader stopped reading
         self._reader_refused = asyncio.Event()
         self._caught_up = asyncio.Event()  # the frame loop handled enough for the reader to go on
+        self._control_budget = TokenBucket(limits.control_per_s, limits.control_burst)
         self._reconnect = asyncio.Event()
         self._reconnect_asked: asyncio.Future | None = None
         self._reconnect_by: float | None = None  # monotonic deadline; before it, wait for a pause
         self._answered_since_asked = False
-        self._control_budget = TokenBucket(limits.control_per_s, limits.control_burst)
-        self.protocol_errors = 0
 
-    @property
-    def session_id(self) -> str:
-        return self._session_id
-
-    # ---- the hooks a protocol fills in ------------------------------------------------------
+    # ---- the hooks a protocol fills in ----------------------------------------------------------
     def render_error(self, code: str, message: str) -> str:
         raise NotImplementedError
 
@@ -211,34 +120,33 @@ class Connection:
         """One frame; False when the connection is over. A ProtocolError is answered by the loop."""
         raise NotImplementedError
 
-    async def on_result(self, result: UtteranceResult) -> None:
+    def render_result(self, result: UtteranceResult) -> str:
+        """The frame that answers one utterance."""
         raise NotImplementedError
 
-    async def on_failure(self, index: int, exc: Exception) -> None:
-        await self.send(self.render_error("recognition_failed", f"utterance {index} could not be recognised"))
+    def render_failure(self, index: int) -> str:
+        return self.render_error("recognition_failed", f"utterance {index} could not be recognised")
 
     def render_reconnect(self, message: str, received_ms: int) -> str:
         """The `reconnect` error frame; protocols that can carry it add `received_ms`."""
         return self.render_error(DRAINING.code, message)
 
     def credentials(self) -> Credentials:
-        """What the connection says about itself (device id, client id, token), read once by the
-        shared parser. Raises CredentialError."""
+        """What the connection says about itself, read once by the shared parser (CredentialError)."""
         return device_credentials(self.ws.headers, self.ws.query_params)
 
     def speaker_group(self, requested: str | None, fallback: str | None = None) -> str | None:
-        """The speaker group for a stream: the authenticated device's when device auth is on (a
-        client naming another gets a protocol error), else `requested`, else `fallback`."""
+        """The stream's speaker group: the authenticated device's when device auth is on (a client
+        naming another gets a protocol error), else `requested`, else `fallback`."""
         try:
             return self.identity.speaker_group(requested) or fallback
         except GroupNotAllowed as exc:
             raise ProtocolError("speaker_group_not_allowed", str(exc)) from None
 
-    # ---- the loop ---------------------------------------------------------------------------
+    # ---- the loop -------------------------------------------------------------------------------
     async def authenticate(self, auth: DeviceAuth) -> bool:
-        """Parse the credentials once and authenticate them, before any session exists; on
-        success `identity` is who the session is admitted as. A refusal is one error frame and
-        close 1008."""
+        """Before any session exists; on success `identity` is who the session is admitted as. A
+        refusal is one error frame and close 1008."""
         try:
             decision: AuthDecision = auth.check(self.credentials())
         except CredentialError as exc:
@@ -281,8 +189,8 @@ class Connection:
 
     async def _serve_until_gone(self) -> None:
         """`_serve()`, cut short when the client disconnects (frames still in the inbox and
-        utterances still being recognised are for nobody now) or when the reader refuses what
-        the client sends (a flood is stopped as it arrives, not after the frames ahead of it)."""
+        utterances being recognised are for nobody now) or when the reader refuses what the client
+        sends (a flood is stopped as it arrives, not after the frames ahead of it)."""
         serving = asyncio.create_task(self._serve())
         gone = asyncio.create_task(self._client_gone.wait())
         refused = asyncio.create_task(self._reader_refused.wait())
@@ -302,9 +210,8 @@ class Connection:
         serving.result()  # re-raises how the frame loop ended
 
     async def _read_frames(self) -> None:
-        """Move every frame into the inbox as it arrives, within the session's intake bounds;
-        pause while the session is `max_queued_bytes` behind; stop after the disconnect, or at
-        the first frame past a bound (the session is closed)."""
+        """Move every frame into the inbox as it arrives, within the intake bounds; pause while the
+        session is `max_queued_bytes` behind; stop after the disconnect or the first frame past a bound."""
         while True:
             try:
                 message = await self.ws.receive()
@@ -350,9 +257,9 @@ class Connection:
         await self.send(self.render_protocol_error(exc))
 
     async def receive(self, timeout_s: float | None = None) -> dict:
-        """The next frame. Raises WebSocketDisconnect when the client has gone,
-        ReconnectRequested once the session should move (between utterances), SessionIdle after
-        idle_timeout_s without a frame, and TimeoutError after `timeout_s`, if given."""
+        """The next frame. Raises WebSocketDisconnect when the client has gone, ReconnectRequested
+        once the session should move (between utterances), SessionIdle after idle_timeout_s without
+        a frame, and TimeoutError after `timeout_s`, if given."""
         if self._next_frame is None:
             self._next_frame = asyncio.ensure_future(self._inbox.get())
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -367,9 +274,8 @@ class Connection:
                 wait_s = self.limits.idle_timeout_s
                 if deadline is not None and deadline - time.monotonic() < wait_s:
                     wait_s = max(deadline - time.monotonic(), 0.001)
-                done, _ = await asyncio.wait(
-                    {self._next_frame, self._reconnect_asked}, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED
-                )
+                done, _ = await asyncio.wait({self._next_frame, self._reconnect_asked}, timeout=wait_s,
+                                             return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
                 if not done:
                     if deadline is not None and time.monotonic() >= deadline:
                         raise TimeoutError
@@ -392,18 +298,16 @@ class Connection:
         """One control frame against the session's budget (`control_burst`, `control_per_s`)."""
         if not self._control_budget.take():
             bucket = self._control_budget
-            raise SessionLimitExceeded(
-                "too_many_messages",
-                f"more than {bucket.burst} control frames at once or {bucket.rate_per_s:g} per second",
-            )
+            raise SessionLimitExceeded("too_many_messages", f"more than {bucket.burst} control frames at once or "
+                                       f"{bucket.rate_per_s:g} per second")  # fmt: skip
 
     async def send(self, text: str) -> None:
         async with self._send_lock:
             await self.ws.send_text(text)
 
     async def close_with_error(self, code: str, message: str, close_code: int, frame: str | None = None) -> None:
-        """The error frame (the protocol's rendering of code and message, unless `frame` is
-        given), then the close."""
+        """The error frame (the protocol's rendering of code and message, unless `frame` is given), then
+        the close."""
         try:
             await self.send(frame if frame is not None else self.render_error(code, message))
             await self.ws.close(close_code, f"{code}: {message}"[:120])
@@ -413,7 +317,7 @@ class Connection:
     async def refuse(self, refusal: Refusal) -> None:
         await self.close_with_error(refusal.code, refusal.message, refusal.close_code)
 
-    # ---- the utterance stream ---------------------------------------------------------------
+    # ---- the utterance stream -------------------------------------------------------------------
     async def push_audio(self, pcm: np.ndarray) -> None:
         """Client audio (16 kHz) into the open stream, paced to at most `max_audio_rate`."""
         wait = self.intake.audio_wait(len(pcm))
@@ -421,24 +325,23 @@ class Connection:
             await asyncio.sleep(wait)
         await self.stream.push(pcm)
 
-    def start_stream(self, options: RecognitionOptions, stream_id: str | None = None, **kwargs) -> UtteranceStream:
+    def start_stream(self, options: RecognitionOptions, stream_id: str | None = None, **extra) -> UtteranceStream:
         """`stream_id`: the stream's own id (its VAD state's), when not the session's."""
-        stream_id = stream_id or self.session_id
-        self.stream = self.streams.open(stream_id, options, self._deliver, self._failed, **kwargs)
+        self.stream = self.streams.open(stream_id or self.session_id, options, self._deliver, self._failed, **extra)
         return self.stream
 
     async def _deliver(self, result: UtteranceResult) -> None:
         self.metrics.utterance_answered(self.protocol, result)
-        await self.on_result(result)
+        await self.send(self.render_result(result))
         self._answered_since_asked = self._reconnect.is_set()
 
     async def _failed(self, index: int, exc: Exception) -> None:
         self.metrics.utterance_failed(self.protocol)
-        await self.on_failure(index, exc)
+        await self.send(self.render_failure(index))
 
     def drop_stream(self) -> None:
-        """Cancel what the stream still has in flight; its VAD state is freed in the background
-        (the VADHost may be busy, and nobody should wait for that)."""
+        """Cancel what the stream still has in flight; its VAD state is freed in the background (the
+        VADHost may be busy, and nobody should wait for that)."""
         stream, self.stream = self.stream, None
         if stream is not None:  # no stream, no VAD state: closing it twice would send two calls at once
             stream.close()
@@ -457,25 +360,23 @@ class Connection:
         logger.info("session %s: idle for %g s; closing", self.session_id, timeout)
         await self.close_with_error("idle_timeout", f"nothing received for {timeout:g} s", CLOSE_NORMAL)
 
-    # ---- draining: move the client to another replica -------------------------------------
+    # ---- draining: move the client to another replica -------------------------------------------
     def ask_to_reconnect(self, within_s: float) -> None:
         """Close with 1012 in the pause after the next result, or after `within_s` at the latest."""
         self._reconnect_by = time.monotonic() + within_s
         self._reconnect.set()
 
     def _may_move_now(self) -> bool:
-        # Right after a result the speaker has just paused (the VAD saw max_end_silence_ms of
-        # silence). Any other "idle" moment may be the start of speech the VAD has not reported
-        # yet, and closing then would cut that utterance in two.
-        if self.stream is None:
-            return True
-        if self.stream.idle and self._answered_since_asked:
+        # Right after a result the speaker has just paused (the VAD saw max_end_silence_ms of silence).
+        # Any other "idle" moment may be the start of speech the VAD has not reported yet, and closing
+        # then would cut that utterance in two.
+        if self.stream is None or (self.stream.idle and self._answered_since_asked):
             return True
         return time.monotonic() >= self._reconnect_by
 
     async def _move_client(self) -> None:
-        """Send every result owed (an open utterance is cut and transcribed), then 1012 with
-        how much audio was taken: frames the client sent after that were never read."""
+        """Send every result owed (an open utterance is cut and transcribed), then 1012 with how much
+        audio was taken: frames the client sent after that were never read."""
         received_ms = 0
         if self.stream is not None:
             received_ms = self.stream.timeline.received_ms

@@ -16,20 +16,13 @@ from fastapi import HTTPException, Request
 from fastapi.responses import Response
 
 from speech_serve.ingress.audio import AudioTooLongError, decode_file
-from speech_serve.ingress.connection import brief
-from speech_serve.ingress.recognition import ModelCalls, RecognitionOptions, utterances_of
-from speech_serve.ingress.security import (
-    DeviceAuth,
-    Identity,
-    Slots,
-    UploadError,
-    file_fields,
-    read_upload_form,
-    require_device,
-    text_field,
-)
-from speech_serve.messages import AudioFormatError, Utterance, UtteranceResult
-from speech_serve.settings import IngressSettings
+from speech_serve.ingress.auth import DeviceAuth, Identity, require_device
+from speech_serve.ingress.protocols.parsing import brief
+from speech_serve.ingress.stream import ModelCalls, Recognition, RecognitionOptions, utterances_of
+from speech_serve.ingress.uploads import Slots, UploadError, file_fields, read_upload_form, text_field
+from speech_serve.messages import Utterance, UtteranceResult
+from speech_serve.settings import AppSettings
+from speech_serve.wire.pcm import AudioFormatError
 
 RESPONSE_FORMATS = ("json", "text", "verbose_json")
 
@@ -96,8 +89,10 @@ class FileTranscriptions:
     seconds of CPU that every live session of the replica would wait for) and recognised
     `max_upload_segments_in_flight` segments at a time."""
 
-    def __init__(self, models: ModelCalls, device_auth: DeviceAuth, limits: IngressSettings, slots: Slots):
-        self.models, self.device_auth, self.limits = models, device_auth, limits
+    def __init__(self, calls: ModelCalls, recognise: Recognition, device_auth: DeviceAuth, settings: AppSettings,
+                 slots: Slots):  # fmt: skip
+        self.calls, self.recognise, self.device_auth = calls, recognise, device_auth
+        self.uploads, self.min_utterance_ms = settings.uploads, settings.stream.min_utterance_ms
         self.slots = slots  # shared with voiceprint enrolment: one cap on uploads per replica
 
     async def __call__(self, request: Request) -> Response:
@@ -106,10 +101,8 @@ class FileTranscriptions:
             return await self._transcribe(request, identity)
 
     async def _transcribe(self, request: Request, identity: Identity) -> Response:
-        limits = self.limits
-        form = await read_upload_form(
-            request, limits.max_upload_bytes, max_files=1, timeout_s=limits.upload_body_timeout_s
-        )
+        limits = self.uploads
+        form = await read_upload_form(request, limits.max_bytes, max_files=1, timeout_s=limits.body_timeout_s)
         try:
             (upload,) = file_fields(form, "file")
             fmt = check_response_format(text_field(form, "response_format", "json"))
@@ -122,25 +115,24 @@ class FileTranscriptions:
         finally:
             await form.close()
         try:
-            pcm, duration_s = await asyncio.to_thread(
-                decode_file, data, limits.max_upload_s, limits.max_upload_sample_rate
-            )
+            pcm, duration_s = await asyncio.to_thread(decode_file, data, limits.max_seconds, limits.max_sample_rate)
         except AudioTooLongError as exc:
             raise HTTPException(413, str(exc)) from None
         except AudioFormatError as exc:
             raise HTTPException(400, str(exc)) from None
         del data  # the decoded audio is all that is needed now
         request_id = "file-" + uuid.uuid4().hex[:12]
-        segments = await self.models.segment(pcm, request_id)
+        segments = await self.calls.segment(pcm, request_id)
         # the device's household when device auth is on, as on the WebSockets
         options = RecognitionOptions(language=language or "auto", speaker_group=identity.speaker_group(None))
-        in_flight = asyncio.Semaphore(limits.max_upload_segments_in_flight)
+        in_flight = asyncio.Semaphore(limits.max_segments_in_flight)
 
         async def recognise(utterance: Utterance) -> UtteranceResult:
             async with in_flight:
-                result, _ = await self.models.recognise(request_id, utterance, options)
+                result, _ = await self.recognise(request_id, utterance, options)
                 return result
 
-        results = await asyncio.gather(*(recognise(u) for u in utterances_of(pcm, segments, limits.min_utterance_ms)))
-        body, media_type = render(fmt, list(results), duration_s, self.models.models_label)
+        utterances = utterances_of(pcm, segments, self.min_utterance_ms)
+        results = await asyncio.gather(*(recognise(u) for u in utterances))
+        body, media_type = render(fmt, list(results), duration_s, self.recognise.models_label)
         return Response(content=body, media_type=media_type)

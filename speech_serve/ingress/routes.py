@@ -1,5 +1,5 @@
-"""Ingress: the FastAPI app under @serve.ingress. Thin routes; each delegates to the module
-that owns its concern.
+"""The Ingress deployment: the FastAPI app under @serve.ingress, its routes, and the wiring of the
+objects they delegate to (each route is thin; the module that owns its concern does the work).
 
 Routes
   GET  /healthz                   models real or test, replicas per deployment
@@ -11,7 +11,7 @@ Routes
   /v1/speakers ...                voiceprint enrolment: create, list, get, rename, re-enrol, delete (speakers.py)
   GET  /demo, /demo/<file>        a page to talk to the service from a browser (demo_page.py)
 
-Who may call what (security.py): every device path (the WebSockets and the file endpoint)
+Who may call what (auth.py): every device path (the WebSockets and the file endpoint)
 takes device tokens when device authentication is on; /v1/speakers* always takes the admin
 bearer token; /healthz and the demo page's static files are open. Refusals come before any session, body or model work.
 """
@@ -23,6 +23,7 @@ from fastapi import Depends, FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
+from speech_serve.ingress.auth import AdminAuth, DeviceAuth, serve_bind_host
 from speech_serve.ingress.capacity import ComputeAdmission
 from speech_serve.ingress.demo_page import demo_asset
 from speech_serve.ingress.files import FileTranscriptions
@@ -32,10 +33,11 @@ from speech_serve.ingress.protocols.funasr import FunasrConnection
 from speech_serve.ingress.protocols.plain import PlainConnection
 from speech_serve.ingress.protocols.realtime import RealtimeConnection
 from speech_serve.ingress.protocols.xiaozhi import XiaozhiConnection
-from speech_serve.ingress.recognition import ModelCalls, UtteranceStreams, live_stream_tasks
-from speech_serve.ingress.security import AdminAuth, DeviceAuth, Slots, install_redaction, serve_bind_host
+from speech_serve.ingress.redaction import install_redaction
 from speech_serve.ingress.sessions import Sessions
 from speech_serve.ingress.speakers import SpeakerAdmin, admin_only
+from speech_serve.ingress.stream import Backlog, ModelCalls, UtteranceStreams, live_stream_tasks
+from speech_serve.ingress.uploads import Slots
 from speech_serve.messages import ModelsSummary
 from speech_serve.settings import AppSettings
 from speech_serve.voiceprints import StoreUnavailable, open_store
@@ -66,7 +68,7 @@ def new_session_id() -> str:
 class Ingress:
     def __init__(self, vad, asr, speaker, registry, settings: AppSettings, models: ModelsSummary):
         self.models = models
-        self.limits = settings.ingress
+        self.limits = settings.limits
         self.xiaozhi_settings, self.funasr_settings = settings.xiaozhi, settings.funasr
         self.realtime_settings, self.vad_settings = settings.realtime, settings.vad
         self.metrics = IngressMetrics()
@@ -77,20 +79,16 @@ class Ingress:
         self.admin_auth = AdminAuth.from_settings(security)
         install_redaction(secrets=(self.device_auth.secret, self.admin_auth.token))  # before anything is logged
         self._log_security()
-        ingress = settings.ingress
-        self.compute = compute = ComputeAdmission(settings.admission, on_shed=self.metrics.shed)
-        calls = ModelCalls(vad, asr, speaker, settings.retry, models.label, ingress.speaker_enabled,
-                           settings.voiceprints.default_group, ingress.vad_batch_interval_ms,
-                           ingress.vad_sessions_per_lane, asr_waits=compute.waiting_for_asr,
-                           speaker_min_ms=settings.speaker.min_utterance_ms, shed=compute.shed)  # fmt: skip
-        self.streams = UtteranceStreams(calls, settings.ingress, settings.speaker.keep_embeddings, self.metrics)
-        self.sessions = Sessions(registry, settings.admission, settings.ingress, self.device_auth, self.metrics,
-                                 compute)  # fmt: skip
-        uploads = Slots(ingress.max_concurrent_uploads, ingress.upload_retry_after_s)  # files and enrolments
-        self.files = FileTranscriptions(calls, self.device_auth, ingress, uploads)
+        backlog = Backlog(settings.admission, on_shed=self.metrics.shed)
+        self.compute = ComputeAdmission(settings.admission, backlog)
+        calls = ModelCalls(vad, asr, speaker, settings, backlog)
+        self.streams = UtteranceStreams(calls, settings, self.metrics, models.label)
+        self.sessions = Sessions(registry, settings, self.device_auth, self.metrics, self.compute)
+        uploads = Slots(settings.uploads.max_concurrent, settings.uploads.retry_after_s)  # files and enrolments
+        self.files = FileTranscriptions(calls, self.streams.recognise, self.device_auth, settings, uploads)
         self.speakers = SpeakerAdmin(open_store(settings.voiceprints.store), calls, settings.voiceprints,
-                                     ingress, uploads)  # fmt: skip
-        self.health = DeploymentStates(serve_deployment_states, ingress.healthz_cache_s, ingress.healthz_timeout_s)
+                                     settings.uploads, uploads)  # fmt: skip
+        self.health = DeploymentStates(serve_deployment_states, settings.health.cache_s, settings.health.timeout_s)
         for role, source in models.sources.items():
             logger.info("model %s: %s", role, source)
         if models.warning:
@@ -119,8 +117,8 @@ class Ingress:
             "live_sessions_this_replica": len(self.sessions.live),
             "stream_tasks_this_replica": live_stream_tasks(),  # 0 when idle: a leak check for soak tests
             # admission by compute, this replica: how long the oldest final has waited, what is shed now
-            "load_this_replica": {"queue_delay_s": round(self.compute.queue_delay_s(), 3),
-                                  "shedding": self.compute.shedding()},  # fmt: skip
+            "load_this_replica": {"queue_delay_s": round(self.compute.backlog.queue_delay_s(), 3),
+                                  "shedding": self.compute.backlog.shedding()},  # fmt: skip
         }
         if self.models.warning:
             body["warning"] = self.models.warning

@@ -1,5 +1,5 @@
-"""This Ingress replica's sessions: who may open one, the application-wide registry, and what
-the replica does once Serve has decided to stop it.
+"""This Ingress replica's sessions, from admission to release: who may open one, the
+application-wide registry, and the drain watch.
 
 Admission: a session over a cap is refused at once with a reason and a close code; it never
 waits in a proxy queue. Two layers:
@@ -13,18 +13,8 @@ are numbered so a sync never drops one admitted after its snapshot.
 Every registry call is bounded by `registry_timeout_s`: a registry that is restarting may take a
 call and not answer, and a new session must then be admitted unchecked, not wait for ever.
 
-Draining: Ingress draining: what a replica does once Serve has decided to stop it.
-
-Serve picks which Ingress replica to stop (scale-down, redeploy) without looking at its
-WebSockets, then waits up to `graceful_shutdown_timeout_s` for its requests (our live
-sessions) to end before killing it. Serve has no drain hook for user code, so the replica
-polls the controller for its own state. From STOPPING on it:
-  * refuses new sessions at once (close 1012 "service restart": reconnect now), though
-    Serve's router already stops sending it any;
-  * lets live sessions go on untouched: most end by themselves within the grace period;
-  * `margin_s` before Serve's deadline, asks the rest to reconnect: each waits for a pause
-    between utterances (up to `idle_wait_s`), sends every result it owes, then closes 1012.
-Nothing is lost: an utterance still open at the deadline is cut and transcribed first.
+Draining (drain.py): a stopping replica refuses new sessions and, near its deadline, asks the
+live ones to reconnect.
 """
 
 from __future__ import annotations
@@ -33,18 +23,18 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 from ray import serve
 
+from speech_serve.ingress.auth import DeviceAuth
 from speech_serve.ingress.capacity import ComputeAdmission
-from speech_serve.ingress.connection import DRAINING, Connection
+from speech_serve.ingress.connection import Connection
+from speech_serve.ingress.drain import ASR_DEPLOYMENT, DRAINING, RUNNING, DrainWatch, controller_states
 from speech_serve.ingress.metrics import IngressMetrics
-from speech_serve.ingress.recognition import awaited, bounded
-from speech_serve.ingress.security import DeviceAuth
-from speech_serve.messages import CLOSE_TRY_AGAIN_LATER, Refusal
-from speech_serve.settings import AdmissionSettings, IngressSettings
+from speech_serve.ingress.stream.calls import awaited, bounded
+from speech_serve.messages import Refusal
+from speech_serve.settings import AppSettings
+from speech_serve.wire.codes import CLOSE_TRY_AGAIN_LATER
 
 logger = logging.getLogger("ray.serve")
 PROTOCOLS = ("plain", "xiaozhi", "funasr", "realtime")
@@ -65,13 +55,11 @@ def replica_refusal(draining: bool, live_here: int, max_per_replica: int) -> Ref
 class Sessions:
     """The live connections of this replica, from admission to release."""
 
-    def __init__(
-        self, registry, admission: AdmissionSettings, ingress: IngressSettings, device_auth: DeviceAuth,
-        metrics: IngressMetrics, compute: ComputeAdmission | None = None,
-    ):  # fmt: skip
+    def __init__(self, registry, settings: AppSettings, device_auth: DeviceAuth, metrics: IngressMetrics,
+                 compute: ComputeAdmission | None = None):  # fmt: skip
         self.registry = registry
-        self.compute = compute or ComputeAdmission(admission)
-        self.admission, self.ingress = admission, ingress
+        self.compute = compute or ComputeAdmission(settings.admission)
+        self.admission, self.drain = settings.admission, settings.drain
         self.device_auth = device_auth
         self.metrics = metrics
         self.live: dict[str, Connection] = {}  # for enrol-from-session and draining
@@ -182,9 +170,9 @@ class Sessions:
             logger.warning("admission.max_sessions_per_replica (%d) >= Ingress max_ongoing_requests (%d): "
                            "excess sessions will queue in the proxy instead of being refused",
                            cap, ctx._deployment_config.max_ongoing_requests)  # fmt: skip
-        s = self.ingress
+        d = self.drain
         self._drain = DrainWatch(lambda: controller_states(ctx.app_name, ctx.deployment), self._replica_id,
-                                 s.drain_poll_s, grace_s, s.drain_margin_s)  # fmt: skip
+                                 d.poll_s, grace_s, d.margin_s)  # fmt: skip
         self._background = [
             asyncio.create_task(self._move_sessions_when_stopping()),
             asyncio.create_task(self._sync_registry()),
@@ -195,88 +183,4 @@ class Sessions:
         await asyncio.sleep(plan.reconnect_in(time.monotonic()))
         logger.warning("ingress stopping: asking %d live sessions to reconnect", len(self.live))
         for conn in list(self.live.values()):
-            conn.ask_to_reconnect(self.ingress.drain_idle_wait_s)
-
-
-# ---- draining ---------------------------------------------------------------------------------
-
-
-STOPPING, RUNNING = "STOPPING", "RUNNING"
-ASR_DEPLOYMENT = "SenseVoice"
-
-
-def replica_is_stopping(states: dict[str, str], replica_id: str) -> bool:
-    """`states`: replica id -> state, as the controller lists them. An unknown replica is not
-    treated as stopping: sessions are never cut on uncertain information."""
-    return states.get(replica_id) == STOPPING
-
-
-@dataclass(frozen=True)
-class DrainPlan:
-    started: float  # time.monotonic() when the stop was seen
-    grace_s: float  # Serve's graceful_shutdown_timeout_s for this deployment
-    margin_s: float  # ask sessions to reconnect this long before Serve's deadline
-
-    def reconnect_in(self, now: float) -> float:
-        """Seconds until sessions are asked to reconnect (0: now)."""
-        return max(0.0, self.started + self.grace_s - self.margin_s - now)
-
-
-class DrainWatch:
-    """Polls this replica's state; `wait()` returns the plan once Serve starts stopping it."""
-
-    def __init__(
-        self,
-        fetch_states: Callable[[], Awaitable[dict[str, str]]],
-        replica_id: str,
-        poll_s: float,
-        grace_s: float,
-        margin_s: float,
-    ):
-        self._fetch, self.replica_id, self.poll_s = fetch_states, replica_id, poll_s
-        self.grace_s, self.margin_s = grace_s, margin_s
-        self.plan: DrainPlan | None = None
-
-    @property
-    def draining(self) -> bool:
-        return self.plan is not None
-
-    async def wait(self) -> DrainPlan:
-        while True:
-            try:
-                states = await self._fetch()
-            except Exception as exc:  # the controller may be restarting: keep serving, ask again
-                logger.info("drain watch: controller unavailable (%s)", type(exc).__name__)
-                states = {}
-            if replica_is_stopping(states, self.replica_id):
-                self.plan = DrainPlan(time.monotonic(), self.grace_s, self.margin_s)
-                wait_s = self.plan.reconnect_in(time.monotonic())
-                logger.warning("ingress replica %s is stopping: refusing new sessions; live ones asked to "
-                               "reconnect in %.0f s", self.replica_id, wait_s)  # fmt: skip
-                return self.plan
-            await asyncio.sleep(self.poll_s)
-
-
-_controller = None  # the Serve controller's handle, looked up once per process
-
-
-async def controller_states(app_name: str, deployment: str) -> dict[str, str]:
-    """Replica id -> state for one deployment, from the Serve controller. The handle is looked up
-    in a worker thread, once: `ray.get_actor` is a blocking GCS call, and this runs on the event
-    loop every session of the replica shares (each drain poll, each sync, the first admission)."""
-    global _controller
-    if _controller is None:
-        _controller = await asyncio.to_thread(_serve_controller)
-    try:
-        details = await _controller.get_deployment_details.remote(app_name, deployment)
-    except Exception:
-        _controller = None  # look it up again next time (the controller may have been replaced)
-        raise
-    return {r.replica_id: str(r.state.value) for r in details.replicas}
-
-
-def _serve_controller():
-    import ray
-    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
-
-    return ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+            conn.ask_to_reconnect(self.drain.idle_wait_s)

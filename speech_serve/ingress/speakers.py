@@ -21,18 +21,12 @@ from ray import serve
 from starlette.datastructures import FormData
 
 from speech_serve.ingress.audio import AudioTooLongError, decode_file
-from speech_serve.ingress.recognition import ModelCalls
-from speech_serve.ingress.security import (
-    Slots,
-    UploadError,
-    file_fields,
-    read_upload_form,
-    require_admin,
-    text_field,
-)
-from speech_serve.messages import AudioFormatError
-from speech_serve.settings import IngressSettings, VoiceprintSettings
+from speech_serve.ingress.auth import require_admin
+from speech_serve.ingress.stream import ModelCalls
+from speech_serve.ingress.uploads import Slots, UploadError, file_fields, read_upload_form, text_field
+from speech_serve.settings import UploadSettings, VoiceprintSettings
 from speech_serve.voiceprints import Voiceprint, VoiceprintStore
+from speech_serve.wire.pcm import AudioFormatError
 
 T = TypeVar("T")
 NAME = Field(..., min_length=1, max_length=64, description="Shown as `speaker.label` in results.")
@@ -103,7 +97,7 @@ class SpeakerAdmin:
         store: VoiceprintStore,
         models: ModelCalls,
         settings: VoiceprintSettings,
-        limits: IngressSettings,
+        limits: UploadSettings,
         uploads: Slots,
     ):
         self.store, self.models, self.settings, self.limits = store, models, settings, limits
@@ -159,16 +153,16 @@ class SpeakerAdmin:
         results = await asyncio.gather(*(self.models.embed(c, None, "enrolment") for c in clips))
         embeddings = [e for e, _, _ in results]
         if any(e is None for e in embeddings):
-            raise HTTPException(503, "the speaker model is disabled (ingress.speaker_enabled: false)")
+            raise HTTPException(503, "the speaker model is disabled (speaker.enabled: false)")
         return embeddings[0].model, [e.vector for e in embeddings]
 
     async def _enrolment_form(self, request: Request) -> tuple[FormData, list[tuple[str, bytes]]]:
         """The form (text fields) and its `files` as (filename, bytes), read into memory."""
         form = await read_upload_form(
             request,
-            self.limits.max_upload_bytes,
+            self.limits.max_bytes,
             max_files=self.settings.max_enroll_files,
-            timeout_s=self.limits.upload_body_timeout_s,
+            timeout_s=self.limits.body_timeout_s,
         )
         try:
             return form, [(f.filename or "file", await f.read()) for f in file_fields(form, "files")]

@@ -29,7 +29,8 @@ import numpy as np
 from speech_serve.cli import profile
 from speech_serve.replicas.models import load_automodel, materialize, resolve_models
 from speech_serve.settings import AsrSettings, ModelSettings, SpeakerSettings, VadSettings
-from speech_serve.wire.client import stream_file
+from speech_serve.wire.client import read_wav, stream_file
+from speech_serve.wire.pcm import SAMPLE_RATE, SAMPLES_PER_MS
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository (fixtures, corpus)
 
@@ -53,7 +54,7 @@ def app_args(path: Path | None, size: str, threads: int) -> dict:
     if path is None:
         return {"models": {"test_model_size": size}, "asr": {"threads": threads}, "speaker": {"threads": threads}}
     args = profile.load(path)["applications"][0]["args"]
-    return {k: args[k] for k in ("models", "asr", "speaker", "vad", "ingress") if k in args}
+    return {k: args[k] for k in ("models", "asr", "speaker", "vad") if k in args}
 
 
 def model_ms(core, request) -> float:
@@ -135,22 +136,21 @@ def main() -> None:
     app = app_args(args.profile, args.size, args.threads)
     model_settings = ModelSettings(**app["models"])
     asr_settings = AsrSettings(**app.get("asr", {}))
-    speaker_on = app.get("ingress", {}).get("speaker_enabled", True)
-    speaker_threads = SpeakerSettings(**app.get("speaker", {})).threads if speaker_on else None
+    speaker = SpeakerSettings(**app.get("speaker", {}))
+    speaker_threads = speaker.threads if speaker.enabled else None
     vad_settings = VadSettings(**app.get("vad", {}))  # the clips as the served VAD cuts them
     models = resolve_models(model_settings)
     for source in (models.asr, models.speaker):
         print(f"preparing {source.describe()} ...", flush=True)
         materialize(source)
 
-    from speech_serve.messages import ms_to_samples
-    from tests.conftest import read_pcm
-
-    pcm = read_pcm(args.wav)
+    data, rate = read_wav(str(args.wav))
+    assert rate == SAMPLE_RATE, f"{args.wav}: {rate} Hz; the bench takes 16 kHz WAVs"
+    pcm = np.frombuffer(data, dtype="<i2").astype(np.int16)
     from speech_serve.replicas.vad import VadCore
 
     segments = VadCore(models.vad, vad_settings).segment(pcm)
-    clips = [pcm[ms_to_samples(a) : ms_to_samples(b)] for a, b in segments]
+    clips = [pcm[a * SAMPLES_PER_MS : b * SAMPLES_PER_MS] for a, b in segments]
     print(f"{len(clips)} utterances in {args.wav.name}: {segments}", flush=True)
 
     bare_numbers = bare(models, clips, args.runs, asr_settings, speaker_threads)
@@ -176,7 +176,7 @@ def main() -> None:
     )
     print(f"\nmodels: {model_settings.test_model_size}, {args.runs} runs, medians in ms, SenseVoice "
           f"{asr_settings.model_dump(include={'threads', 'quantize', 'trace_encoder'})}, "
-          f"speaker {'on' if speaker_on else 'off'}\n")  # fmt: skip
+          f"speaker {'on' if speaker.enabled else 'off'}\n")  # fmt: skip
     print(header)
     print("\n".join(rows))
     print(f"\nfsmn-vad streaming (200 ms chunks, one thread): {bare_numbers['vad_ms_per_audio_s']} ms per audio-second")

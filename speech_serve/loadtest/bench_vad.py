@@ -21,12 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from speech_serve.loadtest.loadgen import load_corpus
+from speech_serve.loadtest.records import load_corpus
 from speech_serve.loadtest.sweep import SweepConfig
-from speech_serve.messages import VadChunk, VadItem, ms_to_samples
+from speech_serve.messages import VadChunk, VadItem
 from speech_serve.replicas.models import resolve_models
 from speech_serve.replicas.vad import VadCore
 from speech_serve.settings import ModelSettings, VadSettings
+from speech_serve.wire.pcm import SAMPLES_PER_MS
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository (fixtures, corpus)
 
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     source = resolve_models(ModelSettings(), hub_up=False).vad
     core = VadCore(source, VadSettings(max_end_silence_ms=800, threads=1))
     audio = session_audio(args.sessions, args.utterances)
-    chunk = ms_to_samples(args.chunk_ms)
+    chunk = args.chunk_ms * SAMPLES_PER_MS
     run(core, audio, chunk)  # warm-up
     per_chunk_ms, found = [], set()
     for _ in range(args.runs):

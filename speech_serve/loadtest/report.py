@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from speech_serve.loadtest.loadgen import LoadConfig, RunState, UtteranceRecord
+from speech_serve.loadtest.records import LoadConfig, RunState, UtteranceRecord
 
 
 def cer(reference: str, hypothesis: str) -> float:

@@ -40,7 +40,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from speech_serve.loadtest.loadgen import FRAME_MS, FRAME_SAMPLES, connect_device, handshake
+from speech_serve.loadtest.loadgen import connect_device, handshake
+from speech_serve.loadtest.records import FRAME_MS, FRAME_SAMPLES
 from speech_serve.wire.opus import encode_pcm
 from speech_serve.wire.xiaozhi import frame_audio
 
@@ -373,7 +374,7 @@ class SoakConfig:
 
 
 @dataclass
-class Timeline:
+class Samples:
     samples: list[dict] = field(default_factory=list)  # {"t", "audio_s", "answered", "rss_mb": {...}}
 
 
@@ -384,7 +385,7 @@ async def run_long_sessions(cfg: SoakConfig, reference: Reference, clip: np.ndar
     total_s = loops * loop_s * cfg.sessions
     pids = await asyncio.to_thread(probe.pids) if probe else {}
     objects_before = await asyncio.to_thread(probe.python_objects) if probe else {}
-    timeline = Timeline()
+    timeline = Samples()
     kills: list[dict] = []
     before: dict[str, float] | None = None
     started = time.monotonic()

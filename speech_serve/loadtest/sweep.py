@@ -41,7 +41,8 @@ from types import SimpleNamespace
 import httpx
 
 from speech_serve.cli.dashboard import auth_headers
-from speech_serve.loadtest.loadgen import Clip, LoadConfig, cpu_by_kind, cpu_seconds, load_corpus, run_load
+from speech_serve.loadtest.loadgen import cpu_by_kind, cpu_seconds, run_load
+from speech_serve.loadtest.records import Clip, LoadConfig, load_corpus
 from speech_serve.loadtest.report import pct
 
 SERVER_KINDS_EXCLUDED = {"loadgen"}  # CPU not spent by the service

@@ -75,7 +75,7 @@ class AsrCore:
         return results  # type: ignore[return-value]
 
 
-@serve.deployment  # its options: settings.DEPLOYMENT_OPTIONS
+@serve.deployment  # its options: settings.DEFAULT_DEPLOYMENT_OPTIONS
 class SenseVoice(BatchedModelHost):
     def __init__(self, source: ModelSource, settings: AsrSettings):
         self._core = AsrCore(source, settings, device=pick_device())

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 
 from ray import serve
 
-from speech_serve.messages import CLOSE_POLICY, CLOSE_TRY_AGAIN_LATER, Refusal
+from speech_serve.messages import Refusal
 from speech_serve.settings import AdmissionSettings
+from speech_serve.wire.codes import CLOSE_POLICY, CLOSE_TRY_AGAIN_LATER
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ class SessionLedger:
         self._released = {s: t for s, t in self._released.items() if now - t <= self.lease_s}
 
 
-@serve.deployment  # its options: settings.DEPLOYMENT_OPTIONS (one replica, 0 CPUs)
+@serve.deployment  # its options: settings.DEFAULT_DEPLOYMENT_OPTIONS (one replica, 0 CPUs)
 class SessionRegistry:
     def __init__(self, settings: AdmissionSettings):
         limits = Limits(settings.max_sessions_total, settings.max_connections_per_device)

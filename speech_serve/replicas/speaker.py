@@ -135,7 +135,7 @@ class Identifier:
         return self._cache[group]
 
 
-@serve.deployment  # its options: settings.DEPLOYMENT_OPTIONS
+@serve.deployment  # its options: settings.DEFAULT_DEPLOYMENT_OPTIONS
 class Speaker(BatchedModelHost):
     def __init__(self, source: ModelSource, settings: SpeakerSettings, voiceprints: VoiceprintSettings):
         self._core = SpeakerCore(source, settings, device=pick_device())

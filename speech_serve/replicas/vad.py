@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from speech_serve.messages import VadChunk, VadEvent, VadFeedResult, VadItem, ms_to_samples, samples_to_ms, to_float32
+from speech_serve.messages import VadChunk, VadEvent, VadFeedResult, VadItem, to_float32
 from speech_serve.replicas import fast_fbank
 from speech_serve.replicas.fsmn_batch import BatchedFsmnVad, Step
 from speech_serve.replicas.lane_router import LIVE_SESSIONS_STAT
@@ -30,6 +30,7 @@ from speech_serve.replicas.metrics import VadMetrics
 from speech_serve.replicas.models import ModelSource, load_automodel
 from speech_serve.replicas.worker import ModelThread
 from speech_serve.settings import VadSettings
+from speech_serve.wire.pcm import SAMPLES_PER_MS
 
 logger = logging.getLogger("ray.serve")
 
@@ -60,7 +61,7 @@ class VadCore:
         )
         self._engine = BatchedFsmnVad(self.model)  # streaming steps; `segment` (whole files) uses generate
         self._streams: dict[str, _Stream] = {}
-        self.segment(np.zeros(ms_to_samples(600), dtype=np.int16))  # the first call is slow
+        self.segment(np.zeros(600 * SAMPLES_PER_MS, dtype=np.int16))  # the first call is slow
 
     @property
     def live_sessions(self) -> int:
@@ -157,11 +158,11 @@ class VadCore:
 
     @staticmethod
     def _step(stream: _Stream, pcm: np.ndarray, final: bool) -> Step:
-        chunk_ms = max(samples_to_ms(len(pcm)), 1)
+        chunk_ms = max(len(pcm) // SAMPLES_PER_MS, 1)
         return Step(stream.cache, to_float32(pcm), final, chunk_ms=chunk_ms, end_silence_ms=stream.end_silence_ms)
 
     def _events(self, stream: _Stream, step: Step, pcm: np.ndarray) -> list[VadEvent]:
-        stream.fed_ms += samples_to_ms(len(pcm))
+        stream.fed_ms += len(pcm) // SAMPLES_PER_MS
         stream.last_pcm = pcm
         events = []
         for beg, end in step.segments:
@@ -178,7 +179,7 @@ class VadCore:
         was building up in it is not lost."""
         last = stream.last_pcm if stream.last_pcm is not None else np.zeros(0, dtype=np.int16)
         stream.cache = {}
-        stream.base_ms = stream.fed_ms - samples_to_ms(len(last))
+        stream.base_ms = stream.fed_ms - len(last) // SAMPLES_PER_MS
         stream.fed_ms = stream.base_ms
         if not len(last):
             return []
@@ -197,7 +198,7 @@ class VadCore:
         return [(int(a), int(b)) for a, b in (out[0]["value"] if out else [])]
 
 
-@serve.deployment  # its options (sticky router included): settings.DEPLOYMENT_OPTIONS
+@serve.deployment  # its options (lane router included): settings.DEFAULT_DEPLOYMENT_OPTIONS
 class VADHost:
     def __init__(self, source: ModelSource, settings: VadSettings):
         self._core = VadCore(source, settings)
@@ -221,17 +222,19 @@ class VADHost:
         return {LIVE_SESSIONS_STAT: self._core.live_sessions}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        return {LIVE_SESSIONS_STAT: float(self._core.live_sessions)}
+        return {LIVE_SESSIONS_STAT: float(self._core.live_sessions),
+                SIZED_FOR_STAT: float(self._core.settings.sessions_per_replica)}  # fmt: skip
 
 
 # ---- autoscaling policy -------------------------------------------------------------------------
-# Autoscaling policy for VADHost: replicas from live sessions, not from queued requests.
-#
-# A VADHost call lasts a few milliseconds, so its request queue says little about load; the
-# number of sessions pinned to it does. Each replica reports `live_sessions` through
-# `record_autoscaling_stats()`; this policy sums them and asks for
-# ceil(sessions / sessions_per_replica) replicas. Serve then applies the deployment's
-# min/max replicas, up/down delays and scaling factors around the decision.
+# Replicas from live sessions, not from queued requests: a VADHost call lasts a few milliseconds, so
+# its request queue says little about load; the number of sessions pinned to it does. Each replica
+# reports its `live_sessions` and what it is sized for (`vad.sessions_per_replica`, which is also the
+# size of the Ingress's lanes, so new lanes land on new replicas) through `record_autoscaling_stats()`;
+# the policy asks for ceil(sessions / sessions_per_replica) replicas. Serve then applies the
+# deployment's min/max replicas, up/down delays and scaling factors around the decision.
+
+SIZED_FOR_STAT = "sessions_per_replica"
 
 
 def replicas_for_sessions(live_sessions: float, sessions_per_replica: int) -> int:
@@ -240,17 +243,13 @@ def replicas_for_sessions(live_sessions: float, sessions_per_replica: int) -> in
 
 
 class SessionsPolicy:
-    """`autoscaling_config.policy: {policy_function: speech_serve.replicas.vad:SessionsPolicy,
-    policy_kwargs: {sessions_per_replica: 50}}` (Ray 2.60 custom autoscaling policy)."""
-
-    def __init__(self, sessions_per_replica: int = 50):
-        if sessions_per_replica < 1:
-            raise ValueError("sessions_per_replica must be at least 1")
-        self.sessions_per_replica = sessions_per_replica
+    """`autoscaling_config.policy: {policy_function: speech_serve.replicas.vad:SessionsPolicy}` (Ray 2.60
+    custom autoscaling policy). Takes no kwargs: the target per replica comes from the replicas."""
 
     def __call__(self, ctx) -> tuple[int, dict[str, Any]]:
-        per_replica = (ctx.aggregated_metrics or {}).get(LIVE_SESSIONS_STAT)
-        if not per_replica:  # no report yet (replicas starting): keep what we have
+        metrics = ctx.aggregated_metrics or {}
+        live, sized = metrics.get(LIVE_SESSIONS_STAT), metrics.get(SIZED_FOR_STAT)
+        if not live or not sized:  # no report yet (replicas starting): keep what we have
             return ctx.target_num_replicas, {}
-        total = float(sum(per_replica.values()))
-        return replicas_for_sessions(total, self.sessions_per_replica), {"live_sessions": total}
+        total = float(sum(live.values()))
+        return replicas_for_sessions(total, max(1, round(max(sized.values())))), {"live_sessions": total}

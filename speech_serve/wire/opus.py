@@ -10,7 +10,8 @@ from __future__ import annotations
 import av
 import numpy as np
 
-SAMPLE_RATE = 16000
+from speech_serve.wire.pcm import SAMPLE_RATE
+
 OPUS_RATES = (8000, 12000, 16000, 24000, 48000)  # what an Opus stream may declare
 OPUS_FRAME_MS = (10, 20, 40, 60, 80, 100, 120)
 

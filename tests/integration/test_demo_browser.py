@@ -14,7 +14,7 @@ from urllib.parse import urlencode
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
-from tests.integration.conftest import TEST_DEVICE, device_token
+from tests.support.service import TEST_DEVICE, device_token
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,7 @@ PROBE = Path(__file__).with_name("gpu_placement_probe.py")
 
 
 def test_four_quarter_gpu_replicas_fit_on_one_gpu_and_a_fifth_waits(model_settings, tiny_models):
-    placement = {name: {"num_cpus": 0} for name in ("Ingress", "VADHost", "Speaker")}
+    placement = {name: {"num_cpus": 0, "num_gpus": 0} for name in ("Ingress", "VADHost", "Speaker")}
     placement["SenseVoice"] = {"num_cpus": 0, "num_gpus": 0.25, "num_replicas": 5}
     args = {"models": model_settings.model_dump(), "asr": {"threads": 1}, "speaker": {"threads": 1},
             "placement": placement}  # fmt: skip

@@ -23,16 +23,21 @@ from websockets.sync.client import ClientConnection, connect
 
 from examples.xiaozhi_device import run_device
 from speech_serve.ingress.protocols import xiaozhi
-from speech_serve.settings import IngressSettings
+from speech_serve.settings import LimitSettings
 from speech_serve.wire.opus import encode_pcm
 from speech_serve.wire.tokens import device_headers as credentials
 from speech_serve.wire.xiaozhi import frame_audio
-from tests.conftest import TWO_UTTERANCES_WAV, read_pcm
-from tests.integration.conftest import as_device, vad_live_sessions
-from tests.integration.test_protocols_e2e import assert_two_utterances_in_order, device_token, xiaozhi_url
+from tests.support.audio import TWO_UTTERANCES_WAV, read_pcm
+from tests.support.service import (
+    as_device,
+    assert_two_utterances_in_order,
+    device_token,
+    vad_live_sessions,
+    xiaozhi_url,
+)
 
 pytestmark = pytest.mark.integration
-LIMITS = IngressSettings()  # the service runs with the defaults
+LIMITS = LimitSettings()  # the service runs with the defaults
 RECV_S = 15
 
 

@@ -10,13 +10,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from speech_serve.wire.tokens import device_headers
-from tests.integration.conftest import (
-    ALLOWED_DEVICE,
-    DEVICE_CONNECTIONS_CAP,
-    SESSIONS_CAP,
-    as_device,
-    wait_admission_clean,
-)
+from tests.support.service import ALLOWED_DEVICE, DEVICE_CONNECTIONS_CAP, SESSIONS_CAP, as_device, wait_admission_clean
 
 pytestmark = pytest.mark.integration
 

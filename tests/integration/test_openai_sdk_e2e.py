@@ -13,8 +13,8 @@ import pytest
 import soxr
 import websockets
 
-from tests.conftest import TWO_UTTERANCES_SPEECH_MS, TWO_UTTERANCES_WAV, read_pcm
-from tests.integration.conftest import TEST_DEVICE, device_token
+from tests.support.audio import TWO_UTTERANCES_SPEECH_MS, TWO_UTTERANCES_WAV, read_pcm
+from tests.support.service import TEST_DEVICE, device_token
 
 pytestmark = pytest.mark.integration
 DEVICE = {"Device-Id": TEST_DEVICE}

@@ -17,22 +17,19 @@ from examples.xiaozhi_device import run_device, speech_windows
 from speech_serve.wire.client import run_funasr
 from speech_serve.wire.opus import encode_pcm
 from speech_serve.wire.tokens import issue_token
-from tests.conftest import TWO_UTTERANCES_SPEECH_MS, TWO_UTTERANCES_WAV, read_pcm
-from tests.integration.conftest import ALLOWED_DEVICE, SECRET, as_device, device_token, vad_live_sessions
+from tests.support.audio import TWO_UTTERANCES_SPEECH_MS, TWO_UTTERANCES_WAV, read_pcm
+from tests.support.service import (
+    ALLOWED_DEVICE,
+    SECRET,
+    as_device,
+    assert_two_utterances_in_order,
+    device_token,
+    vad_live_sessions,
+    xiaozhi_url,
+)
 
 pytestmark = pytest.mark.integration
 WAV = str(TWO_UTTERANCES_WAV)
-
-
-def xiaozhi_url(service: str) -> str:
-    return f"ws://{service}/xiaozhi/v1/"
-
-
-def assert_two_utterances_in_order(results: list[dict], tolerance_ms: int = 400) -> None:
-    assert [r["index"] for r in results] == [0, 1]
-    for r, (start, end) in zip(results, TWO_UTTERANCES_SPEECH_MS, strict=True):
-        assert abs(r["start_ms"] - start) < tolerance_ms and abs(r["end_ms"] - end) < tolerance_ms
-        assert r["text"]
 
 
 @pytest.mark.parametrize("version, mode", [(1, "auto"), (2, "realtime"), (3, "manual"), (1, "manual")])

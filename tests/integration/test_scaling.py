@@ -19,9 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import wave
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,14 +31,12 @@ from websockets.sync.client import connect
 
 from speech_serve.app import free_port
 from speech_serve.cli.dashboard import APPLICATIONS, auth_headers
-from speech_serve.messages import CLOSE_SERVICE_RESTART
-from tests.conftest import TWO_UTTERANCES_WAV
-from tests.unit.test_grafana_dashboard import dashboard_series
+from tests.support.dashboard import dashboard_series
+from tests.support.looping import LoopingDevice, finish_devices, wait_for
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
-UTTERANCES_PER_LOOP = 2  # two_utterances.wav; 1.7 s of silence joins one loop to the next
 INGRESS_GRACE_S, DRAIN_MARGIN_S = 30, 20  # a stopping Ingress asks sessions to move 10 s after the stop
 
 
@@ -50,14 +46,10 @@ def _yaml(model_settings, http_port: int) -> dict:
     app = config["applications"][0]
     args = app["args"]
     args["models"] = model_settings.model_dump()
-    args["asr"]["threads"] = args["speaker"]["threads"] = 1
+    args["asr"], args["speaker"] = {"threads": 1}, {"threads": 1}
     args["placement"] = {name: {"num_cpus": 0} for name in ("Ingress", "VADHost", "SenseVoice", "Speaker")}
-    args["ingress"] |= {
-        "drain_poll_s": 1.0,
-        "drain_margin_s": DRAIN_MARGIN_S,
-        "drain_idle_wait_s": 5.0,
-        "vad_sessions_per_lane": 2,
-    }  # as VADHost's sessions_per_replica below
+    args["drain"] = {"poll_s": 1.0, "margin_s": DRAIN_MARGIN_S, "idle_wait_s": 5.0}
+    args["vad"] |= {"sessions_per_replica": 2}  # the Ingress's lanes and VADHost's policy alike
     # a refused second connection feeds the metric; no queue-delay refusals: a busy CI machine's speed
     # must not decide which sessions these tests get. A zero shed delay sheds the speaker model of
     # every utterance (nothing here reads speakers): the shed counter is exported, end to end.
@@ -68,7 +60,6 @@ def _yaml(model_settings, http_port: int) -> dict:
     deployments["Ingress"]["autoscaling_config"] |= fast | {"target_ongoing_requests": 2}
     deployments["Ingress"]["graceful_shutdown_timeout_s"] = INGRESS_GRACE_S
     deployments["VADHost"]["autoscaling_config"] |= fast
-    deployments["VADHost"]["autoscaling_config"]["policy"]["policy_kwargs"] = {"sessions_per_replica": 2}
     return config
 
 
@@ -78,20 +69,6 @@ class Cluster:
     ws: str
     metrics: str
     env: dict
-
-
-def _wait(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-            if last:
-                return last
-        except Exception as exc:  # the head node is still coming up
-            last = exc
-        time.sleep(1)
-    raise AssertionError(f"{what} not reached in {timeout_s} s (last: {last})")
 
 
 @pytest.fixture(scope="module")
@@ -109,12 +86,13 @@ def cluster(model_settings, tiny_models, tmp_path_factory):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT, start_new_session=True,
     )  # fmt: skip
     try:
-        _wait(lambda: httpx.get(dashboard + APPLICATIONS, headers=auth_headers(), timeout=5).status_code == 200,
+        wait_for(lambda: httpx.get(dashboard + APPLICATIONS, headers=auth_headers(), timeout=5).status_code == 200,
               120, "dashboard up")  # fmt: skip
         deploy = subprocess.run([BIN / "serve", "deploy", str(config), "--address", dashboard], env=env, cwd=ROOT,
                                 capture_output=True, text=True, timeout=120)  # fmt: skip
         assert deploy.returncode == 0, deploy.stdout[-2000:] + deploy.stderr[-2000:]
-        _wait(lambda: httpx.get(f"http://127.0.0.1:{http_port}/healthz", timeout=5).status_code == 200, 180, "healthy")
+        healthz = f"http://127.0.0.1:{http_port}/healthz"
+        wait_for(lambda: httpx.get(healthz, timeout=5).status_code == 200, 180, "healthy")
         yield Cluster(dashboard, f"ws://127.0.0.1:{http_port}", f"http://127.0.0.1:{metrics_port}/metrics", env)
     finally:  # this node's processes only: its own process group
         os.killpg(head.pid, signal.SIGTERM)
@@ -145,114 +123,12 @@ def _scale(cluster: Cluster, *args: str) -> str:
     return cli.stdout
 
 
-class LoopingDevice(threading.Thread):
-    """A plain-protocol client streaming two_utterances.wav in a loop at real-time pace. It
-    stops at a loop boundary when asked, and reconnects (carrying on where it was in the
-    audio) when the server closes with 1012, as a device would."""
-
-    def __init__(self, url: str, frame_ms: int = 100):
-        super().__init__(daemon=True)
-        with wave.open(str(TWO_UTTERANCES_WAV), "rb") as w:
-            self.pcm = w.readframes(w.getnframes())
-        self.url, self.frame_bytes, self.frame_s = url, 16 * frame_ms * 2, frame_ms / 1000
-        self.stop = threading.Event()
-        self.sent = 0  # bytes of audio taken by the service, over all connections (loops x file size)
-        self.connections: list[dict] = []  # per connection: results, close code, error frames
-        self.failure: BaseException | None = None
-        self.refused_at_connect = 0  # refused by a stopping replica at connect (1012), then reconnected
-
-    @property
-    def loops(self) -> int:
-        return self.sent // len(self.pcm)
-
-    @property
-    def results(self) -> int:
-        return sum(len(c["results"]) for c in self.connections)
-
-    @property
-    def moved(self) -> int:
-        return sum(c["close"] == CLOSE_SERVICE_RESTART for c in self.connections)
-
-    def run(self) -> None:
-        try:
-            while self._connection():
-                pass
-        except BaseException as exc:  # reported by the test
-            self.failure = exc
-
-    def _connection(self) -> bool:
-        """Stream from `self.sent` on; True if the service asked us to reconnect."""
-        start, n = self.sent, len(self.pcm)
-        pos = start
-        conn = {"results": [], "close": None, "errors": [], "done": None}
-        with connect(self.url + "/v1/stream", max_size=None, open_timeout=30) as ws:
-            hello = json.loads(ws.recv(timeout=60))
-            if hello.get("code") == "reconnect":
-                # A replica that has just begun to stop refuses new sessions with 1012 (a connection
-                # the proxy routed to it a moment before); a device reconnects, as after a move.
-                self.refused_at_connect += 1
-                return True
-            assert hello["type"] == "ready", hello
-            self.connections.append(conn)
-            ws.send(json.dumps({"type": "start", "sample_rate": 16000}))
-            assert (started := json.loads(ws.recv(timeout=60)))["type"] == "ready", started
-            reader = threading.Thread(target=self._read, args=(ws, conn), daemon=True)
-            reader.start()
-            next_at = time.monotonic()
-            while conn["close"] is None:
-                if pos % n == 0 and pos > start and self.stop.is_set():  # a loop boundary
-                    ws.send(json.dumps({"type": "end"}))
-                    reader.join(60)
-                    self.sent = pos
-                    return False
-                frame = self.pcm[pos % n : min(pos % n + self.frame_bytes, n)]
-                try:
-                    ws.send(frame)
-                except ConnectionClosed:
-                    break
-                pos += len(frame)
-                next_at += self.frame_s
-                time.sleep(max(0.0, next_at - time.monotonic()))
-            reader.join(30)
-        assert conn["close"] == CLOSE_SERVICE_RESTART, f"closed with {conn['close']}: {conn['errors']}"
-        # Frames sent after the server stopped reading are gone: resend from what it took.
-        self.sent = start + conn["errors"][-1]["received_ms"] * 32  # bytes of 16 kHz PCM16
-        return True
-
-    def _read(self, ws, conn: dict) -> None:
-        try:
-            while True:
-                msg = json.loads(ws.recv(timeout=120))
-                if msg["type"] == "result":
-                    conn["results"].append(msg["index"])
-                elif msg["type"] == "done":
-                    conn["done"] = msg["utterances"]
-                    return
-                else:
-                    conn["errors"].append(msg)
-        except ConnectionClosed as exc:
-            conn["close"] = exc.rcvd.code if exc.rcvd else None
-
-
-def _finish(devices: list[LoopingDevice]) -> None:
-    for d in devices:
-        d.stop.set()
-    for d in devices:
-        d.join(90)
-    for d in devices:
-        assert not d.is_alive() and d.failure is None, d.failure
-        assert d.results == UTTERANCES_PER_LOOP * d.loops, (d.loops, d.connections)  # nothing lost or doubled
-        for c in d.connections:
-            assert c["results"] == list(range(len(c["results"]))), c  # in order, once each
-        assert d.connections[-1]["done"] == len(d.connections[-1]["results"])
-
-
 def test_scale_cli_changes_min_replicas_and_batch_size_live(cluster):
-    _wait(lambda: _running(cluster, "SenseVoice") == 1, 60, "1 SenseVoice")
+    wait_for(lambda: _running(cluster, "SenseVoice") == 1, 60, "1 SenseVoice")
     before = {r["replica_id"] for r in _deployment(cluster, "SenseVoice")["replicas"]}
     out = _scale(cluster, "SenseVoice", "--min", "2", "--max", "6", "--batch-size", "16")
     assert "applied to speech/SenseVoice" in out
-    deployed = _wait(lambda: _running(cluster, "SenseVoice") == 2 and _deployment(cluster, "SenseVoice"), 120,
+    deployed = wait_for(lambda: _running(cluster, "SenseVoice") == 2 and _deployment(cluster, "SenseVoice"), 120,
                      "2 SenseVoice replicas")  # fmt: skip
     config_now = deployed["deployment_config"]
     scaling = config_now["autoscaling_config"]
@@ -283,17 +159,17 @@ def test_vad_and_ingress_replicas_follow_live_sessions_up_and_down(cluster):
             for _ in range(4):
                 sample()
                 time.sleep(1)
-        _wait(lambda: sample() == (2, 2), 150, "2 Ingress and 2 VADHost replicas")
+        wait_for(lambda: sample() == (2, 2), 150, "2 Ingress and 2 VADHost replicas")
         # New sessions land on the new VADHost replica (the router prefers the least loaded).
         devices += [LoopingDevice(cluster.ws) for _ in range(2)]
         for d in devices[-2:]:
             d.start()
-        per_replica = _wait(lambda: len(s := _vad_sessions_by_replica(cluster)) == 2 and all(s.values()) and s,
+        per_replica = wait_for(lambda: len(s := _vad_sessions_by_replica(cluster)) == 2 and all(s.values()) and s,
                             60, "sessions on both VADHost replicas")  # fmt: skip
         assert sum(per_replica.values()) == len(devices)
         sample()
-        _finish(devices)
-        _wait(lambda: sample() == (1, 1), 150, "back to 1 Ingress and 1 VADHost replica")
+        finish_devices(devices)
+        wait_for(lambda: sample() == (1, 1), 150, "back to 1 Ingress and 1 VADHost replica")
     finally:
         for d in devices:
             d.stop.set()
@@ -306,7 +182,7 @@ def test_vad_and_ingress_replicas_follow_live_sessions_up_and_down(cluster):
 
 def test_stopping_ingress_asks_its_sessions_to_reconnect_and_nothing_is_lost(cluster):
     _scale(cluster, "Ingress", "--min", "2", "--max", "2")
-    _wait(lambda: _running(cluster, "Ingress") == 2, 120, "2 Ingress replicas")
+    wait_for(lambda: _running(cluster, "Ingress") == 2, 120, "2 Ingress replicas")
     devices = [LoopingDevice(cluster.ws) for _ in range(4)]
     try:
         for d in devices:
@@ -315,10 +191,10 @@ def test_stopping_ingress_asks_its_sessions_to_reconnect_and_nothing_is_lost(clu
         time.sleep(5)
         stopped_at = time.monotonic()
         _scale(cluster, "Ingress", "--min", "1", "--max", "1")  # Serve stops one of the two
-        _wait(lambda: sum(d.moved for d in devices) > 0, INGRESS_GRACE_S + 30, "a session asked to reconnect")
+        wait_for(lambda: sum(d.moved for d in devices) > 0, INGRESS_GRACE_S + 30, "a session asked to reconnect")
         waited = time.monotonic() - stopped_at
         time.sleep(5)  # the moved clients carry on on the surviving replica
-        _finish(devices)
+        finish_devices(devices)
     finally:
         for d in devices:
             d.stop.set()

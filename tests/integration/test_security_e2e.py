@@ -17,19 +17,11 @@ import ray
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from speech_serve.ingress.security import device_auth_required, serve_bind_host
+from speech_serve.ingress.auth import device_auth_required, serve_bind_host
 from speech_serve.wire.client import stream_file
 from speech_serve.wire.tokens import device_headers, issue_token, url_with_token
-from tests.conftest import TWO_UTTERANCES_WAV, read_pcm
-from tests.integration.conftest import (
-    ADMIN,
-    ADMIN_TOKEN,
-    APP,
-    SECRET,
-    as_device,
-    device_token,
-    vad_live_sessions,
-)
+from tests.support.audio import TWO_UTTERANCES_WAV, read_pcm
+from tests.support.service import ADMIN, ADMIN_TOKEN, APP, SECRET, as_device, device_token, vad_live_sessions
 
 pytestmark = pytest.mark.integration
 BAD_TOKEN = issue_token("not-the-secret", "", "02:00:00:00:09:01")

@@ -10,8 +10,8 @@ from websockets.sync.client import connect
 
 from speech_serve.wire.client import stream_file
 from speech_serve.wire.tokens import device_headers
-from tests.conftest import TWO_UTTERANCES_SPEECH_MS, TWO_UTTERANCES_WAV
-from tests.integration.conftest import as_device
+from tests.support.audio import TWO_UTTERANCES_SPEECH_MS, TWO_UTTERANCES_WAV
+from tests.support.service import as_device
 
 pytestmark = pytest.mark.integration
 

@@ -19,8 +19,8 @@ from examples.xiaozhi_device import run_device
 from speech_serve.app import run_local
 from speech_serve.wire.client import run_funasr, stream_file
 from speech_serve.wire.tokens import device_headers
-from tests.conftest import FIXTURES
-from tests.integration.conftest import ADMIN, ALLOWED_DEVICE, APP, TEST_GROUP, as_device, wait_healthy
+from tests.support.audio import FIXTURES
+from tests.support.service import ADMIN, ALLOWED_DEVICE, APP, TEST_GROUP, as_device, wait_healthy
 
 pytestmark = pytest.mark.integration
 VOICES = FIXTURES / "voices"

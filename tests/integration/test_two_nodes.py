@@ -45,8 +45,8 @@ from speech_serve.cli.dashboard import APPLICATIONS, auth_headers
 from speech_serve.cli.profile import load
 from speech_serve.wire.client import stream_file
 from speech_serve.wire.tokens import device_headers
-from tests.conftest import TWO_UTTERANCES_WAV
-from tests.integration.test_scaling import UTTERANCES_PER_LOOP, LoopingDevice, _finish, _wait
+from tests.support.audio import TWO_UTTERANCES_WAV
+from tests.support.looping import UTTERANCES_PER_LOOP, LoopingDevice, finish_devices, wait_for
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]
@@ -66,11 +66,12 @@ def _config(model_settings, http_port: int) -> dict:
     app = config["applications"][0]
     args = app["args"]
     args["models"] = model_settings.model_dump()
-    args["asr"]["threads"] = args["speaker"]["threads"] = 1
-    for placement in args["placement"].values():
-        placement["num_cpus"] = 0  # a 2-core machine: no reservations, as the other integration tests
+    args["asr"], args["speaker"] = {"threads": 1}, {"threads": 1}
+    # a 2-core machine: no reservations, as the other integration tests
+    args["placement"] = {name: {**args["placement"].get(name, {}), "num_cpus": 0}
+                         for name in ("Ingress", "VADHost", "SenseVoice", "Speaker")}  # fmt: skip
     args["placement"]["Ingress"]["resources"] = {"speech_ingress": 0.001}  # test layout: see the docstring
-    args["ingress"] |= {"vad_batch_interval_ms": 20, "max_audio_rate": None}  # as tests/integration/conftest.py
+    args["stream"], args["limits"] = {"vad_batch_interval_ms": 20}, {"max_audio_rate": None}  # as conftest.py
     args["admission"] = {"max_connections_per_device": PER_DEVICE, "max_sessions_total": SESSIONS_CAP,
                          "max_queue_delay_s": None, "sync_s": 1.0}  # fmt: skip
     for d in app["deployments"]:
@@ -164,13 +165,13 @@ def two_nodes(model_settings, tiny_models, tmp_path_factory):
                                      '--resources={"speech_ingress": 1000}'], http_port)  # fmt: skip
     cluster = TwoNodes(f"http://127.0.0.1:{dash_port}", head, None, gcs_port, env, config, [head])
     try:
-        _wait(lambda: httpx.get(cluster.dashboard + APPLICATIONS, headers=auth_headers(), timeout=5).status_code
+        wait_for(lambda: httpx.get(cluster.dashboard + APPLICATIONS, headers=auth_headers(), timeout=5).status_code
               == 200, 120, "dashboard up")  # fmt: skip
         cluster.worker = cluster.start_worker("worker")
-        _wait(lambda: len(cluster.node_ids()) == 2, 120, "the worker joined")
+        wait_for(lambda: len(cluster.node_ids()) == 2, 120, "the worker joined")
         _deploy(cluster)
         for node in (cluster.head, cluster.worker):
-            _wait(lambda n=node: httpx.get(f"http://127.0.0.1:{n.http_port}/healthz", timeout=5).status_code == 200,
+            wait_for(lambda n=node: httpx.get(f"http://127.0.0.1:{n.http_port}/healthz", timeout=5).status_code == 200,
                   240, f"healthy through the {node.name}'s proxy")  # fmt: skip
         yield cluster
     finally:  # the workers first, then the head; each its own process group, a short grace: nothing to save
@@ -316,22 +317,22 @@ def test_losing_the_worker_node_loses_no_utterance_of_sessions_whose_ingress_sur
         for d in [*devices, *cut]:
             d.start()
             time.sleep(0.5)
-        _wait(lambda: all(d.results >= UTTERANCES_PER_LOOP for d in devices), 120, "every device answered")
+        wait_for(lambda: all(d.results >= UTTERANCES_PER_LOOP for d in devices), 120, "every device answered")
         stopped = time.monotonic()
         lost.stop(signal.SIGKILL if HARD_KILL else signal.SIGTERM)
         two_nodes.worker = two_nodes.start_worker("replacement")
-        _wait(lambda: lost_id not in two_nodes.node_ids(), 120, "the lost node declared dead")
+        wait_for(lambda: lost_id not in two_nodes.node_ids(), 120, "the lost node declared dead")
         dead_after_s = time.monotonic() - stopped
-        new_worker = _wait(lambda: _on(two_nodes, "worker"), 120, "the replacement joined")
-        _wait(lambda: all(two_nodes.replicas()[n] == [("RUNNING", new_worker)] for n in ON_WORKER), 300,
+        new_worker = wait_for(lambda: _on(two_nodes, "worker"), 120, "the replacement joined")
+        wait_for(lambda: all(two_nodes.replicas()[n] == [("RUNNING", new_worker)] for n in ON_WORKER), 300,
               "replicas running on the replacement")  # fmt: skip
         replaced_after_s = time.monotonic() - stopped
         answered_at = {id(d): d.results for d in devices}
-        _wait(lambda: all(d.results >= answered_at[id(d)] + UTTERANCES_PER_LOOP for d in devices), 240,
+        wait_for(lambda: all(d.results >= answered_at[id(d)] + UTTERANCES_PER_LOOP for d in devices), 240,
               "every device answered after the replacement")  # fmt: skip
-        refused = _wait(lambda: _third_connection_refused(two_nodes.ws(head)), 60,
+        refused = wait_for(lambda: _third_connection_refused(two_nodes.ws(head)), 60,
                         "the device's third connection refused by the rebuilt registry")  # fmt: skip
-        _finish(devices)  # every utterance answered exactly once, in order (a loop's worth each)
+        finish_devices(devices)  # every utterance answered exactly once, in order (a loop's worth each)
         for d in cut:
             d.join(240)
     finally:
@@ -341,7 +342,7 @@ def test_losing_the_worker_node_loses_no_utterance_of_sessions_whose_ingress_sur
             ws.close()
     # The sessions whose proxy was lost ended on the Ingress too: nothing holds a slot.
     healthz = f"http://127.0.0.1:{head.http_port}/healthz"
-    _wait(lambda: httpx.get(healthz, timeout=10).json()["live_sessions_this_replica"] == 0, 120,
+    wait_for(lambda: httpx.get(healthz, timeout=10).json()["live_sessions_this_replica"] == 0, 120,
           "no session left on the Ingress")  # fmt: skip
     assert refused == ("too_many_connections", 1008)
     for d in cut:

@@ -2,28 +2,12 @@
 The integration test tests/integration/test_scaling.py scrapes a live node for the same names."""
 
 import json
-import re
-from pathlib import Path
 
 from speech_serve.ingress.metrics import DEFINED as INGRESS_METRICS
 from speech_serve.replicas.metrics import DEFINED as REPLICA_METRICS
+from tests.support.dashboard import DASHBOARD, RAY_BUILTIN, base_name, dashboard_series
 
 DEFINED = {**INGRESS_METRICS, **REPLICA_METRICS}  # every metric we export, from either side
-
-DASHBOARD = Path(__file__).parents[2] / "config" / "grafana" / "speech-serve.json"
-RAY_BUILTIN = {"ray_serve_deployment_replica_healthy"}
-
-
-def dashboard_series() -> set[str]:
-    """Every Prometheus series name a panel queries."""
-    dash = json.loads(DASHBOARD.read_text())
-    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
-    return {name for e in exprs for name in re.findall(r"\bray_[a-z_]+", e)}
-
-
-def base_name(series: str) -> str:
-    return re.sub(r"_(bucket|sum|count)$", "", series.removeprefix("ray_"))
-
 
 def test_every_queried_series_is_one_we_export():
     unknown = {s for s in dashboard_series() - RAY_BUILTIN if base_name(s) not in DEFINED}

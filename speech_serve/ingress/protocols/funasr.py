@@ -18,8 +18,9 @@ from typing import Any, Literal
 import numpy as np
 
 from speech_serve.ingress.audio import SUPPORTED_RATES, StreamResampler, parse_audio
-from speech_serve.ingress.connection import Connection, ProtocolError, brief, json_object, whole_number
-from speech_serve.ingress.recognition import RecognitionOptions
+from speech_serve.ingress.connection import Connection
+from speech_serve.ingress.protocols.parsing import ProtocolError, brief, json_object, text_delta, whole_number
+from speech_serve.ingress.stream import RecognitionOptions
 from speech_serve.messages import UtteranceResult
 
 MODES = ("offline", "online", "2pass")
@@ -74,12 +75,6 @@ def _parse_config(data: dict[str, Any]) -> Config:
     )  # fmt: skip
 
 
-def text_delta(sent: str, text: str) -> str | None:
-    """What to add to the interim text already sent, or None if the new text revised it
-    (the segment's final answer then sets the record straight)."""
-    return text[len(sent) :] if text.startswith(sent) else None
-
-
 def render_interim(config: Config, delta: str) -> str:
     mode = "online" if config.mode == "online" else "2pass-online"
     return json.dumps({"mode": mode, "text": delta, "wav_name": config.wav_name, "is_final": False}, ensure_ascii=False)
@@ -132,7 +127,7 @@ class FunasrConnection(Connection):
 
     protocol = "funasr"
 
-    def __init__(self, ws, session_id: str, streams, limits, metrics, interim_interval_ms: int = 600):
+    def __init__(self, ws, session_id: str, streams, limits, metrics, interim_interval_ms: int):
         super().__init__(ws, session_id, streams, limits, metrics)
         self.interim_interval_ms = interim_interval_ms
         self.files = 0
@@ -188,5 +183,5 @@ class FunasrConnection(Connection):
             self.online_sent[index] = self.online_sent.get(index, "") + delta
             await self.send(render_interim(self.config, delta))
 
-    async def on_result(self, result: UtteranceResult) -> None:
-        await self.send(render_final(self.config, result, self.online_sent.pop(result.index, "")))
+    def render_result(self, result: UtteranceResult) -> str:
+        return render_final(self.config, result, self.online_sent.pop(result.index, ""))

@@ -25,9 +25,11 @@ from typing import Any
 import numpy as np
 
 from speech_serve.ingress.audio import SUPPORTED_RATES, StreamResampler, parse_audio
-from speech_serve.ingress.connection import Connection, ProtocolError, brief, json_object, whole_number
-from speech_serve.ingress.recognition import RecognitionOptions, UtteranceStream
-from speech_serve.messages import CLOSE_NORMAL, UtteranceResult
+from speech_serve.ingress.connection import Connection
+from speech_serve.ingress.protocols.parsing import ProtocolError, brief, json_object, whole_number
+from speech_serve.ingress.stream import RecognitionOptions, UtteranceStream
+from speech_serve.messages import UtteranceResult
+from speech_serve.wire.codes import CLOSE_NORMAL
 
 
 @dataclass(frozen=True)
@@ -156,12 +158,11 @@ class PlainConnection(Connection):
         await self.ws.close(CLOSE_NORMAL)
 
     async def _send_ready(self) -> None:
-        await self.send(
-            render_ready(self.session_id, self.start, self.streams.models.models_label, self.limits.vad_chunk_ms)
-        )
+        chunk_ms = self.streams.settings.stream.vad_chunk_ms
+        await self.send(render_ready(self.session_id, self.start, self.streams.models_label, chunk_ms))
 
-    async def on_result(self, result: UtteranceResult) -> None:
-        await self.send(render_result(result))
+    def render_result(self, result: UtteranceResult) -> str:
+        return render_result(result)
 
     def render_error(self, code: str, message: str) -> str:
         return render_error(code, message)

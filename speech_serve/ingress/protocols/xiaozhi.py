@@ -23,13 +23,15 @@ from typing import Any, Literal
 
 import av
 import numpy as np
+import soxr
 
-from speech_serve.ingress.audio import StreamResampler
-from speech_serve.ingress.connection import Connection, ProtocolError, brief, json_object, whole_number
-from speech_serve.ingress.recognition import RecognitionOptions
-from speech_serve.messages import AudioFormatError, UtteranceResult
+from speech_serve.ingress.connection import Connection
+from speech_serve.ingress.protocols.parsing import ProtocolError, brief, json_object, whole_number
+from speech_serve.ingress.stream import RecognitionOptions
+from speech_serve.messages import UtteranceResult
 from speech_serve.settings import XiaozhiSettings
 from speech_serve.wire.opus import OPUS_FRAME_MS, OPUS_RATES
+from speech_serve.wire.pcm import SAMPLE_RATE, AudioFormatError
 from speech_serve.wire.xiaozhi import TYPE_JSON, TYPE_OPUS, V2_HEADER, V3_HEADER
 
 logger = logging.getLogger("ray.serve")
@@ -180,14 +182,14 @@ def render_error(session_id: str | None, code: str, message: str) -> str:
 # ---- Opus in ---------------------------------------------------------------------------------
 # PyAV (FFmpeg's libopus, bundled in the PyPI wheel) rather than opuslib, which needs the
 # system's libopus. FFmpeg's Opus decoder always outputs 48 kHz; a streaming soxr resampler
-# brings it to 16 kHz without clicks.
+# brings it to 16 kHz without clicks (as audio.StreamResampler does for the PCM protocols).
 
 
 class OpusDecoder:
     def __init__(self) -> None:
         self._codec = av.CodecContext.create("libopus", "r")
         self._codec.layout = "mono"
-        self._resample: StreamResampler | None = None
+        self._resample: soxr.ResampleStream | None = None
         self.packets = 0
 
     def decode(self, packet: bytes) -> np.ndarray:
@@ -204,8 +206,8 @@ class OpusDecoder:
             if pcm.dtype != np.int16:  # float planar from some builds
                 pcm = np.clip(pcm * 32768.0, -32768, 32767).astype(np.int16)
             if self._resample is None:
-                self._resample = StreamResampler(frame.sample_rate)
-            out.append(self._resample(pcm.reshape(-1)))
+                self._resample = soxr.ResampleStream(frame.sample_rate, SAMPLE_RATE, 1, dtype="int16")
+            out.append(self._resample.resample_chunk(pcm.reshape(-1)))
         self.packets += 1
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int16)
 
@@ -305,5 +307,5 @@ class XiaozhiConnection(Connection):
         elif isinstance(message, Hello):
             await self.send(render_hello(self.session_id, self.settings.hello_audio_params))
 
-    async def on_result(self, result: UtteranceResult) -> None:
-        await self.send(render_stt(self.session_id, result))
+    def render_result(self, result: UtteranceResult) -> str:
+        return render_stt(self.session_id, result)

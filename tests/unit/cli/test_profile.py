@@ -27,9 +27,10 @@ def test_the_bench_profile_is_serve_yaml_with_full_models_and_small_reservations
     bench, serve = load(overlay), yaml.safe_load((CONFIG / "serve.yaml").read_text())
     args = bench["applications"][0]["args"]
     assert args["models"]["test_model_size"] == "full"
-    assert args["placement"]["SenseVoice"] == {"num_cpus": 0.1, "num_gpus": 0.25}
+    sense_voice = AppSettings(**args).placement["SenseVoice"]
+    assert (sense_voice.num_cpus, sense_voice.num_gpus) == (0.1, 0.25)  # the rest of its placement: the default's
     args["models"]["test_model_size"] = serve["applications"][0]["args"]["models"]["test_model_size"]
-    args["placement"] = serve["applications"][0]["args"]["placement"]
+    assert set(args.pop("placement")) == {"SenseVoice", "Speaker"}
     assert bench == serve  # nothing else differs
     AppSettings(**load(overlay)["applications"][0]["args"])  # and it parses
 
@@ -41,10 +42,10 @@ def test_every_profile_merges_into_valid_settings():
     for overlay in overlays:
         AppSettings(**load(overlay)["applications"][0]["args"])
     int8 = load(CONFIG / "capacity-int8.yaml")["applications"][0]["args"]
-    assert int8["asr"]["quantize"] == "int8" and int8["ingress"]["speaker_enabled"] is False
+    assert int8["asr"]["quantize"] == "int8" and int8["speaker"]["enabled"] is False
     campplus_app = load(CONFIG / "capacity-int8-campplus.yaml")["applications"][0]
     campplus = AppSettings(**campplus_app["args"])
-    assert campplus.ingress.speaker_enabled and campplus.models.speaker_arch == "campplus"
+    assert campplus.speaker.enabled and campplus.models.speaker_arch == "campplus"
     assert "campplus" in campplus.models.speaker.hub_id and campplus.asr.quantize == "int8"
     # the Speaker replica fits beside the others' least replicas on a 2-core node
     least = {d["name"]: d.get("autoscaling_config", {}).get("min_replicas", 1) for d in campplus_app["deployments"]}
@@ -58,6 +59,6 @@ def test_the_multi_node_profile_steers_vad_and_the_models_to_worker_nodes_and_ke
     for name in ("VADHost", "SenseVoice", "Speaker"):
         assert placement[name].resources == {"speech_worker": 0.001}
     assert placement["Ingress"].resources == {} and "SessionRegistry" not in placement
-    assert placement["SenseVoice"].num_gpus == 0.25 and placement["VADHost"].num_cpus == 0.1  # serve.yaml's
+    assert placement["SenseVoice"].num_gpus == 0.25 and placement["VADHost"].num_cpus == 0.1  # the defaults'
     retry = AppSettings(**args).retry  # covers a node's replacement, not only a replica's
     assert retry.deadline_s >= 180 and retry.try_timeout_s >= 180

@@ -15,8 +15,7 @@ STATUS = {
                     {"name": "SenseVoice", "autoscaling_config": {"min_replicas": 1, "max_replicas": 4},
                      "user_config": {"max_batch_size": 8, "batch_wait_timeout_s": 0.02}},
                     {"name": "VADHost", "autoscaling_config": {"min_replicas": 1, "max_replicas": 4, "policy": {
-                        "policy_function": "speech_serve.autoscaling:SessionsPolicy",
-                        "policy_kwargs": {"sessions_per_replica": 50}}}},
+                        "policy_function": "speech_serve.replicas.vad:SessionsPolicy"}}},
                 ],
             },
         }
@@ -37,8 +36,9 @@ def test_rescale_changes_only_what_was_asked():
     assert sv["autoscaling_config"] == {"min_replicas": 2, "max_replicas": 8}
     assert sv["user_config"] == {"max_batch_size": 16, "batch_wait_timeout_s": 0.02}
     assert body["applications"][0]["deployments"][0]["autoscaling_config"]["min_replicas"] == 1  # a copy
-    vad = rescale(body, "speech", "VADHost", sessions_per_replica=100)["applications"][0]["deployments"][1]
-    assert vad["autoscaling_config"]["policy"]["policy_kwargs"] == {"sessions_per_replica": 100}
+    vad_app = rescale(body, "speech", "VADHost", sessions_per_replica=100)["applications"][0]
+    assert vad_app["args"]["vad"] == {"sessions_per_replica": 100}  # lanes and policy from one setting
+    assert vad_app["deployments"][1] == body["applications"][0]["deployments"][1]
     new = rescale(body, "speech", "Ingress", max_replicas=6)["applications"][0]["deployments"][2]
     assert new == {"name": "Ingress", "autoscaling_config": {"max_replicas": 6}}
 

@@ -1,19 +1,14 @@
-"""Admission by compute, without Ray: the per-replica cap and the queue-delay guard."""
+"""Admission by compute, without Ray: the per-replica cap, the queue-delay guard, and the backlog
+(stream/calls.py) that sheds optional work first."""
 
 import pytest
 
 from speech_serve.ingress.capacity import ComputeAdmission
-from speech_serve.messages import CLOSE_TRY_AGAIN_LATER
+from speech_serve.ingress.stream.calls import Backlog
 from speech_serve.replicas.registry import Limits, SessionLedger
 from speech_serve.settings import AdmissionSettings
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from speech_serve.wire.codes import CLOSE_TRY_AGAIN_LATER
+from tests.support.fakes import ManualClock
 
 
 def test_the_sessions_cap_follows_the_running_model_replicas():
@@ -27,20 +22,22 @@ def test_the_sessions_cap_follows_the_running_model_replicas():
 
 
 def test_new_sessions_wait_while_an_utterance_waits_too_long_and_come_back_once_it_is_answered():
-    clock = Clock()
-    compute = ComputeAdmission(AdmissionSettings(max_queue_delay_s=2.0), clock)
-    assert compute.refusal() is None and compute.queue_delay_s() == 0
-    with compute.waiting_for_asr():
+    clock = ManualClock(1000.0)
+    backlog = Backlog(AdmissionSettings(max_queue_delay_s=2.0), clock)
+    compute = ComputeAdmission(AdmissionSettings(max_queue_delay_s=2.0), backlog)
+    assert compute.refusal() is None and compute.backlog.queue_delay_s() == 0
+    with compute.backlog.waiting():
         clock.now += 1.0
-        with compute.waiting_for_asr():  # a younger one does not hide the oldest
+        with compute.backlog.waiting():  # a younger one does not hide the oldest
             assert compute.refusal() is None
             clock.now += 1.5
             refusal = compute.refusal()
             assert refusal.code == "server_busy" and refusal.close_code == CLOSE_TRY_AGAIN_LATER
             assert "2.5 s" in refusal.message
     assert compute.refusal() is None  # answered: the queue is empty, sessions come in again
-    off = ComputeAdmission(AdmissionSettings(max_queue_delay_s=None), clock)
-    with off.waiting_for_asr():
+    off_backlog = Backlog(AdmissionSettings(max_queue_delay_s=None), clock)
+    off = ComputeAdmission(AdmissionSettings(max_queue_delay_s=None), off_backlog)
+    with off.backlog.waiting():
         clock.now += 60
         assert off.refusal() is None
 
@@ -58,30 +55,31 @@ def test_the_registry_refuses_past_the_compute_cap_cluster_wide():
 def test_optional_work_is_shed_before_devices_are_refused_and_comes_back():
     """Interims go at 0.5 s of queue delay, the speaker model at 1 s, new devices at 2 s; all of
     it comes back once the oldest final is answered."""
-    clock = Clock()
+    clock = ManualClock(1000.0)
     shed: list[str] = []
     settings = AdmissionSettings(shed_interims_delay_s=0.5, shed_speaker_delay_s=1.0, max_queue_delay_s=2.0)
-    compute = ComputeAdmission(settings, clock, on_shed=shed.append)
-    with compute.waiting_for_asr():
+    backlog = Backlog(settings, clock, on_shed=shed.append)
+    compute = ComputeAdmission(settings, backlog)
+    with backlog.waiting():
         clock.now += 0.4
-        assert compute.shedding() == [] and not compute.shed("interim")
+        assert backlog.shedding() == [] and not backlog.shed("interim")
         clock.now += 0.2
-        assert compute.shedding() == ["interim"] and compute.shed("interim") and not compute.shed("speaker")
+        assert backlog.shedding() == ["interim"] and backlog.shed("interim") and not backlog.shed("speaker")
         clock.now += 0.5
-        assert compute.shedding() == ["interim", "speaker"] and compute.shed("speaker")
+        assert backlog.shedding() == ["interim", "speaker"] and backlog.shed("speaker")
         assert compute.refusal() is None  # the admitted lose optional work before anyone is refused
         clock.now += 1.0
         assert compute.refusal() is not None
-    assert compute.shedding() == [] and not compute.shed("speaker")
+    assert backlog.shedding() == [] and not backlog.shed("speaker")
     assert shed == ["interim", "speaker"]  # counted only when skipped
 
 
 def test_shedding_is_off_unless_configured_and_must_come_before_refusing():
-    clock = Clock()
-    compute = ComputeAdmission(AdmissionSettings(), clock)
-    with compute.waiting_for_asr():
+    clock = ManualClock(1000.0)
+    backlog = Backlog(AdmissionSettings(), clock)
+    with backlog.waiting():
         clock.now += 100
-        assert compute.shedding() == [] and not compute.shed("interim")
+        assert backlog.shedding() == [] and not backlog.shed("interim")
     with pytest.raises(ValueError, match="interims before the speaker"):
         AdmissionSettings(shed_interims_delay_s=1.5, shed_speaker_delay_s=1.0)
     with pytest.raises(ValueError, match="before devices are refused"):

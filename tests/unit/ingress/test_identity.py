@@ -9,17 +9,19 @@ from types import SimpleNamespace
 
 import pytest
 
-from speech_serve.ingress import security
+from speech_serve.ingress import auth as security
+from speech_serve.ingress.auth import DeviceAuth, device_credentials
+from speech_serve.ingress.drain import DrainWatch
 from speech_serve.ingress.metrics import IngressMetrics
 from speech_serve.ingress.protocols.funasr import FunasrConnection
 from speech_serve.ingress.protocols.plain import PlainConnection
 from speech_serve.ingress.protocols.xiaozhi import XiaozhiConnection
-from speech_serve.ingress.security import DeviceAuth, device_credentials
-from speech_serve.ingress.sessions import DrainWatch, Sessions
-from speech_serve.messages import CLOSE_POLICY, VadFeedResult
+from speech_serve.ingress.sessions import Sessions
+from speech_serve.messages import VadFeedResult
 from speech_serve.settings import AppSettings
+from speech_serve.wire.codes import CLOSE_POLICY
 from speech_serve.wire.tokens import issue_token
-from tests.unit.ingress.test_sessions import MemoryWebSocket, connection
+from tests.support.fakes import MemoryWebSocket, connection
 
 SECRET = "unit-test-device-secret"
 OFF = DeviceAuth(enabled=False)
@@ -61,7 +63,7 @@ class AnsweringVad:
 
 def sessions_with(registry: Registry, auth: DeviceAuth) -> Sessions:
     settings = AppSettings()
-    sessions = Sessions(registry, settings.admission, settings.ingress, auth, IngressMetrics())
+    sessions = Sessions(registry, settings, auth, IngressMetrics())
     sessions._drain = DrainWatch(None, "r", 1, 60, 10)  # no Serve here: background tasks stay off
     sessions._replica_id = "r"
     return sessions
@@ -80,7 +82,26 @@ def text(body: dict) -> dict:
 GONE = {"type": "websocket.disconnect", "code": 1000}
 
 
-# ---- item 1: the admitted id is the session's, whatever its streams are called ---------------
+async def _stream_group(cls, ws, auth, first_frames, *extra):
+    """The speaker group the connection's stream ends up with, and what the client was sent."""
+    registry = Registry()
+    sessions = sessions_with(registry, auth)
+    conn = connection(cls, ws, AppSettings(), "s1", *extra, vad=AnsweringVad())
+    for frame in first_frames:
+        ws.inbox.put_nowait(frame)
+    ws.inbox.put_nowait({"type": "websocket.receive", "bytes": bytes(6400)})  # opens the stream
+    session = asyncio.create_task(sessions.serve(conn))
+    for _ in range(500):
+        if conn.stream is not None:
+            break
+        await asyncio.sleep(0.01)
+    group = conn.stream.options.speaker_group
+    ws.inbox.put_nowait(GONE)
+    await asyncio.wait_for(session, 5)
+    return group, ws.sent
+
+
+KITCHEN = {"device_id": "kitchen", "token": issue_token(SECRET, "", "kitchen")}
 
 
 def test_a_funasr_connection_with_two_files_releases_the_id_it_was_admitted_under():
@@ -109,9 +130,6 @@ def test_a_funasr_connection_with_two_files_releases_the_id_it_was_admitted_unde
     assert set(vad.ids) == {"s1", "s1-2"}  # each file has its own VAD state
     with pytest.raises(AttributeError):
         conn.session_id = "renamed"  # the admitted id cannot be changed by a protocol
-
-
-# ---- item 5: one credential parser; authenticate, then admit under that same id ---------------
 
 
 @pytest.mark.parametrize(
@@ -176,31 +194,6 @@ def test_a_xiaozhi_device_refused_by_auth_is_never_admitted_and_an_accepted_one_
     assert refused.admitted == [] and ws.closed[0] == CLOSE_POLICY
     admitted, _ = asyncio.run(scenario({"device-id": "A", "token": issue_token(SECRET, "c", "A")}))
     assert admitted.admitted == [("s1", "A")]
-
-
-# ---- item 4: with device auth on, the group comes from the authenticated device ---------------
-
-
-async def _stream_group(cls, ws, auth, first_frames, *extra):
-    """The speaker group the connection's stream ends up with, and what the client was sent."""
-    registry = Registry()
-    sessions = sessions_with(registry, auth)
-    conn = connection(cls, ws, AppSettings(), "s1", *extra, vad=AnsweringVad())
-    for frame in first_frames:
-        ws.inbox.put_nowait(frame)
-    ws.inbox.put_nowait({"type": "websocket.receive", "bytes": bytes(6400)})  # opens the stream
-    session = asyncio.create_task(sessions.serve(conn))
-    for _ in range(500):
-        if conn.stream is not None:
-            break
-        await asyncio.sleep(0.01)
-    group = conn.stream.options.speaker_group
-    ws.inbox.put_nowait(GONE)
-    await asyncio.wait_for(session, 5)
-    return group, ws.sent
-
-
-KITCHEN = {"device_id": "kitchen", "token": issue_token(SECRET, "", "kitchen")}
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,72 @@
+"""Per-protocol settings: Xiaozhi devices, FunASR clients, OpenAI Realtime clients."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from speech_serve.settings.base import Section
+
+
+class XiaozhiSettings(Section):
+    hello_timeout_s: float = Field(10.0, description="Close a connection that sends no hello in this time.")
+    hello_audio_params: dict = Field(
+        default_factory=lambda: {"format": "opus", "sample_rate": 16000, "channels": 1, "frame_duration": 60},
+        description="audio_params in our hello: what we send back to devices (we send no audio).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_to_security(cls, data: Any) -> Any:
+        """Device authentication covers every protocol now: say where the old keys went."""
+        moved = sorted(set(data) & set(_MOVED_XIAOZHI_KEYS)) if isinstance(data, dict) else []
+        if moved:
+            where = ", ".join(f"xiaozhi.{k} -> security.{_MOVED_XIAOZHI_KEYS[k]}" for k in moved)
+            raise ValueError(f"device authentication settings moved to `security` ({where})")
+        return data
+
+
+_MOVED_XIAOZHI_KEYS = {
+    "auth_enabled": "device_auth (auto | on | off)",
+    "secret_env": "device_secret_env",
+    "max_token_age_s": "max_token_age_s",
+    "allowed_devices": "allowed_devices",
+}
+
+
+class FunasrSettings(Section):
+    interim_interval_ms: int = Field(
+        600,
+        description="online/2pass: re-decode the growing segment this often for interim text. "
+        "Interims run at low priority on SenseVoice and never delay final results.",
+    )
+
+
+class RealtimeSettings(Section):
+    """The OpenAI Realtime transcription endpoint (`/v1/realtime`): how far its clients may move our VAD."""
+
+    min_silence_duration_ms: int = Field(
+        200,
+        ge=0,
+        description="Shortest end-of-utterance silence a client may ask for (turn_detection.silence_duration_ms "
+        "is raised to it): shorter splits words at every pause.",
+    )
+    max_silence_duration_ms: int = Field(
+        3000,
+        ge=0,
+        description="Longest end-of-utterance silence a client may ask for (lowered to it): a longer one holds "
+        "the utterance, its audio and its result back that long after the speaker stops.",
+    )
+    interim_interval_ms: int | None = Field(
+        600,
+        gt=0,
+        description="Re-decode the utterance being spoken this often and send the new text as "
+        "conversation.item.input_audio_transcription.delta events (low priority on SenseVoice). null: no deltas.",
+    )
+
+    @model_validator(mode="after")
+    def _range(self) -> RealtimeSettings:
+        if self.min_silence_duration_ms > self.max_silence_duration_ms:
+            raise ValueError("realtime.min_silence_duration_ms must not exceed realtime.max_silence_duration_ms")
+        return self

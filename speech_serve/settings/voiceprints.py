@@ -1,0 +1,40 @@
+"""Enrolled voiceprints: where they are stored and how close a voice must come to one."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from speech_serve.settings.base import Section
+
+MATCH_THRESHOLDS = {"ge2e": 0.82, "eres2netv2": 0.6, "campplus": 0.6}  # cosine; measured per model
+
+
+class VoiceprintSettings(Section):
+    store: str = Field("sqlite:///~/.cache/speech-serve/voiceprints.sqlite3", description="Store URL or path.")
+    thresholds: dict[str, float] = Field(
+        default_factory=lambda: dict(MATCH_THRESHOLDS),
+        description="Cosine to an enrolled centroid needed to name the speaker, per speaker model. A model "
+        "left out keeps its default; a model with no default must be given one.",
+    )
+    default_group: str = Field("default", description="Group for sessions that name none.")
+    refresh_s: float = Field(1.0, description="How often a Speaker replica checks the store for new enrolments.")
+    min_enroll_s: float = Field(1.0, description="Shortest enrolment clip accepted.")
+    max_enroll_s: float = Field(30.0, description="Longest enrolment clip accepted.")
+    max_enroll_files: int = Field(10, description="Most clips in one enrolment request.")
+
+    @field_validator("thresholds")
+    @classmethod
+    def _keep_defaults(cls, given: dict[str, float]) -> dict[str, float]:
+        """Overriding one model's threshold keeps the others' (a partial YAML map must not
+        leave the running model with none)."""
+        for arch, value in given.items():
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"thresholds.{arch} must be a cosine between 0 and 1, got {value}")
+        return {**MATCH_THRESHOLDS, **given}
+
+    def threshold(self, arch: str) -> float:
+        """The match threshold of a speaker model; a clear error if it has none."""
+        if arch not in self.thresholds:
+            raise ValueError(f"no speaker match threshold for model {arch!r}: set voiceprints.thresholds.{arch} "
+                             f"(known: {', '.join(sorted(self.thresholds))})")  # fmt: skip
+        return self.thresholds[arch]

@@ -1,0 +1,134 @@
+"""The Ingress's HTTP routes (routes.py) never block the event loop every session shares: /healthz
+asks the controller off the loop, once for concurrent probes, bounded; admin routes reach SQLite
+off the loop."""
+
+import asyncio
+import json
+import threading
+from types import SimpleNamespace
+
+from ray import serve
+
+from speech_serve.ingress.capacity import ComputeAdmission
+from speech_serve.ingress.health import DeploymentStates, serve_deployment_states
+from speech_serve.ingress.routes import Ingress
+from speech_serve.ingress.speakers import SpeakerAdmin
+from speech_serve.ingress.uploads import Slots
+from speech_serve.messages import ModelsSummary
+from speech_serve.settings import AppSettings
+
+# The class as written, with its routes (Serve's wrapper above it adds an ASGI app and an async __del__)
+INGRESS = next(c for c in Ingress.func_or_class.__mro__ if "healthz" in vars(c))
+
+
+def bare_ingress(settings: AppSettings) -> INGRESS:
+    """An Ingress with what its HTTP routes read, without Serve, models or a database."""
+    ingress = object.__new__(INGRESS)
+    ingress.models = ModelsSummary("test", {"asr": "tiny"})
+    ingress.limits = settings.limits
+    ingress.sessions = SimpleNamespace(live={})
+    ingress.compute = ComputeAdmission(settings.admission)
+    ingress.device_auth = SimpleNamespace(enabled=False, why="test", problem=None)
+    ingress.admin_auth = SimpleNamespace(token="t", env_name="X")
+    ingress.health = DeploymentStates(serve_deployment_states, settings.health.cache_s, settings.health.timeout_s)
+    return ingress
+
+
+class Blocking:
+    """A synchronous call that waits for `release` (set by another coroutine) and records whether
+    it came: it cannot while the call holds the event loop."""
+
+    def __init__(self, answer):
+        self.answer, self.release, self.released = answer, threading.Event(), None
+
+    def __call__(self, *args, **kwargs):
+        self.released = self.release.wait(timeout=5)
+        return self.answer
+
+
+async def alongside(route, release: threading.Event) -> tuple[object, list[str]]:
+    """Run `route` while another coroutine wants the loop; the order both finished in."""
+    order: list[str] = []
+
+    async def other_session():
+        await asyncio.sleep(0)
+        order.append("other coroutine ran")
+        release.set()
+
+    async def probe():
+        result = await route
+        order.append("route answered")
+        return result
+
+    result, _ = await asyncio.gather(probe(), other_session())
+    return result, order
+
+
+def test_healthz_asks_the_serve_controller_off_the_event_loop(monkeypatch):
+    running = SimpleNamespace(status=SimpleNamespace(value="HEALTHY"), replica_states={"RUNNING": 1})
+    deployments = {"SenseVoice": running}
+    status = Blocking(SimpleNamespace(applications={"speech": SimpleNamespace(deployments=deployments)}))
+    monkeypatch.setattr(serve, "status", status)
+    monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(app_name="speech"))
+    ingress = bare_ingress(AppSettings())
+
+    response, order = asyncio.run(alongside(ingress.healthz(), status.release))
+    assert status.released  # the controller call waited in a thread while the loop served others
+    assert order == ["other coroutine ran", "route answered"]
+    body = json.loads(response.body)
+    assert response.status_code == 200 and body["deployments"]["SenseVoice"]["replicas"] == {"RUNNING": 1}
+    assert body["load_this_replica"] == {"queue_delay_s": 0.0, "shedding": []}
+
+
+def test_admin_routes_reach_sqlite_off_the_event_loop():
+    store = SimpleNamespace(list=Blocking([]))
+    ingress = bare_ingress(AppSettings())
+    ingress.speakers = SpeakerAdmin(store, None, AppSettings().voiceprints, AppSettings().uploads, Slots(2))
+
+    body, order = asyncio.run(alongside(ingress.list_speakers(None), store.list.release))
+    assert store.list.released and order == ["other coroutine ran", "route answered"]
+    assert body == {"speakers": []}
+
+
+def test_concurrent_probes_share_one_controller_call_and_reuse_a_fresh_answer():
+    """/healthz takes no credentials: a flood of probes must not become a flood of threads and
+    controller calls."""
+    calls: list[int] = []
+    gate = threading.Event()
+
+    def fetch():
+        calls.append(1)
+        gate.wait(timeout=5)
+        return {"Ingress": {"status": "HEALTHY", "replicas": {"RUNNING": 1}}}
+
+    now = [0.0]
+    states = DeploymentStates(fetch, cache_s=1.0, timeout_s=10, clock=lambda: now[0])
+
+    async def scenario():
+        probes = [asyncio.ensure_future(states.get()) for _ in range(20)]
+        await asyncio.sleep(0)
+        gate.set()
+        answers = await asyncio.gather(*probes)
+        again = await states.get()  # within cache_s: no new call
+        now[0] += 1.5
+        fresh = await states.get()
+        return answers, again, fresh
+
+    answers, again, fresh = asyncio.run(scenario())
+    assert len(set(map(json.dumps, answers))) == 1 and again == answers[0] == fresh
+    assert len(calls) == 2  # the 20 concurrent probes shared one call; a stale answer made the second
+
+
+def test_a_controller_that_does_not_answer_gives_an_error_not_a_hung_probe():
+    gate = threading.Event()
+    states = DeploymentStates(lambda: gate.wait(timeout=5), cache_s=1.0, timeout_s=0.05)
+
+    async def scenario():
+        try:
+            await states.get()
+        except TimeoutError:
+            return "timed out"
+        finally:
+            gate.set()
+
+    assert asyncio.run(scenario()) == "timed out"
