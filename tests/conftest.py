@@ -7,6 +7,7 @@ import pytest
 
 from speech_serve.replicas.models import ResolvedModels, materialize, resolve_models
 from speech_serve.settings import ModelSettings
+from speech_serve.voiceprints import open_store
 from tests.support.audio import TWO_UTTERANCES_WAV, read_pcm
 
 
@@ -27,3 +28,9 @@ def tiny_models(model_settings) -> ResolvedModels:
     for source in (resolved.asr, resolved.speaker):
         materialize(source)
     return resolved
+
+
+@pytest.fixture
+def store(tmp_path):
+    """An empty voiceprint store of this test's own."""
+    return open_store(f"sqlite:///{tmp_path}/vp.sqlite3")

@@ -1,15 +1,11 @@
-"""One WebSocket from its first frame to its close, for every protocol: the receive loop (a reader
-task moves frames into an inbox within the session's intake bounds; the frame loop dispatches them
-to the protocol), sending, errors and close codes, idling, and moving to another replica when this
-one stops.
+"""One WebSocket from its first frame to its close, for every protocol: a reader task moves frames into
+an inbox within the client's bounds, the frame loop dispatches them to the protocol; sending, errors
+and close codes, idling, and moving to another replica when this one stops. A protocol (protocols/)
+fills in the hooks: `render_error()`, `open()` (optional), `on_frame()`, `render_result()`.
 
-A protocol is one module in protocols/ whose connection class fills in the hooks: `render_error()`,
-`open()` (optional: what happens before the first frame), `on_frame()`, `render_result()`.
-
-The reader runs apart from the frame loop, so a client that leaves is noticed at once, even while
-the frame loop is behind (busy in a VAD call with frames waiting): its frame loop is cancelled, its
-model work dropped, and its admission slot freed without working through the backlog for nobody.
-"""
+The reader runs apart from the frame loop, so a client that leaves is noticed at once, even while the
+frame loop is behind (busy in a VAD call with frames waiting): its frame loop is cancelled, its model
+work dropped, and its admission slot freed without working through the backlog for nobody."""
 
 from __future__ import annotations
 
@@ -17,6 +13,7 @@ import asyncio
 import logging
 import operator
 import time
+from collections.abc import Mapping
 
 import numpy as np
 from fastapi import WebSocket, WebSocketDisconnect
@@ -38,27 +35,44 @@ from speech_serve.ingress.protocols.parsing import ProtocolError
 from speech_serve.ingress.stream import RecognitionOptions, UtteranceStream, UtteranceStreams
 from speech_serve.messages import Refusal, UtteranceResult
 from speech_serve.settings import LimitSettings
-from speech_serve.wire.codes import (
-    CLOSE_INTERNAL,
-    CLOSE_NORMAL,
-    CLOSE_POLICY,
-    CLOSE_PROTOCOL_ERROR,
-    CLOSE_TOO_BIG,
-    CLOSE_UNSUPPORTED_DATA,
-)
+from speech_serve.wire import codes
 
 logger = logging.getLogger("ray.serve")
 
 # A protocol error with one of these codes ends the connection with this close code; any other
 # is answered with an error frame and the session goes on (up to `max_protocol_errors`).
 FATAL_ERRORS = {
-    "frame_too_large": CLOSE_TOO_BIG,
-    "bad_audio": CLOSE_UNSUPPORTED_DATA,  # plain, FunASR: odd-length PCM (a bad Opus packet is only dropped)
-    "unsupported_audio": CLOSE_UNSUPPORTED_DATA,
-    "bad_protocol_version": CLOSE_PROTOCOL_ERROR,
-    "hello_timeout": CLOSE_PROTOCOL_ERROR,
+    "frame_too_large": codes.CLOSE_TOO_BIG,
+    "bad_audio": codes.CLOSE_UNSUPPORTED_DATA,  # plain, FunASR: odd-length PCM (a bad Opus packet is only dropped)
+    "unsupported_audio": codes.CLOSE_UNSUPPORTED_DATA,
+    "bad_protocol_version": codes.CLOSE_PROTOCOL_ERROR,
+    "hello_timeout": codes.CLOSE_PROTOCOL_ERROR,
 }
 RECONNECT_POLL_S = 0.1  # while asked to reconnect: how often to look for a pause between utterances
+
+
+def frame_size(message: Mapping) -> int:
+    """Bytes of a received WebSocket frame (characters for text: a cheap lower bound)."""
+    data = message.get("bytes")
+    return len(data) if data is not None else len(message.get("text") or "")
+
+
+class QueuedBytes:
+    """Bytes read from the socket but not handled yet (pure): past `limits.max_queued_bytes` the reader
+    stops reading, so frames stay in the socket and TCP slows the client down; nothing is refused."""
+
+    def __init__(self, limit: int):
+        self.limit, self.count = limit, 0
+
+    def add(self, message: Mapping) -> None:
+        self.count += frame_size(message)
+
+    def take(self, message: Mapping) -> None:
+        self.count -= frame_size(message)
+
+    @property
+    def behind(self) -> bool:
+        return self.count > self.limit
 
 
 class ReconnectRequested(Exception):
@@ -73,14 +87,12 @@ class SessionIdle(Exception):
 
 
 class Connection:
-    """Owns at most one `UtteranceStream` at a time. `session_id` is the id the session is admitted,
-    counted and released under, fixed for the connection's life (read-only). A stream may have an id
-    of its own (`start_stream(stream_id=)`, FunASR's second file): it names its VAD state only."""
+    """Owns at most one `UtteranceStream` at a time. `session_id`: what the session is admitted, counted and
+    released under, fixed (read-only); a stream may have an id of its own (FunASR's second file)."""
 
     protocol = "?"  # metrics tag: plain, xiaozhi, funasr, realtime
-    # Every text frame counts against the control budget as it is taken from the inbox. A protocol
-    # whose audio comes in text frames (Realtime's base64 appends) sets False and counts its
-    # control events itself, once parsed (`count_control`).
+    # Every text frame counts against the control budget as it is taken from the inbox; a protocol whose
+    # audio comes in text frames (Realtime's appends) sets False and counts its control events itself.
     text_is_control = True
     session_id = property(operator.attrgetter("_session_id"))
 
@@ -90,6 +102,7 @@ class Connection:
         self.identity = Identity()  # who the session is admitted as: set by authenticate()
         self.stream: UtteranceStream | None = None
         self.intake = SessionIntake(limits)  # checked by the reader and push_audio
+        self.queued = QueuedBytes(limits.max_queued_bytes)
         self.protocol_errors = 0
         self._send_lock = asyncio.Lock()  # results and error frames come from different tasks
         self._inbox: asyncio.Queue[dict | BaseException] = asyncio.Queue()  # filled by _read_frames
@@ -156,7 +169,7 @@ class Connection:
             return True
         logger.warning("refused %s: %s", request_target(self.ws.scope), decision.reason)
         self.metrics.session_rejected(self.protocol, "unauthorized")
-        await self.close_with_error("unauthorized", decision.reason, CLOSE_POLICY)
+        await self.close_with_error("unauthorized", decision.reason, codes.CLOSE_POLICY)
         return False
 
     async def run(self) -> None:
@@ -172,10 +185,10 @@ class Connection:
             await self._close_idle()
         except SessionLimitExceeded as exc:
             logger.warning("session %s: %s; closing", self.session_id, exc)
-            await self.close_with_error(exc.code, str(exc), FATAL_ERRORS.get(exc.code, CLOSE_POLICY))
+            await self.close_with_error(exc.code, str(exc), FATAL_ERRORS.get(exc.code, codes.CLOSE_POLICY))
         except Exception:
             logger.exception("session %s: internal error", self.session_id)
-            await self.close_with_error("internal", "internal error; the session is closed", CLOSE_INTERNAL)
+            await self.close_with_error("internal", "internal error; the session is closed", codes.CLOSE_INTERNAL)
         finally:
             for waiting in (self._next_frame, self._reconnect_asked, reader):
                 if waiting is not None:
@@ -188,9 +201,8 @@ class Connection:
                 pass
 
     async def _serve_until_gone(self) -> None:
-        """`_serve()`, cut short when the client disconnects (frames still in the inbox and
-        utterances being recognised are for nobody now) or when the reader refuses what the client
-        sends (a flood is stopped as it arrives, not after the frames ahead of it)."""
+        """`_serve()`, cut short when the client disconnects (what is still queued is for nobody now) or
+        when the reader refuses what the client sends (a flood stops as it arrives, not after its backlog)."""
         serving = asyncio.create_task(self._serve())
         gone = asyncio.create_task(self._client_gone.wait())
         refused = asyncio.create_task(self._reader_refused.wait())
@@ -210,8 +222,8 @@ class Connection:
         serving.result()  # re-raises how the frame loop ended
 
     async def _read_frames(self) -> None:
-        """Move every frame into the inbox as it arrives, within the intake bounds; pause while the
-        session is `max_queued_bytes` behind; stop after the disconnect or the first frame past a bound."""
+        """Every frame into the inbox as it arrives, within the intake bounds; pause while `max_queued_bytes`
+        wait; stop after the disconnect or the first frame past a bound."""
         while True:
             try:
                 message = await self.ws.receive()
@@ -226,11 +238,12 @@ class Connection:
                     self._over_limit = exc
                     self._reader_refused.set()
                     return
+                self.queued.add(message)
             self._inbox.put_nowait(message)
             if message["type"] == "websocket.disconnect":
                 self._client_gone.set()
                 return
-            if self.intake.behind:  # backpressure: unread frames stay in the socket, TCP slows the client
+            if self.queued.behind:  # backpressure: unread frames stay in the socket, TCP slows the client
                 self._caught_up.clear()
                 await self._caught_up.wait()
 
@@ -286,9 +299,9 @@ class Connection:
         if isinstance(message, BaseException):
             raise message
         if message["type"] == "websocket.disconnect":
-            raise WebSocketDisconnect(message.get("code", CLOSE_NORMAL))
-        self.intake.handled(message)
-        if not self.intake.behind:
+            raise WebSocketDisconnect(message.get("code", codes.CLOSE_NORMAL))
+        self.queued.take(message)
+        if not self.queued.behind:
             self._caught_up.set()
         if message.get("text") is not None and self.text_is_control:
             self.count_control()
@@ -296,8 +309,7 @@ class Connection:
 
     def count_control(self) -> None:
         """One control frame against the session's budget (`control_burst`, `control_per_s`)."""
-        if not self._control_budget.take():
-            bucket = self._control_budget
+        if not (bucket := self._control_budget).take():
             raise SessionLimitExceeded("too_many_messages", f"more than {bucket.burst} control frames at once or "
                                        f"{bucket.rate_per_s:g} per second")  # fmt: skip
 
@@ -306,8 +318,7 @@ class Connection:
             await self.ws.send_text(text)
 
     async def close_with_error(self, code: str, message: str, close_code: int, frame: str | None = None) -> None:
-        """The error frame (the protocol's rendering of code and message, unless `frame` is given), then
-        the close."""
+        """The error frame (the protocol's rendering, unless `frame` is given), then the close."""
         try:
             await self.send(frame if frame is not None else self.render_error(code, message))
             await self.ws.close(close_code, f"{code}: {message}"[:120])
@@ -358,7 +369,7 @@ class Connection:
             await self.finish_stream()
         timeout = self.limits.idle_timeout_s
         logger.info("session %s: idle for %g s; closing", self.session_id, timeout)
-        await self.close_with_error("idle_timeout", f"nothing received for {timeout:g} s", CLOSE_NORMAL)
+        await self.close_with_error("idle_timeout", f"nothing received for {timeout:g} s", codes.CLOSE_NORMAL)
 
     # ---- draining: move the client to another replica -------------------------------------------
     def ask_to_reconnect(self, within_s: float) -> None:

@@ -1,6 +1,6 @@
 """What one WebSocket client may send, for every protocol (`limits.*`), pure (the clock is injected):
-frames per second, text frame size, control frames, audio pace and unread bytes. The connection's
-reader checks each frame as it arrives; its frame loop paces audio before it goes to the stream."""
+frames per second, text frame size, control frames and audio pace. The connection's reader checks
+each frame as it arrives; its frame loop paces audio before it goes to the stream."""
 
 from __future__ import annotations
 
@@ -49,21 +49,15 @@ class TokenBucket:
         return max(0.0, -self._tokens / self.rate_per_s)
 
 
-def frame_size(message: Mapping) -> int:
-    """Bytes of a received WebSocket frame (characters for text: a cheap lower bound)."""
-    data = message.get("bytes")
-    return len(data) if data is not None else len(message.get("text") or "")
-
-
 class SessionIntake:
     """What one WebSocket client may send, for every protocol (`limits.*`).
 
     Refused as frames arrive (`arrived`, before they are queued): more frames per second than
     `max_frames_per_s`, and text frames over `max_text_frame_bytes` (SessionLimitExceeded). Slowed,
     never refused (a client that sends a file faster than real time, as FunASR's own offline client
-    does, is a client): audio past `max_audio_rate` x real time waits before it goes on (`audio_wait`);
-    past `max_queued_bytes` received but not handled (`behind`) the reader stops reading the socket and
-    TCP slows the client down. The rates are token buckets over `rate_window_s`.
+    does, is a client): audio past `max_audio_rate` x real time waits before it goes on (`audio_wait`).
+    The rates are token buckets over `rate_window_s`. (Bytes received but not handled are the
+    connection's own backpressure: `QueuedBytes` in connection.py.)
     """
 
     def __init__(self, limits: LimitSettings, clock: Callable[[], float] = time.monotonic):
@@ -72,7 +66,6 @@ class SessionIntake:
         self._frames = TokenBucket(limits.max_frames_per_s, max(1, round(limits.max_frames_per_s * window)), clock)
         self._audio = None if rate is None else TokenBucket(rate * SAMPLE_RATE, round(rate * window * SAMPLE_RATE),
                                                             clock)  # fmt: skip
-        self.queued_bytes = 0
         self.paced_s = 0.0  # how long this session's audio was held back, in all
 
     def arrived(self, message: Mapping) -> None:
@@ -87,16 +80,6 @@ class SessionIntake:
         if not self._frames.take():
             raise SessionLimitExceeded("too_many_messages", f"more than {limits.max_frames_per_s:g} frames per "
                                        f"second (over {limits.rate_window_s:g} s)")  # fmt: skip
-        self.queued_bytes += frame_size(message)
-
-    @property
-    def behind(self) -> bool:
-        """More received than handled than `max_queued_bytes`: stop reading until it is not."""
-        return self.queued_bytes > self.limits.max_queued_bytes
-
-    def handled(self, message: Mapping) -> None:
-        """The frame loop took the frame from the queue."""
-        self.queued_bytes -= frame_size(message)
 
     def audio_wait(self, samples: int) -> float:
         """16 kHz samples about to go to the stream: the seconds to hold them back first."""

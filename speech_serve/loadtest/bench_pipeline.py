@@ -122,7 +122,7 @@ def served(app: dict, wav: Path, runs: int) -> dict:
     return {"utterances": per_utt}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=["tiny", "full"], default="full")
     parser.add_argument("--wav", type=Path, default=DEFAULT_WAV)
@@ -131,7 +131,7 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, help="a config profile (overlay of serve.yaml) whose models, "
                         "SenseVoice settings and speaker on/off both halves use; --size and --threads are then ignored")
     parser.add_argument("--out", type=Path, default=ROOT / "loadtest" / "reports" / "bench_pipeline.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     app = app_args(args.profile, args.size, args.threads)
     model_settings = ModelSettings(**app["models"])

@@ -1,5 +1,6 @@
-"""Typed settings for the whole application: one section per concept, each field's default and
-description stated once, here (docs/configuration.md is generated from them: `make docs`).
+"""Typed settings for the whole application: one section per concept, each field's default, bounds
+and description (the docstring under it) stated once, here (docs/configuration.md is generated from
+them: `make docs`).
 
 `config/serve.yaml` passes `args` to the app builder; they are parsed into `AppSettings`. Every
 default is a working value for a 2-core laptop; the YAML overrides what an operator wants to
@@ -54,33 +55,46 @@ MOVED_INGRESS_KEYS = {
 
 class AppSettings(Section):
     # Errors name the setting and what is wrong, never the value: it may be a pasted secret.
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True, use_attribute_docstrings=True)
 
-    models: ModelSettings = Field(ModelSettings(), description="Where the models come from.")
-    vad: VadSettings = Field(VadSettings(), description="fsmn-vad on the VADHost replicas.")
-    asr: AsrSettings = Field(AsrSettings(), description="SenseVoice on its replicas.")
-    speaker: SpeakerSettings = Field(SpeakerSettings(), description="The speaker model on its replicas.")
-    voiceprints: VoiceprintSettings = Field(VoiceprintSettings(), description="Enrolled voiceprints.")
-    stream: StreamSettings = Field(StreamSettings(), description="Each session's utterance stream.")
-    limits: LimitSettings = Field(LimitSettings(), description="What one WebSocket client may send.")
-    uploads: UploadSettings = Field(UploadSettings(), description="Uploaded files and enrolments.")
-    drain: DrainSettings = Field(DrainSettings(), description="A stopping Ingress replica's sessions.")
-    health: HealthSettings = Field(HealthSettings(), description="The /healthz probe.")
-    admission: AdmissionSettings = Field(AdmissionSettings(), description="Who may open a session.")
-    xiaozhi: XiaozhiSettings = Field(XiaozhiSettings(), description="Xiaozhi devices (/xiaozhi/v1/).")
-    funasr: FunasrSettings = Field(FunasrSettings(), description="FunASR clients (/ and /funasr).")
-    realtime: RealtimeSettings = Field(RealtimeSettings(), description="OpenAI Realtime clients (/v1/realtime).")
-    security: SecuritySettings = Field(SecuritySettings(), description="Device and admin authentication.")
-    retry: RetrySettings = Field(RetrySettings(), description="Calls to a lost replica.")
-    placement: dict[PlacementName, Placement] = Field(
-        default_factory=default_placement, description="ray_actor_options per deployment (CPUs, GPU fractions)."
-    )
-    use_gpus: Literal["auto", "always", "never"] = Field(
-        "auto",
-        description="auto: the placement's num_gpus apply where the cluster has GPUs when the app is built. "
-        "always: they apply even if no GPU node is up yet (a cluster autoscaler adds GPU nodes on demand, "
-        "e.g. KubeRay; the replicas wait for them). never: models on CPU even where there are GPUs.",
-    )
+    models: ModelSettings = ModelSettings()
+    """Where the models come from."""
+    vad: VadSettings = VadSettings()
+    """fsmn-vad on the VADHost replicas."""
+    asr: AsrSettings = AsrSettings()
+    """SenseVoice on its replicas."""
+    speaker: SpeakerSettings = SpeakerSettings()
+    """The speaker model on its replicas."""
+    voiceprints: VoiceprintSettings = VoiceprintSettings()
+    """Enrolled voiceprints."""
+    stream: StreamSettings = StreamSettings()
+    """Each session's utterance stream."""
+    limits: LimitSettings = LimitSettings()
+    """What one WebSocket client may send."""
+    uploads: UploadSettings = UploadSettings()
+    """Uploaded files and enrolments."""
+    drain: DrainSettings = DrainSettings()
+    """A stopping Ingress replica's sessions."""
+    health: HealthSettings = HealthSettings()
+    """The /healthz probe."""
+    admission: AdmissionSettings = AdmissionSettings()
+    """Who may open a session."""
+    xiaozhi: XiaozhiSettings = XiaozhiSettings()
+    """Xiaozhi devices (/xiaozhi/v1/)."""
+    funasr: FunasrSettings = FunasrSettings()
+    """FunASR clients (/ and /funasr)."""
+    realtime: RealtimeSettings = RealtimeSettings()
+    """OpenAI Realtime clients (/v1/realtime)."""
+    security: SecuritySettings = SecuritySettings()
+    """Device and admin authentication."""
+    retry: RetrySettings = RetrySettings()
+    """Calls to a lost replica."""
+    placement: dict[PlacementName, Placement] = Field(default_factory=default_placement)
+    """ray_actor_options per deployment (CPUs, GPU fractions)."""
+    use_gpus: Literal["auto", "always", "never"] = "auto"
+    """auto: the placement's num_gpus apply where the cluster has GPUs when the app is built. always: they apply
+    even if no GPU node is up yet (a cluster autoscaler adds GPU nodes on demand, e.g. KubeRay; the replicas wait
+    for them). never: models on CPU even where there are GPUs."""
 
     @field_validator("placement", mode="before")
     @classmethod

@@ -12,51 +12,36 @@ from speech_serve.settings.base import Section
 class AdmissionSettings(Section):
     """Who may open a session. Over a cap, a connection is refused at once with a reason."""
 
-    max_sessions_per_replica: int = Field(
-        150,
-        description="Sessions one Ingress replica holds; more get `server_busy` and close 1013. Keep it below "
-        "the Ingress max_ongoing_requests (200), or the proxy queues WebSockets instead of refusing them.",
-    )
-    max_sessions_total: int | None = Field(
-        400, description="Sessions in the whole application (null: no cap); more get `server_busy`, close 1013."
-    )
-    max_connections_per_device: int | None = Field(
-        2,
-        description="Open connections per Device-Id (header or query); more get `too_many_connections`, close "
-        "1008. Two lets a device reconnect before its old connection has timed out.",
-    )
-    sessions_per_asr_replica: int | None = Field(
-        None,
-        ge=1,
-        description="Sessions one SenseVoice replica serves within the latency target on this kind of host (the "
-        "capacity sweep's 'held' figure). The application admits this many per running SenseVoice replica; more "
-        "get `server_busy`, close 1013. null: no such cap (the counts above still apply).",
-    )
-    max_queue_delay_s: float | None = Field(
-        None,
-        description="While the oldest finished utterance an Ingress replica waits on has waited longer than this "
-        "for SenseVoice, new sessions get `server_busy` (1013): the admitted keep their latency. null: off.",
-    )
+    max_sessions_per_replica: int = 150
+    """Sessions one Ingress replica holds; more get `server_busy` and close 1013. Keep it below the Ingress
+    max_ongoing_requests (200), or the proxy queues WebSockets instead of refusing them."""
+    max_sessions_total: int | None = 400
+    """Sessions in the whole application (null: no cap); more get `server_busy`, close 1013."""
+    max_connections_per_device: int | None = 2
+    """Open connections per Device-Id (header or query); more get `too_many_connections`, close 1008. Two lets a
+    device reconnect before its old connection has timed out."""
+    sessions_per_asr_replica: int | None = Field(None, ge=1)
+    """Sessions one SenseVoice replica serves within the latency target on this kind of host (the capacity
+    sweep's 'held' figure). The application admits this many per running SenseVoice replica; more get
+    `server_busy`, close 1013. null: no such cap (the counts above still apply)."""
+    max_queue_delay_s: float | None = None
+    """While the oldest finished utterance an Ingress replica waits on has waited longer than this for
+    SenseVoice, new sessions get `server_busy` (1013): the admitted keep their latency. null: off."""
     # Optional work is shed before devices are refused: interims first, then the speaker model.
-    shed_interims_delay_s: float | None = Field(
-        None,
-        description="While the oldest finished utterance an Ingress replica waits on has waited longer than this "
-        "for SenseVoice, no interim (partial) text is computed for its sessions: the model time goes to finals. "
-        "null: never shed.",
-    )
-    shed_speaker_delay_s: float | None = Field(
-        None,
-        description="Past this queue delay, utterances skip the speaker model: their text goes out with speaker "
-        "`unknown`, reason `shed`. null: never shed.",
-    )
-    lease_s: float = Field(30.0, description="The registry forgets sessions of an Ingress silent this long.")
-    sync_s: float = Field(5.0, description="How often each Ingress replica re-syncs its live sessions.")
-    registry_timeout_s: float = Field(
-        5.0,
-        gt=0,
-        description="Longest a SessionRegistry call (admit, release, sync) may take. Past it a new session is "
-        "admitted unchecked (logged), as when the registry is down; a lost release is corrected by the next sync.",
-    )
+    shed_interims_delay_s: float | None = None
+    """While the oldest finished utterance an Ingress replica waits on has waited longer than this for
+    SenseVoice, no interim (partial) text is computed for its sessions: the model time goes to finals. null:
+    never shed."""
+    shed_speaker_delay_s: float | None = None
+    """Past this queue delay, utterances skip the speaker model: their text goes out with speaker `unknown`,
+    reason `shed`. null: never shed."""
+    lease_s: float = 30.0
+    """The registry forgets sessions of an Ingress silent this long."""
+    sync_s: float = 5.0
+    """How often each Ingress replica re-syncs its live sessions."""
+    registry_timeout_s: float = Field(5.0, gt=0)
+    """Longest a SessionRegistry call (admit, release, sync) may take. Past it a new session is admitted
+    unchecked (logged), as when the registry is down; a lost release is corrected by the next sync."""
 
     @model_validator(mode="after")
     def _shed_before_refusing(self) -> AdmissionSettings:
@@ -78,18 +63,15 @@ class RetrySettings(Section):
     `health_check_period_s` (2 s) and the new replica reloads its model (about 10 s with the test
     models on 2 cores), so the deadline must cover both, with room for a loaded host."""
 
-    deadline_s: float = Field(
-        60.0,
-        description="Give up on a call this long after its first failure; the utterance then gets "
-        "recognition_failed and the session goes on.",
-    )
-    try_timeout_s: float = Field(
-        60.0,
-        gt=0,
-        description="Longest one try of a call may take, the first included (a retry gets at most what is left "
-        "of deadline_s). A replica that takes a call and never answers (wedged, not dead) would otherwise hold "
-        "the session's in-order results for ever. A try that runs out is not retried (the request is cancelled "
-        "on the replica): the utterance gets recognition_failed, a VAD call closes the session (internal, 1011).",
-    )
-    backoff_s: float = Field(0.5, description="Wait before the second retry (the first goes at once); doubles after.")
-    max_backoff_s: float = Field(5.0, description="Longest wait between two retries.")
+    deadline_s: float = 60.0
+    """Give up on a call this long after its first failure; the utterance then gets recognition_failed and the
+    session goes on."""
+    try_timeout_s: float = Field(60.0, gt=0)
+    """Longest one try of a call may take, the first included (a retry gets at most what is left of deadline_s).
+    A replica that takes a call and never answers (wedged, not dead) would otherwise hold the session's in-order
+    results for ever. A try that runs out is not retried (the request is cancelled on the replica): the utterance
+    gets recognition_failed, a VAD call closes the session (internal, 1011)."""
+    backoff_s: float = 0.5
+    """Wait before the second retry (the first goes at once); doubles after."""
+    max_backoff_s: float = 5.0
+    """Longest wait between two retries."""

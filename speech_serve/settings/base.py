@@ -1,5 +1,6 @@
 """What every settings class shares: unknown keys are refused (a typo in the YAML is an error, not
-a silently ignored option)."""
+a silently ignored option), and a field is described once, by the docstring under it (its
+`description`: docs/configuration.md is generated from them)."""
 
 from __future__ import annotations
 
@@ -7,4 +8,4 @@ from pydantic import BaseModel, ConfigDict
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)

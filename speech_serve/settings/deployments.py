@@ -57,21 +57,18 @@ class Placement(Section):
     fraction on a CPU-only cluster and leave replicas pending forever.
     """
 
-    num_cpus: float | None = Field(
-        0.0,
-        description="CPUs reserved per replica. null (the model deployments' default): the replica's torch "
-        "threads, scaled down by the builder when one replica of each deployment would not fit the node.",
-    )
-    num_gpus: float = Field(0.0, description="GPU fraction per replica; applied only where the cluster has GPUs.")
-    memory_mb: int | None = Field(None, description="Memory reserved per replica (Ray's `memory`), in MiB.")
-    resources: dict[str, float] = Field(
-        default_factory=dict,
-        description="Custom Ray resources per replica: steer it to the nodes that offer them (on KubeRay, a "
-        "worker group's rayStartParams resources; deploy/kuberay/).",
-    )
-    num_replicas: int | None = Field(
-        None, description="Fixed replica count; leave unset to use autoscaling_config from `deployments:`."
-    )
+    num_cpus: float | None = 0.0
+    """CPUs reserved per replica. null (the model deployments' default): the replica's torch threads, scaled down
+    by the builder when one replica of each deployment would not fit the node."""
+    num_gpus: float = 0.0
+    """GPU fraction per replica; applied only where the cluster has GPUs."""
+    memory_mb: int | None = None
+    """Memory reserved per replica (Ray's `memory`), in MiB."""
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources per replica: steer it to the nodes that offer them (on KubeRay, a worker group's
+    rayStartParams resources; deploy/kuberay/)."""
+    num_replicas: int | None = None
+    """Fixed replica count; leave unset to use autoscaling_config from `deployments:`."""
 
     def deployment_options(self, cluster_has_gpu: bool) -> dict:
         opts: dict = {"ray_actor_options": self.actor_options(cluster_has_gpu)}
@@ -88,15 +85,6 @@ class Placement(Section):
         if self.resources:
             opts["resources"] = dict(self.resources)
         return opts
-
-
-def _default_placement() -> dict[str, Placement]:
-    return {
-        "Ingress": Placement(num_cpus=0.1),
-        "VADHost": Placement(num_cpus=0.1),
-        "SenseVoice": Placement(num_cpus=None, num_gpus=0.25),
-        "Speaker": Placement(num_cpus=None, num_gpus=0.15),
-    }
 
 
 def default_placement() -> dict[str, Placement]:

@@ -11,159 +11,101 @@ from speech_serve.settings.base import Section
 class StreamSettings(Section):
     """Each session's utterance stream: its VAD chunks, their batched calls, its utterances."""
 
-    vad_chunk_ms: int = Field(
-        200,
-        description="Audio of one session per VAD chunk (one item of a batched VADHost call). Larger chunks "
-        "cost less VAD work per second of audio but add up to one chunk of end-of-speech latency.",
-    )
-    vad_batch_interval_ms: int = Field(
-        100,
-        ge=0,
-        description="Least time between two batched VADHost calls of one lane (the chunks of many sessions "
-        "go in one call). A Serve call costs more CPU than the VAD work of a chunk: under load the calls "
-        "per second stay flat and batches grow; a chunk waits at most this long.",
-    )
-    vad_max_lag_ms: int = Field(
-        2000,
-        ge=0,
-        description="How far a session's VAD may lag behind its audio before its frames wait (they queue in "
-        "its socket, and TCP slows the client). Audio that came while a VAD call was out goes in the next "
-        "call as one chunk, so a session catches up at once after a slow call.",
-    )
-    max_utterance_ms: int = Field(30_000, description="Force-cut an utterance that runs this long.")
-    min_utterance_ms: int = Field(
-        50,
-        ge=1,
-        description="Drop shorter utterances before they reach the models, and send no result for them: a VAD "
-        "end at a force-cut leaves 0 samples, and SenseVoice's fbank raises below about 20 ms (measured), which "
-        "failed the whole model batch. 50 ms holds no word.",
-    )
-    max_utterances_in_flight: int = Field(
-        4,
-        ge=1,
-        description="Utterances of one session being recognised at once. Audio that ends more waits for room "
-        "(its frames queue, bounded by limits.max_queued_bytes): no session fans out without bound. One VAD "
-        "call that ends several utterances (a session catching up) may pass it by those.",
-    )
+    vad_chunk_ms: int = 200
+    """Audio of one session per VAD chunk (one item of a batched VADHost call). Larger chunks cost less VAD work
+    per second of audio but add up to one chunk of end-of-speech latency."""
+    vad_batch_interval_ms: int = Field(100, ge=0)
+    """Least time between two batched VADHost calls of one lane (the chunks of many sessions go in one call). A
+    Serve call costs more CPU than the VAD work of a chunk: under load the calls per second stay flat and batches
+    grow; a chunk waits at most this long."""
+    vad_max_lag_ms: int = Field(2000, ge=0)
+    """How far a session's VAD may lag behind its audio before its frames wait (they queue in its socket, and TCP
+    slows the client). Audio that came while a VAD call was out goes in the next call as one chunk, so a session
+    catches up at once after a slow call."""
+    max_utterance_ms: int = 30_000
+    """Force-cut an utterance that runs this long."""
+    min_utterance_ms: int = Field(50, ge=1)
+    """Drop shorter utterances before they reach the models, and send no result for them: a VAD end at a
+    force-cut leaves 0 samples, and SenseVoice's fbank raises below about 20 ms (measured), which failed the
+    whole model batch. 50 ms holds no word."""
+    max_utterances_in_flight: int = Field(4, ge=1)
+    """Utterances of one session being recognised at once. Audio that ends more waits for room (its frames queue,
+    bounded by limits.max_queued_bytes): no session fans out without bound. One VAD call that ends several
+    utterances (a session catching up) may pass it by those."""
 
 
 class LimitSettings(Section):
     """What one WebSocket client may send; past a bound the session is closed (or its audio paced)."""
 
-    max_frame_bytes: int = Field(64_000, description="Largest binary frame accepted (2 s of PCM16).")
-    max_text_frame_bytes: int = Field(
-        65_536,
-        ge=1024,
-        description="Largest text frame accepted (JSON control: a Xiaozhi MCP payload is a few kB); past it: "
-        "`frame_too_large`, close 1009. The WebSocket layer alone would take 16 MB.",
-    )
-    max_field_chars: int = Field(
-        1024,
-        ge=16,
-        description="Longest string field of a control frame (speaker_group, wav_name, language, hotwords, ...): "
-        "some are echoed in every answer or kept. Past it: `field_too_long`, and the session goes on.",
-    )
-    control_burst: int = Field(
-        50, description="Control (text) frames a session may send at once; past it and control_per_s, close 1008."
-    )
-    control_per_s: float = Field(
-        10.0,
-        description="Control frames per second a session may keep up. Each costs the ingress a parse and "
-        "maybe an answer: an unbounded flood would take its event loop from every other session.",
-    )
-    max_protocol_errors: int = Field(
-        20,
-        description="Error frames one session may earn (bad JSON, bad Opus packets, ...) before it is closed "
-        "with 1008: a client looping on bad input would otherwise get one answer per frame for ever.",
-    )
-    max_audio_rate: float | None = Field(
-        1.5,
-        gt=0,
-        description="Seconds of audio a session's pipeline takes per second, over rate_window_s (1.5: room for "
-        "catching up after a stall). Faster audio is paced, not refused: the session holds it back (and stops "
-        "reading its socket once max_queued_bytes wait), so a file sent at full speed is recognised at this "
-        "rate. null: no bound.",
-    )
-    max_frames_per_s: float = Field(
-        200.0,
-        gt=0,
-        description="Frames (binary and text) a session may send per second, measured over rate_window_s and "
-        "counted as they arrive. 200: 10 ms frames at twice real time. Past it: `too_many_messages`, close 1008.",
-    )
-    rate_window_s: float = Field(
-        20.0,
-        gt=0,
-        description="Window of max_audio_rate and max_frames_per_s: a session may be this many seconds' worth "
-        "ahead at once (a short file sent at once, a client catching up after a stall) before the rate applies.",
-    )
-    max_queued_bytes: int = Field(
-        4_000_000,
-        ge=65_536,
-        description="Bytes of frames a session may have received but not yet handled; past it the session stops "
-        "reading its socket until it catches up (TCP slows the client; nothing is refused). 4 MB: two minutes "
-        "of 16 kHz PCM.",
-    )
-    idle_timeout_s: float = Field(
-        300.0, description="Close a session that sends nothing for this long (error `idle_timeout`, close 1000)."
-    )
+    max_frame_bytes: int = 64_000
+    """Largest binary frame accepted (2 s of PCM16)."""
+    max_text_frame_bytes: int = Field(65_536, ge=1024)
+    """Largest text frame accepted (JSON control: a Xiaozhi MCP payload is a few kB); past it: `frame_too_large`,
+    close 1009. The WebSocket layer alone would take 16 MB."""
+    max_field_chars: int = Field(1024, ge=16)
+    """Longest string field of a control frame (speaker_group, wav_name, language, hotwords, ...): some are
+    echoed in every answer or kept. Past it: `field_too_long`, and the session goes on."""
+    control_burst: int = 50
+    """Control (text) frames a session may send at once; past it and control_per_s, close 1008."""
+    control_per_s: float = 10.0
+    """Control frames per second a session may keep up. Each costs the ingress a parse and maybe an answer: an
+    unbounded flood would take its event loop from every other session."""
+    max_protocol_errors: int = 20
+    """Error frames one session may earn (bad JSON, bad Opus packets, ...) before it is closed with 1008: a
+    client looping on bad input would otherwise get one answer per frame for ever."""
+    max_audio_rate: float | None = Field(1.5, gt=0)
+    """Seconds of audio a session's pipeline takes per second, over rate_window_s (1.5: room for catching up
+    after a stall). Faster audio is paced, not refused: the session holds it back (and stops reading its socket
+    once max_queued_bytes wait), so a file sent at full speed is recognised at this rate. null: no bound."""
+    max_frames_per_s: float = Field(200.0, gt=0)
+    """Frames (binary and text) a session may send per second, measured over rate_window_s and counted as they
+    arrive. 200: 10 ms frames at twice real time. Past it: `too_many_messages`, close 1008."""
+    rate_window_s: float = Field(20.0, gt=0)
+    """Window of max_audio_rate and max_frames_per_s: a session may be this many seconds' worth ahead at once (a
+    short file sent at once, a client catching up after a stall) before the rate applies."""
+    max_queued_bytes: int = Field(4_000_000, ge=65_536)
+    """Bytes of frames a session may have received but not yet handled; past it the session stops reading its
+    socket until it catches up (TCP slows the client; nothing is refused). 4 MB: two minutes of 16 kHz PCM."""
+    idle_timeout_s: float = 300.0
+    """Close a session that sends nothing for this long (error `idle_timeout`, close 1000)."""
 
 
 class UploadSettings(Section):
     """Whole files: /v1/audio/transcriptions and voiceprint enrolments."""
 
-    max_bytes: int = Field(
-        50_000_000,
-        description="Largest uploaded file. Uploads are held in memory up to this size and refused above it "
-        "(413); never spooled to disk.",
-    )
-    max_seconds: float = Field(
-        1800.0,
-        description="Longest audio in one /v1/audio/transcriptions file (413 past it): compressed silence "
-        "packs hours into a few kB, so bytes alone do not bound the memory a file takes.",
-    )
-    max_sample_rate: int = Field(
-        48_000,
-        ge=8_000,
-        description="Highest sample rate of an uploaded file (HTTP 400 above it, from the header, before "
-        "decoding): a FLAC header may claim 655350 Hz, and decoding costs the file's own rate.",
-    )
-    max_concurrent: int = Field(
-        2,
-        ge=1,
-        description="Uploads (transcriptions and enrolments together) one Ingress replica reads, decodes and "
-        "recognises at once (each may hold max_bytes and max_seconds of audio); more get 503 with Retry-After.",
-    )
-    body_timeout_s: float = Field(
-        120.0,
-        gt=0,
-        description="Longest time to receive an upload's whole body: past it, HTTP 408. A client trickling "
-        "its body would otherwise hold one of max_concurrent for ever.",
-    )
-    retry_after_s: int = Field(
-        5, ge=1, description="Retry-After (seconds) of the 503 an upload gets while the replica is at its cap."
-    )
-    max_segments_in_flight: int = Field(
-        4,
-        ge=1,
-        description="Speech segments of one uploaded file being recognised at once: a long file goes to the "
-        "models a few segments at a time, never all at once ahead of the live sessions' utterances.",
-    )
+    max_bytes: int = 50_000_000
+    """Largest uploaded file. Uploads are held in memory up to this size and refused above it (413); never
+    spooled to disk."""
+    max_seconds: float = 1800.0
+    """Longest audio in one /v1/audio/transcriptions file (413 past it): compressed silence packs hours into a
+    few kB, so bytes alone do not bound the memory a file takes."""
+    max_sample_rate: int = Field(48_000, ge=8_000)
+    """Highest sample rate of an uploaded file (HTTP 400 above it, from the header, before decoding): a FLAC
+    header may claim 655350 Hz, and decoding costs the file's own rate."""
+    max_concurrent: int = Field(2, ge=1)
+    """Uploads (transcriptions and enrolments together) one Ingress replica reads, decodes and recognises at once
+    (each may hold max_bytes and max_seconds of audio); more get 503 with Retry-After."""
+    body_timeout_s: float = Field(120.0, gt=0)
+    """Longest time to receive an upload's whole body: past it, HTTP 408. A client trickling its body would
+    otherwise hold one of max_concurrent for ever."""
+    retry_after_s: int = Field(5, ge=1)
+    """Retry-After (seconds) of the 503 an upload gets while the replica is at its cap."""
+    max_segments_in_flight: int = Field(4, ge=1)
+    """Speech segments of one uploaded file being recognised at once: a long file goes to the models a few
+    segments at a time, never all at once ahead of the live sessions' utterances."""
 
 
 class DrainSettings(Section):
     """What a stopping Ingress replica does with its sessions (Serve's graceful_shutdown_timeout_s)."""
 
-    poll_s: float = Field(2.0, description="How often an ingress replica asks Serve whether it is stopping.")
-    margin_s: float = Field(
-        30.0,
-        description="A stopping ingress replica asks its sessions to reconnect (close 1012) this long before "
-        "Serve's graceful_shutdown_timeout_s runs out. Before that, sessions go on untouched.",
-    )
-    idle_wait_s: float = Field(
-        10.0,
-        description="Once asked to reconnect, a session waits up to this long for the pause after its next "
-        "result; after it, an open utterance is cut and transcribed, then the session closes.",
-    )
+    poll_s: float = 2.0
+    """How often an ingress replica asks Serve whether it is stopping."""
+    margin_s: float = 30.0
+    """A stopping ingress replica asks its sessions to reconnect (close 1012) this long before Serve's
+    graceful_shutdown_timeout_s runs out. Before that, sessions go on untouched."""
+    idle_wait_s: float = 10.0
+    """Once asked to reconnect, a session waits up to this long for the pause after its next result; after it, an
+    open utterance is cut and transcribed, then the session closes."""
 
     @model_validator(mode="after")
     def _fits(self) -> DrainSettings:
@@ -175,12 +117,8 @@ class DrainSettings(Section):
 class HealthSettings(Section):
     """/healthz: unauthenticated, so it must stay cheap for the sessions sharing the replica."""
 
-    cache_s: float = Field(
-        1.0,
-        ge=0,
-        description="/healthz reuses the Serve controller's answer this long (a flood of probes shares one "
-        "controller call, made off the event loop).",
-    )
-    timeout_s: float = Field(
-        5.0, gt=0, description="/healthz waits this long for the Serve controller, then answers 503 with the reason."
-    )
+    cache_s: float = Field(1.0, ge=0)
+    """/healthz reuses the Serve controller's answer this long (a flood of probes shares one controller call,
+    made off the event loop)."""
+    timeout_s: float = Field(5.0, gt=0)
+    """/healthz waits this long for the Serve controller, then answers 503 with the reason."""

@@ -10,11 +10,12 @@ from speech_serve.settings.base import Section
 
 
 class XiaozhiSettings(Section):
-    hello_timeout_s: float = Field(10.0, description="Close a connection that sends no hello in this time.")
+    hello_timeout_s: float = 10.0
+    """Close a connection that sends no hello in this time."""
     hello_audio_params: dict = Field(
-        default_factory=lambda: {"format": "opus", "sample_rate": 16000, "channels": 1, "frame_duration": 60},
-        description="audio_params in our hello: what we send back to devices (we send no audio).",
+        default_factory=lambda: {"format": "opus", "sample_rate": 16000, "channels": 1, "frame_duration": 60}
     )
+    """audio_params in our hello: what we send back to devices (we send no audio)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -36,34 +37,23 @@ _MOVED_XIAOZHI_KEYS = {
 
 
 class FunasrSettings(Section):
-    interim_interval_ms: int = Field(
-        600,
-        description="online/2pass: re-decode the growing segment this often for interim text. "
-        "Interims run at low priority on SenseVoice and never delay final results.",
-    )
+    interim_interval_ms: int = 600
+    """online/2pass: re-decode the growing segment this often for interim text. Interims run at low priority on
+    SenseVoice and never delay final results."""
 
 
 class RealtimeSettings(Section):
     """The OpenAI Realtime transcription endpoint (`/v1/realtime`): how far its clients may move our VAD."""
 
-    min_silence_duration_ms: int = Field(
-        200,
-        ge=0,
-        description="Shortest end-of-utterance silence a client may ask for (turn_detection.silence_duration_ms "
-        "is raised to it): shorter splits words at every pause.",
-    )
-    max_silence_duration_ms: int = Field(
-        3000,
-        ge=0,
-        description="Longest end-of-utterance silence a client may ask for (lowered to it): a longer one holds "
-        "the utterance, its audio and its result back that long after the speaker stops.",
-    )
-    interim_interval_ms: int | None = Field(
-        600,
-        gt=0,
-        description="Re-decode the utterance being spoken this often and send the new text as "
-        "conversation.item.input_audio_transcription.delta events (low priority on SenseVoice). null: no deltas.",
-    )
+    min_silence_duration_ms: int = Field(200, ge=0)
+    """Shortest end-of-utterance silence a client may ask for (turn_detection.silence_duration_ms is raised to
+    it): shorter splits words at every pause."""
+    max_silence_duration_ms: int = Field(3000, ge=0)
+    """Longest end-of-utterance silence a client may ask for (lowered to it): a longer one holds the utterance,
+    its audio and its result back that long after the speaker stops."""
+    interim_interval_ms: int | None = Field(600, gt=0)
+    """Re-decode the utterance being spoken this often and send the new text as
+    conversation.item.input_audio_transcription.delta events (low priority on SenseVoice). null: no deltas."""
 
     @model_validator(mode="after")
     def _range(self) -> RealtimeSettings:

@@ -18,33 +18,25 @@ class SecuritySettings(Section):
     """Who may connect. Secrets are never settings: only the *names* of the environment
     variables that hold them (`*_env`), so config files can be shared and committed."""
 
-    device_auth: Literal["auto", "on", "off"] = Field(
-        "auto",
-        description="Device authentication on every device path (Xiaozhi, plain, FunASR, file uploads). "
-        "auto: on unless Serve's HTTP host is a loopback address (or cannot be learned).",
-    )
-    device_secret_env: str = Field(
-        DEFAULT_SECRET_ENV, description="Environment variable holding the HMAC secret of device tokens."
-    )
-    max_token_age_s: int = Field(30 * 24 * 3600, description="Device tokens older than this are refused.")
-    allowed_devices: list[str] = Field(default_factory=list, description="Device ids admitted without a token.")
-    device_groups: dict[str, str] = Field(
-        default_factory=dict,
-        description="Speaker group (household) of each device id while device authentication is on; a device "
-        "not listed is its own group. Clients cannot choose another (speaker_group must match or be left out).",
-    )
-    min_secret_chars: int = Field(
-        MIN_SECRET_CHARS,
-        ge=MIN_REDACTED_CHARS,
-        description="Shortest device secret or admin token accepted: a shorter one set in the environment stops "
-        "the ingress from starting (and could not be masked in the logs).",
-    )
-    admin_token_env: str = Field(
-        "SPEECH_SERVE_ADMIN_TOKEN", description="Environment variable holding the bearer token of /v1/speakers*."
-    )
-    bind_host_timeout_s: float = Field(
-        10.0, description="How long the ingress waits for Serve's controller to say which host it binds."
-    )
+    device_auth: Literal["auto", "on", "off"] = "auto"
+    """Device authentication on every device path (Xiaozhi, plain, FunASR, file uploads). auto: on unless Serve's
+    HTTP host is a loopback address (or cannot be learned)."""
+    device_secret_env: str = DEFAULT_SECRET_ENV
+    """Environment variable holding the HMAC secret of device tokens."""
+    max_token_age_s: int = 30 * 24 * 3600
+    """Device tokens older than this are refused."""
+    allowed_devices: list[str] = Field(default_factory=list)
+    """Device ids admitted without a token."""
+    device_groups: dict[str, str] = Field(default_factory=dict)
+    """Speaker group (household) of each device id while device authentication is on; a device not listed is its
+    own group. Clients cannot choose another (speaker_group must match or be left out)."""
+    min_secret_chars: int = Field(MIN_SECRET_CHARS, ge=MIN_REDACTED_CHARS)
+    """Shortest device secret or admin token accepted: a shorter one set in the environment stops the ingress
+    from starting (and could not be masked in the logs)."""
+    admin_token_env: str = "SPEECH_SERVE_ADMIN_TOKEN"
+    """Environment variable holding the bearer token of /v1/speakers*."""
+    bind_host_timeout_s: float = 10.0
+    """How long the ingress waits for Serve's controller to say which host it binds."""
 
     @field_validator("device_secret_env", "admin_token_env")
     @classmethod

@@ -10,81 +10,63 @@ from speech_serve.settings.base import Section
 
 
 class VadSettings(Section):
-    max_end_silence_ms: int = Field(
-        600, description="Silence that ends an utterance. Shorter answers sooner but splits on pauses."
-    )
-    reset_after_ms: int = Field(
-        20_000,
-        description="Reset a session's fsmn cache between utterances once it holds this much audio, "
-        "so memory stays flat on long sessions.",
-    )
-    threads: int = Field(1, description="torch threads per VADHost replica.")
-    session_idle_s: float = Field(
-        300.0,
-        gt=0,
-        description="Forget a session's VAD state once nobody has fed it for this long: an Ingress that "
-        "crashed never closes its sessions, which would count in live_sessions (routing, autoscaling) for "
-        "ever. A live session that comes back later replays its audio, as after a replica change.",
-    )
-    sessions_per_replica: int = Field(
-        50,
-        ge=1,
-        description="Sessions one VADHost replica is sized for. Each Ingress replica groups its sessions in "
-        "lanes of this many (one sticky VADHost call stream each), and the VADHost autoscaling policy asks for "
-        "one replica per this many live sessions, so new lanes land on new replicas.",
-    )
+    max_end_silence_ms: int = 600
+    """Silence that ends an utterance. Shorter answers sooner but splits on pauses."""
+    reset_after_ms: int = 20_000
+    """Reset a session's fsmn cache between utterances once it holds this much audio, so memory stays flat on
+    long sessions."""
+    threads: int = 1
+    """torch threads per VADHost replica."""
+    session_idle_s: float = Field(300.0, gt=0)
+    """Forget a session's VAD state once nobody has fed it for this long: an Ingress that crashed never closes
+    its sessions, which would count in live_sessions (routing, autoscaling) for ever. A live session that comes
+    back later replays its audio, as after a replica change."""
+    sessions_per_replica: int = Field(50, ge=1)
+    """Sessions one VADHost replica is sized for. Each Ingress replica groups its sessions in lanes of this many
+    (one sticky VADHost call stream each), and the VADHost autoscaling policy asks for one replica per this many
+    live sessions, so new lanes land on new replicas."""
 
 
 class AsrSettings(Section):
-    language: str = Field("auto", description="auto, zh, en, yue, ja, ko")
-    use_itn: bool = Field(True, description="Inverse text normalisation (punctuation, numbers).")
-    threads: int = Field(2, description="torch threads per SenseVoice replica on CPU.")
-    quantize: Literal["none", "int8"] = Field(
-        "none",
-        description="int8: dynamic int8 quantization of SenseVoice's Linear layers on CPU (about half the "
-        "CPU per utterance; FunASR's runtime ships SenseVoice as int8 too). Ignored on GPU.",
-    )
-    quantized_engine: Literal["onednn", "x86", "fbgemm"] = Field(
-        "onednn",
-        description="torch's int8 kernels when quantize is int8 (torch.backends.quantized.engine). onednn "
-        "transcribed 13% more speech per CPU-second than torch's default x86 at batch 2 and 30% more at "
-        "batch 4, the same at batch 1 (docs/benchmarks.md); x86 is torch's default.",
-    )
-    trace_encoder: bool = Field(
-        True,
-        description="Run SenseVoice's encoder as a TorchScript trace of itself on CPU: the same transcripts "
-        "without Python's per-layer overhead: 1.35-1.8x the speech per CPU-second at batches 1-4, the same at 8 "
-        "(docs/benchmarks.md). Checked against the eager encoder at load; CUDA keeps eager.",
-    )
-    dither: float = Field(
-        0.0,
-        description="Random noise the fbank frontend adds to the audio (FunASR's default is 1.0). "
-        "0: the same audio always gives the same transcript.",
-    )
+    language: str = "auto"
+    """auto, zh, en, yue, ja, ko"""
+    use_itn: bool = True
+    """Inverse text normalisation (punctuation, numbers)."""
+    threads: int = 2
+    """torch threads per SenseVoice replica on CPU."""
+    quantize: Literal["none", "int8"] = "none"
+    """int8: dynamic int8 quantization of SenseVoice's Linear layers on CPU (about half the CPU per utterance;
+    FunASR's runtime ships SenseVoice as int8 too). Ignored on GPU."""
+    quantized_engine: Literal["onednn", "x86", "fbgemm"] = "onednn"
+    """torch's int8 kernels when quantize is int8 (torch.backends.quantized.engine). onednn transcribed 13% more
+    speech per CPU-second than torch's default x86 at batch 2 and 30% more at batch 4, the same at batch 1
+    (docs/benchmarks.md); x86 is torch's default."""
+    trace_encoder: bool = True
+    """Run SenseVoice's encoder as a TorchScript trace of itself on CPU: the same transcripts without Python's
+    per-layer overhead: 1.35-1.8x the speech per CPU-second at batches 1-4, the same at 8 (docs/benchmarks.md).
+    Checked against the eager encoder at load; CUDA keeps eager."""
+    dither: float = 0.0
+    """Random noise the fbank frontend adds to the audio (FunASR's default is 1.0). 0: the same audio always
+    gives the same transcript."""
 
 
 class SpeakerSettings(Section):
-    enabled: bool = Field(
-        True,
-        description="Run the speaker model on every utterance (who spoke). false: results carry speaker "
-        "`unknown` and no Speaker call is made; enrolment answers 503.",
-    )
-    threads: int = Field(2, description="torch threads per Speaker replica on CPU.")
-    keep_embeddings: int = Field(
-        20, description="Embeddings kept per session (addressable by embedding_id) for later enrolment."
-    )
-    min_utterance_ms: int = Field(
-        150,
-        ge=0,
-        description="Shorter utterances are not sent to the Speaker: their text goes out with speaker unknown "
-        "(reason too_short). ERes2NetV2's statistics pooling gives NaN at 100 ms and raises under 25 ms (measured).",
-    )
+    enabled: bool = True
+    """Run the speaker model on every utterance (who spoke). false: results carry speaker `unknown` and no
+    Speaker call is made; enrolment answers 503."""
+    threads: int = 2
+    """torch threads per Speaker replica on CPU."""
+    keep_embeddings: int = 20
+    """Embeddings kept per session (addressable by embedding_id) for later enrolment."""
+    min_utterance_ms: int = Field(150, ge=0)
+    """Shorter utterances are not sent to the Speaker: their text goes out with speaker unknown (reason
+    too_short). ERes2NetV2's statistics pooling gives NaN at 100 ms and raises under 25 ms (measured)."""
 
 
 class BatchSettings(Section):
     """A model replica's batching; live-tunable through the deployment's `user_config`."""
 
-    max_batch_size: int = Field(8, ge=1, description="Most utterances in one model call.")
-    batch_wait_timeout_s: float = Field(
-        0.02, ge=0, description="From idle, how long the first request waits for others to share its batch."
-    )
+    max_batch_size: int = Field(8, ge=1)
+    """Most utterances in one model call."""
+    batch_wait_timeout_s: float = Field(0.02, ge=0)
+    """From idle, how long the first request waits for others to share its batch."""

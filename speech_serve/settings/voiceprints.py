@@ -10,17 +10,21 @@ MATCH_THRESHOLDS = {"ge2e": 0.82, "eres2netv2": 0.6, "campplus": 0.6}  # cosine;
 
 
 class VoiceprintSettings(Section):
-    store: str = Field("sqlite:///~/.cache/speech-serve/voiceprints.sqlite3", description="Store URL or path.")
-    thresholds: dict[str, float] = Field(
-        default_factory=lambda: dict(MATCH_THRESHOLDS),
-        description="Cosine to an enrolled centroid needed to name the speaker, per speaker model. A model "
-        "left out keeps its default; a model with no default must be given one.",
-    )
-    default_group: str = Field("default", description="Group for sessions that name none.")
-    refresh_s: float = Field(1.0, description="How often a Speaker replica checks the store for new enrolments.")
-    min_enroll_s: float = Field(1.0, description="Shortest enrolment clip accepted.")
-    max_enroll_s: float = Field(30.0, description="Longest enrolment clip accepted.")
-    max_enroll_files: int = Field(10, description="Most clips in one enrolment request.")
+    store: str = "sqlite:///~/.cache/speech-serve/voiceprints.sqlite3"
+    """Store URL or path."""
+    thresholds: dict[str, float] = Field(default_factory=lambda: dict(MATCH_THRESHOLDS))
+    """Cosine to an enrolled centroid needed to name the speaker, per speaker model. A model left out keeps its
+    default; a model with no default must be given one."""
+    default_group: str = "default"
+    """Group for sessions that name none."""
+    refresh_s: float = 1.0
+    """How often a Speaker replica checks the store for new enrolments."""
+    min_enroll_s: float = 1.0
+    """Shortest enrolment clip accepted."""
+    max_enroll_s: float = 30.0
+    """Longest enrolment clip accepted."""
+    max_enroll_files: int = 10
+    """Most clips in one enrolment request."""
 
     @field_validator("thresholds")
     @classmethod

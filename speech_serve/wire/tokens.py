@@ -13,16 +13,14 @@ issue it a new token. Secrets shorter than MIN_SECRET_CHARS are refused here and
 
 Mint a token (the secret is read from the environment, never from an argument):
 
-    SPEECH_SERVE_DEVICE_SECRET=... python -m speech_serve.wire.tokens --device-id aa:bb:cc:dd:ee:ff
+    SPEECH_SERVE_DEVICE_SECRET=... speech-serve token --device-id aa:bb:cc:dd:ee:ff
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import hmac
-import os
 import time
 from urllib.parse import urlencode
 
@@ -57,24 +55,3 @@ def url_with_token(url: str, device_id: str | None, token: str | None) -> str:
     """The credentials as query parameters, for clients that cannot set headers."""
     params = {k: v for k, v in (("device_id", device_id), ("token", token)) if v}
     return f"{url}{'&' if '?' in url else '?'}{urlencode(params)}" if params else url
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Mint a device token (the secret comes from the environment).")
-    parser.add_argument("--device-id", required=True)
-    parser.add_argument("--client-id", default="", help="Xiaozhi devices send one; plain and FunASR clients need not")
-    parser.add_argument("--secret-env", default=DEFAULT_SECRET_ENV)
-    args = parser.parse_args(argv)
-    secret = os.environ.get(args.secret_env)
-    if not secret:
-        raise SystemExit(f"set {args.secret_env} to the server's device secret first")
-    if len(secret) < MIN_SECRET_CHARS:
-        raise SystemExit(f"the secret in {args.secret_env} must be at least {MIN_SECRET_CHARS} characters")
-    try:
-        print(issue_token(secret, args.client_id, args.device_id))
-    except ValueError as exc:
-        raise SystemExit(str(exc)) from None
-
-
-if __name__ == "__main__":
-    main()

@@ -3,7 +3,7 @@ sessions; quiet connections hold all but 3 slots, then the load tool offers 6 de
 protocols). What must hold at any speed is asserted: the 3 over the cap are refused at connect
 (close 1013), the admitted lose nothing and get no error frame within a generous deadline, and
 their slots are free once they have gone. (Latency and capacity are machine figures: the
-capacity sweep and the README's recorded runs measure those, not a test.)"""
+capacity sweep and docs/benchmarks.md measure those, not a test.)"""
 
 import asyncio
 import contextlib

@@ -1,4 +1,4 @@
-"""Two Ray nodes on one machine, as an operator runs them (README "Beyond one machine"): a head
+"""Two Ray nodes on one machine, as an operator runs them (docs/operations.md): a head
 node (`ray start --head`, dashboard on) and a worker node joined to it (`ray start --address`,
 with the custom resource `speech_worker`), each with its own temp dir and ports, each stopped by
 ending its own process group (the shared test cluster and anyone else's Ray are untouched). The
@@ -16,7 +16,7 @@ session registry on the worker, so that losing the worker takes the registry wit
     proxy was on the lost node are cut and reconnect through the head; the registry, restarted
     empty, is rebuilt from the Ingress's syncs (a device's connection limit holds again).
 
-The long version (README): `make node-loss` (20 devices through the head, the worker SIGKILLed).
+The long version (docs/operations.md): `make node-loss` (20 devices through the head, the worker SIGKILLed).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import numpy as np
 from starlette.requests import Request
 
 from speech_serve.ingress.metrics import IngressMetrics
@@ -15,6 +16,13 @@ from speech_serve.messages import SpeakerInfo, UtteranceResult, VadEvent, VadFee
 from speech_serve.settings import AppSettings
 
 GONE = {"type": "websocket.disconnect", "code": 1000}  # the client has left
+
+
+def vec(*xs: float, dim: int = 4) -> np.ndarray:
+    """A small embedding with these leading components (voiceprint tests)."""
+    v = np.zeros(dim, dtype=np.float32)
+    v[: len(xs)] = xs
+    return v
 
 
 class ManualClock:

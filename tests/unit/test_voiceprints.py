@@ -6,17 +6,7 @@ import pytest
 
 from speech_serve.replicas.speaker import Identifier
 from speech_serve.voiceprints import SqliteVoiceprintStore, open_store
-
-
-def vec(*xs: float, dim: int = 4) -> np.ndarray:
-    v = np.zeros(dim, dtype=np.float32)
-    v[: len(xs)] = xs
-    return v
-
-
-@pytest.fixture
-def store(tmp_path):
-    return open_store(f"sqlite:///{tmp_path}/vp.sqlite3")
+from tests.support.fakes import vec
 
 
 def _enrol_many(path: str, worker: int, n: int) -> None:

@@ -191,7 +191,7 @@ def quantize_automodel(automodel, mode: str, device: str, engine: str = "x86") -
 
     "int8": PyTorch dynamic quantization of every Linear layer (weights int8, activations quantized
     per batch at run time). SenseVoiceSmall is mostly Linear layers: on this project's CPU host it
-    halves the CPU per utterance (README "Capacity"). FunASR's own runtime serves SenseVoice as an
+    halves the CPU per utterance (docs/benchmarks.md). FunASR's own runtime serves SenseVoice as an
     int8 model too. It is a CPU path: torch's dynamic quantized kernels do not run on CUDA.
 
     `engine` (`asr.quantized_engine`) picks torch's int8 kernels for this process: the weights are
@@ -227,7 +227,7 @@ def trace_encoder(automodel, device: str) -> str | None:
 
     The encoder is about 70 layers of small ops, and at the batches a replica serves (1-4 clips)
     Python's per-layer overhead is a large part of a call: the trace runs the same ops without it
-    (docs/capacity.md "Fifth round": 1.35-1.8x the speech per CPU-second at batches 1-4, identical transcripts). Its
+    (docs/benchmarks.md: 1.35-1.8x the speech per CPU-second at batches 1-4, identical transcripts). Its
     forward is straight-line code over the batch and frame axes, so one trace serves every shape; a
     check batch of other shapes must come out identical or the eager encoder stays. CPU only:
     measured nowhere else."""

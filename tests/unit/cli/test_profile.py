@@ -62,3 +62,18 @@ def test_the_multi_node_profile_steers_vad_and_the_models_to_worker_nodes_and_ke
     assert placement["SenseVoice"].num_gpus == 0.25 and placement["VADHost"].num_cpus == 0.1  # the defaults'
     retry = AppSettings(**args).retry  # covers a node's replacement, not only a replica's
     assert retry.deadline_s >= 180 and retry.try_timeout_s >= 180
+
+
+def test_the_effective_config_fills_in_every_default_under_what_the_file_says(capsys):
+    from speech_serve.cli.profile import main
+
+    main(["--effective", str(CONFIG / "capacity-int8.yaml")])
+    out = capsys.readouterr().out
+    assert out.startswith("# the effective configuration of")
+    (app,) = yaml.safe_load(out)["applications"]
+    assert app["args"]["asr"]["quantize"] == "int8" and app["args"]["asr"]["dither"] == 0.0  # the file's, a default
+    assert app["args"]["limits"]["max_frames_per_s"] == 200.0 and app["args"]["speaker"]["enabled"] is False
+    sense_voice = next(d for d in app["deployments"] if d["name"] == "SenseVoice")
+    assert sense_voice["max_ongoing_requests"] == 64  # the code's table ...
+    assert sense_voice["autoscaling_config"]["min_replicas"] == 2  # ... under the profile's entry
+    assert {d["name"] for d in app["deployments"]} == {"Ingress", "VADHost", "SenseVoice", "Speaker", "SessionRegistry"}

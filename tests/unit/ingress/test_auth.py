@@ -4,6 +4,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 
+from speech_serve.cli.tokens import main
 from speech_serve.ingress import auth as security
 from speech_serve.ingress.auth import (
     AdminAuth,
@@ -19,7 +20,7 @@ from speech_serve.ingress.auth import (
 from speech_serve.ingress.protocols.xiaozhi import ConnectParams, connect_params
 from speech_serve.ingress.redaction import MIN_SECRET_LEN, redact
 from speech_serve.settings import SecuritySettings
-from speech_serve.wire.tokens import device_headers, issue_token, main, url_with_token
+from speech_serve.wire.tokens import device_headers, issue_token, url_with_token
 
 SECRET, NOW, DAY = "s3cret-for-unit-tests", 1_800_000_000, 86400
 

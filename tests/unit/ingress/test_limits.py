@@ -106,7 +106,7 @@ def test_a_session_far_behind_stops_reading_its_socket():
             ws.inbox.put_nowait(frame)
         for _ in range(50):
             await asyncio.sleep(0.01)
-        unread, queued = ws.inbox.qsize(), handler.intake.queued_bytes
+        unread, queued = ws.inbox.qsize(), handler.queued.count
         session.cancel()
         await asyncio.gather(session, return_exceptions=True)
         return ws, unread, queued

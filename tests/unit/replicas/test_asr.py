@@ -46,7 +46,7 @@ def test_asr_with_funasr_default_dither_is_not_repeatable(tiny_models, two_utter
 
 def test_asr_int8_quantizes_every_linear_layer_and_still_transcribes(tiny_models, two_utterances):
     """`asr.quantize: int8`: the Linear layers become dynamic int8 ones (what halves the CPU per
-    utterance, README "Capacity"); batching and parsing work as before; fp32 stays the default."""
+    utterance, docs/benchmarks.md); batching and parsing work as before; fp32 stays the default."""
     import torch
 
     fp32 = AsrCore(tiny_models.asr, AsrSettings(threads=1, trace_encoder=False))
@@ -61,7 +61,7 @@ def test_asr_int8_quantizes_every_linear_layer_and_still_transcribes(tiny_models
     batch = int8.transcribe_batch([AsrRequest(a), AsrRequest(b)])
     assert [t.batch_size for t in batch] == [2, 2] and all(isinstance(t.raw_text, str) for t in batch)
     # Repeatable for the same batch; but activation scales are computed per batch, so unlike fp32 a
-    # transcript may change with its batch-mates (README "Capacity" says so).
+    # transcript may change with its batch-mates (docs/benchmarks.md says so).
     assert int8.transcribe_batch([AsrRequest(a), AsrRequest(b)])[0].raw_text == batch[0].raw_text
 
 

@@ -3,22 +3,11 @@ matching against the enrolled voiceprints."""
 
 
 import numpy as np
-import pytest
 
 from speech_serve.replicas.speaker import Identifier, SpeakerCore, best_match, tile_to
 from speech_serve.settings import SpeakerSettings
-from speech_serve.voiceprints import Candidate, open_store
-
-
-def vec(*xs: float, dim: int = 4) -> np.ndarray:
-    v = np.zeros(dim, dtype=np.float32)
-    v[: len(xs)] = xs
-    return v
-
-
-@pytest.fixture
-def store(tmp_path):
-    return open_store(f"sqlite:///{tmp_path}/vp.sqlite3")
+from speech_serve.voiceprints import Candidate
+from tests.support.fakes import vec
 
 
 def test_speaker_batched_embedding_matches_single(tiny_models, two_utterances):

@@ -22,3 +22,19 @@ def test_custom_resources_steer_a_replica_and_use_gpus_overrides_the_cluster_pro
     assert gpus_apply(AppSettings(use_gpus="never")) is False
     with pytest.raises(ValidationError):
         AppSettings(use_gpus="yes")
+
+
+def test_serve_yaml_deployments_hold_what_serve_needs_there_and_restate_nothing_of_the_table():
+    from pathlib import Path
+
+    import yaml
+
+    from speech_serve.settings import DEFAULT_DEPLOYMENT_OPTIONS
+
+    (app,) = yaml.safe_load(Path("config/serve.yaml").read_text())["applications"]
+    restated = {f"{d['name']}.{key}" for d in app["deployments"] for key, value in d.items()
+                if DEFAULT_DEPLOYMENT_OPTIONS.get(d["name"], {}).get(key, KeyError) == value}  # fmt: skip
+    assert restated == set()
+    assert {key for d in app["deployments"] for key in d} <= {"name", "autoscaling_config", "user_config"}
+    vad = next(d for d in app["deployments"] if d["name"] == "VADHost")["autoscaling_config"]["policy"]
+    assert "policy_kwargs" not in vad  # its target is vad.sessions_per_replica, reported by the replicas

@@ -2,6 +2,7 @@
 keys say where they went, secrets are only ever environment variable names, thresholds."""
 
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -86,3 +87,67 @@ def test_a_speaker_model_without_a_threshold_is_a_clear_error():
         VoiceprintSettings().threshold("newnet")
     with pytest.raises(ValueError, match="between 0 and 1"):
         VoiceprintSettings(thresholds={"ge2e": 82})
+
+
+# ---- config/serve.yaml states each option once --------------------------------------------------
+MARKER = re.compile(r"#\s*default\b")  # a leaf shown on purpose, though it equals the code's default
+
+
+def yaml_leaves(text: str) -> list[tuple[tuple[str, ...], object, str]]:
+    """(path under args, value, the line's text) of every leaf of the first application's args."""
+    root = yaml.compose(text)
+    lines = text.splitlines()
+    app = next(v for k, v in root.value if k.value == "applications").value[0]
+    args = next(v for k, v in app.value if k.value == "args")
+    out = []
+
+    def walk(node, path):
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                walk(value, (*path, key.value))
+        else:
+            out.append((path, yaml.safe_load(yaml.serialize(node)), lines[node.start_mark.line]))
+
+    walk(args, ())
+    return out
+
+
+def restated_defaults(text: str) -> list[str]:
+    """Leaves that equal their default and carry no `# default` marker."""
+    defaults = AppSettings().model_dump(mode="json")
+    found = []
+    for path, value, line in yaml_leaves(text):
+        default = defaults
+        for key in path:
+            default = default.get(key, KeyError) if isinstance(default, dict) else KeyError
+        if default is not KeyError and default == value and not MARKER.search(line):
+            found.append(".".join(path))
+    return found
+
+
+def test_serve_yaml_states_a_default_only_where_it_is_marked_as_shown():
+    assert restated_defaults(Path("config/serve.yaml").read_text()) == []
+
+
+def test_the_check_finds_an_unmarked_default_and_lets_a_marked_one_or_a_change_pass():
+    text = """applications:
+  - name: speech
+    args:
+      vad: {max_end_silence_ms: 600}
+      asr:
+        threads: 2        # default: shown
+        quantize: int8
+"""
+    assert restated_defaults(text) == ["vad.max_end_silence_ms"]
+
+
+def test_every_setting_is_described_where_it_is_defined():
+    def undescribed(model, prefix=""):
+        for name, field in model.model_fields.items():
+            if not field.description:
+                yield prefix + name
+            kind = field.annotation
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                yield from undescribed(kind, f"{prefix}{name}.")
+
+    assert list(undescribed(AppSettings)) == []

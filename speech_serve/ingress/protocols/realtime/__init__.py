@@ -30,41 +30,6 @@ Server -> client, each with a unique `event_id`
 Times are milliseconds of the session's audio (16 kHz after resampling), from its first append.
 """
 
-from speech_serve.ingress.protocols.realtime.connection import (
-    InputAudio,
-    RealtimeConnection,
-    beta_session_fields,
-    event,
-    render_completed,
-    render_dropped,
-    render_error,
-    render_session,
-    session_fields,
-)
-from speech_serve.ingress.protocols.realtime.events import (
-    BETA_FORMATS,
-    DEFAULT_MODEL,
-    EXTRA,
-    FORMATS,
-    PCM_RATE,
-    SERVER_ERRORS,
-    TURN_TYPES,
-    Append,
-    Clear,
-    ClientEvent,
-    Commit,
-    EventError,
-    SessionConfig,
-    SessionUpdate,
-    TurnDetection,
-    apply_update,
-    effective,
-    parse_event,
-)
+from speech_serve.ingress.protocols.realtime.connection import RealtimeConnection
 
-__all__ = [
-    "BETA_FORMATS", "DEFAULT_MODEL", "EXTRA", "FORMATS", "PCM_RATE", "SERVER_ERRORS", "TURN_TYPES", "Append", "Clear",
-    "ClientEvent", "Commit", "EventError", "InputAudio", "RealtimeConnection", "SessionConfig", "SessionUpdate",
-    "TurnDetection", "apply_update", "beta_session_fields", "effective", "event", "parse_event", "render_completed",
-    "render_dropped", "render_error", "render_session", "session_fields",
-]  # fmt: skip
+__all__ = ["RealtimeConnection"]

@@ -24,9 +24,22 @@ from hypothesis import strategies as st
 from speech_serve.ingress import auth as security
 from speech_serve.ingress import files as openai_files
 from speech_serve.ingress.audio import SUPPORTED_RATES, AudioTooLongError, decode_file
+from speech_serve.ingress.connection import QueuedBytes
 from speech_serve.ingress.limits import SessionIntake, SessionLimitExceeded
-from speech_serve.ingress.protocols import funasr, plain, realtime, xiaozhi
+from speech_serve.ingress.protocols import funasr, plain, xiaozhi
 from speech_serve.ingress.protocols.parsing import ProtocolError
+from speech_serve.ingress.protocols.realtime.connection import render_session
+from speech_serve.ingress.protocols.realtime.events import (
+    BETA_FORMATS,
+    FORMATS,
+    TURN_TYPES,
+    Append,
+    SessionConfig,
+    SessionUpdate,
+    apply_update,
+    effective,
+    parse_event,
+)
 from speech_serve.ingress.protocols.xiaozhi import OpusDecoder
 from speech_serve.messages import SpeakerInfo, UtteranceResult
 from speech_serve.settings import LimitSettings, RealtimeSettings
@@ -204,7 +217,7 @@ funasr_shaped = one_field_off(
 )
 
 
-_turn = one_field_off({}, {"type": st.sampled_from(realtime.TURN_TYPES), "silence_duration_ms": whole,
+_turn = one_field_off({}, {"type": st.sampled_from(TURN_TYPES), "silence_duration_ms": whole,
                            "prefix_padding_ms": whole, "threshold": st.floats(-1, 2)})  # fmt: skip
 
 
@@ -234,14 +247,14 @@ realtime_shaped = one_field_off(
                         "input": one_field_off(
                             {},
                             {
-                                "format": one_field_off({}, {"type": st.sampled_from(realtime.FORMATS), "rate": whole}),
+                                "format": one_field_off({}, {"type": st.sampled_from(FORMATS), "rate": whole}),
                                 "transcription": _transcription,
                                 "turn_detection": st.none() | _turn,
                             },
                         )
                     },
                 ),  # fmt: skip
-                "input_audio_format": st.sampled_from([*realtime.BETA_FORMATS, "mp3"]),
+                "input_audio_format": st.sampled_from([*BETA_FORMATS, "mp3"]),
                 "input_audio_transcription": _transcription,
                 "turn_detection": st.none() | _turn,
             },
@@ -389,20 +402,20 @@ def test_error_frames_are_json_whatever_the_message(code, message):
 @example(json.dumps({"type": "input_audio_buffer.append", "audio": "é" * 8}))  # base64 of non-ASCII
 @example(json.dumps({"type": "x" * 100_000, "event_id": "e" * 100_000}))
 def test_realtime_events(text):
-    event = parse_or_error(lambda t: realtime.parse_event(t, 64), text, CODES["realtime"])
+    event = parse_or_error(lambda t: parse_event(t, 64), text, CODES["realtime"])
     if event is None:
         return
     assert event.event_id is None or (isinstance(event.event_id, str) and len(event.event_id) <= 64)
-    if isinstance(event, realtime.SessionUpdate):
-        config = realtime.effective(realtime.apply_update(realtime.SessionConfig(), event), 600,
+    if isinstance(event, SessionUpdate):
+        config = effective(apply_update(SessionConfig(), event), 600,
                                     RealtimeSettings())  # fmt: skip
-        assert config.audio_format in realtime.FORMATS and config.pcm_rate in SUPPORTED_RATES
-        for rendered in (realtime.render_session("session.updated", "e", "s", config),
-                         realtime.render_session("transcription_session.updated", "e", "s", config)):  # fmt: skip
+        assert config.audio_format in FORMATS and config.pcm_rate in SUPPORTED_RATES
+        for rendered in (render_session("session.updated", "e", "s", config),
+                         render_session("transcription_session.updated", "e", "s", config)):  # fmt: skip
             assert utf8_ok(rendered) and json.loads(rendered)["session"]
         turn = config.turn_detection
         assert turn is None or (is_int(turn.silence_duration_ms) and 0 <= turn.threshold <= 1)
-    elif isinstance(event, realtime.Append):
+    elif isinstance(event, Append):
         assert isinstance(event.audio, bytes)
 
 
@@ -665,24 +678,25 @@ def test_intake_bounds_whatever_a_client_floods(frames):
     text size refused past them with a documented code; audio per window and bytes queued held
     back: the session waits, the reader stops reading)."""
     clock = ManualClock(0.0)
-    intake = SessionIntake(FLOOD_LIMITS, clock)
+    intake, unread = SessionIntake(FLOOD_LIMITS, clock), QueuedBytes(FLOOD_LIMITS.max_queued_bytes)
     window = FLOOD_LIMITS.rate_window_s
     accepted = audio = 0
     queued: list[dict] = []
     for dt, kind, size, handled_now in frames:
         clock.now += dt
         message = {"type": "websocket.receive", kind: b"\x00" * size if kind == "bytes" else "x" * size}
-        if intake.behind:  # the reader would not read this frame yet: the session catches up first
+        if unread.behind:  # the reader would not read this frame yet: the session catches up first
             for old in queued:
-                intake.handled(old)
+                unread.take(old)
             queued = []
         try:
             intake.arrived(message)
         except SessionLimitExceeded as exc:
             assert exc.code in INTAKE_CODES and len(str(exc)) <= MESSAGE_LIMIT
             return
+        unread.add(message)
         if handled_now:
-            intake.handled(message)
+            unread.take(message)
             if kind == "bytes":
                 clock.now += intake.audio_wait(size // 2)  # the session holds the audio back this long
                 audio += size // 2
@@ -691,7 +705,7 @@ def test_intake_bounds_whatever_a_client_floods(frames):
         accepted += 1
         assert accepted <= FLOOD_LIMITS.max_frames_per_s * (window + clock.now) + 1
         assert audio <= FLOOD_LIMITS.max_audio_rate * 16_000 * (window + clock.now) + size // 2
-        assert intake.queued_bytes <= FLOOD_LIMITS.max_queued_bytes + 8000  # one frame past it, then no reading
+        assert unread.count <= FLOOD_LIMITS.max_queued_bytes + 8000  # one frame past it, then no reading
         assert kind == "bytes" or size <= FLOOD_LIMITS.max_text_frame_bytes
 
 
@@ -708,5 +722,4 @@ def test_intake_never_refuses_a_live_client_with_jitter(frames):
         clock.now = max(clock.now, sent_s + jitter)  # arrives late, never before it was spoken
         message = {"type": "websocket.receive", "bytes": b"\x00" * (2 * round(frame_s * 16_000))}
         intake.arrived(message)
-        intake.handled(message)
         assert intake.audio_wait(round(frame_s * 16_000)) == 0  # never even slowed

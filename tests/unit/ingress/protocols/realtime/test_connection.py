@@ -13,13 +13,14 @@ import pytest
 from speech_serve import messages as realtime_wire
 from speech_serve.ingress.audio import ALAW_TABLE, ULAW_TABLE, alaw_to_pcm16, ulaw_to_pcm16
 from speech_serve.ingress.metrics import IngressMetrics
-from speech_serve.ingress.protocols import realtime
-from speech_serve.ingress.protocols.realtime import (
+from speech_serve.ingress.protocols.realtime.connection import (
     InputAudio,
     RealtimeConnection,
-    SessionConfig,
-    TurnDetection,
+    render_completed,
+    render_error,
+    render_session,
 )
+from speech_serve.ingress.protocols.realtime.events import EXTRA, SessionConfig, TurnDetection
 from speech_serve.ingress.sessions import replica_refusal
 from speech_serve.ingress.stream.calls import ModelCalls
 from speech_serve.ingress.stream.stream import UtteranceStreams
@@ -105,19 +106,19 @@ def completed(sent: list[dict]) -> list[dict]:
 
 
 def test_error_events_have_openais_shape():
-    body = json.loads(realtime.render_error("event_9", "invalid_value", "bad type", "type", "client-7"))
+    body = json.loads(render_error("event_9", "invalid_value", "bad type", "type", "client-7"))
     assert body == {
         "type": "error", "event_id": "event_9",
         "error": {"type": "invalid_request_error", "code": "invalid_value", "message": "bad type", "param": "type",
                   "event_id": "client-7"},
     }  # fmt: skip
-    busy = json.loads(realtime.render_error("event_1", "server_busy", "full"))["error"]
+    busy = json.loads(render_error("event_1", "server_busy", "full"))["error"]
     assert (busy["type"], busy["param"], busy["event_id"]) == ("server_error", None, None)
 
 
 def test_session_events_in_both_shapes():
     config = SessionConfig(turn_detection=TurnDetection(silence_duration_ms=600))
-    created = json.loads(realtime.render_session("session.created", "event_1", "abc", config))
+    created = json.loads(render_session("session.created", "event_1", "abc", config))
     assert created["type"] == "session.created" and created["event_id"] == "event_1"
     session = created["session"]
     assert (session["id"], session["object"], session["type"]) == ("sess_abc", "realtime.transcription_session",
@@ -126,7 +127,7 @@ def test_session_events_in_both_shapes():
     assert session["audio"]["input"]["turn_detection"] == {
         "type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 600}  # fmt: skip
     manual_alaw = SessionConfig(audio_format="audio/pcma", turn_detection=None)
-    beta = json.loads(realtime.render_session("transcription_session.updated", "event_2", "abc", manual_alaw))
+    beta = json.loads(render_session("transcription_session.updated", "event_2", "abc", manual_alaw))
     assert beta["type"] == "transcription_session.updated"
     assert (beta["session"]["input_audio_format"], beta["session"]["turn_detection"]) == ("g711_alaw", None)
 
@@ -137,8 +138,8 @@ def test_completed_carries_the_transcript_and_our_fields_in_one_object():
         event="Speech", raw_text="<|en|>hello", speaker=SpeakerInfo("alice", 0.9, "spk1", "s:1"), models="test",
         latency_ms={"asr_ms": 40.0},
     )  # fmt: skip
-    body = json.loads(realtime.render_completed("event_5", "item_s_2", result))
-    ours = body.pop(realtime.EXTRA)
+    body = json.loads(render_completed("event_5", "item_s_2", result))
+    ours = body.pop(EXTRA)
     assert body == {
         "type": "conversation.item.input_audio_transcription.completed", "event_id": "event_5",
         "item_id": "item_s_2", "content_index": 0, "transcript": "hello", "usage": {"type": "duration", "seconds": 2.3},

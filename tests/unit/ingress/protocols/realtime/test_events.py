@@ -7,21 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from speech_serve.ingress.protocols import realtime
 from speech_serve.ingress.protocols.parsing import ProtocolError
-from speech_serve.ingress.protocols.realtime import (
-    Append,
-    Clear,
-    Commit,
-    EventError,
-    InputAudio,
-    SessionConfig,
-    SessionUpdate,
-    TurnDetection,
-    apply_update,
-    effective,
-    parse_event,
-)
+from speech_serve.ingress.protocols.realtime import events
+from speech_serve.ingress.protocols.realtime.connection import InputAudio, render_session
 from speech_serve.settings import RealtimeSettings
 
 MAX_CHARS = 64
@@ -59,8 +47,8 @@ BETA_UPDATE = {
 }
 
 
-def parse(data) -> realtime.ClientEvent:
-    return parse_event(json.dumps(data), MAX_CHARS)
+def parse(data) -> events.ClientEvent:
+    return events.parse_event(json.dumps(data), MAX_CHARS)
 
 
 def client(event: dict) -> dict:
@@ -74,33 +62,34 @@ def append(ms: int) -> dict:
 
 def test_ga_session_update_sets_every_field_we_serve():
     update = parse(GA_UPDATE)
-    assert isinstance(update, SessionUpdate) and not update.beta and update.event_id == "evt_1"
-    config = apply_update(SessionConfig(), update)
-    assert config == SessionConfig(
+    assert isinstance(update, events.SessionUpdate) and not update.beta and update.event_id == "evt_1"
+    config = events.apply_update(events.SessionConfig(), update)
+    assert config == events.SessionConfig(
         audio_format="audio/pcm", model="gpt-4o-transcribe", language="en", prompt="numbers",
-        turn_detection=TurnDetection(silence_duration_ms=400, prefix_padding_ms=200, threshold=0.6),
+        turn_detection=events.TurnDetection(silence_duration_ms=400, prefix_padding_ms=200, threshold=0.6),
     )  # fmt: skip
 
 
 def test_beta_session_update_and_manual_turns():
     update = parse(BETA_UPDATE)
     assert update.beta
-    config = apply_update(SessionConfig(), update)
+    config = events.apply_update(events.SessionConfig(), update)
     assert (config.audio_format, config.model, config.language, config.turn_detection) == (
         "audio/pcmu", "whisper-1", "zh", None
     )  # fmt: skip
 
 
 def test_an_update_changes_only_what_it_gives():
-    config = apply_update(SessionConfig(), parse(GA_UPDATE))
+    config = events.apply_update(events.SessionConfig(), parse(GA_UPDATE))
     only_silence = {"type": "session.update", "session": {"type": "transcription",
                     "audio": {"input": {"turn_detection": {"silence_duration_ms": 900}}}}}  # fmt: skip
-    after = apply_update(config, parse(only_silence))
-    assert after.turn_detection == TurnDetection(silence_duration_ms=900, prefix_padding_ms=200, threshold=0.6)
+    after = events.apply_update(config, parse(only_silence))
+    assert after.turn_detection == events.TurnDetection(silence_duration_ms=900, prefix_padding_ms=200, threshold=0.6)
     assert (after.language, after.model, after.audio_format) == ("en", "gpt-4o-transcribe", "audio/pcm")
     # semantic_vad is served by the same VAD, and said so
     semantic = {"type": "session.update", "session": {"audio": {"input": {"turn_detection": {"type": "semantic_vad"}}}}}
-    assert apply_update(SessionConfig(turn_detection=None), parse(semantic)).turn_detection == TurnDetection()
+    served = events.apply_update(events.SessionConfig(turn_detection=None), parse(semantic))
+    assert served.turn_detection == events.TurnDetection()
 
 
 def test_pcm_at_other_rates_is_our_extension():
@@ -108,33 +97,35 @@ def test_pcm_at_other_rates_is_our_extension():
         "type": "session.update",
         "session": {"audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}}},
     }
-    config = apply_update(SessionConfig(), parse(at_16k))
+    config = events.apply_update(events.SessionConfig(), parse(at_16k))
     assert (config.audio_format, config.pcm_rate) == ("audio/pcm", 16000)
-    session = json.loads(realtime.render_session("session.updated", "e", "s", config))["session"]
+    session = json.loads(render_session("session.updated", "e", "s", config))["session"]
     assert session["audio"]["input"]["format"] == {"type": "audio/pcm", "rate": 16000}
     pcm = np.arange(-800, 800, dtype=np.int16)
     assert np.array_equal(InputAudio("audio/pcm", 16000)(pcm.tobytes()), pcm)  # no resampling at 16 kHz
-    back = apply_update(config, parse({"type": "session.update", "session": {"audio": {"input": {"format": {}}}}}))
+    default_format = {"type": "session.update", "session": {"audio": {"input": {"format": {}}}}}
+    back = events.apply_update(config, parse(default_format))
     assert back.pcm_rate == 24000  # a format without a rate is OpenAI's 24 kHz
 
 
 def test_the_served_end_silence_is_the_servers_default_or_the_clients_within_bounds():
     settings = RealtimeSettings(min_silence_duration_ms=200, max_silence_duration_ms=3000)
     silence = [
-        effective(SessionConfig(turn_detection=TurnDetection(silence_duration_ms=ms)), 600, settings)
+        events.effective(events.SessionConfig(turn_detection=events.TurnDetection(silence_duration_ms=ms)), 600,
+                         settings)  # fmt: skip
         .turn_detection.silence_duration_ms
         for ms in (None, 50, 450, 10_000)
     ]  # fmt: skip
     assert silence == [600, 200, 450, 3000]
-    assert effective(SessionConfig(turn_detection=None), 600, settings).turn_detection is None
+    assert events.effective(events.SessionConfig(turn_detection=None), 600, settings).turn_detection is None
 
 
 def test_audio_events():
     pcm = np.array([1, -2, 300], dtype="<i2").tobytes()
     append = parse({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm).decode(), "event_id": "a"})
-    assert append == Append(pcm, "a")
-    assert parse({"type": "input_audio_buffer.commit"}) == Commit()
-    assert parse({"type": "input_audio_buffer.clear", "event_id": "c"}) == Clear("c")
+    assert append == events.Append(pcm, "a")
+    assert parse({"type": "input_audio_buffer.commit"}) == events.Commit()
+    assert parse({"type": "input_audio_buffer.clear", "event_id": "c"}) == events.Clear("c")
 
 
 @pytest.mark.parametrize(
@@ -165,7 +156,7 @@ def test_audio_events():
 )  # fmt: skip
 def test_bad_events_name_the_code_and_the_field(data, code, param):
     data = {**data, "event_id": "client-7"} if "event_id" not in data else data
-    with pytest.raises(EventError) as err:
+    with pytest.raises(events.EventError) as err:
         parse(data)
     assert (err.value.code, err.value.param, err.value.event_id) == (code, param, data["event_id"])
 
@@ -173,5 +164,5 @@ def test_bad_events_name_the_code_and_the_field(data, code, param):
 def test_frames_that_are_not_json_objects_get_the_shared_errors():
     for text, code in (("not json", "invalid_json"), ("[1]", "bad_message")):
         with pytest.raises(ProtocolError) as err:
-            parse_event(text, MAX_CHARS)
+            events.parse_event(text, MAX_CHARS)
         assert err.value.code == code

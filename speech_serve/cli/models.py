@@ -1,8 +1,8 @@
-"""Build the local test models ahead of time.
+"""Build the local test models ahead of time, or show where each model would come from.
 
-python -m speech_serve.replicas.models build --size full        # SenseVoice 234 M params + ERes2NetV2
-python -m speech_serve.replicas.models build --size tiny --speaker campplus
-python -m speech_serve.replicas.models resolve                   # show where each model would come from
+    speech-serve models build --size full        # SenseVoice 234 M params + ERes2NetV2
+    speech-serve models build --size tiny --speaker campplus
+    speech-serve models resolve                  # where each model would come from with default settings
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from speech_serve.settings import ModelSettings
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m speech_serve.replicas.models", description=__doc__,
+        prog="speech-serve models", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
