@@ -4,7 +4,7 @@
     python -m examples.funasr_client speech.wav --url ws://host:8000/ --mode offline
     SPEECH_SERVE_DEVICE_SECRET=... python -m examples.funasr_client speech.wav --device-id hall-1
 
-With device authentication on (README "Security") the token goes in the URL
+With device authentication on (docs/security.md) the token goes in the URL
 (`?device_id=...&token=...`): FunASR clients cannot always set headers.
 
 (FunASR's own client works too where device authentication is off: `python funasr_wss_client.py

@@ -4,7 +4,7 @@
     python -m examples.plain_client speech.wav --url ws://host:8000/v1/stream --realtime
     SPEECH_SERVE_DEVICE_SECRET=... python -m examples.plain_client speech.wav --device-id kitchen-1
 
-With device authentication on (see README "Security"), the client sends a device token minted
+With device authentication on (docs/security.md), the client sends a device token minted
 from the secret in SPEECH_SERVE_DEVICE_SECRET, as `Authorization: Bearer` with `Device-Id`.
 
 The file is sent as PCM16 frames (60 ms each by default); any sample rate the server lists

@@ -1,5 +1,5 @@
 """The app builder: typed settings in, a bound Serve application out. The only module that sees
-both the Ingress side (speech_serve/ingress/) and the replicas (deployments/).
+both the Ingress side (speech_serve/ingress/) and the replicas (speech_serve/replicas/).
 
 `config/serve.yaml` points `import_path` at `speech_serve.app:build_app` and passes `args`.
 Each deployment gets its options from `settings.DEFAULT_DEPLOYMENT_OPTIONS` plus its `placement` (CPU

@@ -1,5 +1,5 @@
 """Enrolled voiceprints: the store, shared by the admin API (speech_serve/ingress/speakers.py writes)
-and the Speaker replicas (speech_serve/replicas/speaker.py matches). Like wire.py, it is what crosses
+and the Speaker replicas (speech_serve/replicas/speaker.py matches). Like messages.py, it is what crosses
 processes: here through a database rather than a call.
 
 `VoiceprintStore` is the interface the rest of the code uses; `SqliteVoiceprintStore` is the

@@ -1,7 +1,7 @@
 """deploy/kuberay/rayservice.yaml, generated from config/serve.yaml so the two never drift.
 
-    python -m speech_serve.cli.kuberay           # (`make kuberay`) rewrite the manifest
-    python -m speech_serve.cli.kuberay --check   # exit 1 if the committed manifest is stale
+    speech-serve kuberay                         # (`make kuberay`) rewrite the manifest
+    speech-serve kuberay --check   # exit 1 if the committed manifest is stale
 
 Inputs, in deploy/kuberay/: `overlay.yaml`, a profile overlay of config/serve.yaml (merged by
 cli/profile.py): what a GPU cluster changes; the merged config is the RayService's serveConfigV2.

@@ -1,9 +1,9 @@
 """Change a running application's scaling live, through the Ray dashboard's REST API.
 
-    python -m speech_serve.cli.scale SenseVoice --min 2 --max 8
-    python -m speech_serve.cli.scale SenseVoice --batch-size 16 --batch-wait-s 0.03
-    python -m speech_serve.cli.scale VADHost --sessions-per-replica 100   # vad.sessions_per_replica: redeploys
-    python -m speech_serve.cli.scale --show                      # what is deployed now
+    speech-serve scale SenseVoice --min 2 --max 8
+    speech-serve scale SenseVoice --batch-size 16 --batch-wait-s 0.03
+    speech-serve scale VADHost --sessions-per-replica 100   # vad.sessions_per_replica: redeploys
+    speech-serve scale --show                      # what is deployed now
 
 It reads the deployed config (GET /api/serve/applications/), changes the deployment's
 `autoscaling_config` / `user_config`, and applies it with a PUT: Serve updates those in place,
@@ -88,7 +88,7 @@ def rescale(
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m speech_serve.cli.scale", description=__doc__,
+    p = argparse.ArgumentParser(prog="speech-serve scale", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("deployment", nargs="?", help="Ingress, VADHost, SenseVoice or Speaker")
     p.add_argument("--app", default="speech")

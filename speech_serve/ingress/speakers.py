@@ -1,6 +1,6 @@
 """The admin API `/v1/speakers*`: voiceprint enrolment (create, list, get, rename, re-enrol,
 delete). Pure request checks first, then the route bodies. The admin token is checked once, by
-the `admin_only` dependency every route of this API declares (deployment.py).
+the `admin_only` dependency every route of this API declares (routes.py).
 
 Every store call runs in a worker thread (`_db`): SQLite blocks, up to its 30 s lock wait, and
 the event loop it would block is every live session's on this replica.

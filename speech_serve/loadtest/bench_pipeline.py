@@ -1,8 +1,8 @@
 """Single-session pipeline benchmark (not a test): server stage latencies next to bare model time.
 
-    python -m speech_serve.loadtest.bench_pipeline                  # full-size models (built on first use)
-    python -m speech_serve.loadtest.bench_pipeline --size tiny --runs 3
-    python -m speech_serve.loadtest.bench_pipeline --profile config/capacity-int8.yaml  # a profile's settings
+    speech-serve bench                                              # full-size models (built on first use)
+    speech-serve bench --size tiny --runs 3
+    speech-serve bench --profile config/capacity-int8.yaml  # a profile's settings
 
 In one run on one machine:
 1. bare: `AutoModel.generate` of SenseVoice, prepared as a replica prepares it (`AsrCore`: the

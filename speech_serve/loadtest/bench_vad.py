@@ -1,7 +1,7 @@
 """VAD step benchmark (not a test): what a VADHost spends per session and chunk, in-process.
 
-    python -m speech_serve.loadtest.bench_vad                      # 16 sessions, 200 ms chunks, 5 runs
-    python -m speech_serve.loadtest.bench_vad --sessions 32 --profile
+    speech-serve bench-vad                                         # 16 sessions, 200 ms chunks, 5 runs
+    speech-serve bench-vad --sessions 32 --profile
 
 `VadCore.feed_many` (the VADHost's work for one lane call, without Serve) on the bundled fsmn-vad,
 one torch thread, every session fed one chunk per round: corpus clips with the capacity sweep's
@@ -68,7 +68,7 @@ def run(core: VadCore, audio: list[np.ndarray], chunk: int) -> tuple[float, int,
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sessions", type=int, default=16, help="sessions per feed_many call")
-    p.add_argument("--chunk-ms", type=int, default=200, help="audio per session per call (ingress.vad_chunk_ms)")
+    p.add_argument("--chunk-ms", type=int, default=200, help="audio per session per call (stream.vad_chunk_ms)")
     p.add_argument("--utterances", type=int, default=6, help="utterances per session")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="cProfile one more run, top functions by own time")

@@ -1,8 +1,8 @@
 """Load test: many simulated devices speaking at real-time pace, one asyncio process.
 
-    python -m speech_serve.loadtest.loadgen --clients 20 --duration 60                     # against make serve
-    python -m speech_serve.loadtest.loadgen --clients 200 --ramp 10/15 --duration 600 --protocol mix
-    python -m speech_serve.loadtest.loadgen --protocol funasr --corpus my_wavs/ --seed 7 --out loadtest/reports/big
+    speech-serve loadgen --clients 20 --duration 60                     # against make serve
+    speech-serve loadgen --clients 200 --ramp 10/15 --duration 600 --protocol mix
+    speech-serve loadgen --protocol funasr --corpus my_wavs/ --seed 7 --out loadtest/reports/big
 
 Each device connects with its protocol (xiaozhi: real Opus frames; funasr: 2pass; plain),
 then loops: an utterance from the corpus at real-time pace (60 ms frames every 60 ms), then a

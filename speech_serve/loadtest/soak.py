@@ -1,6 +1,6 @@
 """Soak test: long sessions, replica loss and connection churn against a running service.
 
-    python -m speech_serve.loadtest.soak --url ws://127.0.0.1:8000 --audio-hours 1 --sessions 2 --churn 500 \\
+    speech-serve soak --url ws://127.0.0.1:8000 --audio-hours 1 --sessions 2 --churn 500 \\
         --kill SenseVoice,Speaker --kill-every 30 --out loadtest/results/soak-1h
 
 1. Reference: one undisturbed plain-protocol session streams the clip (default
@@ -43,6 +43,7 @@ import numpy as np
 from speech_serve.loadtest.loadgen import connect_device, handshake
 from speech_serve.loadtest.records import FRAME_MS, FRAME_SAMPLES
 from speech_serve.wire.opus import encode_pcm
+from speech_serve.wire.tokens import DEFAULT_SECRET_ENV
 from speech_serve.wire.xiaozhi import frame_audio
 
 DEFAULT_CLIP = "tests/fixtures/two_utterances.wav"
@@ -653,7 +654,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[SoakConfig, str | None, s
     p.add_argument("--concurrency", type=int, default=SoakConfig.concurrency, help="churn cycles at once")
     p.add_argument("--ray-address", default="auto", help="the service's Ray cluster ('none': no memory figures)")
     p.add_argument("--app", default="speech", help="Serve application name")
-    p.add_argument("--auth-secret-env", default="XIAOZHI_AUTH_SECRET", help="env var with the device-token secret")
+    p.add_argument("--auth-secret-env", default=DEFAULT_SECRET_ENV, help="env var with the device-token secret")
     p.add_argument("--seed", type=int, default=SoakConfig.seed)
     p.add_argument("--progress-s", type=float, default=SoakConfig.progress_s)
     p.add_argument("--out", default=None, help="folder for summary.json (default loadtest/reports/soak-<time>)")

@@ -1,8 +1,8 @@
 """Capacity sweep: how many devices one service holds at the latency target, next to the compute
 bound measured in the same run on the same host.
 
-    python -m speech_serve.loadtest.sweep                                   # against a running service (make serve)
-    python -m speech_serve.loadtest.sweep --levels 1,2,4,8 --protocol xiaozhi --target-p95 3 \
+    speech-serve sweep                                                      # against a running service (make serve)
+    speech-serve sweep --levels 1,2,4,8 --protocol xiaozhi --target-p95 3 \
         --out loadtest/reports/sweep
 
 For each level (devices offered at once) it runs the load tool (`loadgen.py`) long enough for

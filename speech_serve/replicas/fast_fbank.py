@@ -7,7 +7,7 @@ its CPU went there (about 1 ms per chunk), nearly all of it per-call set-up. Thi
 same features with the window and mel banks built once per option set.
 
 It implements the options funasr's frontends pass with dither 0 (Kaldi's defaults otherwise);
-any other option, or dither, goes to funasr's own fbank. tests/unit/deployments/test_fast_fbank.py
+any other option, or dither, goes to funasr's own fbank. tests/unit/replicas/test_fast_fbank.py
 checks it against kaldi-native-fbank and that fsmn-vad finds the same segments with it.
 """
 

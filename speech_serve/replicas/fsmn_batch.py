@@ -11,7 +11,7 @@ but for the frame classifier (`GetFrameState`): it reads a list of floats here, 
 
 Each session's state is funasr's own `cache` dict, as `generate` keeps it, but for
 `cache["frontend"]`, which holds our frontend's state when it runs (vad_frontend.py);
-tests/unit/deployments/test_fsmn_batch.py checks that interleaved sessions get the same events
+tests/unit/replicas/test_fsmn_batch.py checks that interleaved sessions get the same events
 as through `generate`.
 """
 

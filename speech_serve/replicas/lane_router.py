@@ -1,7 +1,7 @@
 """Sticky lane routing for VADHost.
 
 A streaming VAD state must see every chunk of its session, in order, on one replica. The
-sessions of an Ingress replica go in lanes (speech_serve/ingress/vad_lanes.py): a lane's
+sessions of an Ingress replica go in lanes (`VadLanes` in speech_serve/ingress/stream/calls.py): a lane's
 `feed_many` calls carry the chunks of all its sessions, so the router pins lanes. The router
 lives in the calling Ingress replica, which is the only router instance that ever sees its
 lanes, so a local table lane -> replica is enough.
@@ -12,7 +12,7 @@ lanes, so a local table lane -> replica is enough.
 - When the pinned replica is gone (died, or removed by a scale-down), the lane is
   re-pinned; the new replica answers `state_lost` for its sessions and the Ingress replays
   the audio of each unfinished utterance (see `Timeline.replay_chunk` in
-  speech_serve/ingress/recognition.py).
+  speech_serve/ingress/stream/timeline.py).
 
 `choose_replica` is the whole decision, as a pure function; `LaneRouter` adapts it
 to Ray Serve's RequestRouter interface.

@@ -2,7 +2,7 @@
 (its sticky request router is speech_serve/replicas/lane_router.py).
 
 `VadCore` is the plain class (testable without Serve); `VADHost` is its Serve wrapper. Each
-Ingress replica batches its sessions' chunks into lanes (speech_serve/ingress/vad_lanes.py): one
+Ingress replica batches its sessions' chunks into lanes (`VadLanes`, speech_serve/ingress/stream/calls.py): one
 `feed_many` call carries many sessions' chunks, as a Serve call costs more than a VAD step.
 All per-session state lives in the fsmn `cache` dict, so sessions interleave safely on one
 model instance, but `generate()` is not thread-safe: every call goes through one thread.

@@ -15,7 +15,7 @@ resets it as before):
 
 Only funasr's configuration of fsmn-vad is mirrored (`lfr_m` 5, `lfr_n` 1, no dither, snip edges);
 `supports()` says whether a frontend is, and speech_serve/replicas/fsmn_batch.py uses funasr's own for any
-other. tests/unit/deployments/test_vad_frontend.py checks it against funasr chunk by chunk.
+other. tests/unit/replicas/test_vad_frontend.py checks it against funasr chunk by chunk.
 """
 
 from __future__ import annotations

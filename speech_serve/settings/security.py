@@ -19,8 +19,8 @@ class SecuritySettings(Section):
     variables that hold them (`*_env`), so config files can be shared and committed."""
 
     device_auth: Literal["auto", "on", "off"] = "auto"
-    """Device authentication on every device path (Xiaozhi, plain, FunASR, file uploads). auto: on unless Serve's
-    HTTP host is a loopback address (or cannot be learned)."""
+    """Device authentication on every device path (Xiaozhi, plain, FunASR, Realtime, file uploads). auto: on
+    unless Serve's HTTP host is a loopback address (or cannot be learned)."""
     device_secret_env: str = DEFAULT_SECRET_ENV
     """Environment variable holding the HMAC secret of device tokens."""
     max_token_age_s: int = 30 * 24 * 3600

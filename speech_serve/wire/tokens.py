@@ -2,7 +2,7 @@
 sig = base64url-without-padding(HMAC-SHA256(secret, "client_id|device_id|ts")).
 
 The token names neither device nor client: both come with the connection and the server signs
-them again (speech_serve/ingress/security.py), so a token works only for the device (and client, if
+them again (speech_serve/ingress/auth.py), so a token works only for the device (and client, if
 one was named) it was issued to.
 
 Ids may not contain "|": with it, client "a|b" + device "c" and client "a" + device "b|c" signed

@@ -5,6 +5,7 @@ tests/support/."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,23 @@ def mirror_of(path: Path) -> list[Path]:
 )
 def test_every_module_over_100_lines_has_its_test_module(path):
     assert any(t.exists() for t in mirror_of(path)), f"no {mirror_of(path)[0].relative_to(ROOT)}"
+
+
+def test_the_readme_is_a_guide_not_a_notebook():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 350
+    assert not re.search(r"\b20\d\d-\d\d-\d\d\b", readme), "dated runs belong in docs/"
+    assert not re.search(r"(?i)\bround\b", readme), "the history of the capacity work is docs/capacity.md"
+    quick_start = readme.split("## Quick start", 1)[1].split("##", 1)[0]
+    assert "make serve" in quick_start and "make test" in quick_start
+
+
+def test_code_and_config_cite_no_notebook():
+    """They may point at a guide page, never at the README or at the history's rounds."""
+    citing = {}
+    for path in [*modules(PACKAGE), *sorted((ROOT / "config").rglob("*.yaml")), ROOT / "config" / "serve.env"]:
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"README|docs/capacity\.md|(?i:\b(first|second|third|fourth|fifth|sixth|seventh|eighth)"
+                         r" round\b)", line):  # fmt: skip
+                citing[f"{path.relative_to(ROOT)}:{n}"] = line.strip()
+    assert not citing

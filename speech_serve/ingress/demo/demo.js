@@ -91,7 +91,7 @@ function tag(text, kind) {
   return span;
 }
 
-// Our extras ride in one object on `.completed` (README "Voice agents"); strict clients ignore it.
+// Our extras ride in one object on `.completed` (docs/protocols.md, the Realtime API); strict clients ignore it.
 function showCompleted(event) {
   const item = itemFor(event.item_id);
   const extra = event.speech_serve || {};

@@ -3,7 +3,7 @@ pure parsing and rendering, the Opus decoder, then the connection.
 
 Connection: headers (or query parameters for browsers) Authorization, Protocol-Version,
 Device-Id, Client-Id (the token may also come as the `token` query parameter; the credentials
-are read by the one parser every protocol uses, `security.device_credentials`). Then JSON
+are read by the one parser every protocol uses, `auth.device_credentials`). Then JSON
 control frames (`hello`, `listen`, `abort`) and binary Opus packets; Protocol-Version 2 and 3
 put a small header before each packet (speech_serve/wire/xiaozhi.py).
 Order of business: connection parameters and authentication first (a refused device gets an

@@ -118,7 +118,7 @@ def render_completed(event_id: str, item_id: str, result: UtteranceResult) -> st
 
 
 def render_dropped(event_id: str, item_id: str, start_ms: int, end_ms: int) -> str:
-    """A committed piece too short to hold a word (under ingress.min_utterance_ms): an empty transcript."""
+    """A committed piece too short to hold a word (under stream.min_utterance_ms): an empty transcript."""
     usage = {"type": "duration", "seconds": round((end_ms - start_ms) / 1000, 3)}
     extra = {"index": None, "start_ms": start_ms, "end_ms": end_ms, "skipped": "too_short"}
     return event("conversation.item.input_audio_transcription.completed", event_id, item_id=item_id,

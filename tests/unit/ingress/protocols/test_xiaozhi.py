@@ -37,7 +37,7 @@ def test_connect_params_from_headers_or_query():
     p = xiaozhi.connect_params(
         {"device-id": "aa", "client-id": "c", "protocol-version": "3", "authorization": "Bearer t"}, {}
     )
-    assert p == xiaozhi.ConnectParams(3)  # the credentials are read by security.device_credentials
+    assert p == xiaozhi.ConnectParams(3)  # the credentials are read by auth.device_credentials
     q = xiaozhi.connect_params({}, {"device-id": "bb", "protocol-version": "2"})
     assert q == xiaozhi.ConnectParams(2) and xiaozhi.connect_params({}, {}) == xiaozhi.ConnectParams(1)
     with pytest.raises(ProtocolError) as err:
