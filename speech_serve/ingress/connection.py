@@ -83,9 +83,6 @@ class SessionIdle(Exception):
     """Raised inside the frame loop when the client has sent nothing for idle_timeout_s."""
 
 
-# ---- the connection -----------------------------------------------------------------------------
-
-
 class Connection:
     """Owns at most one `UtteranceStream` at a time. `session_id`: what the session is admitted, counted and
     released under, fixed (read-only); a stream may have an id of its own (FunASR's second file)."""
@@ -203,11 +200,14 @@ class Connection:
     async def _serve_until_gone(self) -> None:
         """`_serve()`, cut short when the client disconnects (what is still queued is for nobody now) or
         when the reader refuses what the client sends (a flood stops as it arrives, not after its backlog)."""
-        serving = asyncio.create_task(self._serve())
-        gone = asyncio.create_task(self._client_gone.wait())
+        serving, gone = asyncio.create_task(self._serve()), asyncio.create_task(self._client_gone.wait())
         refused = asyncio.create_task(self._reader_refused.wait())
         try:
             await asyncio.wait({serving, gone, refused}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # Serve cancels the request when its client leaves (direct ingress)
+            serving.cancel()  # else the frame loop reads the queued frames into a new stream for nobody
+            await asyncio.wait({serving})
+            raise
         finally:
             gone.cancel()
             refused.cancel()

@@ -100,9 +100,11 @@ class QuietVad:
 
     def __init__(self):
         self.chunks = 0
+        self.items: list = []  # every VadItem received, in order (a close has no chunk)
 
         async def remote(lane, items):
             self.chunks += len(items)
+            self.items += items
             return [VadFeedResult(events=[]) for _ in items]
 
         self.feed_many = type("Method", (), {"remote": staticmethod(remote)})()

@@ -8,7 +8,7 @@ from speech_serve.ingress.protocols.plain import PlainConnection
 from speech_serve.messages import VadFeedResult, VadItem
 from speech_serve.settings import AppSettings
 from speech_serve.wire.codes import CLOSE_SERVICE_RESTART
-from tests.support.fakes import HungVad, MemoryWebSocket, connection
+from tests.support.fakes import HungVad, MemoryWebSocket, QuietVad, connection
 
 
 def test_idle_session_asked_to_reconnect_gets_1012_and_a_reconnect_frame():
@@ -89,3 +89,29 @@ def test_a_client_that_leaves_while_its_frames_wait_is_dropped_at_once_with_its_
     assert not first.cancelled  # the rest was never fed; nothing cut mid-route
     assert calls_while_feed_open == 1  # one call in flight per lane: the close waited behind the feed
     assert len(vad.calls) == 2 and vad.calls[1][0] == [VadItem("s3", None)]  # then the state is freed, once
+
+
+def test_a_request_cancelled_by_serve_stops_its_frame_loop_before_the_stream_is_dropped():
+    """In direct-ingress (HAProxy) mode Serve cancels the request when its client leaves, instead of
+    handing it a disconnect. The frame loop must end with it: left running, it would read the frames
+    still queued, open a new stream under the same session id and leave its VAD state behind."""
+
+    async def scenario():
+        ws = MemoryWebSocket()
+        vad = QuietVad()
+        handler = connection(PlainConnection, ws, AppSettings(), "s4", vad=vad)
+        session = asyncio.create_task(handler.run())
+        for _ in range(20):  # audio queued behind the first chunks when Serve cancels the request
+            ws.inbox.put_nowait({"type": "websocket.receive", "bytes": bytes(6400)})
+        while not vad.items:
+            await asyncio.sleep(0)
+        session.cancel()
+        await asyncio.gather(session, return_exceptions=True)
+        await asyncio.sleep(0.3)  # anything left running would feed more audio now
+        return vad
+
+    vad = asyncio.run(scenario())
+    closes = [i for i, item in enumerate(vad.items) if item.chunk is None]
+    assert len(closes) == 1 and closes[0] == len(vad.items) - 1, vad.items  # freed once, and nothing after it
+    starts = [item for item in vad.items if item.chunk is not None and item.chunk.start_ms == 0]
+    assert len(starts) == 1  # one stream, never reopened
