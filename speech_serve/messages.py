@@ -44,6 +44,21 @@ class ModelsSummary:
 
 
 @dataclass(frozen=True)
+class ModelTiming:
+    """A SenseVoice replica's timing of its own shapes at start: one utterance alone, then a full
+    batch of them (admission by compute derives its sessions from it: ingress/capacity.py)."""
+
+    replica: str  # Serve's replica id
+    device: str  # cpu or cuda
+    threads: int  # torch threads
+    cpus: float | None  # CPUs Ray reserved for the replica (None: not known)
+    utterance_s: float  # length of each timed utterance
+    batch: int  # utterances in the full batch (the replica's max_batch_size)
+    single_s: float  # one utterance alone, median
+    batch_s: float  # the full batch, median
+
+
+@dataclass(frozen=True)
 class VadEvent:
     kind: Literal["start", "end"]
     ms: int  # offset in the session's audio stream

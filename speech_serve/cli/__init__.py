@@ -11,6 +11,9 @@ from pathlib import Path
 
 # command -> the module whose main(argv) runs it
 COMMANDS = {
+    "host": "speech_serve.cli.host",
+    "plan": "speech_serve.cli.plan",
+    "transport": "speech_serve.cli.transport",
     "profile": "speech_serve.cli.profile",
     "reference": "speech_serve.cli.reference",
     "scale": "speech_serve.cli.scale",

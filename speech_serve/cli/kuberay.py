@@ -336,7 +336,14 @@ def validate_service(service: dict[str, Any]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Generate deploy/kuberay/rayservice.yaml from config/serve.yaml.")
     parser.add_argument("--check", action="store_true", help="only compare with the committed manifest")
+    parser.add_argument("--overlay", type=Path, help="another overlay (e.g. from `speech-serve plan --kuberay`)")
+    parser.add_argument("--out", type=Path, help="write the manifest here instead (with --overlay)")
     args = parser.parse_args(argv)
+    if args.overlay:
+        out = args.out or args.overlay.with_name(args.overlay.stem + "-rayservice.yaml")
+        out.write_text(render(args.overlay))
+        print(f"wrote {out}")
+        return 0
     text = render()
     if args.check:
         if MANIFEST.exists() and MANIFEST.read_text() == text:

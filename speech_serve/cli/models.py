@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="build random-weight SenseVoice and speaker models")
     build.add_argument("--size", choices=["tiny", "full"], default="tiny")
-    build.add_argument("--speaker", choices=["eres2netv2", "campplus"], default="eres2netv2")
+    build.add_argument("--speaker", choices=["eres2netv2", "campplus"], default=ModelSettings().speaker_arch)
     build.add_argument("--cache-dir", default=ModelSettings().cache_dir)
     sub.add_parser("resolve", help="print where each model comes from with default settings")
     args = parser.parse_args(argv)

@@ -1,16 +1,18 @@
 """Admission by compute: refuse a new session when the models could not serve it in time.
 
 Two signals, both cheap, both pure here (the Ingress feeds them):
-- **Capacity per model replica** (`admission.sessions_per_asr_replica`): sessions one SenseVoice
-  replica serves within the latency target, as the capacity sweep measures it for the host
-  (`python -m speech_serve.loadtest.sweep`, "held"). Times the running SenseVoice replicas, it caps the
-  application's sessions (the registry counts them cluster-wide): predictive, so a burst of
-  devices arriving at once is refused at the door instead of degrading everyone admitted.
+- **Sessions per model replica** (`compute.sessions_per_asr_replica`). By default measured: each
+  SenseVoice replica times a warm-up batch of its own shapes at start (`ModelTiming`), and
+  `sessions_for` turns that into the sessions it serves within `compute.latency_target_s` even
+  when all of them end an utterance at the same moment. Summed over the running replicas, it caps
+  the application's sessions (the registry counts them cluster-wide): predictive, so a burst of
+  devices arriving at once is refused at the door instead of degrading everyone admitted. A
+  number pins it; null turns it off.
 - **Queue delay** (`admission.max_queue_delay_s`): while the oldest utterance this Ingress is
   waiting on (its `Backlog`, stream/calls.py) has waited longer than this for SenseVoice, new
-  sessions are refused: reactive, for
-  what the static figure misses (a slower host, longer utterances, a lost replica). It reads the
-  queue as it is now, so it lets sessions in again the moment the backlog is gone.
+  sessions are refused: reactive, for what the prediction misses (a slower host, longer
+  utterances, a lost replica). It reads the queue as it is now, so it lets sessions in again the
+  moment the backlog is gone.
 
 Refusals are `server_busy` with close 1013 (try again later), the same as the session caps.
 
@@ -22,22 +24,108 @@ the queue is short again.
 
 from __future__ import annotations
 
+import math
+import statistics
+from dataclasses import asdict, dataclass
+
 from speech_serve.ingress.stream.calls import Backlog
-from speech_serve.messages import Refusal
-from speech_serve.settings import AdmissionSettings
+from speech_serve.messages import ModelTiming, Refusal
+from speech_serve.settings import AdmissionSettings, ComputeSettings, VadSettings
 from speech_serve.wire.codes import CLOSE_TRY_AGAIN_LATER
 
 
+@dataclass(frozen=True)
+class ReplicaSessions:
+    """The sessions one replica serves in time, the two bounds behind it, and why."""
+
+    sessions: int
+    by_burst: int  # every session's utterance ending at once, answered within the target
+    by_rate: int  # the speech all sessions produce, within the replica's speed
+    why: str
+
+
+def sessions_for(timing: ModelTiming, compute: ComputeSettings, end_silence_s: float) -> ReplicaSessions:
+    """Sessions one SenseVoice replica serves within the latency target, from its warm-up timing.
+
+    The replica is planned at `speed_fraction` of its measured speed, and no faster than the share
+    of its threads' cores Ray reserved for it (two single-thread replicas on 2 cores beside the
+    VAD reserve 0.85 each). Two bounds, the smaller wins:
+    - burst: all its sessions end an utterance at once; they are answered in batches of
+      `timing.batch`, and the last must come within the target less the end silence and the
+      pipeline's overhead;
+    - rate: the speech its sessions produce (`speech_share` of their time) within its speed.
+    """
+    slowdown = 1 / compute.speed_fraction
+    if timing.cpus and timing.cpus < timing.threads:
+        slowdown *= timing.threads / timing.cpus
+    batch_s = timing.batch_s * slowdown
+    budget_s = compute.latency_target_s - end_silence_s - compute.overhead_s
+    by_burst = max(1, math.floor(timing.batch * budget_s / batch_s)) if budget_s > 0 else 1
+    speech_per_s = timing.batch * timing.utterance_s / batch_s
+    by_rate = max(1, math.floor(speech_per_s / compute.speech_share))
+    sessions = min(by_burst, by_rate)
+    why = (f"{timing.batch} x {timing.utterance_s:g} s in {timing.batch_s:.2f} s at warm-up, planned at "
+           f"{batch_s:.2f} s: {by_burst} within {budget_s:.2f} s after the end silence, "
+           f"{by_rate} by speech rate")  # fmt: skip
+    return ReplicaSessions(sessions, by_burst, by_rate, why)
+
+
 class ComputeAdmission:
-    def __init__(self, settings: AdmissionSettings, backlog: Backlog | None = None):
+    def __init__(self, settings: AdmissionSettings, backlog: Backlog | None = None,
+                 compute: ComputeSettings | None = None, end_silence_s: float | None = None):  # fmt: skip
         self.settings = settings
+        self.compute = compute or ComputeSettings()
+        self.end_silence_s = VadSettings().max_end_silence_ms / 1000 if end_silence_s is None else end_silence_s
         self.backlog = backlog or Backlog(settings)
         self.asr_replicas = 1  # running SenseVoice replicas, refreshed by the Ingress
+        self.running: set[str] | None = None  # their ids, where known
+        self.timings: dict[str, ModelTiming] = {}  # replica id -> its warm-up timing
+
+    @property
+    def measured(self) -> bool:
+        return self.compute.sessions_per_asr_replica == "measured"
+
+    def replica_seen(self, timing: ModelTiming) -> None:
+        self.timings[timing.replica] = timing
+
+    def replicas_running(self, ids: set[str]) -> None:
+        self.running, self.asr_replicas = ids, len(ids)
+        for gone in set(self.timings) - ids:  # a replica that stopped no longer counts
+            del self.timings[gone]
+
+    def per_replica_for(self, timing: ModelTiming) -> ReplicaSessions:
+        return sessions_for(timing, self.compute, self.end_silence_s)
+
+    def per_replica(self) -> dict[str, ReplicaSessions]:
+        return {rid: self.per_replica_for(t) for rid, t in self.timings.items()}
 
     def sessions_cap(self) -> int | None:
         """The application's sessions the running model replicas serve in time (None: no cap)."""
-        per_replica = self.settings.sessions_per_asr_replica
-        return None if per_replica is None else per_replica * max(self.asr_replicas, 1)
+        pinned = self.compute.sessions_per_asr_replica
+        if pinned is None:
+            return None
+        if not self.measured:
+            return pinned * max(self.asr_replicas, 1)
+        known = self.per_replica()
+        if not known:  # no replica has answered yet: the queue-delay guard alone
+            return None
+        running = self.running if self.running is not None else set(known)
+        typical = statistics.median_low([r.sessions for r in known.values()])
+        # a running replica not heard from yet counts as a typical one; none running: one's worth
+        return sum(known[rid].sessions if rid in known else typical for rid in running) or typical
+
+    def report(self) -> dict:
+        """What /healthz shows: the cap, how it was derived, and each replica's timing."""
+        pinned = self.compute.sessions_per_asr_replica
+        if not self.measured:
+            how = "off" if pinned is None else "pinned"
+            return {"how": how, "sessions_per_asr_replica": pinned, "cap": self.sessions_cap()}
+        per = self.per_replica()
+        return {
+            "how": "measured", "cap": self.sessions_cap(), "running_replicas": self.asr_replicas,
+            "replicas": {rid: {"sessions": r.sessions, "why": r.why, "timing": asdict(self.timings[rid])}
+                         for rid, r in per.items()},
+        }  # fmt: skip
 
     def refusal(self) -> Refusal | None:
         """This Ingress's answer before the registry's count: are the models keeping up now?"""

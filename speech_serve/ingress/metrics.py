@@ -26,6 +26,8 @@ DEFINED = {
     "speech_result_latency_ms": "End of speech to result sent, at the server (VAD endpointing included).",
     "speech_stage_latency_ms": "Round trip per pipeline stage (vad call, asr, speaker) seen by the ingress.",
     "speech_shed_total": "Optional work skipped because the models were behind, by kind (interim, speaker).",
+    "speech_compute_sessions_cap": "Sessions the running SenseVoice replicas serve in time (admission by compute), "
+    "as this ingress replica derives it; absent while no cap applies.",
 }
 
 
@@ -52,6 +54,7 @@ class IngressMetrics:
             "speech_stage_latency_ms", d["speech_stage_latency_ms"], LATENCY_BOUNDARIES_MS, tag_keys=("stage",)
         )
         self.shed_total = metrics.Counter("speech_shed_total", d["speech_shed_total"], tag_keys=("kind",))
+        self.compute_cap = metrics.Gauge("speech_compute_sessions_cap", d["speech_compute_sessions_cap"])
 
     def sessions_now(self, by_protocol: dict[str, int]) -> None:
         for protocol, count in by_protocol.items():
@@ -77,6 +80,10 @@ class IngressMetrics:
         for stage in ("asr", "speaker"):
             if f"{stage}_ms" in lat:
                 self.stage_latency.observe(lat[f"{stage}_ms"], tags={"stage": stage})
+
+    def compute_cap_now(self, cap: int | None) -> None:
+        if cap is not None:
+            self.compute_cap.set(cap)
 
     def shed(self, kind: str) -> None:
         self.shed_total.inc(tags={"kind": kind})

@@ -66,8 +66,10 @@ def new_session_id() -> str:
 @serve.deployment  # its options: settings.DEPLOYMENT_OPTIONS, applied by the builder
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, vad, asr, speaker, registry, settings: AppSettings, models: ModelsSummary):
+    def __init__(self, vad, asr, speaker, registry, settings: AppSettings, models: ModelsSummary,
+                 sizing: dict | None = None):  # fmt: skip
         self.models = models
+        self.sizing = sizing or {}  # the builder's host plan (speech_serve/sizing.py), for /healthz
         self.limits = settings.limits
         self.xiaozhi_settings, self.funasr_settings = settings.xiaozhi, settings.funasr
         self.realtime_settings, self.vad_settings = settings.realtime, settings.vad
@@ -80,10 +82,11 @@ class Ingress:
         install_redaction(secrets=(self.device_auth.secret, self.admin_auth.token))  # before anything is logged
         self._log_security()
         backlog = Backlog(settings.admission, on_shed=self.metrics.shed)
-        self.compute = ComputeAdmission(settings.admission, backlog)
+        self.compute = ComputeAdmission(settings.admission, backlog, settings.compute,
+                                        settings.vad.max_end_silence_ms / 1000)  # fmt: skip
         calls = ModelCalls(vad, asr, speaker, settings, backlog)
         self.streams = UtteranceStreams(calls, settings, self.metrics, models.label)
-        self.sessions = Sessions(registry, settings, self.device_auth, self.metrics, self.compute)
+        self.sessions = Sessions(registry, settings, self.device_auth, self.metrics, self.compute, asr)
         uploads = Slots(settings.uploads.max_concurrent, settings.uploads.retry_after_s)  # files and enrolments
         self.files = FileTranscriptions(calls, self.streams.recognise, self.device_auth, settings, uploads)
         self.speakers = SpeakerAdmin(open_store(settings.voiceprints.store), calls, settings.voiceprints,
@@ -110,6 +113,7 @@ class Ingress:
     async def healthz(self) -> JSONResponse:
         """200 when every deployment has a running replica, 503 while any is starting."""
         ready = False
+        self.sessions.watch_compute()  # the compute cap, known before the first device comes
         body = {
             "status": "starting",
             "models": self.models.label,
@@ -119,6 +123,8 @@ class Ingress:
             # admission by compute, this replica: how long the oldest final has waited, what is shed now
             "load_this_replica": {"queue_delay_s": round(self.compute.backlog.queue_delay_s(), 3),
                                   "shedding": self.compute.backlog.shedding()},  # fmt: skip
+            "compute_admission": self.compute.report(),
+            "sizing": self.sizing,
         }
         if self.models.warning:
             body["warning"] = self.models.warning

@@ -31,7 +31,7 @@ from speech_serve.ingress.capacity import ComputeAdmission
 from speech_serve.ingress.connection import Connection
 from speech_serve.ingress.drain import ASR_DEPLOYMENT, DRAINING, RUNNING, DrainWatch, controller_states
 from speech_serve.ingress.metrics import IngressMetrics
-from speech_serve.ingress.stream.calls import awaited, bounded
+from speech_serve.ingress.stream.calls import awaited, bounded, detached
 from speech_serve.messages import Refusal
 from speech_serve.settings import AppSettings
 from speech_serve.wire.codes import CLOSE_TRY_AGAIN_LATER
@@ -56,9 +56,10 @@ class Sessions:
     """The live connections of this replica, from admission to release."""
 
     def __init__(self, registry, settings: AppSettings, device_auth: DeviceAuth, metrics: IngressMetrics,
-                 compute: ComputeAdmission | None = None):  # fmt: skip
+                 compute: ComputeAdmission | None = None, asr=None):  # fmt: skip
         self.registry = registry
-        self.compute = compute or ComputeAdmission(settings.admission)
+        self.asr = asr  # SenseVoice's handle: the replicas' warm-up timings (measured compute cap)
+        self.compute = compute or ComputeAdmission(settings.admission, compute=settings.compute)
         self.admission, self.drain = settings.admission, settings.drain
         self.device_auth = device_auth
         self.metrics = metrics
@@ -76,9 +77,7 @@ class Sessions:
             return  # refused before any registry call, slot or metric of an admitted session
         session_id = conn.session_id
         self._start_background()
-        if self._asr_counted is None:  # the compute cap needs the replica count before the first admission
-            self._asr_counted = asyncio.ensure_future(self._count_asr_replicas())
-        await asyncio.shield(self._asr_counted)
+        await asyncio.shield(self.watch_compute())
         refusal = self._local_refusal() or await self._register(session_id, conn.identity.device_id)
         if refusal is not None:
             self.metrics.session_rejected(conn.protocol, refusal.code)
@@ -96,6 +95,18 @@ class Sessions:
             # shielded: Serve may cancel this request when its client leaves (direct ingress does);
             # the slot must still be given back now, not at the next sync
             await asyncio.shield(self._release(session_id))
+
+    def watch_compute(self) -> asyncio.Future:
+        """The first count of SenseVoice replicas and their warm-up timings: the compute cap needs it
+        before the first admission. /healthz starts it too, so the cap is known before devices come."""
+        if self._asr_counted is None:
+            if not self._app_name:
+                try:
+                    self._app_name = serve.get_replica_context().app_name
+                except Exception:  # outside a Serve replica (unit tests): nothing to count
+                    pass
+            self._asr_counted = detached(self._count_asr_replicas())  # not the first session's child
+        return self._asr_counted
 
     def _local_refusal(self) -> Refusal | None:
         return (replica_refusal(self._drain.draining, len(self.live), self.admission.max_sessions_per_replica)
@@ -128,15 +139,35 @@ class Sessions:
             logger.info("session %s: registry release failed; the next sync corrects it", session_id)
 
     async def _count_asr_replicas(self) -> None:
-        """The compute cap follows the running SenseVoice replicas (bounded: the controller may be busy)."""
-        if self.admission.sessions_per_asr_replica is None:
-            return
+        """The compute cap follows the running SenseVoice replicas and, when measured, their warm-up
+        timings (each call bounded: the controller or a replica may be busy)."""
+        if self.compute.compute.sessions_per_asr_replica is None or (self.compute.measured and self.asr is None):
+            return  # no cap, or nothing to measure it from
+        timeout = self.admission.registry_timeout_s
         try:
-            states = await asyncio.wait_for(controller_states(self._app_name, ASR_DEPLOYMENT),
-                                            self.admission.registry_timeout_s)  # fmt: skip
-            self.compute.asr_replicas = sum(state == RUNNING for state in states.values())
+            states = await asyncio.wait_for(controller_states(self._app_name, ASR_DEPLOYMENT), timeout)
+            self.compute.replicas_running({rid for rid, state in states.items() if state == RUNNING})
         except Exception:
             logger.info("could not count SenseVoice replicas; keeping %d", self.compute.asr_replicas)
+        if self.compute.measured:
+            await self._ask_timings(timeout)
+        self.metrics.compute_cap_now(self.compute.sessions_cap())
+
+    async def _ask_timings(self, timeout: float) -> None:
+        """One call per running replica not heard from yet (Serve's router spreads them; a replica
+        missed now is asked at the next sync, and counts as a typical one meanwhile)."""
+        running = self.compute.running or set()
+        missing = max(len(running - set(self.compute.timings)), 0 if self.compute.timings else 1)
+        calls = [bounded(awaited(self.asr.capacity.remote()), timeout) for _ in range(missing)]
+        for result in await asyncio.gather(*calls, return_exceptions=True):
+            if isinstance(result, BaseException):
+                logger.info("a SenseVoice replica's warm-up timing did not come: %s", type(result).__name__)
+                continue
+            if result.replica not in self.compute.timings:
+                derived = self.compute.per_replica_for(result)
+                logger.info("admission by compute: SenseVoice replica %s serves %d sessions in time (%s)",
+                            result.replica, derived.sessions, derived.why)  # fmt: skip
+            self.compute.replica_seen(result)
 
     async def _sync_registry(self) -> None:
         while True:
@@ -173,9 +204,9 @@ class Sessions:
         d = self.drain
         self._drain = DrainWatch(lambda: controller_states(ctx.app_name, ctx.deployment), self._replica_id,
                                  d.poll_s, grace_s, d.margin_s)  # fmt: skip
-        self._background = [
-            asyncio.create_task(self._move_sessions_when_stopping()),
-            asyncio.create_task(self._sync_registry()),
+        self._background = [  # the replica's, not the first session's: Serve cancels a request's calls with it
+            detached(self._move_sessions_when_stopping()),
+            detached(self._sync_registry()),
         ]
 
     async def _move_sessions_when_stopping(self) -> None:

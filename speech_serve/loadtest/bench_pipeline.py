@@ -2,7 +2,7 @@
 
     speech-serve bench                                              # full-size models (built on first use)
     speech-serve bench --size tiny --runs 3
-    speech-serve bench --profile config/capacity-int8.yaml  # a profile's settings
+    speech-serve bench --profile config/capacity.yaml  # a profile's settings
 
 In one run on one machine:
 1. bare: `AutoModel.generate` of SenseVoice, prepared as a replica prepares it (`AsrCore`: the

@@ -106,7 +106,9 @@ async def handshake(ws, protocol: str, n: int, funasr_mode: str = "2pass") -> di
 class Device:
     def __init__(self, n: int, protocol: str, cfg: LoadConfig, clips: list[Clip], silence: bytes, state: RunState):
         self.n, self.protocol, self.cfg, self.clips, self.state = n, protocol, cfg, clips, state
-        self.rng = random.Random(cfg.seed * 100_003 + n)
+        # together: one recording for all, so their utterances end at the same moment (the worst case
+        # for batching: one prompt reaching every device of a fleet at once)
+        self.rng = random.Random(cfg.seed * 100_003 + (0 if cfg.together else n))
         self.silence_opus = silence
         self.mine: list[UtteranceRecord] = []
         self.results = 0
@@ -168,7 +170,8 @@ class Device:
         return t
 
     async def _speak(self, ws, stop_at: float) -> None:
-        t = time.monotonic() + self.rng.uniform(0, 1.0)  # devices do not all start in step
+        jitter = self.rng.uniform(0, 1.0)  # devices do not all start in step, unless `together`
+        t = time.monotonic() + (0.0 if self.cfg.together else jitter)
         for seq in itertools.count():
             if time.monotonic() >= stop_at:
                 break
@@ -370,6 +373,8 @@ def parse_args(argv: list[str] | None = None) -> LoadConfig:
     p.add_argument("--duration", type=float, default=LoadConfig.duration_s, help="seconds of talking")
     p.add_argument("--corpus", default=LoadConfig.corpus, help="folder of WAVs (+ transcripts.tsv)")
     p.add_argument("--seed", type=int, default=LoadConfig.seed)
+    p.add_argument("--together", action="store_true",
+                   help="every device streams the same clips and pauses, all started at once")  # fmt: skip
     p.add_argument("--serve-api", default=LoadConfig.serve_api, help="Ray dashboard, for replica counts")
     p.add_argument("--auth-secret-env", default=DEFAULT_SECRET_ENV,
                    help="env var with the device-token secret")  # fmt: skip
@@ -382,7 +387,7 @@ def parse_args(argv: list[str] | None = None) -> LoadConfig:
     return LoadConfig(
         url=a.url, protocol=a.protocol, funasr_mode=a.funasr_mode, clients=a.clients, ramp_step=int(step),
         ramp_every_s=float(every),
-        duration_s=a.duration, corpus=a.corpus, seed=a.seed, serve_api=a.serve_api,
+        duration_s=a.duration, corpus=a.corpus, seed=a.seed, together=a.together, serve_api=a.serve_api,
         auth_secret=os.environ.get(a.auth_secret_env), out=out,
     )  # fmt: skip
 

@@ -58,6 +58,7 @@ class LoadConfig:
     ramp_every_s: float = 10.0  # ... this often
     duration_s: float = 60.0  # from the first device's start; then devices finish their utterance
     pause_s: tuple[float, float] = (1.5, 4.0)
+    together: bool = False  # every device starts at once and streams the same clips and pauses
     corpus: str = "loadtest/corpus"
     seed: int = 1
     grace_s: float = 15.0  # wait this long for the last results

@@ -41,6 +41,7 @@ from types import SimpleNamespace
 import httpx
 
 from speech_serve.cli.dashboard import auth_headers
+from speech_serve.cli.plan import CAPACITY_FILE, held_line, node_capacity
 from speech_serve.loadtest.loadgen import cpu_by_kind, cpu_seconds, run_load
 from speech_serve.loadtest.records import Clip, LoadConfig, load_corpus
 from speech_serve.loadtest.report import pct
@@ -62,6 +63,7 @@ class SweepConfig:
     lost_after_s: float = 10.0  # a result later than this counts as lost
     corpus: str = "loadtest/corpus"
     seed: int = 1
+    together: bool = False  # every device streams the same clips and pauses from the same moment
     auth_secret: str | None = None
     out: str = "loadtest/reports/sweep"
     quiet_margin_cores: float = 0.15  # the service counts as drained within this of its idle CPU use ...
@@ -327,8 +329,8 @@ def run_level(
         url=cfg.url, protocol=cfg.protocol, funasr_mode=cfg.funasr_mode, clients=offered, ramp_step=offered,
         ramp_every_s=0,
         duration_s=cfg.utterances * per_utterance_s, pause_s=cfg.pause_s, corpus=cfg.corpus, seed=cfg.seed,
-        grace_s=cfg.lost_after_s + 5, auth_secret=cfg.auth_secret, serve_api="http://127.0.0.1:1",
-        out=str(out / f"level-{offered}"), progress_every_s=10,
+        together=cfg.together, grace_s=cfg.lost_after_s + 5, auth_secret=cfg.auth_secret,
+        serve_api="http://127.0.0.1:1", out=str(out / f"level-{offered}"), progress_every_s=10,
     )  # fmt: skip
     started, busy_before = time.monotonic(), host_busy_seconds()
     state = asyncio.run(run_load(load))
@@ -420,7 +422,8 @@ def plot(out: Path, levels: list[Level], cfg: SweepConfig, bound_devices: float 
     return "capacity.png"
 
 
-def render(cfg: SweepConfig, levels: list[Level], idle: dict[str, float], bound: dict | None, share: float) -> str:
+def render(cfg: SweepConfig, levels: list[Level], idle: dict[str, float], bound: dict | None, share: float,
+           capacity: dict | None = None) -> str:  # fmt: skip
     bound_devices = bound["speech_s_per_s"] / share if bound else None
     held = held_devices(levels, cfg.target_p95_s)
     kinds = sorted(({k for lv in levels for k in lv.cores} | set(idle)) - {"SenseVoice"})
@@ -429,7 +432,8 @@ def render(cfg: SweepConfig, levels: list[Level], idle: dict[str, float], bound:
         f"# Capacity sweep: {cfg.protocol} devices{mode}, {cfg.utterances} utterances each per level",
         "",
         f"- workload: corpus `{cfg.corpus}`, pauses {cfg.pause_s[0]:g}-{cfg.pause_s[1]:g} s, speech share "
-        f"{share:.0%}; lost = no result within {cfg.lost_after_s:g} s of the end of speech",
+        f"{share:.0%}{'; devices start together and stream the same recording' if cfg.together else ''}; "
+        f"lost = no result within {cfg.lost_after_s:g} s of the end of speech",
         f"- idle service CPU (cores): {idle} (total {sum(idle.values()):.3f})",
     ]
     if bound:
@@ -447,6 +451,8 @@ def render(cfg: SweepConfig, levels: list[Level], idle: dict[str, float], bound:
     if at is not None and at.per_asr_node is not None:
         lines.append(f"- **devices held per SenseVoice node: {at.per_asr_node}** ({at.admitted} devices, "
                      f"{at.asr_nodes} of {len(at.nodes)} nodes running SenseVoice at that level)")  # fmt: skip
+    if capacity is not None:
+        lines.append(held_line(capacity))
     if at is not None and at.host_busy_cores is not None:
         lines.append(host_share_line(at))
         lines.append(ceiling_line(at, bound_devices))
@@ -487,6 +493,17 @@ def render(cfg: SweepConfig, levels: list[Level], idle: dict[str, float], bound:
                          f"| {n['gpus']:g} | {replicas} |")  # fmt: skip
     lines += ["", "![capacity](capacity.png)", ""]
     return "\n".join(lines)
+
+
+def model_node(levels: list[Level]) -> dict:
+    """The node the models ran on (the first running SenseVoice at the last level the dashboard
+    answered for), with its model replicas; this host where the dashboard was not asked."""
+    last = next((lv for lv in reversed(levels) if lv.nodes), None)
+    for n in last.nodes if last else []:
+        if n["replicas"].get("SenseVoice"):
+            replicas = {k: v for k, v in n["replicas"].items() if k in ("SenseVoice", "Speaker")}
+            return {"cpus": n["cpus"], "gpus": n["gpus"], "replicas": replicas}
+    return {"cpus": float(host_cpus()), "gpus": 0.0, "replicas": {}}
 
 
 def _figure(value: float | None) -> str:
@@ -544,7 +561,11 @@ def sweep(cfg: SweepConfig) -> dict:
     bound = meter.result() if meter else None
     bound_devices = bound["speech_s_per_s"] / share if bound else None
     plot(out, levels, cfg, bound_devices)
-    report = render(cfg, levels, idle, bound, share)
+    capacity = node_capacity(levels, model_node(levels), {
+        "protocol": cfg.protocol, "together": cfg.together, "speech_share": round(share, 3),
+        "speaker": any(lv.speaker_ran for lv in levels), "utterances_per_device": cfg.utterances})  # fmt: skip
+    (out / CAPACITY_FILE).write_text(json.dumps(capacity, indent=1))
+    report = render(cfg, levels, idle, bound, share, capacity)
     (out / "report.md").write_text(report)
     summary = {
         "config": {k: v for k, v in asdict(cfg).items() if k != "auth_secret"},
@@ -585,6 +606,11 @@ def parse_args(argv: list[str] | None = None) -> SweepConfig:
     p.add_argument("--lost-after", type=float, default=d.lost_after_s, help="a result later than this is lost (s)")
     p.add_argument("--corpus", default=d.corpus)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--together",
+        action="store_true",
+        help="devices start at once and stream the same recording: their utterances end together (worst case)",
+    )
     p.add_argument("--no-bound", action="store_true", help="skip the compute-bound measurement")
     p.add_argument(
         "--bound-size",
@@ -626,7 +652,7 @@ def parse_args(argv: list[str] | None = None) -> SweepConfig:
         url=a.url, protocol=a.protocol, funasr_mode=a.funasr_mode, levels=[int(x) for x in a.levels.split(",")],
         utterances=a.utterances,
         pause_s=(lo, hi), target_p95_s=a.target_p95, lost_after_s=a.lost_after, corpus=a.corpus, seed=a.seed,
-        auth_secret=os.environ.get(a.auth_secret_env),
+        together=a.together, auth_secret=os.environ.get(a.auth_secret_env),
         out=a.out or f"loadtest/reports/sweep-{time.strftime('%Y%m%d-%H%M%S')}",
         bound=not a.no_bound, bound_size=a.bound_size, asr_model=a.asr_model, bound_threads=a.bound_threads,
         bound_quantize=a.bound_quantize, bound_engine=a.bound_engine, bound_batch=a.bound_batch,

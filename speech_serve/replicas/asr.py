@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import logging
 import re
+import statistics
 import time
 from collections import defaultdict
 
+import numpy as np
 from ray import serve
 
-from speech_serve.messages import AsrRequest, Transcript, to_float32
+from speech_serve.messages import AsrRequest, ModelTiming, Transcript, to_float32
 from speech_serve.replicas.models import ModelSource, load_automodel, prepare_asr
 from speech_serve.replicas.worker import FINAL, INTERIM, BatchedModelHost, pick_device
-from speech_serve.settings import AsrSettings
+from speech_serve.settings import AsrSettings, ComputeSettings
+from speech_serve.wire.pcm import SAMPLE_RATE
 
 logger = logging.getLogger("ray.serve")
 
@@ -50,7 +53,7 @@ class AsrCore:
         self.device = device
         # funasr's fbank frontend dithers by default: random noise that can change the words
         self.model = load_automodel(
-            source, device=device, threads=settings.threads, frontend_conf={"dither": settings.dither}
+            source, device=device, threads=settings.threads or 1, frontend_conf={"dither": settings.dither}
         )
         self.precision = prepare_asr(
             self.model, device, settings.quantize, settings.quantized_engine, settings.trace_encoder
@@ -74,13 +77,61 @@ class AsrCore:
                 results[i] = Transcript(text, lang, emotion, event, item["text"], model_ms, len(idx))
         return results  # type: ignore[return-value]
 
+    def time_batches(self, utterance_s: float, batch: int, repeats: int = 3) -> tuple[float, float]:
+        """Seconds for one utterance alone and for `batch` of them together (medians of `repeats`,
+        after an untimed run that pays the first call's one-off costs). Noise stands in for speech:
+        SenseVoice's work depends on an utterance's length, not on what is said."""
+        noise = np.random.default_rng(0).standard_normal(int(SAMPLE_RATE * utterance_s)) * 3000
+        one = [AsrRequest(noise.astype(np.int16))]
+        self.transcribe_batch(one)
+
+        def median_s(requests: list[AsrRequest]) -> float:
+            runs = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                self.transcribe_batch(requests)
+                runs.append(time.perf_counter() - started)
+            return statistics.median(runs)
+
+        return median_s(one), median_s(one * batch)
+
 
 @serve.deployment  # its options: settings.DEFAULT_DEPLOYMENT_OPTIONS
 class SenseVoice(BatchedModelHost):
-    def __init__(self, source: ModelSource, settings: AsrSettings):
+    def __init__(self, source: ModelSource, settings: AsrSettings, compute: ComputeSettings | None = None):
         self._core = AsrCore(source, settings, device=pick_device())
+        self._warmup_s = (compute or ComputeSettings()).warmup_utterance_s
+        self.timing: ModelTiming | None = None
         super().__init__(self._core.transcribe_batch)
         logger.info("SenseVoice on %s (%s) from %s", self._core.device, self._core.precision, source.describe())
+
+    def reconfigure(self, user_config: dict) -> None:
+        """The batch settings; at start, and when max_batch_size changes, the warm-up timing of
+        this replica's own shapes (through the model thread: never beside a running batch)."""
+        super().reconfigure(user_config)
+        if self.timing is None or self.timing.batch != self.batch_settings.max_batch_size:
+            self.timing = self._time(self._batcher.run_now(self._core.time_batches, self._warmup_s,
+                                                           self.batch_settings.max_batch_size))  # fmt: skip
+
+    def _time(self, measured: tuple[float, float]) -> ModelTiming:
+        import ray
+
+        single_s, batch_s = measured
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        timing = ModelTiming(serve.get_replica_context().replica_id.unique_id, self._core.device,
+                             self._core.settings.threads or 1, cpus, self._warmup_s,
+                             self.batch_settings.max_batch_size, round(single_s, 4), round(batch_s, 4))  # fmt: skip
+        logger.info("SenseVoice warm-up: %.2f s of speech alone in %.3f s, %d together in %.3f s (%s, %d threads, "
+                    "%s CPUs reserved)", timing.utterance_s, single_s, timing.batch, batch_s, timing.device,
+                    timing.threads, cpus)  # fmt: skip
+        return timing
+
+    async def capacity(self) -> ModelTiming:
+        """This replica's warm-up timing (the Ingress sizes admission by compute from it)."""
+        if self.timing is None:  # started without user_config: time now
+            self.timing = self._time(await self._batcher.run_later(self._core.time_batches, self._warmup_s,
+                                                                   self.batch_settings.max_batch_size))  # fmt: skip
+        return self.timing
 
     async def transcribe(self, request: AsrRequest) -> Transcript:
         return await self._batcher.submit(request, FINAL)

@@ -46,7 +46,7 @@ class SpeakerCore:
             self._ge2e = VoiceEncoder(device=device, verbose=False)
             self._ge2e.embed_utterance(np.zeros(16000, dtype=np.float32))  # the first call compiles (numba)
         else:
-            self.model = load_automodel(source, device=device, threads=settings.threads)
+            self.model = load_automodel(source, device=device, threads=settings.threads or 1)  # null: the builder's
 
     def embed_batch(self, clips: list[np.ndarray]) -> list[SpeakerEmbedding]:
         started = time.perf_counter()

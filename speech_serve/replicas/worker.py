@@ -36,6 +36,10 @@ class ModelThread:
     async def run(self, fn: Callable, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
+    def run_blocking(self, fn: Callable, *args: Any) -> Any:
+        """From outside the event loop's coroutines (a replica's reconfigure): wait for the thread."""
+        return self._pool.submit(fn, *args).result()
+
 
 class Batcher:
     """Queued requests in, batches through one model thread, each caller's result out.
@@ -75,6 +79,14 @@ class Batcher:
 
     def queued(self) -> int:
         return sum(1 for q in self._queues.values() for _, future in q if not future.done())
+
+    def run_now(self, fn: Callable, *args: Any) -> Any:
+        """Run something else on the model thread, after the batch running now; blocks the caller."""
+        return self._thread.run_blocking(fn, *args)
+
+    async def run_later(self, fn: Callable, *args: Any) -> Any:
+        """The same, awaited."""
+        return await self._thread.run(fn, *args)
 
     def _take(self) -> tuple[int, list[tuple[Any, asyncio.Future]]]:
         for priority, queue in self._queues.items():

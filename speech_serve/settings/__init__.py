@@ -13,12 +13,13 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from speech_serve.settings.admission import AdmissionSettings, RetrySettings
+from speech_serve.settings.admission import AdmissionSettings, ComputeSettings, RetrySettings
 from speech_serve.settings.base import Section
 from speech_serve.settings.deployments import (
     DEFAULT_DEPLOYMENT_OPTIONS,
     Placement,
     PlacementName,
+    SizingSettings,
     default_placement,
 )
 from speech_serve.settings.ingress import DrainSettings, HealthSettings, LimitSettings, StreamSettings, UploadSettings
@@ -30,9 +31,9 @@ from speech_serve.settings.voiceprints import MATCH_THRESHOLDS, VoiceprintSettin
 
 __all__ = [
     "DEFAULT_DEPLOYMENT_OPTIONS", "MATCH_THRESHOLDS", "MIN_REDACTED_CHARS", "AdmissionSettings", "AppSettings",
-    "AsrSettings", "BatchSettings", "DrainSettings", "FunasrSettings", "HealthSettings", "LimitSettings",
-    "ModelSettings", "ModelSpec", "Placement", "PlacementName", "RealtimeSettings", "RetrySettings",
-    "SecuritySettings", "SpeakerSettings", "StreamSettings", "UploadSettings", "VadSettings",
+    "AsrSettings", "BatchSettings", "ComputeSettings", "DrainSettings", "FunasrSettings", "HealthSettings",
+    "LimitSettings", "ModelSettings", "ModelSpec", "Placement", "PlacementName", "RealtimeSettings", "RetrySettings",
+    "SecuritySettings", "SizingSettings", "SpeakerSettings", "StreamSettings", "UploadSettings", "VadSettings",
     "VoiceprintSettings", "XiaozhiSettings",
 ]  # fmt: skip
 
@@ -79,6 +80,8 @@ class AppSettings(Section):
     """The /healthz probe."""
     admission: AdmissionSettings = AdmissionSettings()
     """Who may open a session."""
+    compute: ComputeSettings = ComputeSettings()
+    """How many sessions the model replicas serve in time (admission by compute)."""
     xiaozhi: XiaozhiSettings = XiaozhiSettings()
     """Xiaozhi devices (/xiaozhi/v1/)."""
     funasr: FunasrSettings = FunasrSettings()
@@ -89,6 +92,8 @@ class AppSettings(Section):
     """Device and admin authentication."""
     retry: RetrySettings = RetrySettings()
     """Calls to a lost replica."""
+    sizing: SizingSettings = SizingSettings()
+    """How the builder sizes the model replicas for the host."""
     placement: dict[PlacementName, Placement] = Field(default_factory=default_placement)
     """ray_actor_options per deployment (CPUs, GPU fractions)."""
     use_gpus: Literal["auto", "always", "never"] = "auto"

@@ -1,8 +1,10 @@
-"""Who may open a session, and how calls to lost replicas are retried."""
+"""Who may open a session, how many the models serve in time, and how calls to lost replicas are
+retried."""
 
 from __future__ import annotations
 
 import itertools
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -20,10 +22,6 @@ class AdmissionSettings(Section):
     max_connections_per_device: int | None = 2
     """Open connections per Device-Id (header or query); more get `too_many_connections`, close 1008. Two lets a
     device reconnect before its old connection has timed out."""
-    sessions_per_asr_replica: int | None = Field(None, ge=1)
-    """Sessions one SenseVoice replica serves within the latency target on this kind of host (the capacity
-    sweep's 'held' figure). The application admits this many per running SenseVoice replica; more get
-    `server_busy`, close 1013. null: no such cap (the counts above still apply)."""
     max_queue_delay_s: float | None = None
     """While the oldest finished utterance an Ingress replica waits on has waited longer than this for
     SenseVoice, new sessions get `server_busy` (1013): the admitted keep their latency. null: off."""
@@ -43,6 +41,13 @@ class AdmissionSettings(Section):
     """Longest a SessionRegistry call (admit, release, sync) may take. Past it a new session is admitted
     unchecked (logged), as when the registry is down; a lost release is corrected by the next sync."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "sessions_per_asr_replica" in data:
+            raise ValueError("admission.sessions_per_asr_replica moved to compute.sessions_per_asr_replica")
+        return data
+
     @model_validator(mode="after")
     def _shed_before_refusing(self) -> AdmissionSettings:
         """Interims go first, then the speaker model, then new devices are refused."""
@@ -55,6 +60,29 @@ class AdmissionSettings(Section):
                 raise ValueError(f"admission.{a} ({x:g}) must not exceed {b} ({y:g}): optional work is shed "
                                  "before devices are refused, interims before the speaker model")  # fmt: skip
         return self
+
+
+class ComputeSettings(Section):
+    """Admission by compute: sessions per SenseVoice replica, derived from the replica's own timing of a
+    warm-up batch at start (ingress/capacity.py). The application admits that many per running
+    replica; more get `server_busy`, close 1013, before they can slow the admitted down."""
+
+    sessions_per_asr_replica: Annotated[int, Field(ge=1)] | Literal["measured"] | None = "measured"
+    """measured: derived from each replica's warm-up timing (reported in /healthz and the start log). A number:
+    pinned (a capacity sweep's 'held' over the replicas). null: no compute cap (the session caps still apply)."""
+    latency_target_s: float = Field(3.0, gt=0)
+    """End of speech to result that the measured cap plans for when every admitted device ends an utterance at
+    the same moment (the capacity sweep's 'held' target is p95 <= 3 s)."""
+    overhead_s: float = Field(0.3, ge=0)
+    """Of that, what is not end silence or SenseVoice: VAD chunking and calls, transport, the result's way back."""
+    speed_fraction: float = Field(0.5, gt=0, le=1)
+    """Of a replica's measured speed, what the plan counts on under load: the warm-up runs alone, while in
+    service the VAD, the Ingress and the other replicas share the cores, and a batch that ends together runs
+    beside the VAD's burst of work."""
+    speech_share: float = Field(0.6, gt=0, le=1)
+    """Share of its time a device is planned to speak (a device in a conversation; the sweep's corpus: 61%)."""
+    warmup_utterance_s: float = Field(3.0, gt=0)
+    """Length of each utterance a replica times at start (one alone, then a batch of max_batch_size)."""
 
 
 class RetrySettings(Section):

@@ -58,8 +58,8 @@ class Placement(Section):
     """
 
     num_cpus: float | None = 0.0
-    """CPUs reserved per replica. null (the model deployments' default): the replica's torch threads, scaled down
-    by the builder when one replica of each deployment would not fit the node."""
+    """CPUs reserved per replica. null (the model deployments' default): the builder's host plan
+    (speech_serve/sizing.py: the node's cores the rest leaves, shared by the replicas it plans)."""
     num_gpus: float = 0.0
     """GPU fraction per replica; applied only where the cluster has GPUs."""
     memory_mb: int | None = None
@@ -94,3 +94,19 @@ def default_placement() -> dict[str, Placement]:
         "SenseVoice": Placement(num_cpus=None, num_gpus=0.25),
         "Speaker": Placement(num_cpus=None, num_gpus=0.15),
     }
+
+
+class SizingSettings(Section):
+    """How the builder sizes the model replicas for the nodes it sees (speech_serve/sizing.py), where
+    `asr.threads`, `speaker.threads` and the models' `placement` leave it to choose."""
+
+    spare_cores_fraction: float = Field(0.05, ge=0, lt=1)
+    """Of each node's CPUs, what no replica reserves: Serve's proxy and controller, Ray, the OS."""
+    speaker_share: float = Field(0.35, gt=0, lt=1)
+    """Of the cores left for the models, the Speaker's when it runs. CAM++ used 0.31 cores to SenseVoice's 0.52
+    (int8) at 16 devices (docs/benchmarks.md)."""
+    gpu_target_ongoing_requests: int = Field(16, ge=1)
+    """On GPU nodes, where the model replicas autoscale: queued utterances per replica that add one."""
+    replica_memory_gib: float = Field(2.5, gt=0)
+    """Memory one model replica needs (a full SenseVoice replica with torch and FunASR: about 2.3 GiB): a node
+    gets no more CPU replicas than its Ray memory holds."""

@@ -32,11 +32,13 @@ class AsrSettings(Section):
     """auto, zh, en, yue, ja, ko"""
     use_itn: bool = True
     """Inverse text normalisation (punctuation, numbers)."""
-    threads: int = 2
-    """torch threads per SenseVoice replica on CPU."""
-    quantize: Literal["none", "int8"] = "none"
-    """int8: dynamic int8 quantization of SenseVoice's Linear layers on CPU (about half the CPU per utterance;
-    FunASR's runtime ships SenseVoice as int8 too). Ignored on GPU."""
+    threads: int | None = Field(None, ge=1)
+    """torch threads per SenseVoice replica. null: the builder's plan (1 on CPU, one replica per core the rest
+    leaves; 2 on GPU for the frontend: speech_serve/sizing.py)."""
+    quantize: Literal["auto", "none", "int8"] = "auto"
+    """auto: int8 on CPU, fp32 on GPU. int8: dynamic int8 quantization of SenseVoice's Linear layers (about half
+    the CPU per utterance; FunASR's CPU runtime and sherpa-onnx ship SenseVoice as int8 too; CPU only, ignored on
+    GPU). none: fp32 everywhere (transcripts of real weights can differ slightly between the two)."""
     quantized_engine: Literal["onednn", "x86", "fbgemm"] = "onednn"
     """torch's int8 kernels when quantize is int8 (torch.backends.quantized.engine). onednn transcribed 13% more
     speech per CPU-second than torch's default x86 at batch 2 and 30% more at batch 4, the same at batch 1
@@ -54,8 +56,8 @@ class SpeakerSettings(Section):
     enabled: bool = True
     """Run the speaker model on every utterance (who spoke). false: results carry speaker `unknown` and no
     Speaker call is made; enrolment answers 503."""
-    threads: int = 2
-    """torch threads per Speaker replica on CPU."""
+    threads: int | None = Field(None, ge=1)
+    """torch threads per Speaker replica. null: the builder's plan (1 on CPU, 2 on GPU)."""
     keep_embeddings: int = 20
     """Embeddings kept per session (addressable by embedding_id) for later enrolment."""
     min_utterance_ms: int = Field(150, ge=0)

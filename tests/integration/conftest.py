@@ -5,6 +5,9 @@ Device authentication is on (though it binds 127.0.0.1), with a test secret and 
 allow-listed device; the admin API has a test token. Clients here send tokens as devices do."""
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import ray
@@ -22,6 +25,7 @@ from tests.support.service import (
     SESSIONS_CAP,
     TEST_DEVICE,
     TEST_GROUP,
+    cluster_transport_env,
     wait_admission_clean,
     wait_healthy,
 )
@@ -35,7 +39,9 @@ def service_args(model_settings, tiny_models, tmp_path_factory) -> dict:
     placement["VADHost"]["num_replicas"] = 2
     return {
         "models": {**model_settings.model_dump(), "speaker_backend": "ge2e"},
-        "asr": {"threads": 1},
+        # fp32: the soak and churn tests compare every transcript with an undisturbed run's, and int8
+        # (the CPU default) quantizes activations per batch, so its text can change with batch-mates
+        "asr": {"threads": 1, "quantize": "none"},
         # Tests stream faster than real time; 100 ms between a lane's VAD calls (the production
         # default, for CPU per device) would hold them to 2x real time and add minutes to CI, and
         # max_audio_rate would pace them to 1.5x real time (unit-tested instead).
@@ -56,11 +62,25 @@ def service_args(model_settings, tiny_models, tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="session")
-def service(service_args):
+def transport() -> dict[str, str]:
+    """The shared service's transport env (HAProxy where its binary is, unless told otherwise)."""
+    state = Path(tempfile.mkdtemp(prefix="hp", dir="/tmp"))  # short: HAProxy's socket path holds 97 bytes
+    yield cluster_transport_env(state)
+    shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def service(service_args, transport):
     """host:port of the running service."""
     os.environ[SECRET_ENV] = SECRET  # inherited by the Ray workers started below
     os.environ[ADMIN_ENV] = ADMIN_TOKEN
-    base = run_local(service_args, free_port(), name=APP, num_cpus=2)
+    before = dict(os.environ)
+    os.environ.update(transport)  # only while Ray starts: its processes keep it, later clusters do not
+    try:
+        base = run_local(service_args, free_port(), name=APP, num_cpus=2)
+    finally:
+        os.environ.clear()
+        os.environ.update(before)
     wait_healthy(f"http://{base}/healthz")
     yield base
     serve.shutdown()

@@ -24,12 +24,19 @@ from tests.support.service import (
     as_device,
     assert_two_utterances_in_order,
     device_token,
+    haproxy_running,
     vad_live_sessions,
     xiaozhi_url,
 )
 
 pytestmark = pytest.mark.integration
 WAV = str(TWO_UTTERANCES_WAV)
+
+
+def test_frames_come_through_the_chosen_transport(service, transport):
+    """HAProxy mode where its binary is (what `make serve` runs), Serve's Python proxy with
+    SPEECH_SERVE_TEST_TRANSPORT=proxy: the tests of this run went through that one."""
+    assert haproxy_running(transport) == bool(transport)
 
 
 @pytest.mark.parametrize("version, mode", [(1, "auto"), (2, "realtime"), (3, "manual"), (1, "manual")])

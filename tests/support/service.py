@@ -1,7 +1,9 @@
 """The integration tests' real service: its credentials and caps, and how a test looks at what it
 holds (tests/integration/conftest.py starts it)."""
 
+import os
 import time
+from pathlib import Path
 
 import httpx
 import ray
@@ -98,3 +100,38 @@ def assert_two_utterances_in_order(results: list[dict], tolerance_ms: int = 400)
     for r, (start, end) in zip(results, TWO_UTTERANCES_SPEECH_MS, strict=True):
         assert abs(r["start_ms"] - start) < tolerance_ms and abs(r["end_ms"] - end) < tolerance_ms
         assert r["text"]
+
+
+# Which transport the test clusters use: HAProxy mode where its binary is, as `make serve` chooses
+# (speech_serve/cli/transport.py); SPEECH_SERVE_TEST_TRANSPORT=proxy runs them on Serve's Python
+# proxy instead (`make test` runs the end-to-end protocol tests both ways).
+TRANSPORT_ENV = "SPEECH_SERVE_TEST_TRANSPORT"
+
+
+def cluster_transport_env(state_dir: Path) -> dict[str, str]:
+    """The env a test Ray cluster starts with for the chosen transport. HAProxy keeps its files and
+    stats and metrics ports per cluster here, so the shared cluster and a test's own do not collide."""
+    from speech_serve.app import free_port
+    from speech_serve.cli.transport import transport_env
+
+    chosen = os.environ.get(TRANSPORT_ENV, "auto")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    env, _ = transport_env({"proxy": "off", "haproxy": "on"}.get(chosen, chosen), state=state_dir)
+    if not env:
+        return {}
+    return env | {"RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
+
+
+def haproxy_running(env: dict[str, str]) -> bool:
+    """Whether an haproxy process runs on this cluster's state directory (its own config file)."""
+    state = env.get("RAY_SERVE_HAPROXY_SERVER_STATE_BASE")
+    if not state:
+        return False
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:  # the process has gone
+            continue
+        if args and args[0].endswith(b"haproxy") and any(state.encode() in a for a in args):
+            return True
+    return False

@@ -1,25 +1,35 @@
-"""The builder's CPU reservations for model replicas (placement num_cpus: null)."""
+"""The builder's wiring of the host plan into each deployment's options."""
 
-from speech_serve.app import fit_model_cpus
+from speech_serve.app import deployment_options, planned
 from speech_serve.settings import AppSettings
+from speech_serve.sizing import Node, plan_host
 
 
-def test_a_model_replica_reserves_its_threads_where_they_fit():
-    cpus, why = fit_model_cpus(AppSettings(), node_cpus=16)
-    assert cpus == {"SenseVoice": 2.0, "Speaker": 2.0} and "thread" in why
-
-
-def test_on_a_small_node_the_reservations_shrink_so_one_of_each_fits_and_no_second_does():
-    settings = AppSettings()
-    cpus, why = fit_model_cpus(settings, node_cpus=2)
-    light = settings.placement["Ingress"].num_cpus + settings.placement["VADHost"].num_cpus
-    assert abs(sum(cpus.values()) + light - 2) < 0.02  # the node is full: an extra replica waits
-    assert cpus["SenseVoice"] == cpus["Speaker"] and "2-CPU node" in why
-
-
-def test_a_disabled_speaker_reserves_nothing_and_explicit_numbers_are_kept():
+def test_the_plan_fills_threads_reservations_and_replica_counts():
     settings = AppSettings(speaker={"enabled": False})
-    assert fit_model_cpus(settings, node_cpus=2)[0] == {"SenseVoice": 1.8, "Speaker": 0.0}
-    explicit = AppSettings(placement={"SenseVoice": {"num_cpus": 0.5}, "Speaker": {"num_cpus": 0.25}})
-    assert fit_model_cpus(explicit, node_cpus=2) == ({}, "")
-    assert fit_model_cpus(AppSettings(), node_cpus=None)[0] == {"SenseVoice": 2.0, "Speaker": 2.0}
+    plan = plan_host([Node(cpus=2, memory_gib=16)], settings, gpus=False)
+    built = planned(settings, plan)
+    assert built.asr.threads == 1 and built.placement["SenseVoice"].num_cpus == 0.85
+    options = deployment_options("SenseVoice", built, plan, gpu=False)
+    assert options["ray_actor_options"] == {"num_cpus": 0.85}
+    assert options["autoscaling_config"] == {"min_replicas": 2, "max_replicas": 2, "initial_replicas": 2}
+    assert options["user_config"] and options["max_ongoing_requests"]  # the code's table underneath
+    speaker = deployment_options("Speaker", built, plan, gpu=False)  # off: one idle replica, nothing reserved
+    assert speaker["ray_actor_options"] == {"num_cpus": 0.0} and speaker["autoscaling_config"]["max_replicas"] == 1
+
+
+def test_explicit_values_are_kept_and_a_fixed_count_wins():
+    settings = AppSettings(asr={"threads": 3}, placement={"SenseVoice": {"num_cpus": 0.5, "num_replicas": 2}})
+    plan = plan_host([Node(cpus=8, memory_gib=64)], settings, gpus=False)
+    built = planned(settings, plan)
+    assert built.asr.threads == 3 and built.placement["SenseVoice"].num_cpus == 0.5
+    options = deployment_options("SenseVoice", built, plan, gpu=False)
+    assert options["num_replicas"] == 2 and "autoscaling_config" not in options
+
+
+def test_without_ray_nothing_is_planned_and_replicas_start_as_configured():
+    settings = AppSettings()
+    plan = plan_host([], settings, gpus=False)
+    built = planned(settings, plan)
+    assert built.asr.threads == 1 and built.placement["SenseVoice"].num_cpus == 0.0
+    assert "autoscaling_config" not in deployment_options("SenseVoice", built, plan, gpu=False)

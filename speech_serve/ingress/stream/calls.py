@@ -9,9 +9,8 @@ each is bounded and retried:
 - Every call can be cancelled on its replica (`awaited`), is bounded per try (`bounded`,
   `retry.try_timeout_s`) and retried when its replica is lost (`RetryClock`): a replica that dies
   mid-call (or is stopped by a scale-down) raises `RayActorError` / `ActorUnavailableError`, and the
-  call is safe to repeat, until `retry.deadline_s` after the first failure (a replacement's start).
-  A try that runs out is cancelled on its replica and not retried (it would queue behind the same work).
-"""
+  call is safe to repeat, until `retry.deadline_s` after the first failure (a replacement's start). A
+  try that runs out is cancelled on its replica, not retried (it would queue behind the same work)."""
 
 from __future__ import annotations
 
@@ -21,7 +20,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -54,9 +53,8 @@ def ms_since(t: float) -> float:
 
 
 async def awaited(response: Awaitable) -> Any:
-    """A Serve response as a coroutine (for asyncio.wait_for). Cancelling the coroutine cancels
-    the request on the replica too (Serve does not do that by itself): queued model work for a
-    session that has gone, or a call that timed out, is dropped there instead of computed."""
+    """A Serve response as a coroutine (for asyncio.wait_for) whose cancel cancels the request on the
+    replica too: queued work for a session that has gone, or a call that timed out, is dropped there."""
     try:
         return await response
     except asyncio.CancelledError:
@@ -67,18 +65,21 @@ async def awaited(response: Awaitable) -> Any:
 
 
 async def bounded(call: Awaitable, timeout_s: float | None) -> Any:
-    """`asyncio.wait_for`, except that a cancel is never swallowed. Python 3.11's returns the inner
-    result when the cancel and the result land in one tick (a VAD lane answers all its sessions at
-    once, so they do), and the caller then goes on as if never cancelled: a closed session's feeder
-    fed a chunk after its close and left VAD state behind. 3.12's wait_for raises instead.
-    Only a cancel asked for during this wait counts: cleanup that runs after an earlier cancel
-    (a `finally` of a cancelled task) still gets its answer."""
+    """`asyncio.wait_for` that never swallows a cancel (3.11's returns the result when both land in one
+    tick, as a lane's answer does: a closed session's feeder then fed a chunk after its close). Only a
+    cancel asked for during this wait counts: a cancelled task's `finally` still gets its answer."""
     task = asyncio.current_task()
     cancels_before = task.cancelling() if task is not None else 0
     result = await asyncio.wait_for(call, timeout_s)
     if task is not None and task.cancelling() > cancels_before:
         raise asyncio.CancelledError
     return result
+
+
+def detached(coro: Coroutine) -> asyncio.Task:
+    """A task that is no request's child: Serve cancels the handle calls made under a request's id
+    (a task inherits its creator's) with that request, e.g. when its client leaves in direct ingress."""
+    return asyncio.get_running_loop().create_task(coro, context=contextvars.Context())
 
 
 def retrieve_exception(future: asyncio.Future) -> None:
@@ -220,7 +221,7 @@ class VadLanes:
             self._start(key)
 
     def _start(self, key: str) -> None:
-        task = asyncio.create_task(self._flush(key), context=contextvars.Context())  # a request id of its own
+        task = detached(self._flush(key))  # the lane's call carries many sessions' chunks
         self._flushes.add(task)
         task.add_done_callback(self._flushes.discard)
 

@@ -167,7 +167,7 @@ def materialize(source: ModelSource) -> str:
     if source.role == "asr":
         ensure_built(target, lambda out: build_sensevoice(out, size))
     elif source.role == "speaker":
-        ensure_built(target, lambda out: build_speaker(out, source.test_arch or "eres2netv2", size))
+        ensure_built(target, lambda out: build_speaker(out, source.test_arch or ModelSettings().speaker_arch, size))
     else:
         raise ModelUnavailableError(f"no test model exists for role {source.role!r}")
     return str(target)
@@ -189,17 +189,20 @@ def load_automodel(source: ModelSource, device: str, threads: int, **extra):
 def quantize_automodel(automodel, mode: str, device: str, engine: str = "x86") -> str:
     """Apply `asr.quantize` to a loaded AutoModel; returns what was done, in words.
 
-    "int8": PyTorch dynamic quantization of every Linear layer (weights int8, activations quantized
-    per batch at run time). SenseVoiceSmall is mostly Linear layers: on this project's CPU host it
-    halves the CPU per utterance (docs/benchmarks.md). FunASR's own runtime serves SenseVoice as an
-    int8 model too. It is a CPU path: torch's dynamic quantized kernels do not run on CUDA.
+    "auto": int8 on CPU, fp32 on CUDA. "int8": PyTorch dynamic quantization of every Linear layer
+    (weights int8, activations quantized per batch at run time). SenseVoiceSmall is mostly Linear
+    layers: on this project's CPU host it halves the CPU per utterance (docs/benchmarks.md).
+    FunASR's own runtime serves SenseVoice as an int8 model too. It is a CPU path: torch's dynamic
+    quantized kernels do not run on CUDA.
 
     `engine` (`asr.quantized_engine`) picks torch's int8 kernels for this process: the weights are
     packed for it here and it runs them later, so it is set for the whole process (a replica)."""
+    if mode == "auto":  # int8 where its kernels run (CPU), fp32 elsewhere
+        mode = "int8" if device == "cpu" else "none"
     if mode == "none":
         return "fp32"
     if mode != "int8":
-        raise ValueError(f"unknown quantize mode {mode!r} (none or int8)")
+        raise ValueError(f"unknown quantize mode {mode!r} (auto, none or int8)")
     if device != "cpu":
         logger.warning("asr.quantize int8 ignored on %s: dynamic int8 kernels are CPU-only", device)
         return f"fp32 (int8 asked, ignored on {device})"

@@ -21,36 +21,34 @@ def test_mappings_merge_named_lists_merge_by_name_and_the_rest_is_replaced():
     assert base["a"] == {"x": 1, "y": 2}  # inputs untouched
 
 
-def test_the_bench_profile_is_serve_yaml_with_full_models_and_small_reservations():
+def test_the_bench_profile_is_serve_yaml_with_full_models():
     overlay = CONFIG / "bench-full.yaml"
     assert len(overlay.read_text().splitlines()) <= 30
     bench, serve = load(overlay), yaml.safe_load((CONFIG / "serve.yaml").read_text())
     args = bench["applications"][0]["args"]
     assert args["models"]["test_model_size"] == "full"
-    sense_voice = AppSettings(**args).placement["SenseVoice"]
-    assert (sense_voice.num_cpus, sense_voice.num_gpus) == (0.1, 0.25)  # the rest of its placement: the default's
     args["models"]["test_model_size"] = serve["applications"][0]["args"]["models"]["test_model_size"]
-    assert set(args.pop("placement")) == {"SenseVoice", "Speaker"}
     assert bench == serve  # nothing else differs
     AppSettings(**load(overlay)["applications"][0]["args"])  # and it parses
 
 
-def test_every_profile_merges_into_valid_settings():
-    """Each overlay in config/ (chains included: capacity-int8 -> capacity -> serve) parses."""
+def test_every_profile_merges_into_valid_settings_and_says_only_what_is_a_choice():
+    """Each overlay in config/ (chains included: capacity-speaker -> capacity -> serve) parses; the
+    capacity profiles choose only the model size, the end silence and the speaker model."""
     overlays = [p for p in CONFIG.glob("*.yaml") if "base" in (yaml.safe_load(p.read_text()) or {})]
-    assert {p.name for p in overlays} >= {"bench-full.yaml", "capacity.yaml", "capacity-int8.yaml", "multi-node.yaml"}
+    assert {p.name for p in overlays} >= {"bench-full.yaml", "capacity.yaml", "capacity-speaker.yaml",
+                                          "multi-node.yaml"}  # fmt: skip
     for overlay in overlays:
         AppSettings(**load(overlay)["applications"][0]["args"])
-    int8 = load(CONFIG / "capacity-int8.yaml")["applications"][0]["args"]
-    assert int8["asr"]["quantize"] == "int8" and int8["speaker"]["enabled"] is False
-    campplus_app = load(CONFIG / "capacity-int8-campplus.yaml")["applications"][0]
-    campplus = AppSettings(**campplus_app["args"])
-    assert campplus.speaker.enabled and campplus.models.speaker_arch == "campplus"
-    assert "campplus" in campplus.models.speaker.hub_id and campplus.asr.quantize == "int8"
-    # the Speaker replica fits beside the others' least replicas on a 2-core node
-    least = {d["name"]: d.get("autoscaling_config", {}).get("min_replicas", 1) for d in campplus_app["deployments"]}
-    assert least["SenseVoice"] == 2
-    assert sum(p.num_cpus * least[name] for name, p in campplus.placement.items()) <= 2.0
+    capacity = yaml.safe_load((CONFIG / "capacity.yaml").read_text())
+    (app,) = capacity["applications"]
+    assert set(app) == {"name", "args"} and set(app["args"]) == {"models", "vad", "speaker"}
+    merged = AppSettings(**load(CONFIG / "capacity.yaml")["applications"][0]["args"])
+    assert merged.models.test_model_size == "full" and merged.vad.max_end_silence_ms == 800
+    assert merged.speaker.enabled is False
+    assert merged.asr.quantize == "auto" and merged.compute.sessions_per_asr_replica == "measured"
+    speaker = AppSettings(**load(CONFIG / "capacity-speaker.yaml")["applications"][0]["args"])
+    assert speaker.speaker.enabled and speaker.models.speaker_arch == "campplus"  # the default speaker model
 
 
 def test_the_multi_node_profile_steers_vad_and_the_models_to_worker_nodes_and_keeps_the_rest():
@@ -67,13 +65,16 @@ def test_the_multi_node_profile_steers_vad_and_the_models_to_worker_nodes_and_ke
 def test_the_effective_config_fills_in_every_default_under_what_the_file_says(capsys):
     from speech_serve.cli.profile import main
 
-    main(["--effective", str(CONFIG / "capacity-int8.yaml")])
+    main(["--effective", str(CONFIG / "capacity.yaml")])
     out = capsys.readouterr().out
     assert out.startswith("# the effective configuration of")
     (app,) = yaml.safe_load(out)["applications"]
-    assert app["args"]["asr"]["quantize"] == "int8" and app["args"]["asr"]["dither"] == 0.0  # the file's, a default
+    assert app["args"]["vad"]["max_end_silence_ms"] == 800  # the file's
+    assert app["args"]["asr"]["dither"] == 0.0  # a default
     assert app["args"]["limits"]["max_frames_per_s"] == 200.0 and app["args"]["speaker"]["enabled"] is False
+    vad = next(d for d in app["deployments"] if d["name"] == "VADHost")
+    assert vad["max_ongoing_requests"] == 1000  # the code's table ...
+    assert vad["autoscaling_config"]["downscale_delay_s"] == 120  # ... under the file's entry
     sense_voice = next(d for d in app["deployments"] if d["name"] == "SenseVoice")
-    assert sense_voice["max_ongoing_requests"] == 64  # the code's table ...
-    assert sense_voice["autoscaling_config"]["min_replicas"] == 2  # ... under the profile's entry
+    assert sense_voice["max_ongoing_requests"] == 64
     assert {d["name"] for d in app["deployments"]} == {"Ingress", "VADHost", "SenseVoice", "Speaker", "SessionRegistry"}

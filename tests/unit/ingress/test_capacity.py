@@ -3,22 +3,60 @@
 
 import pytest
 
-from speech_serve.ingress.capacity import ComputeAdmission
+from speech_serve.ingress.capacity import ComputeAdmission, sessions_for
 from speech_serve.ingress.stream.calls import Backlog
+from speech_serve.messages import ModelTiming
 from speech_serve.replicas.registry import Limits, SessionLedger
-from speech_serve.settings import AdmissionSettings
+from speech_serve.settings import AdmissionSettings, ComputeSettings
 from speech_serve.wire.codes import CLOSE_TRY_AGAIN_LATER
 from tests.support.fakes import ManualClock
 
 
-def test_the_sessions_cap_follows_the_running_model_replicas():
-    compute = ComputeAdmission(AdmissionSettings(sessions_per_asr_replica=8))
+def timing(replica: str, batch_s: float = 0.6, cpus: float | None = None, batch: int = 8) -> ModelTiming:
+    return ModelTiming(replica, "cpu", 1, cpus, utterance_s=3.0, batch=batch, single_s=0.15, batch_s=batch_s)
+
+
+def test_a_pinned_cap_follows_the_running_model_replicas():
+    compute = ComputeAdmission(AdmissionSettings(), compute=ComputeSettings(sessions_per_asr_replica=8))
     assert compute.sessions_cap() == 8
     compute.asr_replicas = 3
     assert compute.sessions_cap() == 24
     compute.asr_replicas = 0  # between a replica's death and its replacement: still one's worth
     assert compute.sessions_cap() == 8
-    assert ComputeAdmission(AdmissionSettings()).sessions_cap() is None
+    off = ComputeAdmission(AdmissionSettings(), compute=ComputeSettings(sessions_per_asr_replica=None))
+    assert off.sessions_cap() is None and off.report()["how"] == "off"
+
+
+def test_a_replicas_sessions_come_from_its_warm_up_timing_by_the_tighter_bound():
+    """Burst: 8 utterances of 3 s took 0.6 s alone; planned at half speed that is 1.2 s a batch,
+    and 3.0 s target - 0.8 s end silence - 0.3 s overhead leaves 1.9 s: 8 x 1.9 / 1.2 = 12.6.
+    Rate: 24 s of speech per 1.2 s is 20 s/s, over 0.6 s/s per device: 33."""
+    settings = ComputeSettings()
+    fast = sessions_for(timing("a"), settings, end_silence_s=0.8)
+    assert (fast.sessions, fast.by_burst, fast.by_rate) == (12, 12, 33)
+    assert "8 x 3 s in 0.60 s" in fast.why
+    slower_cores = sessions_for(timing("a", cpus=0.5), settings, end_silence_s=0.8)  # half a core reserved
+    assert slower_cores.by_burst == 6
+    longer_silence = sessions_for(timing("a"), settings, end_silence_s=1.3)  # less of the target is left
+    assert longer_silence.by_burst < fast.by_burst
+    chatty = sessions_for(timing("a"), ComputeSettings(speech_share=1.0, latency_target_s=30), end_silence_s=0.8)
+    assert chatty.sessions == chatty.by_rate == 20  # with a lax target, the speech rate binds
+    assert sessions_for(timing("a", batch_s=60), settings, end_silence_s=0.8).sessions == 1  # never 0
+
+
+def test_the_measured_cap_sums_the_running_replicas_and_forgets_stopped_ones():
+    compute = ComputeAdmission(AdmissionSettings(), compute=ComputeSettings(), end_silence_s=0.8)
+    assert compute.measured and compute.sessions_cap() is None  # nothing heard yet: the queue guard alone
+    compute.replicas_running({"a", "b"})
+    compute.replica_seen(timing("a"))
+    assert compute.sessions_cap() == 24  # b, not heard from yet, counts as a typical replica
+    compute.replica_seen(timing("b", batch_s=1.2))
+    assert compute.sessions_cap() == 12 + 6
+    compute.replicas_running({"b"})  # a stopped
+    assert compute.sessions_cap() == 6 and set(compute.timings) == {"b"}
+    report = compute.report()
+    assert report["how"] == "measured" and report["cap"] == 6
+    assert report["replicas"]["b"]["sessions"] == 6 and report["replicas"]["b"]["timing"]["batch_s"] == 1.2
 
 
 def test_new_sessions_wait_while_an_utterance_waits_too_long_and_come_back_once_it_is_answered():

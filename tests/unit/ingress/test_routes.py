@@ -26,8 +26,9 @@ def bare_ingress(settings: AppSettings) -> INGRESS:
     ingress = object.__new__(INGRESS)
     ingress.models = ModelsSummary("test", {"asr": "tiny"})
     ingress.limits = settings.limits
-    ingress.sessions = SimpleNamespace(live={})
-    ingress.compute = ComputeAdmission(settings.admission)
+    ingress.sessions = SimpleNamespace(live={}, watch_compute=lambda: None)
+    ingress.compute = ComputeAdmission(settings.admission, compute=settings.compute)
+    ingress.sizing = {"asr": {"replicas": 2}}
     ingress.device_auth = SimpleNamespace(enabled=False, why="test", problem=None)
     ingress.admin_auth = SimpleNamespace(token="t", env_name="X")
     ingress.health = DeploymentStates(serve_deployment_states, settings.health.cache_s, settings.health.timeout_s)

@@ -132,7 +132,7 @@ def test_the_first_admissions_use_the_running_asr_replica_count(monkeypatch):
     registry = SimpleNamespace(admit=SimpleNamespace(remote=admit), release=SimpleNamespace(remote=release))
 
     async def scenario():
-        settings = AppSettings(admission={"sessions_per_asr_replica": 12})
+        settings = AppSettings(compute={"sessions_per_asr_replica": 12})
         sessions = Sessions(registry, settings, None, IngressMetrics())
         sessions._drain = DrainWatch(None, "r", 1, 60, 10)  # no Serve here: background tasks stay off
         sessions._replica_id = "r"

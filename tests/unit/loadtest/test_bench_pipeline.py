@@ -15,7 +15,8 @@ def test_without_a_profile_the_bench_takes_the_size_and_threads_asked_for():
 
 
 def test_a_profile_gives_its_models_sensevoice_vad_and_speaker_settings():
-    args = app_args(CONFIG / "capacity-int8.yaml", "tiny", 2)
+    args = app_args(CONFIG / "capacity.yaml", "tiny", 2)
     assert args["models"]["test_model_size"] == "full"  # the profile's, not --size
-    assert AsrSettings(**args["asr"]).quantize == "int8" and AsrSettings(**args["asr"]).threads == 1
+    asr = AsrSettings(**args.get("asr", {}))
+    assert asr.quantize == "auto" and asr.threads is None  # the defaults: int8 on CPU, the builder's threads
     assert SpeakerSettings(**args["speaker"]).enabled is False and args["vad"]["max_end_silence_ms"] == 800
