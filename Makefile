@@ -14,7 +14,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 # replicas; Serve's Python proxy otherwise. HAPROXY=0: the Python proxy; HAPROXY=1: HAProxy or fail.
 SERVE_ENV := $(shell grep -v '^\#' config/serve.env | xargs)
 HAPROXY ?= auto
-TRANSPORT = $$($(BIN)/speech-serve transport --haproxy $(HAPROXY))
+TRANSPORT = env $$($(BIN)/speech-serve transport --haproxy $(HAPROXY))
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

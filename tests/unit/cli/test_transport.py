@@ -1,5 +1,10 @@
 """`speech-serve transport`: HAProxy mode where its binary is, the Python proxy otherwise."""
 
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from speech_serve.cli import transport
@@ -35,3 +40,15 @@ def test_the_installed_wheel_ships_the_binary_and_the_command_prints_the_env(cap
     transport.main(["--haproxy", "0"])  # make's HAPROXY=0
     captured = capsys.readouterr()
     assert captured.out.strip() == "" and "Python proxy" in captured.err
+
+
+def test_makes_transport_prefix_sets_the_env_of_the_command_it_starts():
+    """The Makefile runs `$(TRANSPORT) serve run ...`: assignments that come out of a command
+    substitution are words, not assignments, so the prefix must hand them to `env`."""
+    makefile = (Path(__file__).parents[3] / "Makefile").read_text()
+    prefix = re.search(r"^TRANSPORT = (.+)$", makefile, re.M).group(1)
+    command = f"{sys.executable} -m speech_serve.cli.transport"
+    prefix = prefix.replace("$$", "$").replace("$(BIN)/speech-serve transport", command).replace("$(HAPROXY)", "auto")
+    out = subprocess.run(["sh", "-c", f"{prefix} printenv RAY_SERVE_ENABLE_HA_PROXY"], capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    assert out.stdout.strip() == "1"
