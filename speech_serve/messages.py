@@ -54,8 +54,8 @@ class ModelTiming:
     cpus: float | None  # CPUs Ray reserved for the replica (None: not known)
     utterance_s: float  # length of each timed utterance
     batch: int  # utterances in the full batch (the replica's max_batch_size)
-    single_s: float  # one utterance alone, median
-    batch_s: float  # the full batch, median
+    single_s: float  # one utterance alone, the fastest of the runs
+    batch_s: float  # the full batch, the fastest of the runs
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,9 @@
 
 Two signals, both cheap, both pure here (the Ingress feeds them):
 - **Sessions per model replica** (`compute.sessions_per_asr_replica`). By default measured: each
-  SenseVoice replica times a warm-up batch of its own shapes at start (`ModelTiming`), and
-  `sessions_for` turns that into the sessions it serves within `compute.latency_target_s` even
-  when all of them end an utterance at the same moment. Summed over the running replicas, it caps
+  SenseVoice replica times its own shapes at start (`ModelTiming`: one utterance, then a batch),
+  and `sessions_for` turns that into the sessions whose speech it keeps up with at
+  `compute.utilization` of its speed. Summed over the running replicas, it caps
   the application's sessions (the registry counts them cluster-wide): predictive, so a burst of
   devices arriving at once is refused at the door instead of degrading everyone admitted. A
   number pins it; null turns it off.
@@ -39,35 +39,32 @@ class ReplicaSessions:
     """The sessions one replica serves in time, the two bounds behind it, and why."""
 
     sessions: int
-    by_burst: int  # every session's utterance ending at once, answered within the target
-    by_rate: int  # the speech all sessions produce, within the replica's speed
+    by_rate: int  # their speech within `utilization` of the replica's speed
+    by_burst: int  # all of them ending an utterance at once, answered in batches within the target
     why: str
 
 
 def sessions_for(timing: ModelTiming, compute: ComputeSettings, end_silence_s: float) -> ReplicaSessions:
     """Sessions one SenseVoice replica serves within the latency target, from its warm-up timing.
 
-    The replica is planned at `speed_fraction` of its measured speed, and no faster than the share
-    of its threads' cores Ray reserved for it (two single-thread replicas on 2 cores beside the
-    VAD reserve 0.85 each). Two bounds, the smaller wins:
-    - burst: all its sessions end an utterance at once; they are answered in batches of
-      `timing.batch`, and the last must come within the target less the end silence and the
-      pipeline's overhead;
-    - rate: the speech its sessions produce (`speech_share` of their time) within its speed.
+    - rate: the replica's speed is the speech it transcribes per second one utterance at a time (batches
+      in service are small), on the CPUs Ray reserved for it where that is less than its threads. The
+      sessions' speech (`speech_share` of their time) may take `utilization` of it.
+    - burst, a guard for slow hosts: every session ending an utterance at once, answered in batches of
+      `timing.batch` at the warm-up's fastest batch time, the last within the target less the end
+      silence and the pipeline's overhead.
     """
-    slowdown = 1 / compute.speed_fraction
-    if timing.cpus and timing.cpus < timing.threads:
-        slowdown *= timing.threads / timing.cpus
-    batch_s = timing.batch_s * slowdown
+    share = min(1.0, timing.cpus / timing.threads) if timing.cpus else 1.0
+    speed = timing.utterance_s / timing.single_s * share  # speech-seconds per second
+    by_rate = max(1, math.floor(compute.utilization * speed / compute.speech_share))
     budget_s = compute.latency_target_s - end_silence_s - compute.overhead_s
+    batch_s = timing.batch_s / share
     by_burst = max(1, math.floor(timing.batch * budget_s / batch_s)) if budget_s > 0 else 1
-    speech_per_s = timing.batch * timing.utterance_s / batch_s
-    by_rate = max(1, math.floor(speech_per_s / compute.speech_share))
-    sessions = min(by_burst, by_rate)
-    why = (f"{timing.batch} x {timing.utterance_s:g} s in {timing.batch_s:.2f} s at warm-up, planned at "
-           f"{batch_s:.2f} s: {by_burst} within {budget_s:.2f} s after the end silence, "
-           f"{by_rate} by speech rate")  # fmt: skip
-    return ReplicaSessions(sessions, by_burst, by_rate, why)
+    sessions = min(by_rate, by_burst)
+    why = (f"{timing.utterance_s:g} s of speech in {timing.single_s:.3f} s alone: {speed:.1f} speech-s/s "
+           f"on {share:.2g} of its threads' cores; {by_rate} at {compute.utilization:.0%} of it, "
+           f"{by_burst} by a burst of {timing.batch} in {batch_s:.2f} s within {budget_s:.2f} s")  # fmt: skip
+    return ReplicaSessions(sessions, by_rate, by_burst, why)
 
 
 class ComputeAdmission:
@@ -84,6 +81,14 @@ class ComputeAdmission:
     @property
     def measured(self) -> bool:
         return self.compute.sessions_per_asr_replica == "measured"
+
+    def known(self) -> bool:
+        """Whether the cap can be computed: the replicas counted and, when measured, one heard from."""
+        return self.running is not None and (not self.measured or bool(self.timings))
+
+    def complete(self) -> bool:
+        """Whether every running replica is counted and, when measured, heard from."""
+        return self.running is not None and (not self.measured or self.running <= set(self.timings))
 
     def replica_seen(self, timing: ModelTiming) -> None:
         self.timings[timing.replica] = timing

@@ -67,7 +67,8 @@ class Sessions:
         self._drain: DrainWatch | None = None  # started with the first session (needs the event loop)
         self._admit_seq = 0  # numbers our admissions, so a registry sync cannot drop a newer one
         self._admitting: set[str] = set()  # sessions whose admission is on its way
-        self._asr_counted: asyncio.Future | None = None  # the first count of SenseVoice replicas
+        self._asr_counted: asyncio.Future | None = None  # the latest count of SenseVoice replicas
+        self._counted_at = 0.0  # when it started (monotonic)
         self._app_name = ""  # set with the first session, from the replica context
 
     async def serve(self, conn: Connection) -> None:
@@ -77,7 +78,9 @@ class Sessions:
             return  # refused before any registry call, slot or metric of an admitted session
         session_id = conn.session_id
         self._start_background()
-        await asyncio.shield(self.watch_compute())
+        counting = self.watch_compute()
+        if not self.compute.known():  # the first admissions wait for the cap (each call is bounded)
+            await asyncio.shield(counting)
         refusal = self._local_refusal() or await self._register(session_id, conn.identity.device_id)
         if refusal is not None:
             self.metrics.session_rejected(conn.protocol, refusal.code)
@@ -97,9 +100,14 @@ class Sessions:
             await asyncio.shield(self._release(session_id))
 
     def watch_compute(self) -> asyncio.Future:
-        """The first count of SenseVoice replicas and their warm-up timings: the compute cap needs it
-        before the first admission. /healthz starts it too, so the cap is known before devices come."""
-        if self._asr_counted is None:
+        """The count of SenseVoice replicas and their warm-up timings: the compute cap needs it before
+        the first admission, and /healthz starts it too, so the cap is known before devices come. While
+        a running replica has not answered (still warming up), a later call counts again, at most every
+        `admission.sync_s` (the registry sync counts too)."""
+        done = self._asr_counted is not None and self._asr_counted.done()
+        stale = done and not self.compute.complete() and time.monotonic() - self._counted_at >= self.admission.sync_s
+        if self._asr_counted is None or stale:
+            self._counted_at = time.monotonic()
             if not self._app_name:
                 try:
                     self._app_name = serve.get_replica_context().app_name

@@ -63,24 +63,25 @@ class AdmissionSettings(Section):
 
 
 class ComputeSettings(Section):
-    """Admission by compute: sessions per SenseVoice replica, derived from the replica's own timing of a
-    warm-up batch at start (ingress/capacity.py). The application admits that many per running
-    replica; more get `server_busy`, close 1013, before they can slow the admitted down."""
+    """Admission by compute: sessions per SenseVoice replica, derived from the replica's own timing of its
+    shapes at start (ingress/capacity.py). The application admits that many per running replica; more get
+    `server_busy`, close 1013, before they can slow the admitted down."""
 
     sessions_per_asr_replica: Annotated[int, Field(ge=1)] | Literal["measured"] | None = "measured"
     """measured: derived from each replica's warm-up timing (reported in /healthz and the start log). A number:
     pinned (a capacity sweep's 'held' over the replicas). null: no compute cap (the session caps still apply)."""
-    latency_target_s: float = Field(3.0, gt=0)
-    """End of speech to result that the measured cap plans for when every admitted device ends an utterance at
-    the same moment (the capacity sweep's 'held' target is p95 <= 3 s)."""
-    overhead_s: float = Field(0.3, ge=0)
-    """Of that, what is not end silence or SenseVoice: VAD chunking and calls, transport, the result's way back."""
-    speed_fraction: float = Field(0.5, gt=0, le=1)
-    """Of a replica's measured speed, what the plan counts on under load: the warm-up runs alone, while in
-    service the VAD, the Ingress and the other replicas share the cores, and a batch that ends together runs
-    beside the VAD's burst of work."""
+    utilization: float = Field(0.35, gt=0, le=1)
+    """Share of a replica's measured speed (one utterance at a time, on the CPUs it reserves) that the admitted
+    sessions' speech may take. The rest is headroom: for utterances that end close together, and for the VAD,
+    the Ingress and the other replicas on the same cores. 0.35 is what the capacity sweep held at p95 <= 3 s on
+    a 2-core host (docs/benchmarks.md); a host whose models have cores of their own can take more."""
     speech_share: float = Field(0.6, gt=0, le=1)
     """Share of its time a device is planned to speak (a device in a conversation; the sweep's corpus: 61%)."""
+    latency_target_s: float = Field(3.0, gt=0)
+    """End of speech to result. A replica never gets more sessions than it could answer in one batch within this
+    (less the end silence and `overhead_s`) if all of them ended an utterance at once, at its warm-up speed."""
+    overhead_s: float = Field(0.3, ge=0)
+    """Of the target, what is not end silence or SenseVoice: VAD chunking and calls, transport, the way back."""
     warmup_utterance_s: float = Field(3.0, gt=0)
     """Length of each utterance a replica times at start (one alone, then a batch of max_batch_size)."""
 

@@ -12,8 +12,8 @@ from speech_serve.wire.codes import CLOSE_TRY_AGAIN_LATER
 from tests.support.fakes import ManualClock
 
 
-def timing(replica: str, batch_s: float = 0.6, cpus: float | None = None, batch: int = 8) -> ModelTiming:
-    return ModelTiming(replica, "cpu", 1, cpus, utterance_s=3.0, batch=batch, single_s=0.15, batch_s=batch_s)
+def timing(replica: str, single_s: float = 0.15, batch_s: float = 0.6, cpus: float | None = None) -> ModelTiming:
+    return ModelTiming(replica, "cpu", 1, cpus, utterance_s=3.0, batch=8, single_s=single_s, batch_s=batch_s)
 
 
 def test_a_pinned_cap_follows_the_running_model_replicas():
@@ -27,21 +27,22 @@ def test_a_pinned_cap_follows_the_running_model_replicas():
     assert off.sessions_cap() is None and off.report()["how"] == "off"
 
 
-def test_a_replicas_sessions_come_from_its_warm_up_timing_by_the_tighter_bound():
-    """Burst: 8 utterances of 3 s took 0.6 s alone; planned at half speed that is 1.2 s a batch,
-    and 3.0 s target - 0.8 s end silence - 0.3 s overhead leaves 1.9 s: 8 x 1.9 / 1.2 = 12.6.
-    Rate: 24 s of speech per 1.2 s is 20 s/s, over 0.6 s/s per device: 33."""
+def test_a_replicas_sessions_come_from_its_speed_at_the_planned_utilization():
+    """3 s of speech in 0.15 s alone is 20 speech-s/s; 35% of it over 0.6 speech-s/s per device is
+    11.7 devices. The burst guard: 3.0 s target - 0.8 s end silence - 0.3 s overhead leaves 1.9 s for
+    batches of 8 in 0.6 s: 8 x 1.9 / 0.6 = 25."""
     settings = ComputeSettings()
     fast = sessions_for(timing("a"), settings, end_silence_s=0.8)
-    assert (fast.sessions, fast.by_burst, fast.by_rate) == (12, 12, 33)
-    assert "8 x 3 s in 0.60 s" in fast.why
-    slower_cores = sessions_for(timing("a", cpus=0.5), settings, end_silence_s=0.8)  # half a core reserved
-    assert slower_cores.by_burst == 6
+    assert (fast.sessions, fast.by_rate, fast.by_burst) == (11, 11, 25)
+    assert "3 s of speech in 0.150 s alone: 20.0 speech-s/s" in fast.why
+    half_a_core = sessions_for(timing("a", cpus=0.5), settings, end_silence_s=0.8)  # Ray reserved half its thread
+    assert (half_a_core.by_rate, half_a_core.by_burst) == (5, 12)
     longer_silence = sessions_for(timing("a"), settings, end_silence_s=1.3)  # less of the target is left
-    assert longer_silence.by_burst < fast.by_burst
-    chatty = sessions_for(timing("a"), ComputeSettings(speech_share=1.0, latency_target_s=30), end_silence_s=0.8)
-    assert chatty.sessions == chatty.by_rate == 20  # with a lax target, the speech rate binds
-    assert sessions_for(timing("a", batch_s=60), settings, end_silence_s=0.8).sessions == 1  # never 0
+    assert longer_silence.by_burst == 18
+    busier = sessions_for(timing("a"), ComputeSettings(utilization=0.7), end_silence_s=0.8)
+    assert busier.by_rate == 23
+    slow_host = sessions_for(timing("a", single_s=0.5, batch_s=20), settings, end_silence_s=0.8)
+    assert slow_host.sessions == slow_host.by_burst == 1  # its batches would not come back in time: never 0
 
 
 def test_the_measured_cap_sums_the_running_replicas_and_forgets_stopped_ones():
@@ -49,14 +50,14 @@ def test_the_measured_cap_sums_the_running_replicas_and_forgets_stopped_ones():
     assert compute.measured and compute.sessions_cap() is None  # nothing heard yet: the queue guard alone
     compute.replicas_running({"a", "b"})
     compute.replica_seen(timing("a"))
-    assert compute.sessions_cap() == 24  # b, not heard from yet, counts as a typical replica
-    compute.replica_seen(timing("b", batch_s=1.2))
-    assert compute.sessions_cap() == 12 + 6
+    assert compute.sessions_cap() == 22  # b, not heard from yet, counts as a typical replica
+    compute.replica_seen(timing("b", single_s=0.3))
+    assert compute.sessions_cap() == 11 + 5
     compute.replicas_running({"b"})  # a stopped
-    assert compute.sessions_cap() == 6 and set(compute.timings) == {"b"}
+    assert compute.sessions_cap() == 5 and set(compute.timings) == {"b"}
     report = compute.report()
-    assert report["how"] == "measured" and report["cap"] == 6
-    assert report["replicas"]["b"]["sessions"] == 6 and report["replicas"]["b"]["timing"]["batch_s"] == 1.2
+    assert report["how"] == "measured" and report["cap"] == 5
+    assert report["replicas"]["b"]["sessions"] == 5 and report["replicas"]["b"]["timing"]["single_s"] == 0.3
 
 
 def test_new_sessions_wait_while_an_utterance_waits_too_long_and_come_back_once_it_is_answered():

@@ -13,7 +13,7 @@ def test_the_compute_cap_is_measured_by_default_and_can_be_pinned_or_turned_off(
     with pytest.raises(ValidationError):
         ComputeSettings(sessions_per_asr_replica=0)
     with pytest.raises(ValidationError):
-        ComputeSettings(speed_fraction=0)
+        ComputeSettings(utilization=0)
 
 
 def test_the_old_key_says_where_it_went():
