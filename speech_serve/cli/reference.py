@@ -38,6 +38,8 @@ included. Units are in the names (`_ms`, `_s`); `null` turns a bound off where t
 def type_name(annotation: Any) -> str:
     """A field's type as a reader writes it in YAML."""
     origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:  # a type with constraints (Field(ge=1)): its base type
+        return type_name(typing.get_args(annotation)[0])
     if origin in (typing.Union, types.UnionType):
         return " or ".join(type_name(a) for a in typing.get_args(annotation))
     if origin is typing.Literal:

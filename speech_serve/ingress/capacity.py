@@ -87,8 +87,8 @@ class ComputeAdmission:
         return self.running is not None and (not self.measured or bool(self.timings))
 
     def complete(self) -> bool:
-        """Whether every running replica is counted and, when measured, heard from."""
-        return self.running is not None and (not self.measured or self.running <= set(self.timings))
+        """Whether a replica runs, and every running one is counted and, when measured, heard from."""
+        return bool(self.running) and (not self.measured or self.running <= set(self.timings))
 
     def replica_seen(self, timing: ModelTiming) -> None:
         self.timings[timing.replica] = timing

@@ -70,11 +70,11 @@ class ComputeSettings(Section):
     sessions_per_asr_replica: Annotated[int, Field(ge=1)] | Literal["measured"] | None = "measured"
     """measured: derived from each replica's warm-up timing (reported in /healthz and the start log). A number:
     pinned (a capacity sweep's 'held' over the replicas). null: no compute cap (the session caps still apply)."""
-    utilization: float = Field(0.35, gt=0, le=1)
+    utilization: float = Field(0.4, gt=0, le=1)
     """Share of a replica's measured speed (one utterance at a time, on the CPUs it reserves) that the admitted
     sessions' speech may take. The rest is headroom: for utterances that end close together, and for the VAD,
-    the Ingress and the other replicas on the same cores. 0.35 is what the capacity sweep held at p95 <= 3 s on
-    a 2-core host (docs/benchmarks.md); a host whose models have cores of their own can take more."""
+    the Ingress and the other replicas on the same cores. At 0.4 the 2-core host held p95 <= 3 s in the capacity
+    sweep, speaker on and off (docs/benchmarks.md); a host whose models have cores of their own can take more."""
     speech_share: float = Field(0.6, gt=0, le=1)
     """Share of its time a device is planned to speak (a device in a conversation; the sweep's corpus: 61%)."""
     latency_target_s: float = Field(3.0, gt=0)
