@@ -33,7 +33,7 @@ from speech_serve.app import free_port
 from speech_serve.cli.dashboard import APPLICATIONS, auth_headers
 from tests.support.dashboard import dashboard_series
 from tests.support.looping import LoopingDevice, finish_devices, wait_for
-from tests.support.service import cluster_transport_env
+from tests.support.service import cluster_transport_env, stop_haproxy
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]
@@ -109,6 +109,7 @@ def cluster(model_settings, tiny_models, tmp_path_factory):
             os.killpg(head.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        stop_haproxy(env)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -2,6 +2,7 @@
 holds (tests/integration/conftest.py starts it)."""
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -122,16 +123,30 @@ def cluster_transport_env(state_dir: Path) -> dict[str, str]:
     return env | {"RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())}
 
 
-def haproxy_running(env: dict[str, str]) -> bool:
-    """Whether an haproxy process runs on this cluster's state directory (its own config file)."""
+def haproxy_pids(env: dict[str, str]) -> list[int]:
+    """The haproxy processes that run on this cluster's state directory (their own config file)."""
     state = env.get("RAY_SERVE_HAPROXY_SERVER_STATE_BASE")
     if not state:
-        return False
+        return []
+    pids = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             args = cmdline.read_bytes().split(b"\0")
         except OSError:  # the process has gone
             continue
         if args and args[0].endswith(b"haproxy") and any(state.encode() in a for a in args):
-            return True
-    return False
+            pids.append(int(cmdline.parent.name))
+    return pids
+
+
+def haproxy_running(env: dict[str, str]) -> bool:
+    return bool(haproxy_pids(env))
+
+
+def stop_haproxy(env: dict[str, str]) -> None:
+    """HAProxy runs in a session of its own: a cluster killed by its process group leaves it behind."""
+    for pid in haproxy_pids(env):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
