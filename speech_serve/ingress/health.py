@@ -17,6 +17,20 @@ from ray import serve
 
 States = dict[str, dict]  # deployment -> {"status": ..., "replicas": {state: count}}
 
+# What a device's transcript needs: the readiness of this pod. A Speaker (or the session registry)
+# without a running replica degrades the answers (speaker unknown; admission unchecked), and must
+# not take every pod out of a Kubernetes Service.
+REQUIRED = ("Ingress", "VADHost", "SenseVoice")
+
+
+def readiness(deployments: States) -> tuple[str, list[str]]:
+    """"ok", "degraded" (ready, but an optional deployment has no running replica) or "starting",
+    and the deployments that have none."""
+    down = sorted(name for name, d in deployments.items() if d["replicas"].get("RUNNING", 0) == 0)
+    if any(name not in deployments or name in down for name in REQUIRED):
+        return "starting", down
+    return ("degraded" if down else "ok"), down
+
 
 def serve_deployment_states() -> States:
     """This application's deployments as the Serve controller sees them (blocking)."""

@@ -27,7 +27,7 @@ from speech_serve.ingress.auth import AdminAuth, DeviceAuth, serve_bind_host
 from speech_serve.ingress.capacity import ComputeAdmission
 from speech_serve.ingress.demo_page import demo_asset
 from speech_serve.ingress.files import FileTranscriptions
-from speech_serve.ingress.health import DeploymentStates, serve_deployment_states
+from speech_serve.ingress.health import DeploymentStates, readiness, serve_deployment_states
 from speech_serve.ingress.metrics import IngressMetrics
 from speech_serve.ingress.protocols.funasr import FunasrConnection
 from speech_serve.ingress.protocols.plain import PlainConnection
@@ -111,8 +111,9 @@ class Ingress:
 
     @app.get("/healthz")
     async def healthz(self) -> JSONResponse:
-        """200 when every deployment has a running replica, 503 while any is starting."""
-        ready = False
+        """200 while Ingress, VADHost and SenseVoice have a running replica ("ok", or "degraded" with the
+        optional deployments that have none: the Speaker, the session registry); 503 otherwise."""
+        status, down = "starting", []
         self.sessions.watch_compute()  # the compute cap, known before the first device comes
         body = {
             "status": "starting",
@@ -134,11 +135,13 @@ class Ingress:
         body["admin_api"] = "enabled" if self.admin_auth.token else f"disabled: {self.admin_auth.env_name} is not set"
         try:  # off the event loop (health.py): every session of this replica shares it
             body["deployments"] = await self.health.get()
-            ready = all(d["replicas"].get("RUNNING", 0) > 0 for d in body["deployments"].values())
+            status, down = readiness(body["deployments"])
         except Exception as exc:  # the controller may be busy: report it, do not fail the probe's caller
             body["deployments"] = f"unavailable: {type(exc).__name__}"
-        body["status"] = "ok" if ready else "starting"
-        return JSONResponse(body, status_code=200 if ready else 503)
+        body["status"] = status
+        if down:
+            body["no_running_replica"] = down
+        return JSONResponse(body, status_code=503 if status == "starting" else 200)
 
     # ---- WebSockets: one connection class per protocol ----------------------------------------
     def _connection(self, cls, ws: WebSocket, *extra):

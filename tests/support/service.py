@@ -63,7 +63,7 @@ def wait_healthy(url: str, timeout_s: float = 120) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         r = httpx.get(url, timeout=10)
-        if r.status_code == 200:
+        if r.status_code == 200 and r.json()["status"] == "ok":  # "degraded": the Speaker still starting
             return r.json()
         time.sleep(1)
     raise AssertionError(f"service not healthy in {timeout_s} s: {r.status_code} {r.text}")

@@ -7,6 +7,7 @@ import json
 import threading
 from types import SimpleNamespace
 
+import pytest
 from ray import serve
 
 from speech_serve.ingress.capacity import ComputeAdmission
@@ -67,7 +68,7 @@ async def alongside(route, release: threading.Event) -> tuple[object, list[str]]
 
 def test_healthz_asks_the_serve_controller_off_the_event_loop(monkeypatch):
     running = SimpleNamespace(status=SimpleNamespace(value="HEALTHY"), replica_states={"RUNNING": 1})
-    deployments = {"SenseVoice": running}
+    deployments = {"Ingress": running, "VADHost": running, "SenseVoice": running}
     status = Blocking(SimpleNamespace(applications={"speech": SimpleNamespace(deployments=deployments)}))
     monkeypatch.setattr(serve, "status", status)
     monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(app_name="speech"))
@@ -133,3 +134,27 @@ def test_a_controller_that_does_not_answer_gives_an_error_not_a_hung_probe():
             gate.set()
 
     assert asyncio.run(scenario()) == "timed out"
+
+
+@pytest.mark.parametrize("down, code, status", [
+    ((), 200, "ok"),
+    (("Speaker",), 200, "degraded"),  # who spoke is unknown for now; every transcript still comes
+    (("Speaker", "SessionRegistry"), 200, "degraded"),
+    (("VADHost",), 503, "starting"),
+    (("SenseVoice",), 503, "starting"),
+])  # fmt: skip
+def test_readiness_is_the_transcript_path_and_the_rest_is_reported_as_degraded(monkeypatch, down, code, status):
+    """A Speaker crash loop (or a GPU node replaced) must not take every pod out of the device Service."""
+
+    def state(name):
+        return SimpleNamespace(status=SimpleNamespace(value="HEALTHY"), replica_states={} if name in down else
+                               {"RUNNING": 1})  # fmt: skip
+
+    names = ("Ingress", "VADHost", "SenseVoice", "Speaker", "SessionRegistry")
+    apps = {"speech": SimpleNamespace(deployments={name: state(name) for name in names})}
+    monkeypatch.setattr(serve, "status", lambda: SimpleNamespace(applications=apps))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(app_name="speech"))
+    response = asyncio.run(bare_ingress(AppSettings()).healthz())
+    body = json.loads(response.body)
+    assert (response.status_code, body["status"]) == (code, status)
+    assert body.get("no_running_replica", []) == sorted(down)
