@@ -25,17 +25,15 @@ _HEADERS = {
 
 
 @cache
-def _asset(name: str) -> tuple[bytes, str] | None:
-    path = ASSETS / name
-    # A fixed set of names (the folder's own files): nothing from the request reaches the filesystem.
-    if name not in {p.name for p in ASSETS.iterdir()} or path.suffix not in _TYPES:
-        return None
-    return path.read_bytes(), _TYPES[path.suffix]
+def _assets() -> dict[str, tuple[bytes, str]]:
+    """The folder's own files, read once. A fixed set: nothing from a request reaches the filesystem,
+    and a request for another name adds nothing to memory (the cache is keyed by nothing)."""
+    return {p.name: (p.read_bytes(), _TYPES[p.suffix]) for p in ASSETS.iterdir() if p.suffix in _TYPES}
 
 
 def demo_asset(name: str = "index.html") -> Response:
     """One file of the page, or 404."""
-    found = _asset(name)
+    found = _assets().get(name)
     if found is None:
         raise HTTPException(status_code=404, detail=f"no demo file {name!r}")
     body, media_type = found

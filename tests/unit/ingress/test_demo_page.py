@@ -34,3 +34,35 @@ def test_page_needs_no_other_origin():
     for path in ASSETS.iterdir():
         text = path.read_text()
         assert "https://" not in text and "http://" not in text, path.name
+
+
+def test_requests_for_other_names_grow_no_cache():
+    """/demo/<name> takes no credentials: a crawler asking for a million names must not make the
+    Ingress remember a million answers."""
+    demo_asset()
+    held = tracemalloc_size(lambda: [_try(f"missing-{i}.js") for i in range(2000)])
+    assert held < 20_000  # bytes still held after 2000 distinct misses (a cache keyed by name: about 180 kB)
+
+
+def _try(name: str) -> None:
+    try:
+        demo_asset(name)
+    except HTTPException:
+        pass
+
+
+def tracemalloc_size(work) -> int:
+    """Bytes allocated by `work` and still held after it returns."""
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        start = tracemalloc.take_snapshot()
+        work()
+        gc.collect()
+        grown = tracemalloc.take_snapshot().compare_to(start, "filename")
+        return sum(max(stat.size_diff, 0) for stat in grown)
+    finally:
+        tracemalloc.stop()
