@@ -19,7 +19,14 @@ import numpy as np
 
 from speech_serve.ingress.audio import SUPPORTED_RATES, StreamResampler, parse_audio
 from speech_serve.ingress.connection import Connection
-from speech_serve.ingress.protocols.parsing import ProtocolError, brief, json_object, text_delta, whole_number
+from speech_serve.ingress.protocols.parsing import (
+    ProtocolError,
+    brief,
+    json_object,
+    text_delta,
+    text_field,
+    whole_number,
+)
 from speech_serve.ingress.stream import RecognitionOptions
 from speech_serve.messages import UtteranceResult
 
@@ -64,14 +71,13 @@ def _parse_config(data: dict[str, Any]) -> Config:
     fs = whole_number(given)
     if fs not in SUPPORTED_RATES:
         raise ProtocolError("bad_sample_rate", f"audio_fs {brief(given)} not supported; use one of {SUPPORTED_RATES}")
-    wav_format = str(data.get("wav_format", "pcm"))
+    wav_format = text_field(data, "wav_format", "pcm")
     if wav_format not in ("pcm", "wav"):
         raise ProtocolError("unsupported_audio", f"wav_format {brief(wav_format)}: send raw PCM16 ('pcm')")
     itn = data.get("itn", True)
     return Config(
-        mode=mode, wav_name=str(data.get("wav_name", "demo")), audio_fs=fs, wav_format=wav_format,
-        itn=bool(itn), hotwords=str(data.get("hotwords", "") or ""),
-        speaker_group=str(data["speaker_group"]) if data.get("speaker_group") else None,
+        mode=mode, wav_name=text_field(data, "wav_name", "demo"), audio_fs=fs, wav_format=wav_format,
+        itn=bool(itn), hotwords=text_field(data, "hotwords"), speaker_group=text_field(data, "speaker_group") or None,
     )  # fmt: skip
 
 

@@ -1,5 +1,5 @@
 """What the protocol modules share: the error a client's mistake raises, reading a JSON text frame
-within bounds, quoting a client's value safely, whole numbers, and interim text as deltas."""
+within bounds, string fields, quoting a client's value safely, whole numbers, and interim text as deltas."""
 
 from __future__ import annotations
 
@@ -54,6 +54,18 @@ def json_object(text: str, max_string_chars: int | None = None) -> dict[str, Any
                     "field_too_long", f"{brief(key)} is {len(value)} characters long; at most {max_string_chars}"
                 )
     return data
+
+
+def text_field(data: dict[str, Any], key: str, default: str = "") -> str:
+    """A string field, or `default` when absent or null. Anything else is the client's mistake: a list
+    or an object would be str()ed whole into answers and logs, past the bound `json_object` puts on
+    top-level strings."""
+    value = data.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise ProtocolError("bad_message", f"{brief(key)} must be a string, not {type(value).__name__}")
+    return value
 
 
 def _check_unicode(data: dict[str, Any]) -> None:

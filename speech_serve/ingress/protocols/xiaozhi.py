@@ -26,7 +26,7 @@ import numpy as np
 import soxr
 
 from speech_serve.ingress.connection import Connection
-from speech_serve.ingress.protocols.parsing import ProtocolError, brief, json_object, whole_number
+from speech_serve.ingress.protocols.parsing import ProtocolError, brief, json_object, text_field, whole_number
 from speech_serve.ingress.stream import RecognitionOptions
 from speech_serve.messages import UtteranceResult
 from speech_serve.settings import XiaozhiSettings
@@ -99,9 +99,9 @@ def parse_text(text: str, max_string_chars: int | None = None) -> ControlMessage
         mode = data.get("mode", "auto")
         if mode not in LISTEN_MODES:
             raise ProtocolError("bad_message", f"listen mode {brief(mode)}; expected one of {LISTEN_MODES}")
-        return Listen(state=state, mode=mode, text=str(data.get("text", "")))
+        return Listen(state=state, mode=mode, text=text_field(data, "text"))
     if kind == "abort":
-        return Abort(reason=str(data.get("reason", "")))
+        return Abort(reason=text_field(data, "reason"))
     if kind in KNOWN_IGNORED:
         return Ignored(kind)
     raise ProtocolError("unknown_type", f"unknown message type {brief(kind)}")

@@ -68,3 +68,18 @@ def test_an_answer_says_why_no_speaker_was_matched_only_when_there_is_a_reason()
     assert "spk_reason" not in json.loads(funasr.render_final(config, _result()))
     shed = json.loads(funasr.render_final(config, _result(speaker=SpeakerInfo(reason="shed"))))
     assert (shed["spk_name"], shed["spk_score"], shed["spk_reason"]) == ("unknown", None, "shed")
+
+
+@pytest.mark.parametrize("field", ["wav_name", "wav_format", "hotwords", "speaker_group"])
+@pytest.mark.parametrize("value", [["x" * 60000], {"a": "x" * 60000}, 7])
+def test_a_field_that_is_not_a_string_is_refused_not_echoed(field, value):
+    """wav_name is echoed in every answer: a list of 60,000 characters passed the bound on strings
+    (it bounds top-level strings) and was str()ed into each result."""
+    with pytest.raises(ProtocolError, match=f"{field}' must be a string") as raised:
+        funasr.parse_text(json.dumps({"mode": "offline", field: value}), configured=False, max_string_chars=1024)
+    assert raised.value.code == "bad_message" and len(str(raised.value)) < 100
+
+
+def test_null_fields_take_their_defaults():
+    config = funasr.parse_text(json.dumps({"mode": "2pass", "hotwords": None, "wav_name": None}), configured=False)
+    assert (config.hotwords, config.wav_name, config.speaker_group) == ("", "demo", None)

@@ -150,3 +150,14 @@ def test_garbage_is_a_format_error_and_the_decoder_survives(packet, two_utteranc
     with pytest.raises(AudioFormatError):
         decoder.decode(packet)
     assert len(decoder.decode(encode_pcm(two_utterances[:960])[0])) > 0
+
+
+@pytest.mark.parametrize("message", [
+    {"type": "listen", "state": "detect", "text": ["x" * 60000]},
+    {"type": "abort", "reason": {"why": "x" * 60000}},
+])  # fmt: skip
+def test_a_listen_text_or_abort_reason_that_is_not_a_string_is_refused(message):
+    """A list-valued wake word was str()ed and logged as a 60 KB line."""
+    with pytest.raises(ProtocolError, match="must be a string") as raised:
+        xiaozhi.parse_text(json.dumps(message), max_string_chars=1024)
+    assert raised.value.code == "bad_message"
