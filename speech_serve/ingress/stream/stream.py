@@ -280,6 +280,7 @@ class UtteranceStream:
         cut = any(edge.kind == "cut" for edge in self.timeline.edges)
         await self._report_edges()
         if utt is not None:
+            await self._room()  # manual turns never reach the feeder's check: a turn flood waits here
             self._recognise_later(utt, started, 0.0, 0.0, 0)
         return cut
 

@@ -184,6 +184,43 @@ def test_utterances_in_flight_per_session_are_capped():
     assert answered == list(range(len(answered))) and len(answered) >= 20
 
 
+def test_manual_turns_are_capped_in_flight_too():
+    """A Realtime client with turn_detection null (append 100 ms, commit, ten times a second) or a
+    Xiaozhi device in listen manual never reaches the VAD feeder's room check: end_utterance must wait
+    for room itself, or one client keeps hundreds of SenseVoice calls in flight."""
+
+    async def scenario():
+        models = SlowModels()
+        answered = []
+
+        async def on_result(result):
+            answered.append(result.index)
+
+        metrics = type("M", (), {"vad_call": lambda self, ms: None})()
+        settings = AppSettings(stream={"max_utterances_in_flight": 3})
+        stream = UtteranceStream("s1", Timeline(200, 30_000), models, models.recognise, metrics, RecognitionOptions(),
+                                 on_result, on_result, settings=settings)  # fmt: skip
+
+        async def turns():
+            for _ in range(20):
+                await stream.begin_utterance()
+                await stream.push(np.full(1600, 500, dtype=np.int16))  # 100 ms of audio
+                await stream.end_utterance()
+
+        flooding = asyncio.create_task(turns())
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+        blocked = not flooding.done()
+        models.release.set()
+        await asyncio.wait_for(flooding, 5)
+        await asyncio.wait_for(stream.finish(), 5)
+        return blocked, models.most, answered
+
+    blocked, most, answered = asyncio.run(scenario())
+    assert blocked and most == 3
+    assert answered == list(range(20))
+
+
 def test_the_text_goes_out_with_speaker_unknown_when_the_speaker_call_fails():
     result, embedding = recognise(TEXT, RuntimeError("database is locked"))
     assert result.text == "turn on the light" and embedding is None
