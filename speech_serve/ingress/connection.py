@@ -329,9 +329,10 @@ class Connection:
         await self.close_with_error(refusal.code, refusal.message, refusal.close_code)
 
     # ---- the utterance stream -------------------------------------------------------------------
-    async def push_audio(self, pcm: np.ndarray) -> None:
-        """Client audio (16 kHz) into the open stream, paced to at most `max_audio_rate`."""
-        wait = self.intake.audio_wait(len(pcm))
+    async def push_audio(self, pcm: np.ndarray, paced_as: int = 0) -> None:
+        """Client audio (16 kHz) into the open stream, paced to at most `max_audio_rate` (as `paced_as`
+        samples where the frame cost more than its audio)."""
+        wait = self.intake.audio_wait(max(len(pcm), paced_as))
         if wait > 0:
             await asyncio.sleep(wait)
         await self.stream.push(pcm)

@@ -60,9 +60,13 @@ class SessionIntake:
     connection's own backpressure: `QueuedBytes` in connection.py.)
     """
 
-    def __init__(self, limits: LimitSettings, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, limits: LimitSettings, clock: Callable[[], float] = time.monotonic,
+                 max_text_bytes: int | None = None):  # fmt: skip
+        """`max_text_bytes`: the text frame bound where it is not `limits.max_text_frame_bytes` (a
+        protocol whose audio comes in text frames)."""
         window, rate = limits.rate_window_s, limits.max_audio_rate
         self.limits = limits
+        self.max_text_bytes = max_text_bytes or limits.max_text_frame_bytes
         self._frames = TokenBucket(limits.max_frames_per_s, max(1, round(limits.max_frames_per_s * window)), clock)
         self._audio = None if rate is None else TokenBucket(rate * SAMPLE_RATE, round(rate * window * SAMPLE_RATE),
                                                             clock)  # fmt: skip
@@ -70,13 +74,11 @@ class SessionIntake:
 
     def arrived(self, message: Mapping) -> None:
         """A frame just read from the socket, before it is queued."""
-        limits, text = self.limits, message.get("text")
-        if text is not None and len(text) * 4 > limits.max_text_frame_bytes:  # else it fits, whatever it holds
+        limits, text, bound = self.limits, message.get("text"), self.max_text_bytes
+        if text is not None and len(text) * 4 > bound:  # else it fits, whatever it holds
             size = len(text.encode("utf-8", "surrogatepass"))
-            if size > limits.max_text_frame_bytes:
-                raise SessionLimitExceeded(
-                    "frame_too_large", f"text frame of {size} bytes exceeds {limits.max_text_frame_bytes}"
-                )
+            if size > bound:
+                raise SessionLimitExceeded("frame_too_large", f"text frame of {size} bytes exceeds {bound}")
         if not self._frames.take():
             raise SessionLimitExceeded("too_many_messages", f"more than {limits.max_frames_per_s:g} frames per "
                                        f"second (over {limits.rate_window_s:g} s)")  # fmt: skip

@@ -51,6 +51,10 @@ class RealtimeSettings(Section):
     max_silence_duration_ms: int = Field(3000, ge=0)
     """Longest end-of-utterance silence a client may ask for (lowered to it): a longer one holds the utterance,
     its audio and its result back that long after the speaker stops."""
+    max_event_bytes: int = Field(2_097_152, ge=65_536)
+    """Largest client event (a text frame): appends carry base64 audio, 2 MiB holds about 21 s of 24 kHz PCM16 per
+    event (OpenAI takes up to 15 MiB). Past it: `frame_too_large`, close 1009. Every append, whatever audio it
+    holds, is paced as the audio its size could carry (limits.max_audio_rate): padding buys no extra parsing."""
     interim_interval_ms: int | None = Field(600, gt=0)
     """Re-decode the utterance being spoken this often and send the new text as
     conversation.item.input_audio_transcription.delta events (low priority on SenseVoice). null: no deltas."""

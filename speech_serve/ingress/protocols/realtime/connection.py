@@ -13,6 +13,7 @@ import numpy as np
 from speech_serve.ingress.audio import G711_RATE, StreamResampler, alaw_to_pcm16, ulaw_to_pcm16
 from speech_serve.ingress.auth import Credentials, device_credentials
 from speech_serve.ingress.connection import Connection
+from speech_serve.ingress.limits import SessionIntake
 from speech_serve.ingress.protocols.parsing import ProtocolError, text_delta
 from speech_serve.ingress.protocols.realtime.events import (
     BETA_FORMATS,
@@ -33,7 +34,7 @@ from speech_serve.ingress.protocols.realtime.events import (
 from speech_serve.ingress.stream import RecognitionOptions, SpeechEdge
 from speech_serve.messages import UtteranceResult
 from speech_serve.settings import RealtimeSettings
-from speech_serve.wire.pcm import AudioFormatError, pcm16_from_bytes
+from speech_serve.wire.pcm import SAMPLE_RATE, AudioFormatError, pcm16_from_bytes
 
 # ---- audio in ---------------------------------------------------------------------------------
 
@@ -147,6 +148,7 @@ class RealtimeConnection(Connection):
     def __init__(self, ws, session_id: str, streams, limits, metrics, settings: RealtimeSettings,
                  default_silence_ms: int):  # fmt: skip
         super().__init__(ws, session_id, streams, limits, metrics)
+        self.intake = SessionIntake(limits, max_text_bytes=settings.max_event_bytes)  # appends carry audio
         self.settings, self.default_silence_ms = settings, default_silence_ms
         self.config = effective(SessionConfig(), default_silence_ms, settings)
         self.audio = InputAudio(self.config.audio_format, self.config.pcm_rate)
@@ -198,7 +200,7 @@ class RealtimeConnection(Connection):
             self.count_control()
             raise
         if isinstance(parsed, Append):
-            await self._append(parsed)
+            await self._append(parsed, len(message["text"]))
             return True
         self.count_control()
         if isinstance(parsed, Commit):
@@ -210,13 +212,15 @@ class RealtimeConnection(Connection):
             await self._update(parsed)
         return True
 
-    async def _append(self, append: Append) -> None:
+    async def _append(self, append: Append, chars: int) -> None:
         try:
             pcm = self.audio(append.audio)
         except AudioFormatError as exc:
             raise EventError("invalid_value", f"{exc}; audio/pcm is 16-bit samples", "audio", append.event_id) from None
-        if len(pcm):
-            await self.push_audio(pcm)
+        # paced as the audio its JSON could carry (base64 PCM16 at the session's rate), whatever it holds:
+        # an append padded around empty audio costs a parse like a full one
+        could_carry = round(chars * 3 / 8 * SAMPLE_RATE / self.config.pcm_rate)
+        await self.push_audio(pcm, paced_as=could_carry)
 
     async def _commit(self, commit: Commit) -> None:
         cut = await self.stream.end_utterance()

@@ -266,3 +266,40 @@ def test_a_refused_session_gets_an_error_event_and_the_close_code():
     (busy,) = ws.sent
     assert busy["type"] == "error" and busy["error"]["code"] == "server_busy"
     assert busy["error"]["type"] == "server_error" and ws.closed[0] == CLOSE_TRY_AGAIN_LATER
+
+
+@pytest.mark.parametrize("ms", [1000, 5000])
+def test_appends_of_one_and_five_seconds_of_24khz_audio_are_taken(ms):
+    """OpenAI takes events up to 15 MiB; a 5 s append is 640 kB of base64, ten times the bound on a
+    control frame (it was closed with 1009 past about 1.3 s)."""
+    frames = [append(ms), append(ms)]
+    sent, _ = realtime_session(frames, lambda sent: completed(sent))
+    assert completed(sent) and not [e for e in sent if e["type"] == "error"]
+
+
+def test_an_append_padded_around_empty_audio_is_paced_as_the_audio_it_could_carry():
+    """An append is audio, not control, so it skipped the control budget; with empty audio it skipped
+    the audio pace too, and 60 kB of JSON to parse ten times a second froze the event loop."""
+    settings = AppSettings(limits={"max_audio_rate": 1.0, "rate_window_s": 1.0})
+
+    async def scenario():
+        ws = MemoryWebSocket()
+        metrics = IngressMetrics()
+        served = settings.model_copy(update={"speaker": SpeakerSettings(enabled=False)})
+        streams = UtteranceStreams(ModelCalls(ScriptedVad(), None, None, served), settings, metrics, "test")
+        conn = RealtimeConnection(ws, "s1", streams, settings.limits, metrics, settings.realtime, 600)
+        padded = client({"type": "input_audio_buffer.append", "audio": "", "pad": ["x" * 1000] * 62})
+        session = asyncio.create_task(conn.run())
+        for _ in range(3):
+            ws.inbox.put_nowait(padded)
+        for _ in range(500):  # until the third is taken (or 5 s)
+            if conn.intake.paced_s > 0 or session.done():
+                break
+            await asyncio.sleep(0.01)
+        ws.inbox.put_nowait({"type": "websocket.disconnect", "code": 1000})
+        await asyncio.wait_for(session, 10)
+        return conn.intake.paced_s, ws.sent
+
+    paced_s, sent = asyncio.run(scenario())
+    assert paced_s > 0  # 62 kB could carry 1.3 s of 24 kHz audio each: the second and third wait
+    assert not [e for e in sent if e["type"] == "error"]  # paced, not refused
