@@ -63,6 +63,15 @@ class SpeakerSettings(Section):
     min_utterance_ms: int = Field(150, ge=0)
     """Shorter utterances are not sent to the Speaker: their text goes out with speaker unknown (reason
     too_short). ERes2NetV2's statistics pooling gives NaN at 100 ms and raises under 25 ms (measured)."""
+    budget_ms: int = Field(300, ge=0)
+    """Once an utterance's text is in, how long it waits for its speaker; then it goes out with speaker unknown
+    (reason speaker_late). A Speaker outage never holds transcripts (its calls retry for retry.deadline_s).
+    ERes2NetV2 on CPU (about 0.6-1.2 s a clip) wants more than CAM++."""
+    breaker_failures: int = Field(3, ge=1)
+    """Speaker calls in a row that fail or come late before the Speaker is not asked for breaker_open_s (reason
+    speaker_unavailable): no call queues for a Speaker that is down. Counted per Ingress replica."""
+    breaker_open_s: float = Field(10.0, ge=0)
+    """How long the Speaker is not asked after breaker_failures; then the next utterance tries it again."""
 
 
 class BatchSettings(Section):

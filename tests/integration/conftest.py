@@ -47,7 +47,9 @@ def service_args(model_settings, tiny_models, tmp_path_factory) -> dict:
         # max_audio_rate would pace them to 1.5x real time (unit-tested instead).
         "stream": {"vad_batch_interval_ms": 20},
         "limits": {"max_audio_rate": None},
-        "speaker": {"threads": 1},
+        # the speaker's wait past the text: wide enough that a busy CI host never makes a healthy Speaker
+        # late (the tests read who spoke), short enough that a killed one does not hold the text
+        "speaker": {"threads": 1, "budget_ms": 2000},
         "placement": placement,
         "security": {
             "device_auth": "on",

@@ -47,17 +47,20 @@ class RecognitionOptions:
 
 
 Recognise = Callable[[str, Utterance, RecognitionOptions], Awaitable[tuple[UtteranceResult, SpeakerEmbedding | None]]]
+Done = Awaitable[None]  # what a callback returns
 
 
 class Recognition:
-    """How one utterance is recognised (streams and uploads alike): its transcript and its speaker,
-    computed concurrently. Only a transcription failure fails the utterance; the speaker is skipped
-    for too short an utterance or while the models are behind (shed), and a Speaker failure leaves it
-    unknown: each with a reason in the result."""
+    """An utterance's transcript and speaker, computed at once (streams and uploads). Only a transcription
+    failure fails it; the speaker is unknown, with a reason, when the utterance is too short, the models
+    are behind (shed), the Speaker fails, it is `speaker.budget_ms` late after the text, or the breaker
+    is open (`speaker.breaker_failures` failed or late in a row: not asked for `breaker_open_s`)."""
 
-    def __init__(self, calls: ModelCalls, settings: AppSettings, models_label: str):
+    def __init__(self, calls: ModelCalls, settings: AppSettings, models_label: str,
+                 clock: Callable[[], float] = time.monotonic):  # fmt: skip
         self.calls, self.models_label = calls, models_label
         self.speaker, self.default_group = settings.speaker, settings.voiceprints.default_group
+        self._clock, self._failures, self._open_until = clock, 0, float("-inf")  # the Speaker's breaker
 
     async def __call__(self, session_id: str, utt: Utterance,
                        options: RecognitionOptions) -> tuple[UtteranceResult, SpeakerEmbedding | None]:  # fmt: skip
@@ -70,7 +73,11 @@ class Recognition:
         except BaseException:
             speaker_call.cancel()  # nobody will read it
             raise
-        embedding, reason, spk_ms, spk_retries = await speaker_call
+        done, _ = await asyncio.wait({speaker_call}, timeout=self.speaker.budget_ms / 1000)
+        if not done:  # the text goes out now; the late call is cancelled on its replica
+            speaker_call.cancel()
+            self._failed(session_id, "late")
+        embedding, reason, spk_ms, spk_retries = speaker_call.result() if done else (None, "speaker_late", 0.0, 0)
         speaker = SpeakerInfo(reason=reason)
         if embedding is not None:
             speaker = SpeakerInfo(embedding.label, embedding.score, embedding.speaker_id, f"{session_id}:{utt.index}")
@@ -99,17 +106,28 @@ class Recognition:
             return None, "too_short", 0.0, 0
         if self.calls.backlog.shed("speaker"):  # the models are behind: the transcript goes first
             return None, "shed", 0.0, 0
+        if self._clock() < self._open_until:  # the Speaker has been failing: not asked for a while
+            return None, "speaker_unavailable", 0.0, 0
         try:
             embedding, spk_ms, retries = await self.calls.embed(utt.pcm, group, session_id)
         except Exception as exc:
             logger.warning("session %s: speaker of utterance %d failed (%s: %s); its text goes out with speaker "
                            "unknown", session_id, utt.index, type(exc).__name__, exc)  # fmt: skip
+            self._failed(session_id, "failed")
             return None, "speaker_failed", 0.0, 0
+        self._failures = 0
         if embedding is None or not usable_embedding(embedding.vector):
             logger.warning("session %s: the speaker model gave no usable embedding for utterance %d (%d ms)",
                            session_id, utt.index, utt.end_ms - utt.start_ms)  # fmt: skip
             return None, "no_embedding", spk_ms, retries
         return embedding, None, spk_ms, retries
+
+    def _failed(self, session_id: str, how: str) -> None:
+        self._failures += 1
+        if self._failures >= self.speaker.breaker_failures:
+            self._failures, self._open_until = 0, self._clock() + self.speaker.breaker_open_s
+            logger.warning("session %s: the Speaker %s %d times in a row: not asked for %g s", session_id, how,
+                           self.speaker.breaker_failures, self.speaker.breaker_open_s)  # fmt: skip
 
 
 class UtteranceStreams:
@@ -149,30 +167,17 @@ class UtteranceStream:
     The VAD waits while `stream.max_utterances_in_flight` utterances are being recognised.
 
     `push` does not wait for the VAD: a feeder task sends everything that has come since its last
-    call as one chunk. Awaiting one VAD call per 200 ms chunk made a session whose calls took
-    longer than that (a busy lane, a busy host) fall behind for good: it could never send more
-    than one chunk per call, and its end of speech was found ever later (measured: 0.6-1.1 s at
-    p50 with 20 devices on 2 cores). `push` waits only while the VAD is `stream.vad_max_lag_ms` behind.
+    call as one chunk (one call per 200 ms chunk left a session with slow calls behind for good). `push`
+    waits only while the VAD is `stream.vad_max_lag_ms` behind.
     Everything that changes how audio is read (push-to-talk, clear, abort, end) first lets the
     feeder finish what came before it.
     """
 
-    def __init__(
-        self,
-        session_id: str,
-        timeline: Timeline,
-        models: ModelCalls,
-        recognise: Recognise,
-        metrics: IngressMetrics,
-        options: RecognitionOptions,
-        on_result: Callable[[UtteranceResult], Awaitable[None]],
-        on_failure: Callable[[int, Exception], Awaitable[None]],
-        *,
-        settings: AppSettings | None = None,
-        on_interim: Callable[[int, str], Awaitable[None]] | None = None,
-        interim_interval_ms: int | None = None,
-        on_speech: Callable[[SpeechEdge], Awaitable[None]] | None = None,
-    ):
+    def __init__(self, session_id: str, timeline: Timeline, models: ModelCalls, recognise: Recognise,
+                 metrics: IngressMetrics, options: RecognitionOptions, on_result: Callable[[UtteranceResult], Done],
+                 on_failure: Callable[[int, Exception], Done], *, settings: AppSettings | None = None,
+                 on_interim: Callable[[int, str], Done] | None = None, interim_interval_ms: int | None = None,
+                 on_speech: Callable[[SpeechEdge], Done] | None = None):  # fmt: skip
         self.session_id = session_id
         self.timeline = timeline
         self.models, self._recognise_one = models, recognise
@@ -253,9 +258,8 @@ class UtteranceStream:
                 raise exc
 
     async def _room(self) -> None:
-        """Wait while `max_in_flight` utterances are being recognised: a client whose audio ends
-        utterances faster than the models answer waits (its frames queue, within the intake
-        bounds) instead of fanning out without bound."""
+        """Wait while `max_in_flight` utterances are being recognised: a client ending utterances faster than
+        the models answer waits (its frames queue, within the intake bounds) instead of fanning out."""
         while len(self._in_flight) >= self._max_in_flight:
             await asyncio.wait(set(self._in_flight), return_when=asyncio.FIRST_COMPLETED)
 

@@ -31,7 +31,7 @@ from speech_serve.messages import (
 )
 from speech_serve.settings import AppSettings
 from speech_serve.wire.pcm import SAMPLES_PER_MS
-from tests.support.fakes import SlowModels
+from tests.support.fakes import ManualClock, SlowModels
 
 TEXT = Transcript("turn on the light", "en", "neutral", "Speech", "<|en|>turn on the light")
 
@@ -233,6 +233,46 @@ def test_the_text_goes_out_with_speaker_unknown_when_the_speaker_call_fails():
 def test_a_speaker_that_never_answers_does_not_hold_the_text():
     result, _ = recognise(TEXT, "never")
     assert result.text == "turn on the light" and result.speaker.reason == "speaker_failed"
+
+
+def test_with_the_default_retry_bounds_a_hung_speaker_holds_the_text_only_its_budget():
+    """With the defaults a Speaker call retries for retry.deadline_s (60 s): an outage held every
+    transcript that long. The text now goes out speaker.budget_ms after it is in."""
+
+    async def scenario():
+        asr = SimpleNamespace(transcribe=remote(TEXT))
+        calls = []
+        speaker = SimpleNamespace(embed=remote("never", calls))
+        settings = AppSettings(speaker={"min_utterance_ms": 0})  # retry bounds as shipped
+        recognition = Recognition(ModelCalls(None, asr, speaker, settings), settings, "test")
+        return await asyncio.wait_for(recognition("s1", utterance(), RecognitionOptions()), 5), calls
+
+    (result, _), calls = asyncio.run(scenario())
+    assert calls and result.text == "turn on the light" and result.speaker.reason == "speaker_late"
+
+
+def test_a_failing_speaker_is_not_asked_for_a_while_then_tried_again():
+    """Three failed or late Speaker calls in a row open the breaker: the next utterances are not sent
+    to it (speaker_unavailable) until breaker_open_s has passed; then one is tried again."""
+    clock = ManualClock()
+
+    async def scenario():
+        asr = SimpleNamespace(transcribe=remote(TEXT))
+        calls = []
+        speaker = SimpleNamespace(embed=remote(RuntimeError("speaker down"), calls))
+        settings = AppSettings(retry={"try_timeout_s": 0.05}, speaker={"min_utterance_ms": 0, "breaker_open_s": 10})
+        recognition = Recognition(ModelCalls(None, asr, speaker, settings), settings, "test", clock=clock)
+        reasons = []
+        for step in range(6):
+            if step == 5:
+                clock.now += 11  # the breaker's time is up
+            result, _ = await asyncio.wait_for(recognition("s1", utterance(), RecognitionOptions()), 5)
+            reasons.append(result.speaker.reason)
+        return reasons, calls
+
+    reasons, calls = asyncio.run(scenario())
+    assert reasons == ["speaker_failed"] * 3 + ["speaker_unavailable"] * 2 + ["speaker_failed"]
+    assert len(calls) == 4  # not asked while the breaker was open
 
 
 @pytest.mark.parametrize("vector", [np.zeros(192, np.float32), np.full(192, np.nan, np.float32)])
