@@ -129,7 +129,7 @@ class FileTranscriptions:
 
         async def recognise(utterance: Utterance) -> UtteranceResult:
             async with in_flight:
-                result, _ = await self.recognise(request_id, utterance, options)
+                result, _ = await self.recognise(request_id, utterance, options, live=False)  # not in the backlog
                 return result
 
         utterances = utterances_of(pcm, segments, self.min_utterance_ms)

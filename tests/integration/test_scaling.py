@@ -33,7 +33,7 @@ from speech_serve.app import free_port
 from speech_serve.cli.dashboard import APPLICATIONS, auth_headers
 from tests.support.dashboard import dashboard_series
 from tests.support.looping import LoopingDevice, finish_devices, wait_for
-from tests.support.service import cluster_transport_env, stop_haproxy
+from tests.support.service import all_running, cluster_transport_env, stop_haproxy
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]
@@ -97,7 +97,7 @@ def cluster(model_settings, tiny_models, tmp_path_factory):
                                 capture_output=True, text=True, timeout=120)  # fmt: skip
         assert deploy.returncode == 0, deploy.stdout[-2000:] + deploy.stderr[-2000:]
         healthz = f"http://127.0.0.1:{http_port}/healthz"
-        wait_for(lambda: httpx.get(healthz, timeout=5).status_code == 200, 180, "healthy")
+        wait_for(lambda: all_running(healthz), 180, "healthy")
         yield Cluster(dashboard, f"ws://127.0.0.1:{http_port}", f"http://127.0.0.1:{metrics_port}/metrics", env)
     finally:  # this node's processes only: its own process group
         os.killpg(head.pid, signal.SIGTERM)

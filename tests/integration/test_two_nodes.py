@@ -47,6 +47,7 @@ from speech_serve.wire.client import stream_file
 from speech_serve.wire.tokens import device_headers
 from tests.support.audio import TWO_UTTERANCES_WAV
 from tests.support.looping import UTTERANCES_PER_LOOP, LoopingDevice, finish_devices, wait_for
+from tests.support.service import all_running
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]
@@ -171,7 +172,7 @@ def two_nodes(model_settings, tiny_models, tmp_path_factory):
         wait_for(lambda: len(cluster.node_ids()) == 2, 120, "the worker joined")
         _deploy(cluster)
         for node in (cluster.head, cluster.worker):
-            wait_for(lambda n=node: httpx.get(f"http://127.0.0.1:{n.http_port}/healthz", timeout=5).status_code == 200,
+            wait_for(lambda n=node: all_running(f"http://127.0.0.1:{n.http_port}/healthz"),
                   240, f"healthy through the {node.name}'s proxy")  # fmt: skip
         yield cluster
     finally:  # the workers first, then the head; each its own process group, a short grace: nothing to save

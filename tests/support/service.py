@@ -59,6 +59,12 @@ def wait_admission_clean(base: str, timeout_s: float = 90) -> dict[str, int]:
         time.sleep(0.5)
 
 
+def all_running(url: str) -> bool:
+    """/healthz says every deployment runs: "ok" (200 also comes "degraded", with the Speaker still starting)."""
+    r = httpx.get(url, timeout=5)
+    return r.status_code == 200 and r.json()["status"] == "ok"
+
+
 def wait_healthy(url: str, timeout_s: float = 120) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -1,10 +1,7 @@
-"""The utterance stream: audio in, one result per utterance out, in order.
-
-Every protocol feeds an `UtteranceStream` with 16 kHz PCM and gets `UtteranceResult`s back. Inside:
-the `Timeline` (timeline.py: pure), the VAD calls (calls.py: sticky to one VADHost replica, replayed
-on a new one if that replica is lost) and the `Recognition` of each finished utterance (SenseVoice and
-Speaker at once). All times are milliseconds from the start of the stream's audio.
-"""
+"""The utterance stream: every protocol feeds an `UtteranceStream` 16 kHz PCM and gets one `UtteranceResult`
+per utterance back, in order. Inside: the `Timeline` (timeline.py: pure), the VAD calls (calls.py: sticky to
+one VADHost replica, replayed on a new one if it is lost) and the `Recognition` of each finished utterance
+(SenseVoice and Speaker at once). All times are milliseconds from the start of the stream's audio."""
 
 from __future__ import annotations
 
@@ -13,6 +10,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,12 +60,14 @@ class Recognition:
         self.speaker, self.default_group = settings.speaker, settings.voiceprints.default_group
         self._clock, self._failures, self._open_until = clock, 0, float("-inf")  # the Speaker's breaker
 
-    async def __call__(self, session_id: str, utt: Utterance,
-                       options: RecognitionOptions) -> tuple[UtteranceResult, SpeakerEmbedding | None]:  # fmt: skip
+    async def __call__(self, session_id: str, utt: Utterance, options: RecognitionOptions,
+                       live: bool = True) -> tuple[UtteranceResult, SpeakerEmbedding | None]:  # fmt: skip
+        """`live`: a stream's utterance, counted in the backlog (an upload's segments are not: one long file
+        would shed and refuse for every session)."""
         group = options.speaker_group or self.default_group
         speaker_call = asyncio.ensure_future(self._speaker_of(utt, group, session_id))
         try:
-            with self.calls.backlog.waiting():  # admission by compute watches the finals in flight
+            with self.calls.backlog.waiting() if live else nullcontext():  # admission watches live finals
                 request = AsrRequest(utt.pcm, options.language, options.use_itn)
                 transcript, asr_ms, asr_retries = await self.calls.transcribe(request, session_id)
         except BaseException:
@@ -98,8 +98,8 @@ class Recognition:
 
     async def _speaker_of(self, utt: Utterance, group: str,
                           session_id: str) -> tuple[SpeakerEmbedding | None, str | None, float, int]:  # fmt: skip
-        """The usable embedding, or None and why not; round trip in ms; retries. Never raises (but
-        for cancellation): a Speaker failure must not cost the transcript."""
+        """The usable embedding, or None and why not; round trip in ms; retries. Never raises (but for
+        cancellation): a Speaker failure must not cost the transcript."""
         if not self.speaker.enabled:
             return None, None, 0.0, 0
         if utt.end_ms - utt.start_ms < self.speaker.min_utterance_ms:

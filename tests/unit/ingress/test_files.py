@@ -56,13 +56,15 @@ class FakeModels:
         self.release.set()
         self.in_flight = self.most_in_flight = 0
         self.segmenting = asyncio.Event()
+        self.live: list[bool] = []  # how each segment was recognised: as a stream's utterance, or not
 
     async def segment(self, pcm, request_id):
         self.segmenting.set()
         await self.release.wait()
         return self.segments
 
-    async def recognise(self, request_id, utt, options):
+    async def recognise(self, request_id, utt, options, live=True):
+        self.live.append(live)
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         await asyncio.sleep(0)  # let the others start, if they may
@@ -148,6 +150,7 @@ def test_segments_in_flight_per_upload_are_capped_and_answered_in_order():
     response = asyncio.run(endpoint(models, max_segments_in_flight=3)(request(wav_upload())))
     assert response.status_code == 200
     assert 1 < models.most_in_flight <= 3
+    assert models.live == [False] * 40  # an upload's segments are not a stream's finals (the backlog)
     body = json.loads(response.body)
     assert body["text"] == " ".join(f"w{i}" for i in range(40))
 

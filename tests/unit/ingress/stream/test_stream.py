@@ -13,7 +13,7 @@ import pytest
 
 from speech_serve.ingress.metrics import IngressMetrics
 from speech_serve.ingress.protocols.plain import render_result
-from speech_serve.ingress.stream.calls import ModelCalls
+from speech_serve.ingress.stream.calls import Backlog, ModelCalls
 from speech_serve.ingress.stream.stream import (
     Recognition,
     RecognitionOptions,
@@ -249,6 +249,34 @@ def test_with_the_default_retry_bounds_a_hung_speaker_holds_the_text_only_its_bu
 
     (result, _), calls = asyncio.run(scenario())
     assert calls and result.text == "turn on the light" and result.speaker.reason == "speaker_late"
+
+
+def test_an_uploads_segment_waiting_on_sensevoice_is_not_in_the_backlog():
+    """The backlog's queue delay sheds interims and the speaker and refuses devices: one long upload
+    (or one slow segment of it) must not do that to every session."""
+    clock = ManualClock()
+
+    async def scenario():
+        asr = SimpleNamespace(transcribe=remote("never"))
+        settings = AppSettings(speaker={"enabled": False}, retry={"try_timeout_s": 60},
+                               admission={"shed_interims_delay_s": 0.5, "shed_speaker_delay_s": 1.0,
+                                          "max_queue_delay_s": 2.0})  # fmt: skip
+        calls = ModelCalls(None, asr, None, settings, Backlog(settings.admission, clock=clock))
+        recognition = Recognition(calls, settings, "test")
+        upload = asyncio.create_task(recognition("file-1", utterance(), RecognitionOptions(), live=False))
+        stream = asyncio.create_task(recognition("s1", utterance(), RecognitionOptions()))
+        await asyncio.sleep(0.05)
+        clock.now += 10
+        upload_only = calls.backlog.queue_delay_s()
+        stream.cancel()
+        await asyncio.gather(stream, return_exceptions=True)
+        delays = (upload_only, calls.backlog.queue_delay_s())
+        upload.cancel()
+        await asyncio.gather(upload, return_exceptions=True)
+        return delays
+
+    with_stream, upload_alone = asyncio.run(scenario())
+    assert with_stream == 10 and upload_alone == 0  # only the stream's final counts
 
 
 def test_a_failing_speaker_is_not_asked_for_a_while_then_tried_again():
