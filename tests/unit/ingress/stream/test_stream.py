@@ -149,9 +149,9 @@ class StubbornVad(SlowVad):
         self.closing = asyncio.create_task(close())
 
 
-def test_utterances_in_flight_per_session_are_capped():
-    """Audio that finishes utterances faster than they are recognised waits for room (its
-    frames wait, and past max_queued_bytes the session is closed): no unbounded fan-out."""
+def flood_a_capped_stream(feed, **stream) -> tuple[bool, int, list[int]]:
+    """`feed(stream)` against recognitions that hang until released, 3 in flight at most: whether it
+    was held back, the most recognitions in flight at once, and the results' indexes in order."""
 
     async def scenario():
         models = SlowModels()
@@ -161,25 +161,31 @@ def test_utterances_in_flight_per_session_are_capped():
             answered.append(result.index)
 
         metrics = type("M", (), {"vad_call": lambda self, ms: None})()
-        # max_vad_lag_ms 0: every push waits for its chunk's VAD call, so each 200 ms frame is one call
-        settings = AppSettings(stream={"max_utterances_in_flight": 3, "vad_max_lag_ms": 0})
-        stream = UtteranceStream("s1", Timeline(200, 30_000), models, models.recognise, metrics, RecognitionOptions(),
+        settings = AppSettings(stream={"max_utterances_in_flight": 3, **stream})
+        capped = UtteranceStream("s1", Timeline(200, 30_000), models, models.recognise, metrics, RecognitionOptions(),
                                  on_result, on_result, settings=settings)  # fmt: skip
-
-        async def push_frames():  # 20 frames of 200 ms, each ending an utterance (one frame of 4 s would
-            for _ in range(20):  # have its chunks' events land behind the trimmed buffer: empty utterances)
-                await stream.push(np.zeros(3200, dtype=np.int16))
-
-        pushing = asyncio.create_task(push_frames())
+        feeding = asyncio.create_task(feed(capped))
         for _ in range(50):
             await asyncio.sleep(0.01)
-        blocked = not pushing.done()
+        blocked = not feeding.done()
         models.release.set()
-        await asyncio.wait_for(pushing, 5)
-        await asyncio.wait_for(stream.finish(), 5)
+        await asyncio.wait_for(feeding, 5)
+        await asyncio.wait_for(capped.finish(), 5)
         return blocked, models.most, answered
 
-    blocked, most, answered = asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def test_utterances_in_flight_per_session_are_capped():
+    """Audio that finishes utterances faster than they are recognised waits for room (its
+    frames wait, and past max_queued_bytes the session is closed): no unbounded fan-out."""
+
+    async def push_frames(stream):  # 20 frames of 200 ms, each ending an utterance (one frame of 4 s would
+        for _ in range(20):  # have its chunks' events land behind the trimmed buffer: empty utterances)
+            await stream.push(np.zeros(3200, dtype=np.int16))
+
+    # max_vad_lag_ms 0: every push waits for its chunk's VAD call, so each 200 ms frame is one call
+    blocked, most, answered = flood_a_capped_stream(push_frames, vad_max_lag_ms=0)
     assert blocked and most == 3
     assert answered == list(range(len(answered))) and len(answered) >= 20
 
@@ -189,34 +195,13 @@ def test_manual_turns_are_capped_in_flight_too():
     Xiaozhi device in listen manual never reaches the VAD feeder's room check: end_utterance must wait
     for room itself, or one client keeps hundreds of SenseVoice calls in flight."""
 
-    async def scenario():
-        models = SlowModels()
-        answered = []
+    async def turns(stream):
+        for _ in range(20):
+            await stream.begin_utterance()
+            await stream.push(np.full(1600, 500, dtype=np.int16))  # 100 ms of audio
+            await stream.end_utterance()
 
-        async def on_result(result):
-            answered.append(result.index)
-
-        metrics = type("M", (), {"vad_call": lambda self, ms: None})()
-        settings = AppSettings(stream={"max_utterances_in_flight": 3})
-        stream = UtteranceStream("s1", Timeline(200, 30_000), models, models.recognise, metrics, RecognitionOptions(),
-                                 on_result, on_result, settings=settings)  # fmt: skip
-
-        async def turns():
-            for _ in range(20):
-                await stream.begin_utterance()
-                await stream.push(np.full(1600, 500, dtype=np.int16))  # 100 ms of audio
-                await stream.end_utterance()
-
-        flooding = asyncio.create_task(turns())
-        for _ in range(50):
-            await asyncio.sleep(0.01)
-        blocked = not flooding.done()
-        models.release.set()
-        await asyncio.wait_for(flooding, 5)
-        await asyncio.wait_for(stream.finish(), 5)
-        return blocked, models.most, answered
-
-    blocked, most, answered = asyncio.run(scenario())
+    blocked, most, answered = flood_a_capped_stream(turns)
     assert blocked and most == 3
     assert answered == list(range(20))
 
