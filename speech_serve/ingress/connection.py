@@ -321,7 +321,7 @@ class Connection:
         """The error frame (the protocol's rendering, unless `frame` is given), then the close."""
         try:
             await self.send(frame if frame is not None else self.render_error(code, message))
-            await self.ws.close(close_code, f"{code}: {message}"[:120])
+            await self.ws.close(close_code, codes.close_reason(f"{code}: {message}"))
         except Exception:  # the client may be gone already
             pass
 

@@ -115,3 +115,17 @@ def test_a_request_cancelled_by_serve_stops_its_frame_loop_before_the_stream_is_
     assert len(closes) == 1 and closes[0] == len(vad.items) - 1, vad.items  # freed once, and nothing after it
     starts = [item for item in vad.items if item.chunk is not None and item.chunk.start_ms == 0]
     assert len(starts) == 1  # one stream, never reopened
+
+
+def test_a_close_reason_fits_the_close_frame_in_bytes_not_characters():
+    """A refusal message holding non-ASCII text (a device id, a group name) was cut to 120 characters:
+    up to 480 bytes, past the 123 a close frame holds, so the close failed and the client saw 1006."""
+
+    async def scenario():
+        ws = MemoryWebSocket()
+        handler = connection(PlainConnection, ws, AppSettings(), "s5")
+        await handler.close_with_error("unauthorized", "设备 " * 60, 1008)
+        return ws
+
+    code, reason = asyncio.run(scenario()).closed
+    assert code == 1008 and len(reason.encode("utf-8")) <= 123 and reason.startswith("unauthorized: 设备")
