@@ -43,7 +43,8 @@ from speech_serve.settings import AppSettings
 from speech_serve.voiceprints import StoreUnavailable, open_store
 
 logger = logging.getLogger("ray.serve")
-app = FastAPI(title="speech-serve", description="Realtime speech front-end: transcripts and speakers.")
+# No /docs, /redoc or /openapi.json: unauthenticated pages listing every admin route (see docs/protocols.md)
+app = FastAPI(title="speech-serve", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 @app.exception_handler(StoreUnavailable)

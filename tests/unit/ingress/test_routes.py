@@ -158,3 +158,13 @@ def test_readiness_is_the_transcript_path_and_the_rest_is_reported_as_degraded(m
     body = json.loads(response.body)
     assert (response.status_code, body["status"]) == (code, status)
     assert body.get("no_running_replica", []) == sorted(down)
+
+
+def test_no_interactive_api_pages_are_served():
+    """/docs, /redoc and /openapi.json took no credentials and listed every admin route."""
+    from fastapi.testclient import TestClient
+
+    from speech_serve.ingress.routes import app
+
+    client = TestClient(app)
+    assert [client.get(path).status_code for path in ("/docs", "/redoc", "/openapi.json")] == [404, 404, 404]
