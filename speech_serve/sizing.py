@@ -29,7 +29,6 @@ from typing import Any
 from speech_serve.settings import AppSettings
 
 MODEL_DEPLOYMENTS = ("SenseVoice", "Speaker")
-GPU_THREADS = 2  # CPU threads of a model replica on a GPU: fbank and decoding run on the CPU
 
 
 @dataclass(frozen=True)
@@ -91,6 +90,11 @@ class HostPlan:
         return "; ".join(self.reasons)
 
 
+def light_cpus(settings: AppSettings) -> float:
+    """What Ingress and VADHost reserve on a node: the models get the rest."""
+    return sum(settings.placement[name].num_cpus or 0.0 for name in ("Ingress", "VADHost"))
+
+
 def model_nodes(nodes: list[Node], settings: AppSettings) -> list[Node]:
     """The nodes SenseVoice may run on: those offering its placement's custom resources."""
     wanted = set(settings.placement["SenseVoice"].resources)
@@ -113,7 +117,7 @@ def plan_host(nodes: list[Node], settings: AppSettings, gpus: bool) -> HostPlan:
     same = sum(1 for n in hosts if n.cpus >= node.cpus)
     reasons = [f"{len(hosts)} node(s) for the models, sized for {node.cpus:g} CPUs, no GPU"]
     sz = settings.sizing
-    light = sum(settings.placement[name].num_cpus or 0.0 for name in ("Ingress", "VADHost"))
+    light = light_cpus(settings)
     model_cores = max(node.cpus - light - node.cpus * sz.spare_cores_fraction, 0.1)
     speaker_cores = model_cores * sz.speaker_share if speaker_on else 0.0
     asr_cores = model_cores - speaker_cores
@@ -162,11 +166,11 @@ def _gpu_plan(hosts: list[Node], settings: AppSettings, speaker_on: bool) -> Hos
     reasons = [f"GPUs apply: {gpus:g} GPU(s) on {len(hosts)} node(s) now" if hosts
                else "GPUs apply (use_gpus: always); no GPU node up yet"]  # fmt: skip
     names = ["SenseVoice", "Speaker"] if speaker_on else ["SenseVoice"]
-    light = sum(settings.placement[name].num_cpus or 0.0 for name in ("Ingress", "VADHost"))
+    light = light_cpus(settings)
     room = None if node is None else (node.cpus * (1 - settings.sizing.spare_cores_fraction) - light) / len(names)
 
     def plan(name: str, threads: int | None) -> ModelPlan:
-        threads = threads or GPU_THREADS
+        threads = threads or settings.sizing.gpu_threads
         placement = settings.placement[name]
         # a CPU per thread, less where one replica of each model would not fit the node
         num_cpus = placement.num_cpus if placement.num_cpus is not None else (

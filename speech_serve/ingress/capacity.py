@@ -79,6 +79,10 @@ class ComputeAdmission:
         self.timings: dict[str, ModelTiming] = {}  # replica id -> its warm-up timing
 
     @property
+    def off(self) -> bool:
+        return self.compute.sessions_per_asr_replica is None
+
+    @property
     def measured(self) -> bool:
         return self.compute.sessions_per_asr_replica == "measured"
 

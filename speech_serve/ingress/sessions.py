@@ -149,7 +149,7 @@ class Sessions:
     async def _count_asr_replicas(self) -> None:
         """The compute cap follows the running SenseVoice replicas and, when measured, their warm-up
         timings (each call bounded: the controller or a replica may be busy)."""
-        if self.compute.compute.sessions_per_asr_replica is None or (self.compute.measured and self.asr is None):
+        if self.compute.off or (self.compute.measured and self.asr is None):
             return  # no cap, or nothing to measure it from
         timeout = self.admission.registry_timeout_s
         try:

@@ -105,6 +105,9 @@ class SizingSettings(Section):
     speaker_share: float = Field(0.35, gt=0, lt=1)
     """Of the cores left for the models, the Speaker's when it runs. CAM++ used 0.31 cores to SenseVoice's 0.52
     (int8) at 16 devices (docs/benchmarks.md)."""
+    gpu_threads: int = Field(2, ge=1)
+    """CPU threads of a model replica on a GPU (the frontend's fbank and the decoding run on the CPU), where
+    `asr.threads` / `speaker.threads` leave it to the plan."""
     gpu_target_ongoing_requests: int = Field(16, ge=1)
     """On GPU nodes, where the model replicas autoscale: queued utterances per replica that add one."""
     replica_memory_gib: float = Field(2.5, gt=0)
