@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable
+from functools import partial
 
+import numpy as np
 from fastapi import HTTPException, Request
 from fastapi.responses import Response
 
@@ -19,10 +23,13 @@ from speech_serve.ingress.audio import AudioTooLongError, decode_file
 from speech_serve.ingress.auth import DeviceAuth, Identity, require_device
 from speech_serve.ingress.protocols.parsing import brief
 from speech_serve.ingress.stream import ModelCalls, Recognition, RecognitionOptions, utterances_of
-from speech_serve.ingress.uploads import Slots, UploadError, file_fields, read_upload_form, text_field
+from speech_serve.ingress.stream.calls import REPLICA_GONE, RetryClock, awaited, bounded, detached
+from speech_serve.ingress.uploads import UploadError, UploadGate, file_fields, read_upload_form, text_field
 from speech_serve.messages import Utterance, UtteranceResult
 from speech_serve.settings import AppSettings
-from speech_serve.wire.pcm import AudioFormatError
+from speech_serve.wire.pcm import SAMPLES_PER_MS, AudioFormatError
+
+logger = logging.getLogger("ray.serve")
 
 RESPONSE_FORMATS = ("json", "text", "verbose_json")
 
@@ -83,37 +90,44 @@ def render(response_format: str, results: list[UtteranceResult], duration_s: flo
     return json.dumps(body, ensure_ascii=False), "application/json"
 
 
+Cut = Callable[[ModelCalls, np.ndarray, str, int], Awaitable[list[tuple[int, int]]]]  # `cut_into_segments`
+
+
 class FileTranscriptions:
-    """The route's body. Bounded per Ingress replica: `max_concurrent_uploads` at once (more get
-    503 at once, before their body is read), each decoded off the event loop (a long file takes
-    seconds of CPU that every live session of the replica would wait for) and recognised
+    """The route's body. Bounded per Ingress replica by its `UploadGate` (bodies arriving, then
+    `max_concurrent` files at work: more get 503), each decoded off the event loop (a long file
+    takes seconds of CPU that every live session of the replica would wait for) and recognised
     `max_upload_segments_in_flight` segments at a time."""
 
     def __init__(self, calls: ModelCalls, recognise: Recognition, device_auth: DeviceAuth, settings: AppSettings,
-                 slots: Slots):  # fmt: skip
+                 gate: UploadGate, cut: Cut | None = None):  # fmt: skip
         self.calls, self.recognise, self.device_auth = calls, recognise, device_auth
+        self.cut = cut or cut_into_segments
         self.uploads, self.min_utterance_ms = settings.uploads, settings.stream.min_utterance_ms
-        self.slots = slots  # shared with voiceprint enrolment: one cap on uploads per replica
+        self.gate = gate
 
     async def __call__(self, request: Request) -> Response:
         identity = require_device(self.device_auth, request)
-        with self.slots.hold():
-            return await self._transcribe(request, identity)
+        async with self.gate.admit(lambda: self._receive(request)) as (data, fmt, language):
+            return await self._transcribe(data, fmt, language, identity)
 
-    async def _transcribe(self, request: Request, identity: Identity) -> Response:
-        limits = self.uploads
-        form = await read_upload_form(request, limits.max_bytes, max_files=1, timeout_s=limits.body_timeout_s)
+    async def _receive(self, request: Request) -> tuple[bytes, str, str | None]:
+        """The file's bytes, response format and language, checked."""
+        form = await read_upload_form(request, self.uploads, max_files=1)
         try:
             (upload,) = file_fields(form, "file")
             fmt = check_response_format(text_field(form, "response_format", "json"))
             language = text_field(form, "language")
-            data = await upload.read()
+            return await upload.read(), fmt, language
         except UploadError as exc:
             raise HTTPException(exc.status, str(exc)) from None
         except TranscriptionRequestError as exc:
             raise HTTPException(400, str(exc)) from None
         finally:
             await form.close()
+
+    async def _transcribe(self, data: bytes, fmt: str, language: str | None, identity: Identity) -> Response:
+        limits = self.uploads
         try:
             pcm, duration_s = await asyncio.to_thread(decode_file, data, limits.max_seconds, limits.max_sample_rate)
         except AudioTooLongError as exc:
@@ -122,7 +136,7 @@ class FileTranscriptions:
             raise HTTPException(400, str(exc)) from None
         del data  # the decoded audio is all that is needed now
         request_id = "file-" + uuid.uuid4().hex[:12]
-        segments = await self.calls.segment(pcm, request_id)
+        segments = await self.cut(self.calls, pcm, request_id, round(limits.vad_piece_s * 1000))
         # the device's household when device auth is on, as on the WebSockets
         options = RecognitionOptions(language=language or "auto", speaker_group=identity.speaker_group(None))
         in_flight = asyncio.Semaphore(limits.max_segments_in_flight)
@@ -136,3 +150,41 @@ class FileTranscriptions:
         results = await asyncio.gather(*(recognise(u) for u in utterances))
         body, media_type = render(fmt, list(results), duration_s, self.recognise.models_label)
         return Response(content=body, media_type=media_type)
+
+
+async def cut_into_segments(
+    calls: ModelCalls, pcm: np.ndarray, request_id: str, piece_ms: int
+) -> list[tuple[int, int]]:
+    """Speech segments of a whole file, cut on one VADHost (the upload is a lane of its own) a piece
+    of `piece_ms` per call: each holds the replica's one model thread a few ms, so the live
+    sessions' VAD steps take turns with a long file (in one call, an 1800 s file held them for
+    seconds, past `retry.try_timeout_s`). A client that leaves stops the cut at its next piece; a
+    replica lost on the way: the cut starts over on the next one."""
+    step, clock = piece_ms * SAMPLES_PER_MS, RetryClock(calls.retry)
+    try:
+        while len(pcm):
+            segments: list[tuple[int, int]] = []
+            for at in range(0, len(pcm), step):
+                piece = partial(calls.vad.segment_piece.remote, request_id, pcm[at : at + step],
+                                at // SAMPLES_PER_MS, at + step >= len(pcm))  # fmt: skip
+                try:
+                    done = await calls.try_once(clock, piece, "VADHost")
+                except REPLICA_GONE as exc:
+                    await calls.before_retry(clock, exc, "VADHost", request_id)
+                    break
+                if done is None:  # a new replica holds none of the cut
+                    await calls.before_retry(clock, RuntimeError("the cut was lost"), "VADHost", request_id)
+                    break
+                segments += done
+            else:
+                return segments
+        return []
+    finally:  # frees the replica's cut if it stopped half-way, and the router's pin of the lane
+        calls.keep_until_done(detached(_drop_cut(calls, request_id)))
+
+
+async def _drop_cut(calls: ModelCalls, request_id: str) -> None:
+    try:
+        await bounded(awaited(calls.vad.drop_file.remote(request_id)), calls.retry.try_timeout_s)
+    except Exception:  # the replica may be gone; its idle eviction forgets the cut then
+        logger.info("upload %s: VAD drop failed; replica gone", request_id)

@@ -37,7 +37,7 @@ from speech_serve.ingress.redaction import install_redaction
 from speech_serve.ingress.sessions import Sessions
 from speech_serve.ingress.speakers import SpeakerAdmin, admin_only
 from speech_serve.ingress.stream import Backlog, ModelCalls, UtteranceStreams, live_stream_tasks
-from speech_serve.ingress.uploads import Slots
+from speech_serve.ingress.uploads import upload_gates
 from speech_serve.messages import ModelsSummary
 from speech_serve.settings import AppSettings
 from speech_serve.voiceprints import StoreUnavailable, open_store
@@ -88,10 +88,10 @@ class Ingress:
         calls = ModelCalls(vad, asr, speaker, settings, backlog)
         self.streams = UtteranceStreams(calls, settings, self.metrics, models.label)
         self.sessions = Sessions(registry, settings, self.device_auth, self.metrics, self.compute, asr)
-        uploads = Slots(settings.uploads.max_concurrent, settings.uploads.retry_after_s)  # files and enrolments
-        self.files = FileTranscriptions(calls, self.streams.recognise, self.device_auth, settings, uploads)
+        files, enrolments = upload_gates(settings.uploads)
+        self.files = FileTranscriptions(calls, self.streams.recognise, self.device_auth, settings, files)
         self.speakers = SpeakerAdmin(open_store(settings.voiceprints.store), calls, settings.voiceprints,
-                                     settings.uploads, uploads)  # fmt: skip
+                                     settings.uploads, enrolments)  # fmt: skip
         self.health = DeploymentStates(serve_deployment_states, settings.health.cache_s, settings.health.timeout_s)
         for role, source in models.sources.items():
             logger.info("model %s: %s", role, source)

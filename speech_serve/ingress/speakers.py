@@ -23,7 +23,7 @@ from starlette.datastructures import FormData
 from speech_serve.ingress.audio import AudioTooLongError, decode_file
 from speech_serve.ingress.auth import require_admin
 from speech_serve.ingress.stream import ModelCalls
-from speech_serve.ingress.uploads import Slots, UploadError, file_fields, read_upload_form, text_field
+from speech_serve.ingress.uploads import UploadError, UploadGate, file_fields, read_upload_form, text_field
 from speech_serve.settings import UploadSettings, VoiceprintSettings
 from speech_serve.voiceprints import Voiceprint, VoiceprintStore
 from speech_serve.wire.pcm import AudioFormatError
@@ -98,14 +98,13 @@ class SpeakerAdmin:
         models: ModelCalls,
         settings: VoiceprintSettings,
         limits: UploadSettings,
-        uploads: Slots,
+        gate: UploadGate,
     ):
         self.store, self.models, self.settings, self.limits = store, models, settings, limits
-        self.uploads = uploads  # shared with file transcription: one cap on uploads per replica
+        self.gate = gate  # the enrolments' own: devices' transcriptions never hold it
 
     async def enroll(self, request: Request) -> dict:
-        with self.uploads.hold():  # the body, its decode and embedding: one upload slot
-            form, files = await self._enrolment_form(request)
+        async with self.gate.admit(lambda: self._enrolment_form(request)) as (form, files):
             try:
                 name = check_name(text_field(form, "name", required=True))
             except (UploadError, EnrollmentError) as exc:
@@ -137,10 +136,9 @@ class SpeakerAdmin:
         return _found(await _db(self.store.rename, speaker_id, body.name.strip()))
 
     async def reenroll(self, request: Request, speaker_id: str) -> dict:
-        with self.uploads.hold():
-            if await _db(self.store.get, speaker_id) is None:
-                raise HTTPException(404, "no such speaker")
-            _, files = await self._enrolment_form(request)
+        if await _db(self.store.get, speaker_id) is None:
+            raise HTTPException(404, "no such speaker")
+        async with self.gate.admit(lambda: self._enrolment_form(request)) as (_, files):
             model, vectors = await self._embed_clips(await self._decode(files))
             return _found(await _db(self.store.replace_embeddings, speaker_id, model, vectors))
 
@@ -158,12 +156,7 @@ class SpeakerAdmin:
 
     async def _enrolment_form(self, request: Request) -> tuple[FormData, list[tuple[str, bytes]]]:
         """The form (text fields) and its `files` as (filename, bytes), read into memory."""
-        form = await read_upload_form(
-            request,
-            self.limits.max_bytes,
-            max_files=self.settings.max_enroll_files,
-            timeout_s=self.limits.body_timeout_s,
-        )
+        form = await read_upload_form(request, self.limits, max_files=self.settings.max_enroll_files)
         try:
             return form, [(f.filename or "file", await f.read()) for f in file_fields(form, "files")]
         except UploadError as exc:

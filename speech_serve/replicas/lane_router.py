@@ -29,7 +29,9 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 
 logger = logging.getLogger("ray.serve")
 
-STICKY_METHODS = frozenset({"feed_many"})  # VADHost methods whose first argument is a lane key
+# VADHost methods whose first argument is a lane key: a session lane's, or an upload's (its pieces)
+STICKY_METHODS = frozenset({"feed_many", "segment_piece", "drop_file"})
+RELEASING_METHODS = frozenset({"drop_file"})  # the lane's last call: its pin goes (uploads' lanes are one-off)
 LIVE_SESSIONS_STAT = "live_sessions"
 
 
@@ -41,8 +43,11 @@ def sticky_key(call_method: str, args: Sequence[Any], kwargs: Mapping[str, Any])
     return args[0] if args else None
 
 
-def choose_replica(key: str | None, pins: dict[str, str], loads: Mapping[str, int]) -> str | None:
-    """Pick a replica id for a request (its sticky key: a lane) and update `pins` in place.
+def choose_replica(
+    key: str | None, pins: dict[str, str], loads: Mapping[str, int], release: bool = False
+) -> str | None:
+    """Pick a replica id for a request (its sticky key: a lane) and update `pins` in place
+    (`release`: the lane's last call, its pin is dropped once chosen).
 
     `loads` maps every available replica id to its live sessions. Returns None if there
     is no replica at all. Ties go to the smallest id, so the choice is deterministic.
@@ -50,11 +55,11 @@ def choose_replica(key: str | None, pins: dict[str, str], loads: Mapping[str, in
     if not loads:
         return None
     if key is not None:
-        pinned = pins.get(key)
+        pinned = pins.pop(key, None) if release else pins.get(key)
         if pinned in loads:
             return pinned
     choice = min(loads, key=lambda rid: (loads[rid], rid))
-    if key is not None:
+    if key is not None and not release:
         if key in pins:
             logger.info("re-pinning VAD lane %s from gone replica %s to %s", key, pins[key], choice)
         pins[key] = choice
@@ -76,8 +81,9 @@ class LaneRouter(RequestRouter):
     ) -> list[list[RunningReplica]]:
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         reported = {rid: (r.routing_stats or {}).get(LIVE_SESSIONS_STAT, 0) for rid, r in by_id.items()}
-        key = None
+        key, release = None, False
         if pending_request is not None:
+            release = pending_request.metadata.call_method in RELEASING_METHODS
             key = sticky_key(pending_request.metadata.call_method, pending_request.args, pending_request.kwargs)
             # Our answer is final (every replica was considered), so Serve must back off before
             # asking again when the chosen replica cannot take the request yet (its queue-length
@@ -85,7 +91,7 @@ class LaneRouter(RequestRouter):
             # the Ingress's GIL, and the probes never get through: every session on that Ingress
             # stalls for good. (Serve's own routers set this once they consider all replicas.)
             pending_request.routing_context.should_backoff = True
-        choice = choose_replica(key, self._pins, replica_loads(self._pins, reported))
+        choice = choose_replica(key, self._pins, replica_loads(self._pins, reported), release)
         return [[by_id[choice]]] if choice is not None else []
 
     @property

@@ -36,6 +36,14 @@ logger = logging.getLogger("ray.serve")
 
 
 @dataclass
+class _FileCut:
+    fed_ms: int = 0
+    cache: dict = field(default_factory=dict)
+    open_ms: int | None = None  # start of a segment whose end is in a later piece
+    last_fed: float = 0.0
+
+
+@dataclass
 class _Stream:
     base_ms: int  # stream position where this fsmn cache started
     fed_ms: int
@@ -53,15 +61,16 @@ class VadCore:
     ):  # fmt: skip
         self.settings = settings
         self._now = clock
-        # funasr's fbank without its per-call set-up, where funasr's frontend still runs: whole files
-        # (`segment`) and VAD models configured otherwise; the streaming step has its own (vad_frontend.py)
+        # funasr's fbank without its per-call set-up, where funasr's frontend still runs (VAD models
+        # configured otherwise); the streaming step has its own (vad_frontend.py)
         fast_fbank.install()
         self.model = load_automodel(
             source, device=device, threads=settings.threads, max_end_silence_time=settings.max_end_silence_ms
         )
-        self._engine = BatchedFsmnVad(self.model)  # streaming steps; `segment` (whole files) uses generate
+        self._engine = BatchedFsmnVad(self.model)
         self._streams: dict[str, _Stream] = {}
-        self.segment(np.zeros(600 * SAMPLES_PER_MS, dtype=np.int16))  # the first call is slow
+        self._files: dict[str, _FileCut] = {}  # uploads being cut into segments, piece by piece
+        self.segment_piece("warm-up", np.zeros(600 * SAMPLES_PER_MS, dtype=np.int16), 0, final=True)  # slow 1st
 
     @property
     def live_sessions(self) -> int:
@@ -77,6 +86,8 @@ class VadCore:
         idle = [sid for sid, s in list(self._streams.items()) if s.last_fed <= cutoff]
         for sid in idle:
             self._streams.pop(sid, None)
+        for key in [k for k, cut in list(self._files.items()) if cut.last_fed <= cutoff]:
+            self._files.pop(key, None)  # an upload whose Ingress never came back
         if idle:
             logger.info("forgot the VAD state of %d session(s) idle for %g s (vad.session_idle_s): %s",
                         len(idle), self.settings.session_idle_s, ", ".join(idle[:5]))  # fmt: skip
@@ -192,10 +203,42 @@ class VadCore:
     def close(self, session_id: str) -> bool:
         return self._streams.pop(session_id, None) is not None
 
-    def segment(self, pcm: np.ndarray) -> list[tuple[int, int]]:
-        """Speech segments of a whole recording, as (start_ms, end_ms)."""
-        out = self.model.generate(input=to_float32(pcm), cache={}, is_final=True)
-        return [(int(a), int(b)) for a, b in (out[0]["value"] if out else [])]
+    def segment_piece(self, key: str, pcm: np.ndarray, start_ms: int, final: bool) -> list[tuple[int, int]] | None:
+        """The next piece of an upload (`key`): the speech segments, as (start_ms, end_ms), that end
+        in it; the last piece (`final`) closes any still open. A whole file in one step would hold the
+        model thread for seconds that every session's step waits; pieces take turns with them, and
+        give the same segments (the streaming model continues its cache). None: a piece that does not
+        continue what this replica holds (a new replica after a re-pin): the caller starts over."""
+        cut = self._files.get(key)
+        if start_ms == 0:
+            cut = self._files[key] = _FileCut()
+        elif cut is None or cut.fed_ms != start_ms:
+            self._files.pop(key, None)
+            return None
+        cut.last_fed = self._now()
+        chunk_ms = max(len(pcm) // SAMPLES_PER_MS, 1)
+        step = Step(cut.cache, to_float32(pcm), final, chunk_ms=chunk_ms)
+        try:
+            self._engine.run([step])
+            if step.error is not None:
+                raise step.error
+        except Exception:
+            self._files.pop(key, None)
+            raise
+        cut.fed_ms += len(pcm) // SAMPLES_PER_MS
+        done = []
+        for beg, end in step.segments:
+            if beg != -1:
+                cut.open_ms = beg
+            if end != -1 and cut.open_ms is not None:
+                done.append((cut.open_ms, end))
+                cut.open_ms = None
+        if final:
+            self._files.pop(key, None)
+        return done
+
+    def drop_file(self, key: str) -> bool:
+        return self._files.pop(key, None) is not None
 
 
 @serve.deployment  # its options (lane router included): settings.DEFAULT_DEPLOYMENT_OPTIONS
@@ -215,8 +258,14 @@ class VADHost:
         """The chunks of one lane (sessions of one Ingress replica; the router keeps a lane here)."""
         return await self._call(self._core.feed_many, items)
 
-    async def segment(self, pcm: np.ndarray) -> list[tuple[int, int]]:
-        return await self._call(self._core.segment, pcm)
+    async def segment_piece(
+        self, lane: str, pcm: np.ndarray, start_ms: int, final: bool
+    ) -> list[tuple[int, int]] | None:
+        """The next piece of an upload; `lane` is the upload's own (sticky: its pieces stay here)."""
+        return await self._call(self._core.segment_piece, lane, pcm, start_ms, final)
+
+    async def drop_file(self, lane: str) -> bool:
+        return self._core.drop_file(lane)
 
     def record_routing_stats(self) -> dict[str, int]:
         return {LIVE_SESSIONS_STAT: self._core.live_sessions}

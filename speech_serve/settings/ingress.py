@@ -83,16 +83,29 @@ class UploadSettings(Section):
     """Highest sample rate of an uploaded file (HTTP 400 above it, from the header, before decoding): a FLAC
     header may claim 655350 Hz, and decoding costs the file's own rate."""
     max_concurrent: int = Field(2, ge=1)
-    """Uploads (transcriptions and enrolments together) one Ingress replica reads, decodes and recognises at once
-    (each may hold max_bytes and max_seconds of audio); more get 503 with Retry-After."""
+    """File transcriptions one Ingress replica decodes and recognises at once (each may hold max_bytes and
+    max_seconds of audio); more get 503 with Retry-After. Only a whole body takes one."""
+    max_concurrent_enrolments: int = Field(1, ge=1)
+    """Voiceprint enrolments (admin) one Ingress replica decodes and embeds at once; a gate apart from the
+    devices' transcriptions, so devices never hold the admin's uploads back."""
+    max_receiving: int = Field(4, ge=1)
+    """Upload bodies of one kind (transcriptions; enrolments) one Ingress replica receives at once, each held in
+    memory up to max_bytes; more get 503 with Retry-After."""
     body_timeout_s: float = Field(120.0, gt=0)
-    """Longest time to receive an upload's whole body: past it, HTTP 408. A client trickling its body would
-    otherwise hold one of max_concurrent for ever."""
+    """Longest time to receive an upload's whole body: past it, HTTP 408."""
+    min_body_bytes_per_s: float | None = Field(8000.0, gt=0)
+    """Past its first body_grace_s, an upload's body must arrive at this average rate (64 kbit/s) or get HTTP
+    408 at once: a client trickling its body would hold a receiving slot for body_timeout_s. null: no bound."""
+    body_grace_s: float = Field(10.0, ge=0)
+    """Time an upload's body may take before min_body_bytes_per_s applies (a connection that starts slowly)."""
     retry_after_s: int = Field(5, ge=1)
     """Retry-After (seconds) of the 503 an upload gets while the replica is at its cap."""
     max_segments_in_flight: int = Field(4, ge=1)
     """Speech segments of one uploaded file being recognised at once: a long file goes to the models a few
     segments at a time, never all at once ahead of the live sessions' utterances."""
+    vad_piece_s: float = Field(10.0, gt=0, le=60)
+    """Audio of an uploaded file per VADHost call while it is cut into segments (a few ms of the replica's one
+    model thread each): the live sessions' VAD steps on that replica take turns with the pieces."""
 
 
 class DrainSettings(Section):

@@ -298,8 +298,7 @@ class ModelCalls:
         self._closing: set[asyncio.Task] = set()
 
     async def _feed_many(self, lane: str, items: list[VadItem]) -> list[VadFeedResult]:
-        """One lane's call. Bounded here, not only by each caller's try: a lane makes one call at a
-        time, so a call that never returned would block every session of the lane."""
+        """One lane's call, bounded here too: a lane makes one call at a time; one never answered blocks it."""
         try:
             return await bounded(awaited(self.vad.feed_many.remote(lane, items)), self.retry.try_timeout_s)
         except TimeoutError:
@@ -312,14 +311,17 @@ class ModelCalls:
         replays = 0
         while True:
             try:
-                result = await self._try(clock, partial(self.vad_lanes.feed, sid, chunk), "VADHost")
+                result = await self.try_once(clock, partial(self.vad_lanes.feed, sid, chunk), "VADHost")
             except REPLICA_GONE as exc:  # the state went with the replica: replay on the next one
-                await self._before_retry(clock, exc, "VADHost", sid)
+                await self.before_retry(clock, exc, "VADHost", sid)
+            except VadItemError:  # the replica dropped this session's state: replay once, fresh
+                if chunk.restart:
+                    raise  # its fresh replay failed too
             else:
                 if not result.state_lost:
                     return result, replays
                 if chunk.restart:  # a fresh start is never refused; if it is, spend the budget, never loop
-                    await self._before_retry(clock, RuntimeError("state lost on a restart"), "VADHost", sid)
+                    await self.before_retry(clock, RuntimeError("state lost on a restart"), "VADHost", sid)
             chunk = timeline.replay_chunk(chunk)
             replays += 1
             logger.info("session %s: replaying %d ms of audio from %d ms (replay %d)",
@@ -329,8 +331,11 @@ class ModelCalls:
         """Free the session's VAD state without waiting for it (its lane may be busy), once `after`
         (the stream's feeder, just cancelled) has ended: a feed sent after the close would find no
         state, replay from a fresh one and leave that behind."""
-        task = asyncio.create_task(self._close_vad_after(session_id, after))
-        self._closing.add(task)  # a reference until done, or the loop may drop the task
+        self.keep_until_done(asyncio.create_task(self._close_vad_after(session_id, after)))
+
+    def keep_until_done(self, task: asyncio.Task) -> None:
+        """A reference to a clean-up task until it is done, or the loop may drop it."""
+        self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
     async def _close_vad_after(self, session_id: str, after: asyncio.Task | None) -> None:
@@ -341,13 +346,8 @@ class ModelCalls:
         except Exception:  # the replica may be gone already; nothing to clean up then
             logger.info("session %s: VAD close failed; replica gone", session_id)
 
-    async def segment(self, pcm: np.ndarray, request_id: str) -> list[tuple[int, int]]:
-        """Speech segments of a whole file."""
-        segments, _ = await self._retrying(partial(self.vad.segment.remote, pcm), "VADHost", request_id)
-        return segments
-
     # ---- tries and retries ----
-    async def _try(self, clock: RetryClock, call: Callable[[], Awaitable], what: str):
+    async def try_once(self, clock: RetryClock, call: Callable[[], Awaitable], what: str):
         """One try, bounded: by `try_timeout_s`, and after a failure by the time left in the budget
         (with one replica a retry waits in Serve's router for the replacement, and that wait must
         end). A try that runs out is cancelled on its replica."""
@@ -357,7 +357,7 @@ class ModelCalls:
         except TimeoutError:
             raise clock.timeout_error(what, left) from None
 
-    async def _before_retry(self, clock: RetryClock, exc: Exception, what: str, session_id: str) -> None:
+    async def before_retry(self, clock: RetryClock, exc: Exception, what: str, session_id: str) -> None:
         wait = clock.failed()
         if wait is None:
             raise ReplicaLostError(f"{what} replica lost; gave up after {clock.retries} retries in "
@@ -371,9 +371,9 @@ class ModelCalls:
         clock = RetryClock(self.retry)
         while True:
             try:
-                return await self._try(clock, call, what), clock.retries
+                return await self.try_once(clock, call, what), clock.retries
             except REPLICA_GONE as exc:
-                await self._before_retry(clock, exc, what, session_id)
+                await self.before_retry(clock, exc, what, session_id)
 
     # ---- SenseVoice and Speaker ----
     async def transcribe(self, request: AsrRequest, session_id: str) -> tuple[Transcript, float, int]:

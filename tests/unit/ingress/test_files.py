@@ -8,6 +8,7 @@ import asyncio
 import io
 import json
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,8 +17,9 @@ from fastapi import HTTPException
 
 from speech_serve.ingress import files as openai_files
 from speech_serve.ingress.auth import DeviceAuth
-from speech_serve.ingress.files import FileTranscriptions
-from speech_serve.ingress.uploads import Slots
+from speech_serve.ingress.files import FileTranscriptions, cut_into_segments
+from speech_serve.ingress.stream import ModelCalls
+from speech_serve.ingress.uploads import UploadGate
 from speech_serve.messages import SpeakerInfo, UtteranceResult
 from speech_serve.settings import AppSettings
 from tests.support.fakes import multipart, request
@@ -77,8 +79,10 @@ class FakeModels:
 
 def endpoint(models: FakeModels, **uploads) -> FileTranscriptions:
     settings = AppSettings(uploads=uploads)
-    slots = Slots(settings.uploads.max_concurrent, settings.uploads.retry_after_s)
-    return FileTranscriptions(models, models, DeviceAuth(enabled=False), settings, slots)
+    u = settings.uploads
+    gate = UploadGate(u.max_concurrent, u.max_receiving, u.retry_after_s)
+    return FileTranscriptions(models, models, DeviceAuth(enabled=False), settings, gate,
+                              cut=lambda calls, pcm, request_id, piece_ms: models.segment(pcm, request_id))  # fmt: skip
 
 
 def _result(i, text, lang):
@@ -145,6 +149,63 @@ def test_a_refused_or_failed_upload_frees_its_slot():
     assert asyncio.run(files(request(wav_upload()))).status_code == 200
 
 
+def trickler(body: bytes) -> tuple:
+    """A request that sends the start of its body, then holds on; `go.set()` sends the rest."""
+    from starlette.requests import Request
+
+    from tests.support.fakes import BOUNDARY
+
+    go, sent = asyncio.Event(), [False]
+
+    async def receive():
+        if not sent[0]:
+            sent[0] = True
+            return {"type": "http.request", "body": body[:100], "more_body": True}
+        await go.wait()
+        return {"type": "http.request", "body": body[100:], "more_body": False}
+
+    headers = [(b"content-type", f"multipart/form-data; boundary={BOUNDARY}".encode())]
+    scope = {"type": "http", "method": "POST", "path": "/", "query_string": b"", "headers": headers}
+    return Request(scope, receive), go
+
+
+def test_clients_trickling_their_bodies_hold_no_working_slot_and_are_let_go_at_the_minimum_rate():
+    """Slots were taken before the body: two clients sending a few bytes a minute held both of a
+    replica's upload slots for body_timeout_s (120 s), and every other upload got 503 meanwhile."""
+
+    async def scenario():
+        files = endpoint(FakeModels(), max_concurrent=2, max_receiving=4, body_grace_s=0.3,
+                         min_body_bytes_per_s=100_000)  # fmt: skip
+        slow = [trickler(wav_upload()) for _ in range(2)]
+        held = [asyncio.create_task(files(req)) for req, _ in slow]
+        await asyncio.sleep(0.05)
+        served = [(await files(request(wav_upload()))).status_code for _ in range(3)]  # beside the tricklers
+        outcomes = await asyncio.gather(*held, return_exceptions=True)
+        return served, outcomes
+
+    served, outcomes = asyncio.run(scenario())
+    assert served == [200, 200, 200]
+    for out in outcomes:
+        assert isinstance(out, HTTPException) and out.status_code == 408
+        assert "bytes/s" in out.detail and "under" in out.detail
+
+
+def test_bodies_arriving_at_once_are_bounded_and_a_body_that_arrives_in_time_is_served():
+    async def scenario():
+        files = endpoint(FakeModels(), max_receiving=1, body_grace_s=30)
+        req, go = trickler(wav_upload())
+        first = asyncio.create_task(files(req))
+        await asyncio.sleep(0.05)
+        with pytest.raises(HTTPException) as refused:
+            await files(request(wav_upload()))
+        go.set()
+        return refused.value, (await first).status_code
+
+    refused, first = asyncio.run(scenario())
+    assert refused.status_code == 503 and "uploads arriving" in refused.detail
+    assert first == 200
+
+
 def test_segments_in_flight_per_upload_are_capped_and_answered_in_order():
     models = FakeModels(segments=40)
     response = asyncio.run(endpoint(models, max_segments_in_flight=3)(request(wav_upload())))
@@ -169,3 +230,72 @@ def test_openai_shapes():
     ]
     with pytest.raises(openai_files.TranscriptionRequestError, match="srt"):
         openai_files.check_response_format("srt")
+
+
+class CuttingVad:
+    """A VADHost's upload side: records each piece (lane, samples, start_ms, final) and answers one
+    segment per piece; forgets the cut once at `lose_at` (as a new replica would); holds at `hold_at`."""
+
+    def __init__(self, lose_at: int | None = None, hold_at: int | None = None):
+        self.pieces: list[tuple[str, int, int, bool]] = []
+        self.dropped: list[str] = []
+        self.lose_at, self.hold_at = lose_at, hold_at
+        self.holding = asyncio.Event()
+
+        async def piece(lane, pcm, start_ms, final):
+            self.pieces.append((lane, len(pcm), start_ms, final))
+            if start_ms == self.hold_at:
+                self.holding.set()
+                await asyncio.Event().wait()  # a client that leaves meanwhile
+            if start_ms == self.lose_at:
+                self.lose_at = None
+                return None
+            return [(start_ms, start_ms + 500)]
+
+        async def drop(lane):
+            self.dropped.append(lane)
+            return True
+
+        self.segment_piece = SimpleNamespace(remote=piece)
+        self.drop_file = SimpleNamespace(remote=drop)
+
+
+def cut(vad: CuttingVad, samples: int, piece_ms: int, **retry):
+    calls = ModelCalls(vad, None, None, AppSettings(retry=retry))
+
+    async def run():
+        found = await cut_into_segments(calls, np.zeros(samples, dtype=np.int16), "file-1", piece_ms)
+        await asyncio.sleep(0.01)  # the drop goes out detached
+        return found
+
+    return asyncio.run(run())
+
+
+def test_an_upload_is_cut_a_bounded_piece_per_call_on_its_own_lane_and_its_lane_is_released():
+    """A whole file in one VADHost call held the replica's one model thread for seconds (an 1800 s
+    file) while every live session's step waited behind it, past retry.try_timeout_s."""
+    vad = CuttingVad()
+    found = cut(vad, 16000 * 5 + 160, piece_ms=2000)  # 5.01 s
+    assert vad.pieces == [("file-1", 32000, 0, False), ("file-1", 32000, 2000, False), ("file-1", 16160, 4000, True)]
+    assert found == [(0, 500), (2000, 2500), (4000, 4500)]
+    assert vad.dropped == ["file-1"]
+
+
+def test_a_cut_whose_replica_lost_it_starts_over_and_a_client_that_leaves_stops_it():
+    vad = CuttingVad(lose_at=2000)
+    assert cut(vad, 16000 * 3, piece_ms=1000, backoff_s=0.01) == [(0, 500), (1000, 1500), (2000, 2500)]
+    assert [start for _, _, start, _ in vad.pieces] == [0, 1000, 2000, 0, 1000, 2000] and vad.dropped == ["file-1"]
+
+    vad = CuttingVad(hold_at=1000)
+    calls = ModelCalls(vad, None, None, AppSettings())
+
+    async def leave():
+        task = asyncio.create_task(cut_into_segments(calls, np.zeros(16000 * 60, dtype=np.int16), "g", 1000))
+        await vad.holding.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.01)
+
+    asyncio.run(leave())
+    assert len(vad.pieces) == 2 and vad.dropped == ["g"]  # no more pieces; the replica's cut is freed

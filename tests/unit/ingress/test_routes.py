@@ -14,7 +14,7 @@ from speech_serve.ingress.capacity import ComputeAdmission
 from speech_serve.ingress.health import DeploymentStates, serve_deployment_states
 from speech_serve.ingress.routes import Ingress
 from speech_serve.ingress.speakers import SpeakerAdmin
-from speech_serve.ingress.uploads import Slots
+from speech_serve.ingress.uploads import upload_gates
 from speech_serve.messages import ModelsSummary
 from speech_serve.settings import AppSettings
 
@@ -85,7 +85,8 @@ def test_healthz_asks_the_serve_controller_off_the_event_loop(monkeypatch):
 def test_admin_routes_reach_sqlite_off_the_event_loop():
     store = SimpleNamespace(list=Blocking([]))
     ingress = bare_ingress(AppSettings())
-    ingress.speakers = SpeakerAdmin(store, None, AppSettings().voiceprints, AppSettings().uploads, Slots(2))
+    uploads = AppSettings().uploads
+    ingress.speakers = SpeakerAdmin(store, None, AppSettings().voiceprints, uploads, upload_gates(uploads)[1])
 
     body, order = asyncio.run(alongside(ingress.list_speakers(None), store.list.release))
     assert store.list.released and order == ["other coroutine ran", "route answered"]

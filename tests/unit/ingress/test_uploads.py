@@ -12,6 +12,7 @@ from starlette.formparsers import MultiPartParser
 from starlette.requests import Request
 
 from speech_serve.ingress.uploads import UploadError, file_fields, read_form, text_field
+from speech_serve.settings import UploadSettings
 from tests.support.fakes import BOUNDARY, multipart, request
 
 SPOOL_THRESHOLD = MultiPartParser.spool_max_size  # starlette's 1 MiB
@@ -144,13 +145,12 @@ def test_an_upload_body_that_stops_arriving_is_answered_408():
 
     body = multipart({"model": "x"}, [("file", "a.wav", audio(4096))])
     with pytest.raises(HTTPException) as raised:
-        asyncio.run(read_upload_form(trickling_request(body[:100]), max_file_bytes=BIG, max_files=1, timeout_s=0.05))
+        limits = UploadSettings(max_bytes=BIG, body_timeout_s=0.05)
+        asyncio.run(read_upload_form(trickling_request(body[:100]), limits, max_files=1))
     assert raised.value.status_code == 408 and "did not arrive" in raised.value.detail
 
 
-def test_transcriptions_and_enrolments_share_one_upload_cap():
-    """Enrolment holds up to max_enroll_files files of max_upload_bytes each: it takes the same
-    slots as file transcription, so the two together stay within max_concurrent_uploads."""
+def test_slots_answer_503_with_retry_after_at_once_and_are_given_back():
     from fastapi import HTTPException
 
     from speech_serve.ingress.uploads import Slots
@@ -163,3 +163,25 @@ def test_transcriptions_and_enrolments_share_one_upload_cap():
     with slots.hold():  # given back on the way out, errors included
         assert slots.held == 1
     assert slots.held == 0
+
+
+def test_the_admins_enrolments_have_a_gate_apart_from_the_devices_uploads():
+    """One upload cap shared by transcriptions and enrolment: devices holding it (two trickling
+    clients did, for 120 s) refused the admin's enrolments with 503."""
+    from fastapi import HTTPException
+
+    from speech_serve.ingress.uploads import upload_gates
+
+    async def idle():
+        return None
+
+    async def scenario():
+        files, enrolments = upload_gates(UploadSettings(max_concurrent=2))
+        async with files.admit(idle), files.admit(idle):
+            with pytest.raises(HTTPException) as refused:
+                async with files.admit(idle):
+                    pass
+            async with enrolments.admit(idle):  # the admin's enrolment goes on
+                return refused.value.status_code
+
+    assert asyncio.run(scenario()) == 503

@@ -161,7 +161,7 @@ def test_each_frame_is_classified_as_funasr_classifies_it(automodel, reference, 
 
 
 def test_whole_files_are_segmented_as_before_with_the_engine_in_place(automodel, reference, streams):
-    """VadCore.segment runs generate() on the model the engine has wrapped."""
+    """generate() still works on the model the engine has wrapped (the reference the upload cut is held to)."""
     BatchedFsmnVad(automodel)
     for pcm in streams:
         ours = automodel.generate(input=to_float32(pcm), cache={}, is_final=True)[0]["value"]

@@ -51,7 +51,18 @@ def test_a_burst_of_new_sessions_spreads_over_replicas():
 def test_the_sticky_key_is_the_lane_of_batched_feeds_only():
     assert sticky_key("feed_many", ("lane-0", []), {}) == "lane-0"
     assert sticky_key("feed_many", (), {"lane": "lane-1", "items": []}) == "lane-1"
-    assert sticky_key("segment", ("not-a-lane",), {}) is None
+    assert sticky_key("segment_piece", ("file-1", None, 0, False), {}) == "file-1"  # an upload's own lane
+    assert sticky_key("reconfigure", ("not-a-lane",), {}) is None
+
+
+def test_an_uploads_lane_keeps_its_replica_until_its_drop_which_releases_the_pin():
+    pins: dict[str, str] = {}
+    loads = {"a": 0, "b": 1}
+    assert choose_replica("file-1", pins, loads) == "a"
+    assert choose_replica("file-1", pins, {"a": 9, "b": 1}) == "a"  # sticky, as a session lane
+    assert choose_replica("file-1", pins, {"a": 9, "b": 1}, release=True) == "a"  # the drop goes where the cut is
+    assert pins == {}  # one-off lanes do not pile up in the router (or count as load)
+    assert choose_replica("file-2", pins, {"a": 9, "b": 1}, release=True) == "b" and pins == {}
 
 
 def test_the_router_asks_serve_to_back_off_before_it_retries():

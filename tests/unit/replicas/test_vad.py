@@ -75,8 +75,38 @@ def test_vad_reset_between_utterances_keeps_segments(tiny_models, two_utterances
         assert abs(start - (TWO_UTTERANCES_SPEECH_MS[k % 2][0] + offset * (k // 2))) < 400
 
 
-def test_vad_segments_a_whole_file(vad, two_utterances):
-    assert len(vad.segment(two_utterances)) == 2
+def cut(vad, key, pcm, piece_ms):
+    found, step = [], piece_ms * 16
+    for at in range(0, len(pcm), step):
+        done = vad.segment_piece(key, pcm[at : at + step], at // 16, final=at + step >= len(pcm))
+        assert done is not None
+        found += done
+    return found
+
+
+@pytest.mark.parametrize("piece_ms", [700, 2000, 10_000])
+def test_a_file_cut_in_pieces_gets_the_segments_of_one_whole_file_pass(vad, two_utterances, piece_ms):
+    """An upload is segmented a piece per call so the live sessions' steps take turns with it; the
+    streaming model continues its cache, so the segments are those of one offline pass."""
+    audio = np.concatenate([two_utterances, np.zeros(16000, dtype=np.int16)] * 3)
+    whole = [(int(a), int(b)) for a, b in vad.model.generate(input=audio / 32768, cache={}, is_final=True)[0]["value"]]
+    assert len(whole) == 6
+    assert cut(vad, f"file-{piece_ms}", audio, piece_ms) == whole
+    assert not vad._files  # the last piece freed the cut
+
+
+def test_a_piece_that_does_not_continue_the_cut_is_refused_and_an_idle_cut_is_forgotten(tiny_models, two_utterances):
+    now = [0.0]
+    vad = VadCore(tiny_models.vad, VadSettings(session_idle_s=60), clock=lambda: now[0])
+    assert vad.segment_piece("f", two_utterances[:16000], 0, final=False) == []
+    assert vad.segment_piece("f", two_utterances[16000:32000], 999, final=False) is None  # a gap: start over
+    assert vad.segment_piece("g", two_utterances[:16000], 1000, final=False) is None  # a stranger (new replica)
+    assert vad.segment_piece("h", two_utterances[:16000], 0, final=False) == []
+    assert vad.drop_file("h") and not vad.drop_file("h")
+    vad.segment_piece("left", two_utterances[:16000], 0, final=False)  # its client left; no drop came
+    now[0] = 61.0
+    vad.evict_idle()
+    assert not vad._files
 
 
 def test_vad_reset_keeps_the_session_cache_from_growing(tiny_models, two_utterances):

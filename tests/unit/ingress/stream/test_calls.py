@@ -322,3 +322,28 @@ def test_each_call_has_a_request_id_of_its_own_not_the_calling_sessions():
 def test_a_lane_holds_at_least_one_session():
     with pytest.raises(ValueError):
         VadLanes(lambda lane, items: None, interval_ms=0, sessions_per_lane=0)
+
+
+@pytest.mark.parametrize("failures, outcome", [(1, "replayed"), (2, "VadItemError")])
+def test_a_chunk_the_vadhost_failed_is_replayed_fresh_once_not_closed(failures, outcome):
+    """The replica drops a session's state when its step fails, as when the replica is lost: the
+    design is a replay, but the session was closed with 1011 at the first failed item."""
+    fed: list[VadChunk] = []
+
+    async def feed_many(lane, items):
+        fed.extend(item.chunk for item in items)
+        return [VadFeedResult(events=[], error="boom" if len(fed) <= failures else None) for _ in items]
+
+    async def scenario():
+        calls = ModelCalls(SimpleNamespace(feed_many=SimpleNamespace(remote=feed_many)), None, None,
+                           AppSettings(stream={"vad_batch_interval_ms": 0}))  # fmt: skip
+        timeline = Timeline(200, 30_000)
+        timeline.add_audio(np.zeros(3200, dtype=np.int16))
+        try:
+            _, replays = await calls.feed_vad("a", timeline, VadChunk(np.zeros(3200, dtype=np.int16), 0))
+            return "replayed" if replays == 1 else replays
+        except VadItemError:
+            return "VadItemError"
+
+    assert asyncio.run(scenario()) == outcome
+    assert fed[1].restart and fed[1].start_ms == 0 and len(fed) == 2  # the unfinished audio, from a fresh state
