@@ -80,17 +80,34 @@ class OnlineFeatures:
         ready = [piece for piece in pieces if self._attempt(piece, self._cut, piece)]
         cut = [piece for piece in ready if piece._frames is not None]
         if cut:  # one fbank for every session's new frames
-            fbank = fast_fbank.fbank_of_frames(torch.cat([p._frames for p in cut]), self.rate, self.bins, self.window)
-            for piece, frames in zip(cut, fbank.split([len(p._frames) for p in cut]), strict=True):
-                piece._frames = frames
+            frames = self._shared(cut, [p._frames for p in cut], self._fbank)
+            for piece, rows in zip(cut, frames, strict=True):
+                piece._frames = rows
+        ready = [piece for piece in ready if piece.error is None]
         spliced = [(piece, rows) for piece in ready if (rows := self._attempt(piece, self._splice, piece)) is not None]
         if not spliced:
             return
-        normalised = (torch.cat([rows for _, rows in spliced]) + self.shift_by) * self.scale_by  # one CMVN for all
-        for (piece, rows), feats in zip(spliced, normalised.split([len(r) for _, r in spliced]), strict=True):
+        normalised = self._shared([p for p, _ in spliced], [rows for _, rows in spliced], self._cmvn)  # one for all
+        for (piece, rows), feats in zip(spliced, normalised, strict=True):
+            if feats is None:
+                continue
             waveform = self._attempt(piece, self._scored_samples, piece.state, len(rows))
             if waveform is not None:
                 piece.feats, piece.waveform = feats[None], waveform
+
+    def _fbank(self, frames: torch.Tensor) -> torch.Tensor:
+        return fast_fbank.fbank_of_frames(frames, self.rate, self.bins, self.window)
+
+    def _cmvn(self, rows: torch.Tensor) -> torch.Tensor:
+        return (rows + self.shift_by) * self.scale_by
+
+    def _shared(self, pieces: list[Piece], inputs: list[torch.Tensor], fn) -> list[torch.Tensor | None]:
+        """fn over every piece's input in one call; if that raises, over each alone, so the piece
+        that broke it fails alone (None, its error set) and the others' sessions go on."""
+        try:
+            return list(fn(torch.cat(inputs)).split([len(x) for x in inputs]))
+        except Exception:
+            return [self._attempt(piece, fn, x) for piece, x in zip(pieces, inputs, strict=True)]
 
     @staticmethod
     def _attempt(piece: Piece, fn, *args):

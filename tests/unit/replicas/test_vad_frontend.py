@@ -110,3 +110,26 @@ def test_a_bad_piece_fails_alone(frontend, audio):
     assert bad.error is not None and bad.feats.numel() == 0
     # a first 200 ms: 18 whole fbank frames, of which the last 2 wait for the frames after them
     assert all(p.error is None and p.feats.shape == (1, 16, 400) for p in good)
+
+
+def test_a_piece_that_breaks_the_shared_fbank_fails_alone(frontend, audio, monkeypatch):
+    """One fbank call for every session's frames: when it raised, every session of the call failed
+    (and each closed with 1011). Now the call is redone piece by piece and only the culprit fails."""
+    real = fast_fbank.fbank_of_frames
+
+    def fragile(frames, *args):
+        if bool((frames.abs() > 30_000).any()):  # a poisoned piece (int16-scaled samples near full scale)
+            raise RuntimeError("fbank failed")
+        return real(frames, *args)
+
+    alone = OnlineFeatures(frontend)
+    expected = [Piece({}, audio[i * 3200 : (i + 1) * 3200], False) for i in range(3)]
+    alone.features(expected)
+    monkeypatch.setattr(fast_fbank, "fbank_of_frames", fragile)
+    ours = OnlineFeatures(frontend)
+    good = [Piece({}, audio[i * 3200 : (i + 1) * 3200], False) for i in range(3)]
+    bad = Piece({}, torch.ones(3200), False)
+    ours.features([good[0], bad, *good[1:]])
+    assert isinstance(bad.error, RuntimeError) and bad.feats.numel() == 0
+    for piece, reference in zip(good, expected, strict=True):
+        assert piece.error is None and torch.equal(piece.feats, reference.feats)
