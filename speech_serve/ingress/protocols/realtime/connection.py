@@ -236,6 +236,8 @@ class RealtimeConnection(Connection):
     async def _clear(self) -> None:
         """Drop the uncommitted audio; committed items are still answered."""
         await self.stream.clear()
+        if self._open_item is not None:  # its deltas' text goes with it: no result will come for it
+            self._deltas.pop(self._open_item, None)
         self._open_item = None
         if self.config.turn_detection is None:
             await self.stream.begin_utterance()  # push-to-talk: the next turn's audio starts now

@@ -98,6 +98,8 @@ def _parse(data: dict[str, Any], event_id: str | None, max_chars: int) -> Client
         if not isinstance(audio, str):
             raise EventError("missing_required_parameter", "input_audio_buffer.append needs `audio`: base64 audio",
                              "audio")  # fmt: skip
+        if "\n" in audio or "\r" in audio:  # MIME-style base64 (76-char lines), as some encoders write it
+            audio = audio.replace("\r", "").replace("\n", "")
         try:
             return Append(base64.b64decode(audio, validate=True), event_id)
         except (binascii.Error, ValueError):

@@ -303,3 +303,24 @@ def test_an_append_padded_around_empty_audio_is_paced_as_the_audio_it_could_carr
     paced_s, sent = asyncio.run(scenario())
     assert paced_s > 0  # 62 kB could carry 1.3 s of 24 kHz audio each: the second and third wait
     assert not [e for e in sent if e["type"] == "error"]  # paced, not refused
+
+
+def test_a_clear_after_deltas_forgets_the_cleared_items_text():
+    """Each `clear` after an interim left the cleared item's delta text behind for the session's life."""
+
+    async def scenario():
+        settings = AppSettings()
+        conn = RealtimeConnection(MemoryWebSocket(), "s1", None, settings.limits, IngressMetrics(), settings.realtime,
+                                  600)  # fmt: skip
+
+        async def nothing():
+            return None
+
+        conn.stream = SimpleNamespace(clear=nothing, use_vad=nothing, begin_utterance=nothing)
+        for n in range(50):
+            await conn._on_interim(n, f"words of turn {n}")
+            await conn._clear()
+        return conn
+
+    conn = asyncio.run(scenario())
+    assert conn._deltas == {}

@@ -124,6 +124,10 @@ def test_audio_events():
     pcm = np.array([1, -2, 300], dtype="<i2").tobytes()
     append = parse({"type": "input_audio_buffer.append", "audio": base64.b64encode(pcm).decode(), "event_id": "a"})
     assert append == events.Append(pcm, "a")
+    lines = base64.encodebytes(bytes(range(256)) * 4).decode()  # MIME-style: 76 characters a line
+    assert "\n" in lines and parse({"type": "input_audio_buffer.append", "audio": lines}).audio == bytes(range(256)) * 4
+    crlf = lines.replace("\n", "\r\n")
+    assert parse({"type": "input_audio_buffer.append", "audio": crlf}).audio == bytes(range(256)) * 4
     assert parse({"type": "input_audio_buffer.commit"}) == events.Commit()
     assert parse({"type": "input_audio_buffer.clear", "event_id": "c"}) == events.Clear("c")
 
