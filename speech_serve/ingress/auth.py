@@ -67,6 +67,15 @@ class Identity:
         return self.group
 
 
+OWN_GROUP_PREFIX = "device:"
+
+
+def own_group(device_id: str) -> str:
+    """The speaker group of a device that security.device_groups does not map: `device:<id>`, never a
+    household's name (a device called `kitchen` or `default` was matched against that household)."""
+    return OWN_GROUP_PREFIX + device_id
+
+
 @dataclass(frozen=True)
 class AuthDecision:
     ok: bool
@@ -275,7 +284,7 @@ class DeviceAuth:
     def identity(self, credentials: Credentials) -> Identity:
         """Who the (accepted) credentials say the connection is, and its speaker group."""
         device = credentials.device_id
-        group = self.device_groups.get(device, device) if device else None
+        group = (self.device_groups.get(device) or own_group(device)) if device else None
         return Identity(device, credentials.client_id, group, group_fixed=self.enabled)
 
     @property

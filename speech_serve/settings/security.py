@@ -28,8 +28,8 @@ class SecuritySettings(Section):
     allowed_devices: list[str] = Field(default_factory=list)
     """Device ids admitted without a token."""
     device_groups: dict[str, str] = Field(default_factory=dict)
-    """Speaker group (household) of each device id while device authentication is on; a device not listed is its
-    own group. Clients cannot choose another (speaker_group must match or be left out)."""
+    """Speaker group (household) of each device id; a device not listed is its own group, `device:<id>`. With
+    device authentication on, clients cannot choose another (speaker_group must match or be left out)."""
     min_secret_chars: int = Field(MIN_SECRET_CHARS, ge=MIN_REDACTED_CHARS)
     """Shortest device secret or admin token accepted: a shorter one set in the environment stops the ingress
     from starting (and could not be masked in the logs)."""

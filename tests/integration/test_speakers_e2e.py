@@ -17,6 +17,7 @@ from websockets.sync.client import connect
 
 from examples.xiaozhi_device import run_device
 from speech_serve.app import run_local
+from speech_serve.ingress.auth import own_group
 from speech_serve.wire.client import run_funasr, stream_file
 from speech_serve.wire.tokens import device_headers
 from tests.support.audio import FIXTURES
@@ -76,8 +77,8 @@ def test_funasr_answers_carry_spk_name(service, enrolled):
 
 
 def test_xiaozhi_device_matches_its_own_household_only(service, enrolled):
-    """A device's group is its Device-Id: bob enrolled elsewhere is a stranger here."""
-    r = enroll(service, "alice", ALLOWED_DEVICE, ["alice_enroll_1.wav", "alice_enroll_2.wav"])
+    """An unmapped device's group is its own (`device:<id>`): bob enrolled elsewhere is a stranger here."""
+    r = enroll(service, "alice", own_group(ALLOWED_DEVICE), ["alice_enroll_1.wav", "alice_enroll_2.wav"])
     assert r.status_code == 201
     time.sleep(1.5)
     messages = run_device(f"ws://{service}/xiaozhi/v1/", THREE, device_id=ALLOWED_DEVICE, expect=3, linger_s=20)

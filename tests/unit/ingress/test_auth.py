@@ -113,8 +113,20 @@ def test_device_auth_from_settings():
     auth = DeviceAuth.from_settings(settings, "0.0.0.0", environ={"TEST_SECRET": SECRET})
     assert auth.enabled and auth.problem is None
     accepted = auth.check(Credentials("d1", "c1", "Bearer " + issue_token(SECRET, "c1", "d1")))
-    assert accepted.ok and accepted.identity == Identity("d1", "c1", "d1", group_fixed=True)
+    assert accepted.ok and accepted.identity == Identity("d1", "c1", "device:d1", group_fixed=True)
     assert not auth.check(Credentials("d1", "c1", None)).ok
+
+
+@pytest.mark.parametrize("device", ["kitchen", "default"])
+def test_a_device_named_like_a_household_is_not_matched_against_that_household(device):
+    """An unmapped device's group was its id: a device calling itself `kitchen` (or `default`, the
+    default group) was matched against that household's voiceprints."""
+    settings = SecuritySettings(device_secret_env="TEST_SECRET", device_groups={"oven": "kitchen"})
+    auth = DeviceAuth.from_settings(settings, "0.0.0.0", environ={"TEST_SECRET": SECRET})
+    identity = auth.check(Credentials(device, "", "Bearer " + issue_token(SECRET, "", device))).identity
+    assert identity.group == f"device:{device}" and identity.speaker_group(None) not in ("kitchen", "default")
+    oven = auth.check(Credentials("oven", "", "Bearer " + issue_token(SECRET, "", "oven"))).identity
+    assert oven.speaker_group(None) == "kitchen"  # a mapped device is in its household
 
 
 def test_auth_on_without_a_secret_starts_but_refuses_devices_naming_the_variable():

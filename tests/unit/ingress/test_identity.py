@@ -205,7 +205,7 @@ def test_a_xiaozhi_device_refused_by_auth_is_never_admitted_and_an_accepted_one_
 )
 def test_with_device_auth_a_client_cannot_choose_whose_voiceprints_it_is_matched_against(cls, start, extra):
     group, sent = asyncio.run(_stream_group(cls, websocket("/x", query=KITCHEN), device_auth(), [text(start)], *extra))
-    assert group == "kitchen"  # the device's own household
+    assert group == "device:kitchen"  # the device's own group
     assert any(m.get("code") == "speaker_group_not_allowed" for m in sent)  # told, and the session goes on
 
 
@@ -218,7 +218,7 @@ def test_with_device_auth_a_device_is_matched_in_its_mapped_group_or_its_own(cls
     group, _ = asyncio.run(_stream_group(cls, websocket("/x", query=KITCHEN), mapped, [text(start)], *extra))
     assert group == "home-1"
     own, _ = asyncio.run(_stream_group(cls, websocket("/x", query=KITCHEN), device_auth(), [text(start)], *extra))
-    assert own == "kitchen"
+    assert own == "device:kitchen"  # an unmapped device: a group of its own, never a household named like it
     same = {**start, "speaker_group": "home-1"}  # naming its own group is fine
     group, sent = asyncio.run(_stream_group(cls, websocket("/x", query=KITCHEN), mapped, [text(same)], *extra))
     assert group == "home-1" and not any(m.get("code") == "speaker_group_not_allowed" for m in sent)
