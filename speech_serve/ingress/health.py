@@ -10,6 +10,7 @@ most `timeout_s` (a controller that does not answer is reported, not waited for)
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable
 
@@ -68,3 +69,8 @@ class DeploymentStates:
             return
         if future.exception() is None:  # reading the exception also marks it seen when nobody waited
             self._value, self._fetched_at = future.result(), self._now()
+
+
+def public_source(described: str) -> str:
+    """A model source as /healthz tells anyone: a local directory by its name, not its path."""
+    return re.sub(r"(?<![\w.])/[^\s\[\]]*/([^\s/\[\]]+)", r"\1", described)

@@ -27,7 +27,7 @@ from speech_serve.ingress.auth import AdminAuth, DeviceAuth, serve_bind_host
 from speech_serve.ingress.capacity import ComputeAdmission
 from speech_serve.ingress.demo_page import demo_asset
 from speech_serve.ingress.files import FileTranscriptions
-from speech_serve.ingress.health import DeploymentStates, readiness, serve_deployment_states
+from speech_serve.ingress.health import DeploymentStates, public_source, readiness, serve_deployment_states
 from speech_serve.ingress.metrics import IngressMetrics
 from speech_serve.ingress.protocols.funasr import FunasrConnection
 from speech_serve.ingress.protocols.plain import PlainConnection
@@ -111,29 +111,27 @@ class Ingress:
             )
 
     @app.get("/healthz")
-    async def healthz(self) -> JSONResponse:
+    async def healthz(self, request: Request) -> JSONResponse:
         """200 while Ingress, VADHost and SenseVoice have a running replica ("ok", or "degraded" with the
-        optional deployments that have none: the Speaker, the session registry); 503 otherwise."""
+        optional deployments that have none: the Speaker, the session registry); 503 otherwise. Open to
+        probes: no paths, no variable names, nothing walked per call; the admin token adds the details
+        (model paths, this replica's load, admission, the host plan, its stream tasks)."""
         status, down = "starting", []
         self.sessions.watch_compute()  # the compute cap, known before the first device comes
         body = {
             "status": "starting",
             "models": self.models.label,
-            "model_sources": dict(self.models.sources),
+            "model_sources": {role: public_source(source) for role, source in self.models.sources.items()},
             "live_sessions_this_replica": len(self.sessions.live),
-            "stream_tasks_this_replica": live_stream_tasks(),  # 0 when idle: a leak check for soak tests
-            # admission by compute, this replica: how long the oldest final has waited, what is shed now
-            "load_this_replica": {"queue_delay_s": round(self.compute.backlog.queue_delay_s(), 3),
-                                  "shedding": self.compute.backlog.shedding()},  # fmt: skip
-            "compute_admission": self.compute.report(),
-            "sizing": self.sizing,
+            "device_auth": {"enabled": self.device_auth.enabled, "why": self.device_auth.why},
+            "admin_api": "enabled" if self.admin_auth.token else "disabled (the Ingress log says why)",
         }
         if self.models.warning:
             body["warning"] = self.models.warning
-        body["device_auth"] = {"enabled": self.device_auth.enabled, "why": self.device_auth.why}
         if self.device_auth.problem:
-            body["device_auth"]["problem"] = self.device_auth.problem
-        body["admin_api"] = "enabled" if self.admin_auth.token else f"disabled: {self.admin_auth.env_name} is not set"
+            body["device_auth"]["problem"] = "devices are refused: the Ingress log says why"
+        if self.admin_auth.check(request.headers.get("authorization")).ok:
+            body |= self._health_details()
         try:  # off the event loop (health.py): every session of this replica shares it
             body["deployments"] = await self.health.get()
             status, down = readiness(body["deployments"])
@@ -143,6 +141,20 @@ class Ingress:
         if down:
             body["no_running_replica"] = down
         return JSONResponse(body, status_code=503 if status == "starting" else 200)
+
+    def _health_details(self) -> dict:
+        return {
+            "model_sources": dict(self.models.sources),
+            "stream_tasks_this_replica": live_stream_tasks(),  # 0 when idle: a leak check for soak tests
+            # admission by compute, this replica: how long the oldest final has waited, what is shed now
+            "load_this_replica": {"queue_delay_s": round(self.compute.backlog.queue_delay_s(), 3),
+                                  "shedding": self.compute.backlog.shedding()},  # fmt: skip
+            "compute_admission": self.compute.report(),
+            "sizing": self.sizing,
+            "device_auth": {"enabled": self.device_auth.enabled, "why": self.device_auth.why,
+                            **({"problem": self.device_auth.problem} if self.device_auth.problem else {})},
+            "admin_api": "enabled",
+        }  # fmt: skip
 
     # ---- WebSockets: one connection class per protocol ----------------------------------------
     def _connection(self, cls, ws: WebSocket, *extra):

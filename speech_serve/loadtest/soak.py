@@ -43,7 +43,7 @@ import numpy as np
 from speech_serve.loadtest.loadgen import connect_device, handshake
 from speech_serve.loadtest.records import FRAME_MS, FRAME_SAMPLES
 from speech_serve.wire.opus import encode_pcm
-from speech_serve.wire.tokens import DEFAULT_SECRET_ENV
+from speech_serve.wire.tokens import DEFAULT_ADMIN_TOKEN_ENV, DEFAULT_SECRET_ENV
 from speech_serve.wire.xiaozhi import frame_audio
 
 DEFAULT_CLIP = "tests/fixtures/two_utterances.wav"
@@ -327,13 +327,15 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
-def health(url: str) -> dict:
+def health(url: str, admin_token: str | None = None) -> dict:
+    """/healthz, with its details (stream tasks) when given the admin token."""
     http = url.replace("ws://", "http://").replace("wss://", "https://").rstrip("/")
-    return httpx.get(f"{http}/healthz", timeout=10).json()
+    headers = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
+    return httpx.get(f"{http}/healthz", headers=headers, timeout=10).json()
 
 
-def leftover_state(url: str, probe: Probe | None) -> dict:
-    body = health(url)
+def leftover_state(url: str, probe: Probe | None, admin_token: str | None = None) -> dict:
+    body = health(url, admin_token)
     out = {
         "ingress_live_sessions": body.get("live_sessions_this_replica"),
         "ingress_stream_tasks": body.get("stream_tasks_this_replica"),
@@ -343,11 +345,12 @@ def leftover_state(url: str, probe: Probe | None) -> dict:
     return out
 
 
-async def wait_drained(url: str, probe: Probe | None, timeout_s: float = 30.0) -> tuple[dict, float]:
+async def wait_drained(url: str, probe: Probe | None, admin_token: str | None = None,
+                       timeout_s: float = 30.0) -> tuple[dict, float]:  # fmt: skip
     """Leftover session state once it reaches zero (or at the timeout), and the seconds it took."""
     started = time.monotonic()
     while True:
-        state = await asyncio.to_thread(leftover_state, url, probe)
+        state = await asyncio.to_thread(leftover_state, url, probe, admin_token)
         if not any(state.values()) or time.monotonic() - started > timeout_s:
             return state, round(time.monotonic() - started, 1)
         await asyncio.sleep(0.5)
@@ -369,6 +372,7 @@ class SoakConfig:
     churn_warmup: int = 9  # every protocol x ending once, before the `before` memory sample
     concurrency: int = 4
     auth_secret: str | None = None  # Xiaozhi device tokens
+    admin_token: str | None = None  # /healthz's details: the Ingress's stream tasks
     seed: int = 1
     progress_s: float = 5.0
     out: str | None = None
@@ -439,7 +443,7 @@ async def run_long_sessions(cfg: SoakConfig, reference: Reference, clip: np.ndar
     stop.set()
     await watcher
     wall = time.monotonic() - started
-    state_after, drained_s = await wait_drained(cfg.url, probe)
+    state_after, drained_s = await wait_drained(cfg.url, probe, cfg.admin_token)
     objects_after = await asyncio.to_thread(probe.python_objects) if probe else {}
     rss_before = before if before is not None else (timeline.samples[0]["rss_mb"] if timeline.samples else {})
     checks = [check_session(log, reference.expected(log.loops)) for log in logs]
@@ -563,7 +567,7 @@ async def run_churn(cfg: SoakConfig, reference: Reference, clip: np.ndarray, pro
     stop = asyncio.Event()
     watcher = asyncio.create_task(progress(stop))
     await cycles(plan[: cfg.churn_warmup])
-    before_state, _ = await wait_drained(cfg.url, probe)
+    before_state, _ = await wait_drained(cfg.url, probe, cfg.admin_token)
     rss_before = probe.rss_mb(pids) if probe else {}
     objects_before = await asyncio.to_thread(probe.python_objects) if probe else {}
     measured_from = time.monotonic()
@@ -571,7 +575,7 @@ async def run_churn(cfg: SoakConfig, reference: Reference, clip: np.ndarray, pro
     wall = time.monotonic() - measured_from
     stop.set()
     await watcher
-    after_state, drained_s = await wait_drained(cfg.url, probe)
+    after_state, drained_s = await wait_drained(cfg.url, probe, cfg.admin_token)
     rss_after = probe.rss_mb(pids) if probe else {}
     objects_after = await asyncio.to_thread(probe.python_objects) if probe else {}
     measured = [o for o in outcomes if o["n"] >= cfg.churn_warmup]
@@ -617,7 +621,7 @@ async def run_soak(cfg: SoakConfig, probe: Probe | None) -> dict:
     clip = load_clip(cfg.clip, await vad_chunk_ms(cfg.url, cfg.auth_secret))
     reference = await make_reference(cfg.url, clip, cfg.auth_secret)
     print(f"reference: {len(reference.first)} utterances per {reference.loop_ms / 1000:g} s loop", flush=True)
-    summary: dict = {"config": {k: v for k, v in asdict(cfg).items() if k != "auth_secret"}}
+    summary: dict = {"config": {k: v for k, v in asdict(cfg).items() if k not in ("auth_secret", "admin_token")}}
     if cfg.audio_hours > 0:
         summary["long_sessions"] = await run_long_sessions(cfg, reference, clip, probe)
     if cfg.churn > 0:
@@ -655,6 +659,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[SoakConfig, str | None, s
     p.add_argument("--ray-address", default="auto", help="the service's Ray cluster ('none': no memory figures)")
     p.add_argument("--app", default="speech", help="Serve application name")
     p.add_argument("--auth-secret-env", default=DEFAULT_SECRET_ENV, help="env var with the device-token secret")
+    p.add_argument("--admin-token-env", default=DEFAULT_ADMIN_TOKEN_ENV,
+                   help="env var with the admin token (/healthz's stream-task count)")  # fmt: skip
     p.add_argument("--seed", type=int, default=SoakConfig.seed)
     p.add_argument("--progress-s", type=float, default=SoakConfig.progress_s)
     p.add_argument("--out", default=None, help="folder for summary.json (default loadtest/reports/soak-<time>)")
@@ -663,7 +669,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[SoakConfig, str | None, s
         url=a.url, clip=a.clip, audio_hours=a.audio_hours, sessions=a.sessions, speed=a.speed, ahead_s=a.ahead_s,
         warmup=a.warmup,
         kill=tuple(k for k in a.kill.split(",") if k), kill_every_s=a.kill_every, churn=a.churn,
-        concurrency=a.concurrency, auth_secret=os.environ.get(a.auth_secret_env), seed=a.seed,
+        concurrency=a.concurrency, auth_secret=os.environ.get(a.auth_secret_env),
+        admin_token=os.environ.get(a.admin_token_env), seed=a.seed,
         progress_s=a.progress_s, out=a.out or f"loadtest/reports/soak-{time.strftime('%Y%m%d-%H%M%S')}",
     )  # fmt: skip
     return cfg, (None if a.ray_address == "none" else a.ray_address), a.app

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from speech_serve.settings.base import Section
-from speech_serve.wire.tokens import DEFAULT_SECRET_ENV, MIN_SECRET_CHARS
+from speech_serve.wire.tokens import DEFAULT_ADMIN_TOKEN_ENV, DEFAULT_SECRET_ENV, MIN_SECRET_CHARS
 
 MIN_REDACTED_CHARS = 8  # the log filter masks secrets at least this long; shorter ones would mask plain words
 ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
@@ -33,7 +33,7 @@ class SecuritySettings(Section):
     min_secret_chars: int = Field(MIN_SECRET_CHARS, ge=MIN_REDACTED_CHARS)
     """Shortest device secret or admin token accepted: a shorter one set in the environment stops the ingress
     from starting (and could not be masked in the logs)."""
-    admin_token_env: str = "SPEECH_SERVE_ADMIN_TOKEN"
+    admin_token_env: str = DEFAULT_ADMIN_TOKEN_ENV
     """Environment variable holding the bearer token of /v1/speakers*."""
     bind_host_timeout_s: float = 10.0
     """How long the ingress waits for Serve's controller to say which host it binds."""

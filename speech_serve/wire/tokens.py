@@ -25,6 +25,7 @@ import time
 from urllib.parse import urlencode
 
 DEFAULT_SECRET_ENV = "SPEECH_SERVE_DEVICE_SECRET"  # the server's security.device_secret_env default
+DEFAULT_ADMIN_TOKEN_ENV = "SPEECH_SERVE_ADMIN_TOKEN"  # the server's security.admin_token_env default
 MIN_SECRET_CHARS = 16  # the server's security.min_secret_chars default
 SEPARATOR = "|"  # between the signed fields; ids may not contain it
 

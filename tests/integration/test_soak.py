@@ -22,7 +22,7 @@ from speech_serve.loadtest.soak import (
 )
 from speech_serve.settings import StreamSettings
 from tests.support.audio import TWO_UTTERANCES_WAV
-from tests.support.service import APP, SECRET
+from tests.support.service import ADMIN_TOKEN, APP, SECRET
 
 pytestmark = pytest.mark.integration
 
@@ -144,7 +144,7 @@ def test_long_sessions_keep_ingress_and_vad_memory_flat(service, probe, clip, re
     every utterance is answered with the reference text, and once warm the Ingress and VADHost
     processes do not grow."""
     cfg = SoakConfig(url=f"ws://{service}", audio_hours=3 / 60, sessions=2, warmup=0.25, progress_s=5,
-                     auth_secret=SECRET)  # fmt: skip
+                     auth_secret=SECRET, admin_token=ADMIN_TOKEN)  # fmt: skip
     long = asyncio.run(run_long_sessions(cfg, reference, clip, probe))
     assert long["expected"] == long["answered"] > 40
     assert (long["lost"], long["duplicated"], long["wrong_text"], long["errors"]) == (0, 0, 0, 0)
@@ -162,7 +162,8 @@ def test_churn_leaves_no_session_state_behind(service, probe, clip, reference):
     say goodbye (and get their results), a third drop the TCP connection mid-stream, a third close
     the WebSocket mid-stream. Afterwards: no live session or runner task on the Ingress, no VAD
     state on any VADHost, and no memory growth."""
-    cfg = SoakConfig(url=f"ws://{service}", churn=100, concurrency=4, auth_secret=SECRET, progress_s=2)
+    cfg = SoakConfig(url=f"ws://{service}", churn=100, concurrency=4, auth_secret=SECRET, admin_token=ADMIN_TOKEN,
+                     progress_s=2)  # fmt: skip
     churn = asyncio.run(run_churn(cfg, reference, clip, probe))
     assert churn["cycles"] == 100 and churn["failed"] == []
     assert min(churn["by_kind"].values()) >= 33 and min(churn["by_protocol"].values()) >= 33

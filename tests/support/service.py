@@ -37,7 +37,7 @@ def admission_state(base: str) -> dict[str, int]:
     """What still holds a slot or state: the registry's sessions, the Ingress's live sessions
     and stream tasks, the VADHosts' sessions, and model work queued for anyone (a client that
     left must leave none)."""
-    health = httpx.get(f"http://{base}/healthz", timeout=30).json()
+    health = httpx.get(f"http://{base}/healthz", headers=ADMIN, timeout=30).json()  # the details need it
     registry = serve.get_deployment_handle("SessionRegistry", app_name=APP)
     return {
         "registry_sessions": registry.live.remote().result(timeout_s=30),

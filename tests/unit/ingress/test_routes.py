@@ -9,7 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 from ray import serve
+from starlette.requests import Request
 
+from speech_serve.ingress.auth import AdminAuth
 from speech_serve.ingress.capacity import ComputeAdmission
 from speech_serve.ingress.health import DeploymentStates, serve_deployment_states
 from speech_serve.ingress.routes import Ingress
@@ -22,6 +24,15 @@ from speech_serve.settings import AppSettings
 INGRESS = next(c for c in Ingress.func_or_class.__mro__ if "healthz" in vars(c))
 
 
+ADMIN_TOKEN = "admin-token-for-the-tests"
+
+
+def probe(token: str | None = None) -> Request:
+    """A GET /healthz, with the admin token or none (a kubelet's probe)."""
+    headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
+    return Request({"type": "http", "method": "GET", "path": "/healthz", "query_string": b"", "headers": headers})
+
+
 def bare_ingress(settings: AppSettings) -> INGRESS:
     """An Ingress with what its HTTP routes read, without Serve, models or a database."""
     ingress = object.__new__(INGRESS)
@@ -31,7 +42,7 @@ def bare_ingress(settings: AppSettings) -> INGRESS:
     ingress.compute = ComputeAdmission(settings.admission, compute=settings.compute)
     ingress.sizing = {"asr": {"replicas": 2}}
     ingress.device_auth = SimpleNamespace(enabled=False, why="test", problem=None)
-    ingress.admin_auth = SimpleNamespace(token="t", env_name="X")
+    ingress.admin_auth = AdminAuth(ADMIN_TOKEN, "TEST_ADMIN_TOKEN_ENV")
     ingress.health = DeploymentStates(serve_deployment_states, settings.health.cache_s, settings.health.timeout_s)
     return ingress
 
@@ -74,7 +85,7 @@ def test_healthz_asks_the_serve_controller_off_the_event_loop(monkeypatch):
     monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(app_name="speech"))
     ingress = bare_ingress(AppSettings())
 
-    response, order = asyncio.run(alongside(ingress.healthz(), status.release))
+    response, order = asyncio.run(alongside(ingress.healthz(probe(ADMIN_TOKEN)), status.release))
     assert status.released  # the controller call waited in a thread while the loop served others
     assert order == ["other coroutine ran", "route answered"]
     body = json.loads(response.body)
@@ -155,7 +166,7 @@ def test_readiness_is_the_transcript_path_and_the_rest_is_reported_as_degraded(m
     apps = {"speech": SimpleNamespace(deployments={name: state(name) for name in names})}
     monkeypatch.setattr(serve, "status", lambda: SimpleNamespace(applications=apps))
     monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(app_name="speech"))
-    response = asyncio.run(bare_ingress(AppSettings()).healthz())
+    response = asyncio.run(bare_ingress(AppSettings()).healthz(probe()))
     body = json.loads(response.body)
     assert (response.status_code, body["status"]) == (code, status)
     assert body.get("no_running_replica", []) == sorted(down)
@@ -169,3 +180,26 @@ def test_no_interactive_api_pages_are_served():
 
     client = TestClient(app)
     assert [client.get(path).status_code for path in ("/docs", "/redoc", "/openapi.json")] == [404, 404, 404]
+
+
+def test_healthz_tells_a_probe_no_paths_or_variable_names_and_walks_no_tasks(monkeypatch):
+    """/healthz is open: it listed model paths, the names of the secret variables, and walked every
+    asyncio task of the replica on every probe. Those details now need the admin token."""
+    walks = []  # Serve's ingress decorator copies the class with its own globals: patch those
+    monkeypatch.setitem(INGRESS._health_details.__globals__, "live_stream_tasks", lambda: walks.append(1) or 0)
+    monkeypatch.setattr(serve, "status", lambda: SimpleNamespace(applications={}))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(app_name="speech"))
+    ingress = bare_ingress(AppSettings())
+    ingress.models = ModelsSummary("real", {"asr": "local: /srv/secret/models/sensevoice [int8 on CPU, x86 kernels]"})
+    ingress.device_auth = SimpleNamespace(enabled=True, why="test", problem="set TEST_DEVICE_SECRET_ENV to 16+ chars")
+    ingress.admin_auth = AdminAuth("", "TEST_ADMIN_TOKEN_ENV")
+    public = asyncio.run(ingress.healthz(probe())).body.decode()
+    assert "/srv/secret" not in public and "sensevoice [int8 on CPU" in public  # the name, and its precision
+    assert "TEST_DEVICE_SECRET_ENV" not in public and "TEST_ADMIN_TOKEN_ENV" not in public
+    assert not walks and "stream_tasks_this_replica" not in public
+    ingress.admin_auth = AdminAuth(ADMIN_TOKEN, "TEST_ADMIN_TOKEN_ENV")
+    assert "stream_tasks_this_replica" not in asyncio.run(ingress.healthz(probe("wrong-token"))).body.decode()
+    detailed = json.loads(asyncio.run(ingress.healthz(probe(ADMIN_TOKEN))).body)
+    assert walks and detailed["stream_tasks_this_replica"] == 0
+    assert detailed["model_sources"]["asr"].startswith("local: /srv/secret/models")
+    assert "TEST_DEVICE_SECRET_ENV" in detailed["device_auth"]["problem"]
