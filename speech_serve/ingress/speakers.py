@@ -103,7 +103,14 @@ class SpeakerAdmin:
         self.store, self.models, self.settings, self.limits = store, models, settings, limits
         self.gate = gate  # the enrolments' own: devices' transcriptions never hold it
 
+    def _enrolment_open(self) -> None:
+        if not self.settings.enrolment:
+            raise HTTPException(501, "enrolment is off on this service (voiceprints.enrolment: false): its voiceprint "
+                                     "store is not shared by every host, so a voiceprint enrolled here would not "
+                                     "reach the others")  # fmt: skip
+
     async def enroll(self, request: Request) -> dict:
+        self._enrolment_open()
         async with self.gate.admit(lambda: self._enrolment_form(request)) as (form, files):
             try:
                 name = check_name(text_field(form, "name", required=True))
@@ -114,6 +121,7 @@ class SpeakerAdmin:
             return voiceprint_json(await _db(self.store.create, name, group, model, vectors))
 
     async def enroll_from_session(self, request: Request, live: dict) -> dict:
+        self._enrolment_open()
         body = await _json_body(request, EnrollFromSession)
         conn = live.get(body.session_id)
         if conn is None or conn.stream is None:
@@ -136,6 +144,7 @@ class SpeakerAdmin:
         return _found(await _db(self.store.rename, speaker_id, body.name.strip()))
 
     async def reenroll(self, request: Request, speaker_id: str) -> dict:
+        self._enrolment_open()
         if await _db(self.store.get, speaker_id) is None:
             raise HTTPException(404, "no such speaker")
         async with self.gate.admit(lambda: self._enrolment_form(request)) as (_, files):

@@ -25,6 +25,10 @@ class VoiceprintSettings(Section):
     """Longest enrolment clip accepted."""
     max_enroll_files: int = 10
     """Most clips in one enrolment request."""
+    enrolment: bool = True
+    """Whether the admin API takes enrolments (new voiceprints, re-enrolments). Off where the store is not shared
+    by every Ingress and Speaker host (SQLite on several pods): enrolments then answer 501 instead of a 201 that no
+    other host would ever see."""
 
     @field_validator("thresholds")
     @classmethod

@@ -135,9 +135,23 @@ def test_groups_fractional_gpus_and_the_autoscaler(committed):
         assert probe["timeoutSeconds"] == 9 and probe["failureThreshold"] == 3
         assert {"name": "MODELSCOPE_CACHE", "value": "/models"} in container["env"]
     service = committed["spec"]["serveService"]
-    assert service["spec"] == {"type": "LoadBalancer", "ports": [{"name": "serve", "port": 8000}]}
+    assert service["spec"] == {"type": "ClusterIP", "ports": [{"name": "serve", "port": 8000}]}
     assert committed["spec"]["excludeHeadPodFromServeSvc"] is True
     assert committed["spec"]["rayClusterDeletionDelaySeconds"] == 600  # Ingress graceful_shutdown_timeout_s
+
+
+def test_the_cluster_is_not_open_to_any_pod_and_keeps_what_it_cannot_do_off():
+    """The audit: no Ray auth token (Ray 2.60 turns it on for local clusters only: any pod reaching the
+    dashboard could submit a job and read the secrets); Kubernetes' 30 s grace cut the sessions a
+    stopping Ingress drains for 600 s; enrolments into per-pod SQLite answered 201 and reached no
+    other pod; the device Service (admin API, tokens, plaintext) was a public LoadBalancer."""
+    committed = yaml.safe_load(kuberay.MANIFEST.read_text())
+    assert committed["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}
+    for group in committed["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        assert group["template"]["spec"]["terminationGracePeriodSeconds"] == 600 + kuberay.POD_EXIT_S
+    app = yaml.safe_load(committed["spec"]["serveConfigV2"])["applications"][0]
+    assert AppSettings(**app["args"]).voiceprints.enrolment is False
+    assert committed["spec"]["serveService"]["spec"]["type"] == "ClusterIP"
 
 
 def test_the_image_runs_the_ray_version_the_cluster_declares():

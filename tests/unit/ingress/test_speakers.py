@@ -41,3 +41,26 @@ def test_the_admin_api_answers_503_while_the_store_is_unavailable(tmp_path):
     except Exception as exc:
         response = asyncio.run(store_unavailable(request, exc))
     assert response.status_code == 503 and "cannot be opened" in json.loads(response.body)["detail"]
+
+
+def test_with_enrolment_off_every_enrolment_answers_501_and_reads_nothing():
+    """Where the store is not shared (SQLite on several pods) an enrolment answered 201 and reached
+    no other host; with voiceprints.enrolment false it says why instead, before its body is read."""
+    import asyncio
+
+    from fastapi import HTTPException
+
+    from speech_serve.ingress.speakers import SpeakerAdmin
+    from speech_serve.ingress.uploads import upload_gates
+    from speech_serve.settings import UploadSettings
+
+    def unread(*_):
+        raise AssertionError("the body or the store was touched")
+
+    admin = SpeakerAdmin(None, None, VoiceprintSettings(enrolment=False), UploadSettings(),
+                         upload_gates(UploadSettings())[1])  # fmt: skip
+    request = type("Unread", (), {"form": unread, "stream": unread, "json": unread, "body": unread})()
+    for call in (admin.enroll(request), admin.reenroll(request, "spk-1"), admin.enroll_from_session(request, {})):
+        with pytest.raises(HTTPException) as refused:
+            asyncio.run(call)
+        assert refused.value.status_code == 501 and "voiceprints.enrolment" in refused.value.detail
