@@ -84,6 +84,9 @@ _DECODE_BLOCK_SAMPLES = 1 << 16  # per read, all channels: no header field (rate
 MAX_FILE_RATE = max(SUPPORTED_RATES)  # what a live stream may use; files default to the same
 
 
+READABLE = "WAV, FLAC, OGG Vorbis/Opus, MP3 and the other formats libsndfile reads"
+
+
 def decode_file(data: bytes, max_seconds: float, max_rate: int = MAX_FILE_RATE) -> tuple[np.ndarray, float]:
     """Decode an uploaded audio file (WAV, FLAC, OGG, MP3 via libsndfile) to 16 kHz int16 mono.
 
@@ -115,8 +118,8 @@ def decode_file(data: bytes, max_seconds: float, max_rate: int = MAX_FILE_RATE) 
                 pieces.append(stream.resample_chunk(np.zeros(0, dtype=np.int16), last=True))
     except AudioFormatError:
         raise
-    except Exception as exc:  # libsndfile raises several types for unreadable input
-        raise AudioFormatError(f"cannot decode the audio file: {exc}") from None
+    except Exception:  # libsndfile raises several types for unreadable input; its text names our internals
+        raise AudioFormatError(f"cannot decode the audio file: not a format this server reads ({READABLE})") from None
     if frames == 0:
         raise AudioFormatError("the audio file has no samples")
     pcm = np.concatenate(pieces)

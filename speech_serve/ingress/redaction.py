@@ -1,4 +1,6 @@
-"""Credentials out of the logs: a logging filter that masks tokens in every record.
+"""Credentials out of the logs: a logging filter that masks tokens in every record, and escapes the
+control characters of its arguments (a device id, a path or a file name a client chose could
+otherwise forge log lines or terminal escapes).
 
 Masked: `token=` (and similar) query or form parameters, `Authorization` header values in any of the
 shapes they get logged in (`Authorization: Bearer x`, a dict repr, an ASGI header tuple),
@@ -29,6 +31,23 @@ _BEARER = re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]+")
 _DEVICE_TOKEN = re.compile(r"(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{43}\.\d{9,11}\b")
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_controls(text: str) -> str:
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}",
+                        text)  # fmt: skip
+
+
+def _escaped(arg):
+    """A log argument with its control characters escaped (the format string is ours; arguments may not be)."""
+    if isinstance(arg, str):
+        return escape_controls(arg)
+    if isinstance(arg, BaseException):
+        return escape_controls(str(arg))
+    return arg
+
+
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
     for secret in secrets:
         if len(secret) >= MIN_SECRET_LEN:
@@ -48,6 +67,8 @@ class RedactingFilter(logging.Filter):
         self.secrets = tuple(s for s in secrets if s and len(s) >= MIN_SECRET_LEN)
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_escaped(arg) for arg in record.args)
         try:
             message = record.getMessage()
         except Exception:  # a broken format string: logging reports it itself

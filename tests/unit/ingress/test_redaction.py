@@ -74,3 +74,22 @@ def test_filter_cleans_arguments_and_tracebacks_before_any_handler_formats_them(
 def test_filter_never_drops_a_record_it_cannot_format():
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "%d apples", ("not a number",), None)
     assert redact.RedactingFilter(SECRETS).filter(record) is True
+
+
+def test_control_characters_a_client_chose_are_escaped_in_the_logs():
+    """A device id or path with a newline forged a second log line; an ESC sequence recoloured a
+    terminal. Arguments are escaped; our own format strings (a banner's newlines) are not."""
+    log = logging.getLogger("test.redact.controls")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        redact.install_redaction(SECRETS, logger_names=[log.name])
+        log.warning("refused %s: %s", "/v1/stream?device_id=a\nINFO admitted everyone", ValueError("x\x1b[31my"))
+        log.warning("\n%s\n", "banner")
+    finally:
+        log.removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "refused /v1/stream?device_id=a\\x0aINFO admitted everyone: x\\x1b[31my"
+    assert lines[1:4] == ["", "banner", ""]
