@@ -57,8 +57,10 @@ class DrainWatch:
         poll_s: float,
         grace_s: float,
         margin_s: float,
+        fetch_timeout_s: float = 5.0,
     ):
         self._fetch, self.replica_id, self.poll_s = fetch_states, replica_id, poll_s
+        self.fetch_timeout_s = fetch_timeout_s  # a controller call that never answers must not end the watch
         self.grace_s, self.margin_s = grace_s, margin_s
         self.plan: DrainPlan | None = None
 
@@ -69,8 +71,8 @@ class DrainWatch:
     async def wait(self) -> DrainPlan:
         while True:
             try:
-                states = await self._fetch()
-            except Exception as exc:  # the controller may be restarting: keep serving, ask again
+                states = await asyncio.wait_for(self._fetch(), self.fetch_timeout_s)
+            except Exception as exc:  # the controller may be restarting or stuck: keep serving, ask again
                 logger.info("drain watch: controller unavailable (%s)", type(exc).__name__)
                 states = {}
             if replica_is_stopping(states, self.replica_id):

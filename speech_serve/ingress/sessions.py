@@ -61,6 +61,7 @@ class Sessions:
         self.asr = asr  # SenseVoice's handle: the replicas' warm-up timings (measured compute cap)
         self.compute = compute or ComputeAdmission(settings.admission, compute=settings.compute)
         self.admission, self.drain = settings.admission, settings.drain
+        self.health_timeout_s = settings.health.timeout_s  # bounds each drain poll of the controller
         self.device_auth = device_auth
         self.metrics = metrics
         self.live: dict[str, Connection] = {}  # for enrol-from-session and draining
@@ -117,7 +118,9 @@ class Sessions:
         return self._asr_counted
 
     def _local_refusal(self) -> Refusal | None:
-        return (replica_refusal(self._drain.draining, len(self.live), self.admission.max_sessions_per_replica)
+        """Sessions still in admission count too: a burst all waiting on the registry would pass."""
+        here = len(self.live) + len(self._admitting)
+        return (replica_refusal(self._drain.draining, here, self.admission.max_sessions_per_replica)
                 or self.compute.refusal())  # fmt: skip
 
     async def _register(self, session_id: str, device: str | None) -> Refusal | None:
@@ -129,6 +132,10 @@ class Sessions:
             return await self._registry_call("admit", session_id, self._replica_id, device, self._admit_seq,
                                              self.compute.sessions_cap())  # fmt: skip
         except Exception:  # TimeoutError included
+            cap = self.compute.sessions_cap()  # the application's: what this replica alone may not pass
+            if cap is not None and len(self.live) + len(self._admitting) > cap:
+                return Refusal("server_busy", f"the speech models serve {cap} sessions and the session registry "
+                               "cannot say how many run elsewhere; retry in a few seconds", CLOSE_TRY_AGAIN_LATER)
             logger.warning("session %s: session registry unavailable; admitted unchecked", session_id,
                            exc_info=True)  # fmt: skip
             return None
@@ -211,7 +218,7 @@ class Sessions:
                            cap, ctx._deployment_config.max_ongoing_requests)  # fmt: skip
         d = self.drain
         self._drain = DrainWatch(lambda: controller_states(ctx.app_name, ctx.deployment), self._replica_id,
-                                 d.poll_s, grace_s, d.margin_s)  # fmt: skip
+                                 d.poll_s, grace_s, d.margin_s, self.health_timeout_s)  # fmt: skip
         self._background = [  # the replica's, not the first session's: Serve cancels a request's calls with it
             detached(self._move_sessions_when_stopping()),
             detached(self._sync_registry()),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -99,9 +100,11 @@ class Identifier:
     """Per-replica cache of each group's candidates, refreshed when the store's revision moves
     (checked at most every `refresh_s`), so enrolments show up without a restart."""
 
-    def __init__(self, store: VoiceprintStore, model: str, threshold: float, refresh_s: float = 1.0):
+    def __init__(self, store: VoiceprintStore, model: str, threshold: float, refresh_s: float = 1.0,
+                 max_groups: int = 1024):  # fmt: skip
         self.store, self.model, self.threshold, self.refresh_s = store, model, threshold, refresh_s
-        self._cache: dict[str, list[Candidate]] = {}
+        self.max_groups = max_groups  # every device has a group of its own: the least recently used go
+        self._cache: OrderedDict[str, list[Candidate]] = OrderedDict()
         self._revision = -1
         self._checked_at = 0.0
         self._store_failing = False
@@ -130,9 +133,13 @@ class Identifier:
             if revision != self._revision:
                 self._cache.clear()
                 self._revision = revision
-        if group not in self._cache:
-            self._cache[group] = self.store.candidates(group, self.model)
-        return self._cache[group]
+        if group in self._cache:
+            self._cache.move_to_end(group)
+            return self._cache[group]
+        candidates = self._cache[group] = self.store.candidates(group, self.model)
+        while len(self._cache) > self.max_groups:
+            self._cache.popitem(last=False)
+        return candidates
 
 
 @serve.deployment  # its options: settings.DEFAULT_DEPLOYMENT_OPTIONS
@@ -142,7 +149,8 @@ class Speaker(BatchedModelHost):
         super().__init__(self._embed_and_identify)
         threshold = voiceprints.threshold(self._core.arch)
         self._identifier = Identifier(
-            open_store(voiceprints.store), self._core.model_name, threshold, voiceprints.refresh_s
+            open_store(voiceprints.store), self._core.model_name, threshold, voiceprints.refresh_s,
+            voiceprints.cached_groups,
         )
         logger.info("Speaker %s on %s from %s, match threshold %.2f",
                     self._core.model_name, self._core.device, source.describe(), threshold)  # fmt: skip

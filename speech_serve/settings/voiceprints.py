@@ -19,6 +19,9 @@ class VoiceprintSettings(Section):
     """Group for sessions that name none."""
     refresh_s: float = 1.0
     """How often a Speaker replica checks the store for new enrolments."""
+    cached_groups: int = Field(1024, ge=1)
+    """Groups whose voiceprints a Speaker replica keeps in memory (the least recently matched go first): every
+    unmapped device is a group of its own."""
     min_enroll_s: float = 1.0
     """Shortest enrolment clip accepted."""
     max_enroll_s: float = 30.0

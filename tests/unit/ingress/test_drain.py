@@ -38,3 +38,19 @@ def test_watch_polls_until_stopping_and_survives_controller_errors():
     plan = asyncio.run(asyncio.wait_for(watch.wait(), 5))
     assert watch.draining and len(calls) == 3
     assert (plan.grace_s, plan.margin_s) == (60, 10)
+
+
+def test_a_controller_call_that_never_answers_does_not_end_the_watch():
+    """`wait` awaited each controller call unbounded: one that never answered stopped the watch for
+    good, and the replica never moved its sessions before Serve killed it."""
+    calls = []
+
+    async def fetch():
+        calls.append(1)
+        if len(calls) == 1:
+            await asyncio.Event().wait()  # never
+        return {"me": "STOPPING"}
+
+    watch = DrainWatch(fetch, "me", poll_s=0.001, grace_s=60, margin_s=10, fetch_timeout_s=0.05)
+    asyncio.run(asyncio.wait_for(watch.wait(), 5))
+    assert watch.draining and len(calls) == 2

@@ -244,3 +244,48 @@ def test_a_registry_restarted_empty_counts_the_live_sessions_and_devices_again_a
     assert third.refused is not None and third.refused.code == "too_many_connections"
     assert third.refused.close_code == CLOSE_POLICY
     assert registry.live() == 0  # both released to the new registry
+
+
+@pytest.mark.parametrize("cap", ["replica", "compute"])
+def test_a_burst_during_a_registry_outage_cannot_pass_the_caps(cap):
+    """Sessions waiting on a registry that does not answer were not counted: a burst all passed the
+    replica's cap (`live` was empty while they waited), then were admitted unchecked, past the
+    compute cap too."""
+    from types import SimpleNamespace
+
+    from speech_serve.ingress.sessions import Sessions
+
+    calls: list[PendingResponse] = []
+    registry = SimpleNamespace(admit=SimpleNamespace(remote=lambda *args: PendingResponse(calls)),
+                               release=SimpleNamespace(remote=lambda *args: PendingResponse(calls)))  # fmt: skip
+
+    class HeldConn(AdmittedConn):
+        def __init__(self, session_id, refused, release):
+            super().__init__(session_id)
+            self.refused, self.release = refused, release
+
+        async def refuse(self, refusal):
+            self.refused.append(refusal.code)
+
+        async def run(self):
+            await self.release.wait()  # stays live until the burst is over
+
+    async def scenario():
+        admission = {"registry_timeout_s": 0.1, "max_sessions_per_replica": 3 if cap == "replica" else 100}
+        compute = {"sessions_per_asr_replica": 4 if cap == "compute" else None}
+        settings = AppSettings(admission=admission, compute=compute)
+        sessions = Sessions(registry, settings, None, IngressMetrics())
+        sessions._drain = DrainWatch(None, "r", 1, 60, 10)  # no Serve here: background tasks stay off
+        sessions._replica_id = "r"
+        sessions._asr_counted = asyncio.get_running_loop().create_future()
+        sessions._asr_counted.set_result(None)
+        refused, release = [], asyncio.Event()
+        burst = [asyncio.create_task(sessions.serve(HeldConn(f"s{i}", refused, release))) for i in range(10)]
+        await asyncio.sleep(0.5)  # every admission has timed out at the registry by now
+        admitted = len(sessions.live)
+        release.set()
+        await asyncio.wait_for(asyncio.gather(*burst), 5)
+        return admitted, refused
+
+    admitted, refused = asyncio.run(scenario())
+    assert admitted == (3 if cap == "replica" else 4) and refused == ["server_busy"] * (10 - admitted)

@@ -49,6 +49,17 @@ def test_best_match_needs_the_threshold():
     assert best_match(vec(1, 0), [], 0.8).label == "unknown"
 
 
+def test_the_identifiers_cache_keeps_the_most_recent_groups_only(store):
+    """One cache entry per group ever matched, never dropped: with a group per device, a replica's
+    memory grew with every device it ever heard."""
+    store.create("alice", "home", "ge2e", [vec(1, 0)])
+    ident = Identifier(store, "ge2e", threshold=0.8, refresh_s=3600, max_groups=2)
+    for n in range(100):
+        ident.identify(vec(1, 0), f"device:{n}")
+        assert ident.identify(vec(1, 0), "home").label == "alice"  # the household stays in use, and cached
+    assert list(ident._cache) == ["device:99", "home"]
+
+
 def test_identifier_sees_new_enrolments_after_refresh(store):
     ident = Identifier(store, "ge2e", threshold=0.8, refresh_s=0.0)
     assert ident.identify(vec(1, 0), "home").label == "unknown"
