@@ -155,3 +155,50 @@ def test_voiceprints_survive_a_restart_of_the_service(service, service_args, enr
     assert sorted(v["name"] for v in listed) == ["alice", "bob"]
     results = stream_file(f"ws://{base}/v1/stream", THREE, speaker_group=GROUP, **as_device())
     assert [r["speaker"]["label"] for r in results] == ["alice", "bob", "unknown"]
+
+
+def realtime_speakers(service: str, device_id: str, token: str | None) -> list[str]:
+    """THREE streamed over the Realtime protocol (24 kHz appends, server VAD) as `device_id`: the
+    speaker label of each completed transcript."""
+    import base64
+
+    import numpy as np
+    import soxr
+
+    from tests.support.audio import read_pcm
+
+    pcm = soxr.resample(read_pcm(THREE), 16000, 24000).astype("<i2")
+    pcm = np.concatenate([pcm, np.zeros(24000 * 2, dtype="<i2")])  # the last utterance's end silence
+    headers = device_headers(device_id, token)
+    labels = []
+    with connect(f"ws://{service}/v1/realtime?intent=transcription", additional_headers=headers) as ws:
+        assert json.loads(ws.recv(timeout=60))["type"] == "session.created"
+        step = 24000 // 5  # 200 ms appends
+        for i in range(0, len(pcm), step):
+            ws.send(json.dumps({"type": "input_audio_buffer.append",
+                                "audio": base64.b64encode(pcm[i : i + step].tobytes()).decode()}))  # fmt: skip
+        while len(labels) < 3:
+            message = json.loads(ws.recv(timeout=120))
+            if message["type"] == "conversation.item.input_audio_transcription.completed":
+                labels.append(message["speech_serve"]["speaker"]["label"])
+    return labels
+
+
+def test_realtime_sessions_are_matched_in_their_devices_household_only(service, enrolled):
+    """With device auth on, a Realtime session's group is its device's: TEST_DEVICE's household
+    names alice and bob; ALLOWED_DEVICE (a group of its own) hears strangers."""
+    assert realtime_speakers(service, **as_device()) == ["alice", "bob", "unknown"]
+    assert realtime_speakers(service, ALLOWED_DEVICE, None) == ["unknown"] * 3
+
+
+def test_uploads_are_matched_in_their_devices_household_only(service, enrolled):
+    def speakers(headers: dict) -> list[str]:
+        r = httpx.post(f"http://{service}/v1/audio/transcriptions", headers=headers, timeout=120,
+                       data={"response_format": "verbose_json"},
+                       files={"file": ("three.wav", open(THREE, "rb").read(), "audio/wav")})  # fmt: skip
+        assert r.status_code == 200, r.text
+        return [s["speaker"]["label"] for s in r.json()["segments"]]
+
+    household = device_headers(as_device()["device_id"], as_device()["token"])
+    assert speakers(household) == ["alice", "bob", "unknown"]
+    assert speakers(device_headers(ALLOWED_DEVICE, None)) == ["unknown"] * 3
