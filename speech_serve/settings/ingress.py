@@ -55,17 +55,19 @@ class LimitSettings(Section):
     client looping on bad input would otherwise get one answer per frame for ever."""
     max_audio_rate: float | None = Field(1.5, gt=0)
     """Seconds of audio a session's pipeline takes per second, over rate_window_s (1.5: room for catching up
-    after a stall). Faster audio is paced, not refused: the session holds it back (and stops reading its socket
-    once max_queued_bytes wait), so a file sent at full speed is recognised at this rate. null: no bound."""
+    after a stall). Faster audio is paced, not refused: the session holds it back (up to max_queued_bytes), so a
+    file sent at full speed is recognised at this rate. null: no bound."""
     max_frames_per_s: float = Field(200.0, gt=0)
     """Frames (binary and text) a session may send per second, measured over rate_window_s and counted as they
     arrive. 200: 10 ms frames at twice real time. Past it: `too_many_messages`, close 1008."""
     rate_window_s: float = Field(20.0, gt=0)
     """Window of max_audio_rate and max_frames_per_s: a session may be this many seconds' worth ahead at once (a
     short file sent at once, a client catching up after a stall) before the rate applies."""
-    max_queued_bytes: int = Field(4_000_000, ge=65_536)
-    """Bytes of frames a session may have received but not yet handled; past it the session stops reading its
-    socket until it catches up (TCP slows the client; nothing is refused). 4 MB: two minutes of 16 kHz PCM."""
+    max_queued_bytes: int = Field(32_000_000, ge=65_536)
+    """Bytes of frames a session may have received but not yet handled (audio held back by max_audio_rate, frames
+    behind a busy stream); past it: `too_far_ahead`, close 1008. Ray Serve reads every message off the socket as
+    it comes, so not reading would not slow the client, only fill the Ingress's memory. 32 MB: 16 minutes of
+    16 kHz PCM sent at once."""
     idle_timeout_s: float = 300.0
     """Close a session that sends nothing for this long (error `idle_timeout`, close 1000)."""
 

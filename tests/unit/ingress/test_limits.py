@@ -89,10 +89,11 @@ def test_a_flood_of_tiny_binary_frames_is_closed_as_it_arrives():
     assert errors(ws) == ["too_many_messages"] and ws.closed[0] == CLOSE_POLICY
 
 
-def test_a_session_far_behind_stops_reading_its_socket():
-    """The frame loop is stuck (a VADHost far behind) while the client keeps sending: past
-    max_queued_bytes the reader stops reading (TCP backpressure on a real socket), nothing is
-    refused, and the frames stay unread."""
+def test_a_session_far_ahead_is_closed_before_its_frames_fill_the_ingress():
+    """The frame loop is stuck (a VADHost far behind) while the client keeps sending. The reader
+    used to stop reading past max_queued_bytes, trusting TCP to slow the client; but Ray Serve reads
+    every message off the socket into a queue of its own, so the frames piled up in the Ingress
+    (2 GB in 20 s from one client, measured). Past the bound the session is now closed."""
     frames = [binary(bytes(64_000))] * 40  # 2.5 MB
 
     async def scenario():
@@ -104,17 +105,12 @@ def test_a_session_far_behind_stops_reading_its_socket():
         session = asyncio.create_task(handler.run())
         for frame in frames:
             ws.inbox.put_nowait(frame)
-        for _ in range(50):
-            await asyncio.sleep(0.01)
-        unread, queued = ws.inbox.qsize(), handler.queued.count
-        session.cancel()
-        await asyncio.gather(session, return_exceptions=True)
-        return ws, unread, queued
+        await asyncio.wait_for(session, 5)
+        return ws, handler.queued.count
 
-    ws, unread, queued = asyncio.run(scenario())
-    assert errors(ws) == [] and not ws.closed
-    assert 1_000_000 < queued <= 1_000_000 + 64_000  # it read one frame past the bound, then stopped
-    assert unread == 40 - 1 - queued // 64_000  # one frame is in the stuck frame loop, the rest unread
+    ws, queued = asyncio.run(scenario())
+    assert errors(ws) == ["too_far_ahead"] and ws.closed[0] == CLOSE_POLICY
+    assert queued <= 1_000_000 + 64_000  # it held one frame past the bound, then closed
 
 
 def test_a_text_frame_over_the_limit_is_refused_with_1009():
