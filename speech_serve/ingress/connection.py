@@ -68,6 +68,9 @@ class QueuedBytes:
 
     def add(self, message: Mapping) -> None:
         self.count += frame_size(message)
+        if self.behind:
+            raise SessionLimitExceeded("too_far_ahead", f"more than {self.limit} bytes sent ahead of what the "
+                                       "session has taken: send audio at most a little faster than real time")
 
     def take(self, message: Mapping) -> None:
         self.count -= frame_size(message)
@@ -223,8 +226,8 @@ class Connection:
         serving.result()  # re-raises how the frame loop ended
 
     async def _read_frames(self) -> None:
-        """Every frame into the inbox as it arrives, within the intake bounds; pause while `max_queued_bytes`
-        wait; stop after the disconnect or the first frame past a bound."""
+        """Every frame into the inbox as it arrives, within the intake bounds (`max_queued_bytes` among them);
+        stop after the disconnect or the first frame past a bound."""
         while True:
             try:
                 message = await self.ws.receive()
@@ -235,15 +238,9 @@ class Connection:
             if message["type"] == "websocket.receive":
                 try:
                     self.intake.arrived(message)
+                    self.queued.add(message)
                 except SessionLimitExceeded as exc:
                     self._over_limit = exc
-                    self._reader_refused.set()
-                    return
-                self.queued.add(message)
-                if self.queued.behind:
-                    self._over_limit = SessionLimitExceeded(
-                        "too_far_ahead", f"more than {self.queued.limit} bytes sent ahead of what the session has "
-                        f"taken; send audio at most {self.limits.max_audio_rate or 'a few times'} x real time")
                     self._reader_refused.set()
                     return
             self._inbox.put_nowait(message)

@@ -53,7 +53,7 @@ def neighbours(service, service_args) -> str:
         assert time.monotonic() < deadline, "the neighbours app did not come up"
         time.sleep(1)
     yield f"ws://{service}{PREFIX}"
-    serve.delete(APP)
+    serve.delete(APP, _blocking=False)  # its replicas stop in the background: no test waits on them
 
 
 def long_file() -> bytes:

@@ -277,8 +277,9 @@ def test_a_burst_during_a_registry_outage_cannot_pass_the_caps(cap):
         sessions = Sessions(registry, settings, None, IngressMetrics())
         sessions._drain = DrainWatch(None, "r", 1, 60, 10)  # no Serve here: background tasks stay off
         sessions._replica_id = "r"
-        sessions._asr_counted = asyncio.get_running_loop().create_future()
+        sessions._asr_counted = asyncio.get_running_loop().create_future()  # counted: no Serve controller here
         sessions._asr_counted.set_result(None)
+        sessions._counted_at = float("inf")  # (a count in a thread would start a local Ray in this process)
         refused, release = [], asyncio.Event()
         burst = [asyncio.create_task(sessions.serve(HeldConn(f"s{i}", refused, release))) for i in range(10)]
         await asyncio.sleep(0.5)  # every admission has timed out at the registry by now

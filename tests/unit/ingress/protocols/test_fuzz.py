@@ -60,12 +60,12 @@ FUZZ = settings(
 MAX_FRAME = 64_000
 MESSAGE_LIMIT = 300  # an error message a person can read, however large the input was
 CODES = {
-    "plain": {"invalid_json", "bad_message", "unknown_type", "bad_sample_rate"},
+    "plain": {"invalid_json", "bad_message", "unknown_type", "bad_sample_rate", "bad_hotwords"},
     "plain_audio": {"frame_too_large", "bad_audio"},
     "xiaozhi": {"invalid_json", "bad_message", "unknown_type", "unsupported_audio"},
     "xiaozhi_binary": {"frame_too_large", "bad_frame"},
     "xiaozhi_connect": {"bad_protocol_version"},
-    "funasr": {"invalid_json", "bad_message", "bad_mode", "bad_sample_rate", "unsupported_audio"},
+    "funasr": {"invalid_json", "bad_message", "bad_mode", "bad_sample_rate", "unsupported_audio", "bad_hotwords"},
     "realtime": {
         "invalid_json",
         "bad_message",
@@ -346,7 +346,7 @@ FLOOD_LIMITS = LimitSettings(
 )
 
 
-INTAKE_CODES = {"too_many_messages", "frame_too_large"}
+INTAKE_CODES = {"too_many_messages", "frame_too_large", "too_far_ahead"}
 frames_in_time = st.lists(
     st.tuples(
         st.floats(0, 0.2),  # seconds since the previous frame
@@ -536,7 +536,8 @@ def test_funasr_text_frames(text, configured, result):
     msg = parse_or_error(lambda t: funasr.parse_text(t, configured), text, CODES["funasr"])
     if isinstance(msg, funasr.Config):
         assert msg.mode in funasr.MODES and is_int(msg.audio_fs) and msg.audio_fs in funasr.SUPPORTED_RATES
-        assert isinstance(msg.wav_name, str) and isinstance(msg.hotwords, str) and isinstance(msg.itn, bool)
+        assert isinstance(msg.wav_name, str) and isinstance(msg.itn, bool)
+        assert all(isinstance(p, str) and 0 < w <= 5 for p, w in msg.hotwords)
         # every answer echoes wav_name: it must go out as a text frame
         for answer in (funasr.render_interim(msg, "a"), funasr.render_end(msg, 1)):
             assert utf8_ok(answer) and json.loads(answer)["wav_name"] == msg.wav_name
@@ -687,12 +688,10 @@ def test_intake_bounds_whatever_a_client_floods(frames):
         message = {"type": "websocket.receive", kind: b"\x00" * size if kind == "bytes" else "x" * size}
         try:
             intake.arrived(message)
+            unread.add(message)  # frames left unread would fill the Ingress's memory (Serve reads them anyway)
         except SessionLimitExceeded as exc:
             assert exc.code in INTAKE_CODES and len(str(exc)) <= MESSAGE_LIMIT
             return
-        unread.add(message)
-        if unread.behind:  # frames left unread would fill the Ingress's memory (Serve reads them anyway)
-            return  # the session is closed: too_far_ahead
         if handled_now:
             unread.take(message)
             if kind == "bytes":
