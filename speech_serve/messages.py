@@ -75,10 +75,39 @@ class VadFeedResult:
 
 
 @dataclass(frozen=True)
+class RecognitionOptions:
+    """What a client asked for its utterances."""
+
+    language: str = "auto"
+    use_itn: bool = True
+    return_embedding: bool = False
+    speaker_group: str | None = None  # whose voiceprints to match; None: the configured default
+    hotwords: tuple[tuple[str, float], ...] = ()  # (phrase, bonus per token), the session's and its household's
+    words: bool = False  # word times and confidences in every result
+
+
+@dataclass(frozen=True)
 class AsrRequest:
     pcm: np.ndarray  # int16 mono 16 kHz
     language: str = "auto"
     use_itn: bool = True
+    hotwords: tuple[tuple[str, float], ...] = ()  # (phrase, bonus per token): decoded by beam search
+    words: bool = False  # word times and confidences wanted (no hotwords: greedy, as without)
+
+
+@dataclass(frozen=True)
+class Word:
+    text: str
+    start_ms: int  # from the start of the utterance's audio (the Ingress moves it to session time)
+    end_ms: int
+    confidence: float  # exp(mean log-probability of its tokens)
+
+    def shifted(self, ms: int) -> Word:
+        return Word(self.text, self.start_ms + ms, self.end_ms + ms, self.confidence)
+
+    def fields(self) -> dict:
+        return {"text": self.text, "start_ms": self.start_ms, "end_ms": self.end_ms,
+                "confidence": round(self.confidence, 3)}  # fmt: skip
 
 
 @dataclass
@@ -90,6 +119,8 @@ class Transcript:
     raw_text: str
     model_ms: float = 0.0
     batch_size: int = 1
+    words: tuple[Word, ...] | None = None  # when asked for (AsrRequest.words or hotwords)
+    confidence: float | None = None  # of the whole text, with the words
 
 
 @dataclass(frozen=True)
@@ -178,6 +209,8 @@ class UtteranceResult:
     speaker: SpeakerInfo
     models: Literal["real", "test"]
     forced_cut: bool = False
+    words: tuple[Word, ...] | None = None  # in session time, when the session asked for them
+    confidence: float | None = None
     latency_ms: dict[str, float] = field(default_factory=dict)
     batch_sizes: dict[str, int] = field(default_factory=dict)
     retries: dict[str, int] = field(default_factory=dict)  # per stage, calls repeated after a lost replica

@@ -25,6 +25,7 @@ COMMANDS = {
     "soak": "speech_serve.loadtest.soak",
     "bench": "speech_serve.loadtest.bench_pipeline",
     "bench-vad": "speech_serve.loadtest.bench_vad",
+    "bench-decode": "speech_serve.loadtest.bench_decode",
 }
 
 

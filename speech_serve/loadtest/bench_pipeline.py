@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     pcm = np.frombuffer(data, dtype="<i2").astype(np.int16)
     from speech_serve.replicas.vad import VadCore
 
-    segments = VadCore(models.vad, vad_settings).segment(pcm)
+    segments = VadCore(models.vad, vad_settings).segment_piece("bench", pcm, 0, final=True)  # the file in one piece
     clips = [pcm[a * SAMPLES_PER_MS : b * SAMPLES_PER_MS] for a, b in segments]
     print(f"{len(clips)} utterances in {args.wav.name}: {segments}", flush=True)
 

@@ -7,11 +7,13 @@ import logging
 import re
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 
 import numpy as np
 from ray import serve
 
 from speech_serve.messages import AsrRequest, ModelTiming, Transcript, to_float32
+from speech_serve.replicas.decoding import Decoder, captured
 from speech_serve.replicas.models import ModelSource, load_automodel, prepare_asr
 from speech_serve.replicas.worker import FINAL, INTERIM, BatchedModelHost, pick_device
 from speech_serve.settings import AsrSettings, ComputeSettings
@@ -57,23 +59,31 @@ class AsrCore:
         self.precision = prepare_asr(
             self.model, device, settings.quantize, settings.quantized_engine, settings.trace_encoder
         )
+        self.decoder = Decoder(self.model.kwargs["tokenizer"], settings.beam_size)
 
     def transcribe_batch(self, requests: list[AsrRequest]) -> list[Transcript]:
-        """One generate() per (language, itn) group; results in request order."""
+        """One generate() per (language, itn) group; results in request order. Utterances that ask for
+        words or carry hotwords are decoded from the same pass's posteriors (replicas/decoding.py);
+        the others keep funasr's own text."""
         results: list[Transcript | None] = [None] * len(requests)
         groups: dict[tuple[str, bool], list[int]] = defaultdict(list)
         for i, req in enumerate(requests):
             groups[(req.language, req.use_itn)].append(i)
         for (language, use_itn), idx in groups.items():
+            decode = any(requests[i].words or requests[i].hotwords for i in idx)
             started = time.perf_counter()
-            out = self.model.generate(
-                input=[to_float32(requests[i].pcm) for i in idx], batch_size=len(idx),
-                language=language, use_itn=use_itn,
-            )  # fmt: skip
+            with captured(self.model.model) if decode else nullcontext(None) as posteriors:
+                out = self.model.generate(
+                    input=[to_float32(requests[i].pcm) for i in idx], batch_size=len(idx),
+                    language=language, use_itn=use_itn,
+                )  # fmt: skip
+            decoded = [self.decoder.decode(posteriors.of(j), requests[i])
+                       if posteriors is not None and (requests[i].words or requests[i].hotwords)
+                       else (item["text"], None, None) for j, (i, item) in enumerate(zip(idx, out, strict=True))]
             model_ms = (time.perf_counter() - started) * 1000
-            for i, item in zip(idx, out, strict=True):
-                text, lang, emotion, event = parse_sensevoice(item["text"])
-                results[i] = Transcript(text, lang, emotion, event, item["text"], model_ms, len(idx))
+            for i, (raw, words, confidence) in zip(idx, decoded, strict=True):
+                text, lang, emotion, event = parse_sensevoice(raw)
+                results[i] = Transcript(text, lang, emotion, event, raw, model_ms, len(idx), words, confidence)
         return results  # type: ignore[return-value]
 
     def time_batches(self, utterance_s: float, batch: int, repeats: int = 3) -> tuple[float, float]:

@@ -63,6 +63,15 @@ class LimitSettings(Section):
     rate_window_s: float = Field(20.0, gt=0)
     """Window of max_audio_rate and max_frames_per_s: a session may be this many seconds' worth ahead at once (a
     short file sent at once, a client catching up after a stall) before the rate applies."""
+    max_hotwords: int = Field(100, ge=0)
+    """Hotwords one session may send (each a phrase the decoder favours): past it, `bad_hotwords`."""
+    max_hotword_chars: int = Field(40, ge=1)
+    """Longest hotword phrase."""
+    hotword_weight: float = Field(1.5, gt=0)
+    """Bonus per token of a hotword sent without a weight, in the decoder's log-probability units (sherpa-onnx's
+    default). A bonus near a word's gap to the greedy path makes it win; far above it, it wins where it is not."""
+    max_hotword_weight: float = Field(5.0, gt=0)
+    """Largest bonus per token a client may give a hotword (larger ones are cut to it)."""
     max_queued_bytes: int = Field(32_000_000, ge=65_536)
     """Bytes of frames a session may have received but not yet handled (audio held back by max_audio_rate, frames
     behind a busy stream); past it: `too_far_ahead`, close 1008. Ray Serve reads every message off the socket as

@@ -50,6 +50,9 @@ class AsrSettings(Section):
     dither: float = 0.0
     """Random noise the fbank frontend adds to the audio (FunASR's default is 1.0). 0: the same audio always
     gives the same transcript."""
+    beam_size: int = Field(4, ge=1, le=64)
+    """Prefixes the CTC beam search keeps per frame for an utterance with hotwords (without any, the greedy
+    decode runs, as funasr's). Wider finds hotwords further below the greedy path, at more CPU per utterance."""
 
 
 class SpeakerSettings(Section):

@@ -30,8 +30,10 @@ def env_token(device_id: str, client_id: str = "", env: str | None = None) -> st
 def stream_file(
     url: str, path: str, frame_ms: int = 60, realtime: bool = False, timeout_s: float = 120,
     speaker_group: str | None = None, device_id: str | None = None, token: str | None = None,
+    words: bool = False, hotwords: dict[str, float] | None = None,
 ) -> list[dict]:  # fmt: skip
-    """Stream one file; return the server's result messages in the order received."""
+    """Stream one file; return the server's result messages in the order received. `words`: each
+    result carries its words' times and confidences; `hotwords`: phrases the decoder favours."""
     pcm, rate = read_wav(path)
     frame_bytes = rate * frame_ms // 1000 * 2
     results = []
@@ -41,6 +43,8 @@ def stream_file(
         start = {"type": "start", "sample_rate": rate}
         if speaker_group:
             start["speaker_group"] = speaker_group
+        if words or hotwords:
+            start |= {"words": words, "hotwords": hotwords or {}}
         ws.send(json.dumps(start))
         json.loads(ws.recv(timeout=30))  # ready again, with our sample rate
         for i in range(0, len(pcm), frame_bytes):
@@ -60,16 +64,17 @@ def stream_file(
 def run_funasr(
     url: str, wav: str, mode: str = "2pass", chunk_ms: int = 60, realtime: bool = False, itn: bool = True,
     timeout_s: float = 120, speaker_group: str | None = None, device_id: str | None = None,
-    token: str | None = None,
+    token: str | None = None, hotwords: str = "",
 ) -> list[dict]:  # fmt: skip
-    """Stream one file; return every message up to and including the one with `is_end`."""
+    """Stream one file; return every message up to and including the one with `is_end`. `hotwords`: as
+    FunASR's own client sends its hotword file, a JSON object string `{"phrase": weight}`."""
     pcm, rate = read_wav(wav)
     stride = rate * chunk_ms // 1000 * 2
     with connect(url_with_token(url, device_id, token), subprotocols=["binary"], max_size=None, open_timeout=30) as ws:
         assert ws.subprotocol == "binary"
         config = {
             "mode": mode, "chunk_size": [5, 10, 5], "chunk_interval": 10, "audio_fs": rate,
-            "wav_name": "demo", "wav_format": "pcm", "is_speaking": True, "hotwords": "", "itn": itn,
+            "wav_name": "demo", "wav_format": "pcm", "is_speaking": True, "hotwords": hotwords, "itn": itn,
         }  # fmt: skip
         if speaker_group:  # ours, not FunASR's: whose voiceprints to match
             config["speaker_group"] = speaker_group

@@ -139,3 +139,37 @@ def test_abort_drops_the_utterance_in_flight(service):
                 messages.append(json.loads(ws.recv(timeout=3)))
     assert [m["type"] for m in messages] == ["stt"]
     assert abs(messages[0]["start_ms"] - TWO_UTTERANCES_SPEECH_MS[1][0]) < 400
+
+
+def assert_words_inside(result: dict, words: list) -> None:
+    """Words in session time, in order, inside their utterance (a frame of slack at its end)."""
+    assert words, result
+    starts = [w["start_ms"] for w in words]
+    assert starts == sorted(starts) and all(w["start_ms"] < w["end_ms"] for w in words)
+    assert result["start_ms"] <= starts[0] and words[-1]["end_ms"] <= result["end_ms"] + 60
+
+
+def test_plain_results_carry_word_times_and_confidences_with_hotwords_or_without(service):
+    from speech_serve.wire.client import stream_file
+
+    for hotwords in (None, {"turn on the light": 2.0, "Xiaozhi": 1.0}):
+        results = stream_file(f"ws://{service}/v1/stream", WAV, words=True, hotwords=hotwords, **as_device())
+        assert [r["index"] for r in results] == [0, 1]
+        for r in results:
+            assert_words_inside(r, r["words"])
+            assert all(0 <= w["confidence"] <= 1 for w in r["words"]) and 0 <= r["confidence"] <= 1  # 3 decimals
+    plain = stream_file(f"ws://{service}/v1/stream", WAV, **as_device())
+    assert all("words" not in r for r in plain)  # nothing asked, nothing decoded twice
+
+
+def test_funasr_hotwords_as_its_own_client_sends_them_give_word_timestamps(service):
+    hotwords = json.dumps({"阿里巴巴": 20, "turn on the light": 40})  # funasr_wss_client.py's JSON
+    messages = run_funasr(f"ws://{service}/", WAV, mode="offline", hotwords=hotwords, **as_device())
+    finals = [m for m in messages if not m.get("is_end")]
+    assert len(finals) == 2 and not any("error" in m for m in messages)
+    for m, (start, end) in zip(finals, TWO_UTTERANCES_SPEECH_MS, strict=True):
+        spans = json.loads(m["timestamp"])  # [[start_ms, end_ms], ...] per word, as FunASR's server
+        assert len(spans) >= 1 and all(a < b for a, b in spans)
+        assert abs(spans[0][0] - start) < 600 and spans[-1][1] <= end + 600
+    bad = run_funasr(f"ws://{service}/", WAV, mode="offline", hotwords="{not json", **as_device())
+    assert bad[0]["code"] == "bad_hotwords" and bad[-1]["is_end"]  # told, and the file still transcribed

@@ -22,6 +22,7 @@ from speech_serve.ingress.connection import Connection
 from speech_serve.ingress.protocols.parsing import (
     ProtocolError,
     brief,
+    hotword_list,
     json_object,
     text_delta,
     text_field,
@@ -29,8 +30,11 @@ from speech_serve.ingress.protocols.parsing import (
 )
 from speech_serve.ingress.stream import RecognitionOptions
 from speech_serve.messages import UtteranceResult
+from speech_serve.settings import LimitSettings
 
 MODES = ("offline", "online", "2pass")
+FUNASR_WEIGHT_SCALE = 20.0  # FunASR's hotword weights (10-100) over our bonus per token
+DEFAULT_LIMITS = LimitSettings()
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,7 @@ class Config:
     audio_fs: int = 16000
     wav_format: str = "pcm"
     itn: bool = True
-    hotwords: str = ""
+    hotwords: tuple[tuple[str, float], ...] = ()  # from FunASR's JSON {"phrase": weight} (or "a b c")
     speaker_group: str | None = None  # ours, not FunASR's: whose voiceprints to match
 
 
@@ -49,7 +53,8 @@ class EndOfSpeech:
     is_end: bool = False
 
 
-def parse_text(text: str, configured: bool, max_string_chars: int | None = None) -> Config | EndOfSpeech:
+def parse_text(text: str, configured: bool, max_string_chars: int | None = None,
+               limits: LimitSettings | None = None) -> Config | EndOfSpeech:  # fmt: skip
     """The first frame is the config; later `is_speaking: false` ends the stream.
 
     A later frame with config fields and `is_speaking: true` is answered as a new config
@@ -59,11 +64,22 @@ def parse_text(text: str, configured: bool, max_string_chars: int | None = None)
     if data.get("is_speaking") is False:
         return EndOfSpeech(is_end=bool(data.get("is_end", False)))
     if "mode" in data or not configured:
-        return _parse_config(data)
+        return _parse_config(data, limits or DEFAULT_LIMITS)
     raise ProtocolError("bad_message", 'expected {"is_speaking": false} or a config with "mode"')
 
 
-def _parse_config(data: dict[str, Any]) -> Config:
+def funasr_hotwords(value: str, limits: LimitSettings) -> tuple[tuple[str, float], ...]:
+    """FunASR's clients send their hotword file as a JSON object string, weights in tens
+    (`{"阿里巴巴": 20}`: 20 is a bonus of 1.0 per token); older ones a string of words."""
+    if value.lstrip().startswith("{"):
+        try:
+            return hotword_list(json.loads(value), limits, scale=FUNASR_WEIGHT_SCALE)
+        except json.JSONDecodeError:
+            raise ProtocolError("bad_hotwords", "hotwords is not a JSON object {phrase: weight}") from None
+    return hotword_list(value, limits)
+
+
+def _parse_config(data: dict[str, Any], limits: LimitSettings) -> Config:
     mode = data.get("mode", "2pass")
     if mode not in MODES:
         raise ProtocolError("bad_mode", f"mode {brief(mode)} not supported; use one of {MODES}")
@@ -77,7 +93,8 @@ def _parse_config(data: dict[str, Any]) -> Config:
     itn = data.get("itn", True)
     return Config(
         mode=mode, wav_name=text_field(data, "wav_name", "demo"), audio_fs=fs, wav_format=wav_format,
-        itn=bool(itn), hotwords=text_field(data, "hotwords"), speaker_group=text_field(data, "speaker_group") or None,
+        itn=bool(itn), hotwords=funasr_hotwords(text_field(data, "hotwords"), limits),
+        speaker_group=text_field(data, "speaker_group") or None,
     )  # fmt: skip
 
 
@@ -94,7 +111,8 @@ def render_final(config: Config, result: UtteranceResult, online_sent: str = "")
         mode, text = ("offline" if config.mode == "offline" else "2pass-offline"), result.text
     body = {
         "mode": mode, "text": text, "wav_name": config.wav_name, "is_final": False,
-        "timestamp": json.dumps([[result.start_ms, result.end_ms]]),
+        "timestamp": json.dumps([[result.start_ms, result.end_ms]] if not result.words else
+                                [[w.start_ms, w.end_ms] for w in result.words]),  # per word, as FunASR's server
         "spk_name": result.speaker.label, "spk_score": result.speaker.score,
         "language": result.language, "emotion": result.emotion, "event": result.event,
         "models": result.models, "latency_ms": result.latency_ms,
@@ -151,7 +169,8 @@ class FunasrConnection(Connection):
                 self._start(self.config or Config())
             await self.push_audio(self.resample(pcm))
             return True
-        parsed = parse_text(message.get("text") or "", self.config is not None, self.limits.max_field_chars)
+        limits = self.limits
+        parsed = parse_text(message.get("text") or "", self.config is not None, limits.max_field_chars, limits)
         if isinstance(parsed, Config):
             self.speaker_group(parsed.speaker_group)  # one the device may not use is refused here
             if self.stream is not None:
@@ -168,7 +187,8 @@ class FunasrConnection(Connection):
         self.online_sent = {}
         interim = config.mode in ("online", "2pass")
         self.start_stream(
-            RecognitionOptions(use_itn=config.itn, speaker_group=self.speaker_group(config.speaker_group)),
+            RecognitionOptions(use_itn=config.itn, speaker_group=self.speaker_group(config.speaker_group),
+                               hotwords=config.hotwords, words=bool(config.hotwords)),  # the beam search gives them
             stream_id=self.session_id if self.files == 1 else f"{self.session_id}-{self.files}",
             on_interim=self._on_interim if interim else None,
             interim_interval_ms=self.interim_interval_ms,

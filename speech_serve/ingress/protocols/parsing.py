@@ -1,11 +1,14 @@
 """What the protocol modules share: the error a client's mistake raises, reading a JSON text frame
-within bounds, string fields, quoting a client's value safely, whole numbers, and interim text as deltas."""
+within bounds, string fields, quoting a client's value safely, whole numbers, interim text as deltas,
+and hotword lists."""
 
 from __future__ import annotations
 
 import json
 import reprlib
 from typing import Any
+
+from speech_serve.settings import LimitSettings
 
 
 class ProtocolError(ValueError):
@@ -95,3 +98,33 @@ def text_delta(sent: str, text: str) -> str | None:
     """What to add to the interim text already sent, or None if the new text revised it
     (the segment's final answer then sets the record straight)."""
     return text[len(sent) :] if text.startswith(sent) else None
+
+
+def hotword_list(value: Any, limits: LimitSettings, scale: float = 1.0) -> tuple[tuple[str, float], ...]:
+    """A client's hotwords as (phrase, bonus per token): `{"phrase": weight, ...}`, a list of phrases,
+    or one string of phrases separated by spaces or commas (FunASR's older clients); a weight given is
+    divided by `scale` (FunASR's clients weigh in tens), one left out is `limits.hotword_weight`.
+    Bounded: `max_hotwords` phrases of `max_hotword_chars`, weights in (0, `max_hotword_weight`]."""
+    if value is None or value == "" or value == [] or value == {}:
+        return ()
+    if isinstance(value, str):
+        value = value.replace(",", " ").split()
+    if isinstance(value, list):
+        value = {phrase: None for phrase in value}
+    if not isinstance(value, dict):
+        raise ProtocolError("bad_hotwords", "hotwords must be an object {phrase: weight}, a list or a string")
+    if len(value) > limits.max_hotwords:
+        raise ProtocolError("bad_hotwords", f"{len(value)} hotwords; at most {limits.max_hotwords}")
+    out = []
+    for phrase, weight in value.items():
+        if not isinstance(phrase, str) or not phrase.strip() or len(phrase) > limits.max_hotword_chars:
+            raise ProtocolError("bad_hotwords", f"hotword {brief(phrase)}: a phrase of 1 to "
+                                f"{limits.max_hotword_chars} characters")  # fmt: skip
+        if weight is None:
+            bonus = limits.hotword_weight
+        elif isinstance(weight, bool) or not isinstance(weight, int | float) or not weight > 0:
+            raise ProtocolError("bad_hotwords", f"hotword {brief(phrase)}: its weight must be a positive number")
+        else:
+            bonus = min(weight / scale, limits.max_hotword_weight)
+        out.append((phrase.strip(), float(bonus)))
+    return tuple(out)

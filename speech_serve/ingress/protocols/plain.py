@@ -3,7 +3,8 @@ then the connection.
 
 Client -> server
   text   {"type": "start", "sample_rate": 16000, "language": "auto", "itn": true,
-          "return_embedding": false, "speaker_group": "home-1"}   optional, before any audio
+          "return_embedding": false, "speaker_group": "home-1",
+          "hotwords": {"Xiaozhi": 2.0}, "words": true}   optional, before any audio
   binary PCM16 little-endian mono frames at the session's sample rate
   text   {"type": "end"}                                  flush; results follow, then "done"
 
@@ -11,7 +12,8 @@ Server -> client
   {"type": "ready", "session_id": ..., "sample_rate": 16000, "models": "real"|"test", ...}
   {"type": "result", "index": 0, "text": ..., "language": ..., "emotion": ..., "event": ...,
    "start_ms": ..., "end_ms": ..., "speaker": {...}, "latency_ms": {...}, "models": ...,
-   "retries": {"asr": 1}}   stages called again after their replica was lost ({} normally)
+   "retries": {"asr": 1},   stages called again after their replica was lost ({} normally)
+   "words": [{"text", "start_ms", "end_ms", "confidence"}], "confidence": 0.93}   with words or hotwords
   {"type": "error", "code": ..., "message": ...}
   {"type": "done", "utterances": N, "vad_replays": R}
 """
@@ -26,10 +28,13 @@ import numpy as np
 
 from speech_serve.ingress.audio import SUPPORTED_RATES, StreamResampler, parse_audio
 from speech_serve.ingress.connection import Connection
-from speech_serve.ingress.protocols.parsing import ProtocolError, brief, json_object, whole_number
+from speech_serve.ingress.protocols.parsing import ProtocolError, brief, hotword_list, json_object, whole_number
 from speech_serve.ingress.stream import RecognitionOptions, UtteranceStream
 from speech_serve.messages import UtteranceResult
+from speech_serve.settings import LimitSettings
 from speech_serve.wire.codes import CLOSE_NORMAL
+
+DEFAULT_LIMITS = LimitSettings()
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,8 @@ class StartMessage:
     itn: bool = True
     return_embedding: bool = False
     speaker_group: str | None = None
+    hotwords: tuple[tuple[str, float], ...] = ()
+    words: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,17 +56,18 @@ class EndMessage:
 ClientMessage = StartMessage | EndMessage
 
 
-def parse_text(text: str, max_string_chars: int | None = None) -> ClientMessage:
+def parse_text(text: str, max_string_chars: int | None = None, limits: LimitSettings | None = None) -> ClientMessage:
+    """`max_string_chars`: the bound on string fields (None: none, for tools); `limits`: the hotwords'."""
     data = json_object(text, max_string_chars)
     kind = data.get("type")
     if kind == "end":
         return EndMessage()
     if kind == "start":
-        return _parse_start(data)
+        return _parse_start(data, limits or DEFAULT_LIMITS)
     raise ProtocolError("unknown_type", f"unknown message type {brief(kind)}; expected 'start' or 'end'")
 
 
-def _parse_start(data: dict[str, Any]) -> StartMessage:
+def _parse_start(data: dict[str, Any], limits: LimitSettings) -> StartMessage:
     given = data.get("sample_rate", 16000)
     rate = whole_number(given)
     if rate not in SUPPORTED_RATES:
@@ -68,13 +76,14 @@ def _parse_start(data: dict[str, Any]) -> StartMessage:
     language = data.get("language", "auto")
     if not isinstance(language, str):
         raise ProtocolError("bad_message", "language must be a string")
-    itn, emb = data.get("itn", True), data.get("return_embedding", False)
-    if not isinstance(itn, bool) or not isinstance(emb, bool):
-        raise ProtocolError("bad_message", "itn and return_embedding must be booleans")
+    itn, emb, words = data.get("itn", True), data.get("return_embedding", False), data.get("words", False)
+    if not all(isinstance(flag, bool) for flag in (itn, emb, words)):
+        raise ProtocolError("bad_message", "itn, return_embedding and words must be booleans")
     group = data.get("speaker_group")
     if group is not None and (not isinstance(group, str) or not group):
         raise ProtocolError("bad_message", "speaker_group must be a non-empty string")
-    return StartMessage(sample_rate=rate, language=language, itn=itn, return_embedding=emb, speaker_group=group)
+    return StartMessage(sample_rate=rate, language=language, itn=itn, return_embedding=emb, speaker_group=group,
+                        hotwords=hotword_list(data.get("hotwords"), limits), words=words)  # fmt: skip
 
 
 def render_ready(session_id: str, start: StartMessage, models: str, vad_chunk_ms: int) -> str:
@@ -90,8 +99,15 @@ def render_ready(session_id: str, start: StartMessage, models: str, vad_chunk_ms
 
 
 def result_fields(result: UtteranceResult) -> dict[str, Any]:
-    """Every field we have for one utterance; other protocols pick from this."""
-    return {**asdict(result), "speaker": result.speaker.fields()}
+    """Every field we have for one utterance (words and confidence when the session asked); other
+    protocols pick from this."""
+    fields = {**asdict(result), "speaker": result.speaker.fields()}
+    if result.words is None:
+        del fields["words"], fields["confidence"]
+    else:
+        fields["words"] = [w.fields() for w in result.words]
+        fields["confidence"] = None if result.confidence is None else round(result.confidence, 3)
+    return fields
 
 
 def render_result(result: UtteranceResult) -> str:
@@ -130,7 +146,7 @@ class PlainConnection(Connection):
             self._stream()
             await self.push_audio(self.resample(pcm))
             return True
-        parsed = parse_text(message.get("text") or "", self.limits.max_field_chars)
+        parsed = parse_text(message.get("text") or "", self.limits.max_field_chars, self.limits)
         if isinstance(parsed, StartMessage):
             if self.stream is not None:
                 raise ProtocolError("bad_order", "'start' must come before any audio")
@@ -145,7 +161,7 @@ class PlainConnection(Connection):
         if self.stream is None:
             s = self.start
             group = self.speaker_group(s.speaker_group)
-            self.start_stream(RecognitionOptions(s.language, s.itn, s.return_embedding, group))
+            self.start_stream(RecognitionOptions(s.language, s.itn, s.return_embedding, group, s.hotwords, s.words))
         return self.stream
 
     async def _finish(self) -> None:

@@ -11,7 +11,6 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -20,6 +19,7 @@ from speech_serve.ingress.stream.calls import ModelCalls, ms_since, retrieve_exc
 from speech_serve.ingress.stream.timeline import SpeechEdge, Timeline
 from speech_serve.messages import (
     AsrRequest,
+    RecognitionOptions,
     SpeakerEmbedding,
     SpeakerInfo,
     Utterance,
@@ -32,16 +32,6 @@ from speech_serve.settings import AppSettings
 from speech_serve.wire.pcm import SAMPLES_PER_MS
 
 logger = logging.getLogger("ray.serve")
-
-
-@dataclass(frozen=True)
-class RecognitionOptions:
-    """What a client asked for its utterances."""
-
-    language: str = "auto"
-    use_itn: bool = True
-    return_embedding: bool = False
-    speaker_group: str | None = None  # whose voiceprints to match; None: the configured default
 
 
 Recognise = Callable[[str, Utterance, RecognitionOptions], Awaitable[tuple[UtteranceResult, SpeakerEmbedding | None]]]
@@ -68,7 +58,7 @@ class Recognition:
         speaker_call = asyncio.ensure_future(self._speaker_of(utt, group, session_id))
         try:
             with self.calls.backlog.waiting() if live else nullcontext():  # admission watches live finals
-                request = AsrRequest(utt.pcm, options.language, options.use_itn)
+                request = AsrRequest(utt.pcm, options.language, options.use_itn, options.hotwords, options.words)
                 transcript, asr_ms, asr_retries = await self.calls.transcribe(request, session_id)
         except BaseException:
             speaker_call.cancel()  # nobody will read it
@@ -90,7 +80,8 @@ class Recognition:
             session_id=session_id, index=utt.index, start_ms=utt.start_ms, end_ms=utt.end_ms,
             text=transcript.text, language=transcript.language, emotion=transcript.emotion,
             event=transcript.event, raw_text=transcript.raw_text, speaker=speaker,
-            models=self.models_label, forced_cut=utt.forced_cut, latency_ms=latency,
+            models=self.models_label, forced_cut=utt.forced_cut, latency_ms=latency, confidence=transcript.confidence,
+            words=None if transcript.words is None else tuple(w.shifted(utt.start_ms) for w in transcript.words),
             batch_sizes={"asr": transcript.batch_size, **({"speaker": embedding.batch_size} if embedding else {})},
             retries={k: n for k, n in (("asr", asr_retries), ("speaker", spk_retries)) if n},
         )  # fmt: skip

@@ -136,7 +136,7 @@ def test_funasr_wav_name_is_bounded_before_it_is_echoed():
     "parse, frame",
     [
         (plain.parse_text, {"type": "start", "language": "l" * 2000}),
-        (lambda t, **kw: funasr.parse_text(t, False, **kw), {"mode": "2pass", "hotwords": "h" * 2000}),
+        (lambda t, **kw: funasr.parse_text(t, False, **kw), {"mode": "2pass", "wav_name": "w" * 2000}),
         (xiaozhi.parse_text, {"type": "listen", "state": "detect", "text": "t" * 2000}),
         (xiaozhi.parse_text, {"type": "abort", "reason": "r" * 2000}),
     ],

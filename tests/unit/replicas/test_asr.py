@@ -157,3 +157,4 @@ def test_the_warm_up_times_one_utterance_and_a_full_batch_of_the_replicas_own_sh
     single_s, batch_s = asr.time_batches(utterance_s=1.5, batch=4, repeats=3)
     assert single_s > 0 and batch_s > 0
     assert sizes == [[24000]] * 4 + [[24000] * 4] * 3  # an untimed first call, then three of each
+

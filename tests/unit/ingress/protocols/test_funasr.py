@@ -19,7 +19,30 @@ def test_config_as_funasr_clients_send_it():
         "mode": "2pass", "chunk_size": [5, 10, 5], "chunk_interval": 10, "encoder_chunk_look_back": 4,
         "audio_fs": 8000, "wav_name": "meeting", "wav_format": "pcm", "is_speaking": True, "hotwords": "", "itn": False,
     })  # fmt: skip
-    assert funasr.parse_text(text, configured=False) == funasr.Config("2pass", "meeting", 8000, "pcm", False, "")
+    assert funasr.parse_text(text, configured=False) == funasr.Config("2pass", "meeting", 8000, "pcm", False, ())
+
+
+def test_hotwords_as_funasr_clients_send_them_and_bad_ones_are_named():
+    """funasr_wss_client.py sends its hotword file as a JSON object string, weights in tens; older
+    clients a string of words. A bad list is an error frame (the session goes on), never a drop."""
+    from speech_serve.ingress.protocols.parsing import ProtocolError
+    from speech_serve.settings import LimitSettings
+
+    def config(hotwords):
+        return funasr.parse_text(json.dumps({"mode": "offline", "hotwords": hotwords}), configured=False)
+
+    sent = json.dumps({"阿里巴巴": 20, "speech serve": 40})
+    assert config(sent).hotwords == (("阿里巴巴", 1.0), ("speech serve", 2.0))
+    assert config("alpha beta").hotwords == (("alpha", 1.5), ("beta", 1.5))  # limits.hotword_weight
+    assert config(json.dumps({"loud": 1000})).hotwords == (("loud", 5.0),)  # cut to limits.max_hotword_weight
+    for bad, says in [("{not json", "JSON"), (json.dumps({"x": -1}), "positive"), (json.dumps({"x" * 41: 20}), "40"),
+                      (json.dumps({f"w{i}": 20 for i in range(101)}), "at most 100")]:  # fmt: skip
+        with pytest.raises(ProtocolError) as err:
+            config(bad)
+        assert err.value.code == "bad_hotwords" and says in str(err.value)
+    few = LimitSettings(max_hotwords=1)
+    with pytest.raises(ProtocolError):
+        funasr.parse_text(json.dumps({"mode": "offline", "hotwords": "a b"}), configured=False, limits=few)
 
 
 def test_end_of_speech_old_and_new_clients():
@@ -82,4 +105,4 @@ def test_a_field_that_is_not_a_string_is_refused_not_echoed(field, value):
 
 def test_null_fields_take_their_defaults():
     config = funasr.parse_text(json.dumps({"mode": "2pass", "hotwords": None, "wav_name": None}), configured=False)
-    assert (config.hotwords, config.wav_name, config.speaker_group) == ("", "demo", None)
+    assert (config.hotwords, config.wav_name, config.speaker_group) == ((), "demo", None)

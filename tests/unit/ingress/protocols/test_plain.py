@@ -59,6 +59,31 @@ def test_result_rendering_carries_every_field():
     assert (msg["language"], msg["emotion"], msg["event"], msg["models"]) == ("en", "happy", "Speech", "test")
     assert msg["speaker"] == {"label": "unknown", "score": None, "speaker_id": None, "embedding_id": "s:2"}
     assert msg["latency_ms"] == {"asr_ms": 12.5}
+    assert "words" not in msg and "confidence" not in msg  # not asked for
+
+
+def test_a_start_asks_for_words_and_hotwords_and_results_carry_them():
+    from dataclasses import replace
+
+    from speech_serve.messages import Word
+
+    start = plain.parse_text(json.dumps({"type": "start", "words": True, "hotwords": {"Xiaozhi": 2, "lights": 1}}))
+    assert start.words and start.hotwords == (("Xiaozhi", 2.0), ("lights", 1.0))
+    listed = plain.parse_text(json.dumps({"type": "start", "hotwords": ["a b", "c"]}))
+    assert listed.hotwords == (("a b", 1.5), ("c", 1.5))
+    for bad in ({"type": "start", "words": "yes"}, {"type": "start", "hotwords": 5}):
+        with pytest.raises(ProtocolError):
+            plain.parse_text(json.dumps(bad))
+    result = UtteranceResult(
+        session_id="s", index=0, start_ms=1000, end_ms=1900, text="hi there", language="en", emotion=None,
+        event=None, raw_text="hi there", speaker=SpeakerInfo(), models="test",
+        words=(Word("hi", 1000, 1240, 0.91234), Word("there", 1300, 1800, 0.5)), confidence=0.68,
+    )  # fmt: skip
+    msg = json.loads(plain.render_result(result))
+    assert msg["words"] == [{"text": "hi", "start_ms": 1000, "end_ms": 1240, "confidence": 0.912},
+                            {"text": "there", "start_ms": 1300, "end_ms": 1800, "confidence": 0.5}]  # fmt: skip
+    assert msg["confidence"] == 0.68
+    assert json.loads(plain.render_result(replace(result, words=(), confidence=None)))["words"] == []
 
 
 def test_ready_error_done():
