@@ -1,8 +1,10 @@
 """`POST /v1/audio/transcriptions`, shaped like OpenAI's endpoint: pure request checks and
 rendering, then the route's body (a device path: device authentication).
 
-Form fields as OpenAI's: `file` (required), `model`, `language`, `response_format`. One entry in
-`segments` per VAD segment, with our extra fields beside OpenAI's.
+Form fields as OpenAI's: `file` (required), `model`, `language`, `response_format` (`json`, `text`,
+`verbose_json`, `srt`, `vtt`), `timestamp_granularities[]` (`word` adds `words` to verbose_json),
+`prompt` (comma-separated phrases: hotwords). One entry in `segments` per VAD segment, with our extra
+fields beside OpenAI's (`avg_logprob` when words were decoded).
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -21,7 +25,7 @@ from fastapi.responses import Response
 
 from speech_serve.ingress.audio import AudioTooLongError, decode_file
 from speech_serve.ingress.auth import DeviceAuth, Identity, require_device
-from speech_serve.ingress.protocols.parsing import brief
+from speech_serve.ingress.protocols.parsing import ProtocolError, brief, hotword_list
 from speech_serve.ingress.stream import ModelCalls, Recognition, RecognitionOptions, utterances_of
 from speech_serve.ingress.stream.calls import REPLICA_GONE, RetryClock, awaited, bounded, detached
 from speech_serve.ingress.uploads import UploadError, UploadGate, file_fields, read_upload_form, text_field
@@ -31,7 +35,17 @@ from speech_serve.wire.pcm import SAMPLES_PER_MS, AudioFormatError
 
 logger = logging.getLogger("ray.serve")
 
-RESPONSE_FORMATS = ("json", "text", "verbose_json")
+RESPONSE_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
+GRANULARITIES = ("segment", "word")
+
+
+@dataclass
+class FileRequest:
+    data: bytes
+    response_format: str = "json"
+    language: str | None = None
+    words: bool = False  # timestamp_granularities[] has "word"
+    hotwords: tuple[tuple[str, float], ...] = ()  # from `prompt`
 
 
 class TranscriptionRequestError(ValueError):
@@ -55,11 +69,29 @@ def _main_language(results: list[UtteranceResult]) -> str | None:
     return langs.most_common(1)[0][0] if langs else None
 
 
-def render(response_format: str, results: list[UtteranceResult], duration_s: float, models: str) -> tuple[str, str]:
+def _clock(ms: int, separator: str) -> str:
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    return f"{hours:02d}:{minutes:02d}:{rest // 1000:02d}{separator}{rest % 1000:03d}"
+
+
+def subtitles(response_format: str, results: list[UtteranceResult]) -> str:
+    """SRT or WebVTT: one cue per utterance."""
+    said = [r for r in results if r.text]
+    if response_format == "srt":
+        return "".join(f"{k}\n{_clock(r.start_ms, ',')} --> {_clock(r.end_ms, ',')}\n{r.text}\n\n"
+                       for k, r in enumerate(said, 1))  # fmt: skip
+    return "WEBVTT\n\n" + "".join(f"{_clock(r.start_ms, '.')} --> {_clock(r.end_ms, '.')}\n{r.text}\n\n" for r in said)
+
+
+def render(response_format: str, results: list[UtteranceResult], duration_s: float, models: str,
+           words: bool = False) -> tuple[str, str]:  # fmt: skip
     """Return (body, media type)."""
     text = _join(results)
     if response_format == "text":
         return text + "\n", "text/plain; charset=utf-8"
+    if response_format in ("srt", "vtt"):
+        return subtitles(response_format, results), "text/plain; charset=utf-8"
     if response_format == "json":
         return json.dumps({"text": text, "models": models}, ensure_ascii=False), "application/json"
     body = {
@@ -74,6 +106,7 @@ def render(response_format: str, results: list[UtteranceResult], duration_s: flo
                 "start": r.start_ms / 1000,
                 "end": r.end_ms / 1000,
                 "text": r.text,
+                **({"avg_logprob": round(math.log(max(r.confidence, 1e-12)), 4)} if r.confidence is not None else {}),
                 "language": r.language,
                 "emotion": r.emotion,
                 "event": r.event,
@@ -87,6 +120,9 @@ def render(response_format: str, results: list[UtteranceResult], duration_s: flo
             for r in results
         ],
     }
+    if words:  # OpenAI's TranscriptionWord, and our confidence beside it
+        body["words"] = [{"word": w.text, "start": w.start_ms / 1000, "end": w.end_ms / 1000,
+                          "confidence": round(w.confidence, 3)} for r in results for w in r.words or ()]  # fmt: skip
     return json.dumps(body, ensure_ascii=False), "application/json"
 
 
@@ -104,29 +140,39 @@ class FileTranscriptions:
         self.calls, self.recognise, self.device_auth = calls, recognise, device_auth
         self.cut = cut or cut_into_segments
         self.uploads, self.min_utterance_ms = settings.uploads, settings.stream.min_utterance_ms
+        self.limits = settings.limits  # the prompt's hotwords are bounded as a session's
         self.gate = gate
 
     async def __call__(self, request: Request) -> Response:
         identity = require_device(self.device_auth, request)
-        async with self.gate.admit(lambda: self._receive(request)) as (data, fmt, language):
-            return await self._transcribe(data, fmt, language, identity)
+        async with self.gate.admit(lambda: self._receive(request)) as asked:
+            return await self._transcribe(asked, identity)
 
-    async def _receive(self, request: Request) -> tuple[bytes, str, str | None]:
-        """The file's bytes, response format and language, checked."""
+    async def _receive(self, request: Request) -> FileRequest:
+        """The file's bytes and what the form asks, checked."""
         form = await read_upload_form(request, self.uploads, max_files=1)
         try:
             (upload,) = file_fields(form, "file")
             fmt = check_response_format(text_field(form, "response_format", "json"))
+            granularities = [g for key in ("timestamp_granularities[]", "timestamp_granularities")
+                             for g in form.getlist(key) if isinstance(g, str)]  # fmt: skip
+            if any(g not in GRANULARITIES for g in granularities):
+                raise TranscriptionRequestError(f"timestamp_granularities: each one of {', '.join(GRANULARITIES)}")
+            if "word" in granularities and fmt != "verbose_json":
+                raise TranscriptionRequestError("timestamp_granularities word needs response_format verbose_json")
+            prompt = text_field(form, "prompt") or ""
+            hotwords = hotword_list([p for p in prompt.replace("\n", ",").split(",") if p.strip()], self.limits)
             language = text_field(form, "language")
-            return await upload.read(), fmt, language
+            return FileRequest(await upload.read(), fmt, language, "word" in granularities, hotwords)
         except UploadError as exc:
             raise HTTPException(exc.status, str(exc)) from None
-        except TranscriptionRequestError as exc:
+        except (TranscriptionRequestError, ProtocolError) as exc:
             raise HTTPException(400, str(exc)) from None
         finally:
             await form.close()
 
-    async def _transcribe(self, data: bytes, fmt: str, language: str | None, identity: Identity) -> Response:
+    async def _transcribe(self, asked: FileRequest, identity: Identity) -> Response:
+        data, asked.data = asked.data, b""  # held here only until it is decoded
         limits = self.uploads
         try:
             pcm, duration_s = await asyncio.to_thread(decode_file, data, limits.max_seconds, limits.max_sample_rate)
@@ -138,7 +184,8 @@ class FileTranscriptions:
         request_id = "file-" + uuid.uuid4().hex[:12]
         segments = await self.cut(self.calls, pcm, request_id, round(limits.vad_piece_s * 1000))
         # the device's household when device auth is on, as on the WebSockets
-        options = RecognitionOptions(language=language or "auto", speaker_group=identity.speaker_group(None))
+        options = RecognitionOptions(language=asked.language or "auto", speaker_group=identity.speaker_group(None),
+                                     hotwords=asked.hotwords, words=asked.words or bool(asked.hotwords))  # fmt: skip
         in_flight = asyncio.Semaphore(limits.max_segments_in_flight)
 
         async def recognise(utterance: Utterance) -> UtteranceResult:
@@ -148,7 +195,8 @@ class FileTranscriptions:
 
         utterances = utterances_of(pcm, segments, self.min_utterance_ms)
         results = await asyncio.gather(*(recognise(u) for u in utterances))
-        body, media_type = render(fmt, list(results), duration_s, self.recognise.models_label)
+        body, media_type = render(asked.response_format, list(results), duration_s, self.recognise.models_label,
+                                  asked.words)  # fmt: skip
         return Response(content=body, media_type=media_type)
 
 

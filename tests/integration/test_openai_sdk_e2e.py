@@ -43,6 +43,25 @@ def test_the_file_api_answers_the_sdk_in_each_format(service, response_format):
             assert abs(segment.start * 1000 - start) < 400 and abs(segment.end * 1000 - end) < 400
 
 
+def test_the_sdk_asks_for_word_timestamps_and_subtitles_and_reads_them(service):
+    """`timestamp_granularities=["word"]` on verbose_json: OpenAI's `words` (in seconds), each inside
+    its segment; a `prompt` is taken as hotwords; `srt` and `vtt` are OpenAI's subtitle texts."""
+    with open(TWO_UTTERANCES_WAV, "rb") as audio:
+        answer = sdk(service).audio.transcriptions.create(
+            model="sensevoice", file=audio, response_format="verbose_json", timestamp_granularities=["word"],
+            prompt="Xiaozhi, kitchen light",
+        )  # fmt: skip
+    assert answer.words and len(answer.segments) == 2
+    starts = [w.start for w in answer.words]
+    assert starts == sorted(starts) and all(w.start < w.end for w in answer.words)
+    assert answer.segments[0].start <= starts[0] and answer.words[-1].end <= answer.segments[-1].end + 0.06
+    for response_format, first in (("srt", "1\n00:00:00,"), ("vtt", "WEBVTT\n\n00:00:00.")):
+        with open(TWO_UTTERANCES_WAV, "rb") as audio:
+            text = sdk(service).audio.transcriptions.create(model="sensevoice", file=audio,
+                                                            response_format=response_format)  # fmt: skip
+        assert isinstance(text, str) and text.startswith(first) and text.count(" --> ") == 2
+
+
 def audio_24k() -> list[str]:
     """The WAV at 24 kHz (the Realtime API's PCM rate), as base64 appends of CHUNK_MS each."""
     pcm = soxr.resample(read_pcm(TWO_UTTERANCES_WAV), 16000, 24000).astype("<i2")

@@ -33,10 +33,14 @@ def flac_silence(rate: int, seconds: float, channels: int = 1) -> bytes:
     return out.getvalue()
 
 
-def wav_upload(seconds: float = 1.0, rate: int = 16_000) -> bytes:
+def wav_body(seconds: float = 1.0, rate: int = 16_000) -> bytes:
     out = io.BytesIO()
     sf.write(out, np.zeros(int(rate * seconds), dtype=np.int16), rate, format="WAV", subtype="PCM_16")
-    return multipart({"response_format": "json"}, [("file", "a.wav", out.getvalue())])
+    return out.getvalue()
+
+
+def wav_upload(seconds: float = 1.0, rate: int = 16_000) -> bytes:
+    return multipart({"response_format": "json"}, [("file", "a.wav", wav_body(seconds, rate))])
 
 
 def result(i: int) -> UtteranceResult:
@@ -229,7 +233,51 @@ def test_openai_shapes():
         (1, 1.0, 1.5, "world"),
     ]
     with pytest.raises(openai_files.TranscriptionRequestError, match="srt"):
-        openai_files.check_response_format("srt")
+        openai_files.check_response_format("mp3")
+
+
+def test_subtitles_and_words_in_openais_shapes():
+    from dataclasses import replace
+
+    from speech_serve.messages import Word
+
+    results = [replace(_result(0, "hello", "en"), words=(Word("hello", 0, 480, 0.9),), confidence=0.9),
+               replace(_result(1, "world", "en"), start_ms=3_723_004, end_ms=3_724_500,
+                       words=(Word("world", 3_723_004, 3_724_000, 0.5),), confidence=0.5)]  # fmt: skip
+    srt, media = openai_files.render("srt", results, 3725.0, "test")
+    assert media.startswith("text/plain")
+    assert srt == "1\n00:00:00,000 --> 00:00:00,500\nhello\n\n2\n01:02:03,004 --> 01:02:04,500\nworld\n\n"
+    vtt = openai_files.render("vtt", results, 3725.0, "test")[0]
+    assert vtt.startswith("WEBVTT\n\n00:00:00.000 --> 00:00:00.500\nhello\n") and "01:02:03.004 --> " in vtt
+    verbose = json.loads(openai_files.render("verbose_json", results, 3725.0, "test", words=True)[0])
+    assert verbose["words"] == [{"word": "hello", "start": 0.0, "end": 0.48, "confidence": 0.9},
+                                {"word": "world", "start": 3723.004, "end": 3724.0, "confidence": 0.5}]  # fmt: skip
+    assert verbose["segments"][1]["avg_logprob"] == pytest.approx(-0.6931, abs=1e-4)
+    assert "words" not in json.loads(openai_files.render("verbose_json", results, 3725.0, "test")[0])
+
+
+def test_word_granularity_and_a_prompts_hotwords_reach_the_recognition_and_bad_ones_get_400():
+    models = FakeModels()
+    seen = []
+    original = models.recognise
+
+    async def recording(request_id, utt, options, live=True):
+        seen.append(options)
+        return await original(request_id, utt, options, live)
+
+    files = endpoint(models)
+    recording.models_label = "test"
+    files.recognise = recording
+    fields = {"response_format": "verbose_json", "timestamp_granularities[]": "word",
+              "prompt": "Xiaozhi, kitchen light"}  # fmt: skip
+    response = asyncio.run(files(request(multipart(fields, [("file", "a.wav", wav_body())]))))
+    assert response.status_code == 200
+    assert seen[0].words and seen[0].hotwords == (("Xiaozhi", 1.5), ("kitchen light", 1.5))
+    for bad in ({"timestamp_granularities[]": "word"}, {"timestamp_granularities[]": "char"},
+                {"prompt": ",".join(f"w{i}" for i in range(101))}):  # fmt: skip
+        with pytest.raises(HTTPException) as err:
+            asyncio.run(files(request(multipart(bad, [("file", "a.wav", wav_body())]))))
+        assert err.value.status_code == 400
 
 
 class CuttingVad:
