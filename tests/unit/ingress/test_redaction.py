@@ -2,6 +2,8 @@
 
 import io
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -45,14 +47,23 @@ def test_redact_leaves_help_texts_and_plain_words_alone():
         assert redact.redact(text, SECRETS) == text
 
 
-def test_filter_cleans_arguments_and_tracebacks_before_any_handler_formats_them():
-    log = logging.getLogger("test.redact.filter")
+@contextmanager
+def logged(name: str) -> Iterator[tuple[logging.Logger, io.StringIO]]:
+    """A logger of its own whose records land in a string, with the redaction filter installed."""
+    log = logging.getLogger(name)
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     log.addHandler(handler)
     log.propagate = False
     try:
         redact.install_redaction(SECRETS, logger_names=[log.name])
+        yield log, stream
+    finally:
+        log.removeHandler(handler)
+
+
+def test_filter_cleans_arguments_and_tracebacks_before_any_handler_formats_them():
+    with logged("test.redact.filter") as (log, stream):
         redact.install_redaction(SECRETS, logger_names=[log.name])  # idempotent: one filter, not two
         assert sum(isinstance(f, redact.RedactingFilter) for f in log.filters) == 1
         log.warning("refused %s: %s", f"/v1/stream?token={DEVICE_TOKEN}", "invalid token")
@@ -62,8 +73,6 @@ def test_filter_cleans_arguments_and_tracebacks_before_any_handler_formats_them(
             log.exception("session %s failed", "s1")
         child = logging.getLogger(f"{log.name}.child")  # propagates into the handler, not the logger filter
         child.warning("child saw admin-token-value")
-    finally:
-        log.removeHandler(handler)
     out = stream.getvalue()
     assert "refused /v1/stream?token=[REDACTED]: invalid token" in out
     assert "session s1 failed" in out and "ValueError: bad header Authorization: [REDACTED]" in out
@@ -79,17 +88,9 @@ def test_filter_never_drops_a_record_it_cannot_format():
 def test_control_characters_a_client_chose_are_escaped_in_the_logs():
     """A device id or path with a newline forged a second log line; an ESC sequence recoloured a
     terminal. Arguments are escaped; our own format strings (a banner's newlines) are not."""
-    log = logging.getLogger("test.redact.controls")
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    log.addHandler(handler)
-    log.propagate = False
-    try:
-        redact.install_redaction(SECRETS, logger_names=[log.name])
+    with logged("test.redact.controls") as (log, stream):
         log.warning("refused %s: %s", "/v1/stream?device_id=a\nINFO admitted everyone", ValueError("x\x1b[31my"))
         log.warning("\n%s\n", "banner")
-    finally:
-        log.removeHandler(handler)
     lines = stream.getvalue().splitlines()
     assert lines[0] == "refused /v1/stream?device_id=a\\x0aINFO admitted everyone: x\\x1b[31my"
     assert lines[1:4] == ["", "banner", ""]
