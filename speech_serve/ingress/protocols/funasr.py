@@ -20,6 +20,7 @@ import numpy as np
 from speech_serve.ingress.audio import SUPPORTED_RATES, StreamResampler, parse_audio
 from speech_serve.ingress.connection import Connection
 from speech_serve.ingress.protocols.parsing import (
+    DEFAULT_LIMITS,
     ProtocolError,
     brief,
     hotword_list,
@@ -34,7 +35,6 @@ from speech_serve.settings import LimitSettings
 
 MODES = ("offline", "online", "2pass")
 FUNASR_WEIGHT_SCALE = 20.0  # FunASR's hotword weights (10-100) over our bonus per token
-DEFAULT_LIMITS = LimitSettings()
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ from typing import Any
 
 from speech_serve.settings import LimitSettings
 
+DEFAULT_LIMITS = LimitSettings()  # where a parser is called without the session's (tools, tests)
+
 
 class ProtocolError(ValueError):
     """The client broke the protocol. `code` goes into the error frame; `param` names the field

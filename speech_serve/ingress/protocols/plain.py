@@ -28,13 +28,18 @@ import numpy as np
 
 from speech_serve.ingress.audio import SUPPORTED_RATES, StreamResampler, parse_audio
 from speech_serve.ingress.connection import Connection
-from speech_serve.ingress.protocols.parsing import ProtocolError, brief, hotword_list, json_object, whole_number
+from speech_serve.ingress.protocols.parsing import (
+    DEFAULT_LIMITS,
+    ProtocolError,
+    brief,
+    hotword_list,
+    json_object,
+    whole_number,
+)
 from speech_serve.ingress.stream import RecognitionOptions, UtteranceStream
 from speech_serve.messages import UtteranceResult
 from speech_serve.settings import LimitSettings
 from speech_serve.wire.codes import CLOSE_NORMAL
-
-DEFAULT_LIMITS = LimitSettings()
 
 
 @dataclass(frozen=True)
