@@ -150,20 +150,27 @@ def _adder(prefixes: dict[tuple[int, ...], _Prefix]):
 def beam_search(logp: np.ndarray, graph: ContextGraph | None = None, beam: int = 4,
                 token_beam: int | None = None) -> Decoded:  # fmt: skip
     """CTC prefix beam search, `beam` prefixes kept per frame, each frame's `token_beam` best tokens
-    tried (default: `beam`); hotwords from `graph` add their bonus to the ranking."""
+    tried (default: `beam`); hotwords from `graph` add their bonus to the ranking. A hotword's next
+    token is tried too where its bonus lifts it to the frame's best: a hotword wins where the
+    posteriors put it within its bonus, not only where it is already among the best."""
     token_beam = token_beam or beam
     root = graph.root if graph is not None else _Node()
+    starts = np.fromiter(root.children, dtype=np.int64, count=len(root.children))
+    start_bonus = np.array([root.children[k].weight for k in starts.tolist()])
     prefixes: dict[tuple[int, ...], _Prefix] = {(): _Prefix((), 0.0, NEG_INF, root, 0.0, 0.0)}
     for t in range(logp.shape[0]):
         frame = logp[t]
-        candidates = np.argpartition(-frame, min(token_beam, len(frame) - 1))[:token_beam].tolist()
+        best = np.argpartition(-frame, min(token_beam, len(frame) - 1))[:token_beam]
+        floor = frame[best].min()
+        candidates = set(best.tolist()) | set(starts[frame[starts] + start_bonus >= floor].tolist())
         nxt: dict[tuple[int, ...], _Prefix] = {}
         add = _adder(nxt)
         for key, p in prefixes.items():
             # blank: the prefix stays
             add(key, p.tokens, p.ctc + frame[BLANK], NEG_INF, p.node, p.earned, p.bonus)
             last = key[-1] if key else None
-            for k in candidates:
+            going_on = {k for k, child in p.node.children.items() if frame[k] + child.weight >= floor}
+            for k in candidates | going_on:
                 if k == BLANK:
                     continue
                 if k == last:

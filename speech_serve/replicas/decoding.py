@@ -83,13 +83,24 @@ class Decoder:
         self.tokenizer, self.beam = tokenizer, beam
         self._pieces: dict[int, str] = {}
 
+    @property
+    def _sp(self):
+        """funasr's SentencePiece processor (it loads it on first use)."""
+        if self.tokenizer.sp is None:
+            self.tokenizer.encode("")
+        return self.tokenizer.sp
+
     def piece(self, token: int) -> str:
+        """A token's piece, `▁` marking a word's start (funasr's ids2tokens decodes, losing the mark)."""
         if token not in self._pieces:
-            self._pieces[token] = self.tokenizer.ids2tokens([token])[0]
+            self._pieces[token] = self._sp.IdToPiece(token)
         return self._pieces[token]
 
     def graph(self, hotwords: tuple[tuple[str, float], ...]) -> ContextGraph | None:
-        phrases = [(ids, weight) for phrase, weight in hotwords if (ids := self.tokenizer.encode(phrase))]
+        """The hotwords the vocabulary can spell (a phrase with an unknown piece could only ever add <unk>)."""
+        unknown = self._sp.unk_id()
+        phrases = [(ids, weight) for phrase, weight in hotwords
+                   if (ids := self.tokenizer.encode(phrase)) and unknown not in ids]  # fmt: skip
         return ContextGraph(phrases) if phrases else None
 
     def decode(self, logp: np.ndarray, request: AsrRequest) -> tuple[str, tuple[Word, ...], float | None]:

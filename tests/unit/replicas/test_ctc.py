@@ -59,12 +59,24 @@ def test_a_hotword_just_below_the_greedy_path_wins_with_its_bonus_and_loses_with
 
 
 def test_a_match_that_breaks_off_earns_nothing():
-    """Hotword 3 6 7: the path has 3 6 then 4, so the partial match gives its bonus back and the
-    CTC-best path stands; a bonus on a token the posteriors put far below never wins."""
+    """Hotword 3 2 7: the path has 3 then 2 (nearly 6) then 4, far above 7, so the partial match gives
+    its bonus back and the CTC-best path stands; a bonus on a token the posteriors put far below
+    never wins."""
     logp = posteriors([{3: 0.8}, {BLANK: 0.8}, {6: 0.5, 2: 0.4}, {BLANK: 0.9}, {4: 0.9}, {BLANK: 0.9}])
-    assert beam_search(logp, ContextGraph([([3, 2, 7], 2.0)])).ids == [3, 6, 4]
+    assert beam_search(logp, ContextGraph([([3, 2, 7], 1.0)])).ids == [3, 6, 4]
+    assert beam_search(logp, ContextGraph([([3, 2, 7], 2.0)])).ids == [3, 2, 7, 4]  # 3 x 2.0 pays for 7
     far = posteriors([{3: 0.8}, {BLANK: 0.8}, {4: 0.97}, {BLANK: 0.9}])
     assert beam_search(far, ContextGraph([([3, 6], 1.0)])).ids == [3, 4]
+
+
+def test_a_hotword_token_outside_the_frames_best_is_tried_where_its_bonus_reaches_them():
+    """With 2 tokens tried per frame, 6 (0.1) is third after 4 and 5: a bonus that lifts it past the
+    second best puts the hotword in the text; one that does not leaves the acoustic path."""
+    logp = posteriors([{3: 0.8}, {BLANK: 0.8}, {4: 0.6, 5: 0.2, 6: 0.1}, {BLANK: 0.9}])
+    assert beam_search(logp, None, beam=2).ids == [3, 4]
+    assert beam_search(logp, ContextGraph([([3, 6], 1.0)]), beam=2).ids == [3, 6]
+    assert beam_search(logp, ContextGraph([([6], 2.0)]), beam=2).ids == [3, 6]  # a hotword's first token too
+    assert beam_search(logp, ContextGraph([([3, 6], 0.2)]), beam=2).ids == [3, 4]
 
 
 def test_hotwords_sharing_a_prefix_and_a_repeated_token_after_a_blank():
