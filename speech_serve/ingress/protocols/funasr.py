@@ -30,7 +30,7 @@ from speech_serve.ingress.protocols.parsing import (
     whole_number,
 )
 from speech_serve.ingress.stream import RecognitionOptions
-from speech_serve.messages import UtteranceResult
+from speech_serve.messages import Transcript, UtteranceResult
 from speech_serve.settings import LimitSettings
 
 MODES = ("offline", "online", "2pass")
@@ -203,8 +203,8 @@ class FunasrConnection(Connection):
         count, _ = await self.finish_stream()
         await self.send(render_end(self.config, count))
 
-    async def _on_interim(self, index: int, text: str) -> None:
-        delta = text_delta(self.online_sent.get(index, ""), text)
+    async def _on_interim(self, index: int, transcript: Transcript) -> None:
+        delta = text_delta(self.online_sent.get(index, ""), transcript.text)
         if delta:
             self.online_sent[index] = self.online_sent.get(index, "") + delta
             await self.send(render_interim(self.config, delta))

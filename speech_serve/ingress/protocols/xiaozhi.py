@@ -26,10 +26,18 @@ import numpy as np
 import soxr
 
 from speech_serve.ingress.connection import Connection
-from speech_serve.ingress.protocols.parsing import ProtocolError, brief, json_object, text_field, whole_number
+from speech_serve.ingress.protocols.parsing import (
+    DEFAULT_LIMITS,
+    ProtocolError,
+    brief,
+    hotword_list,
+    json_object,
+    text_field,
+    whole_number,
+)
 from speech_serve.ingress.stream import RecognitionOptions
 from speech_serve.messages import UtteranceResult
-from speech_serve.settings import XiaozhiSettings
+from speech_serve.settings import LimitSettings, XiaozhiSettings
 from speech_serve.wire.opus import OPUS_FRAME_MS, OPUS_RATES
 from speech_serve.wire.pcm import SAMPLE_RATE, AudioFormatError
 from speech_serve.wire.xiaozhi import TYPE_JSON, TYPE_OPUS, V2_HEADER, V3_HEADER
@@ -62,6 +70,8 @@ class Hello:
     channels: int = 1
     frame_duration: int = 60
     features: dict[str, Any] = field(default_factory=dict)
+    hotwords: tuple[tuple[str, float], ...] = ()  # ours, beside the firmware's fields
+    words: bool = False  # word times and confidences in every stt
 
 
 @dataclass(frozen=True)
@@ -87,11 +97,12 @@ ControlMessage = Hello | Listen | Abort | Ignored
 KNOWN_IGNORED = ("mcp", "iot", "goodbye", "ping")
 
 
-def parse_text(text: str, max_string_chars: int | None = None) -> ControlMessage:
+def parse_text(text: str, max_string_chars: int | None = None, limits: LimitSettings | None = None) -> ControlMessage:
+    """`limits`: the hello's hotwords' bounds."""
     data = json_object(text, max_string_chars)
     kind = data.get("type")
     if kind == "hello":
-        return _parse_hello(data)
+        return _parse_hello(data, limits or DEFAULT_LIMITS)
     if kind == "listen":
         state = data.get("state")
         if state not in ("start", "stop", "detect"):
@@ -107,7 +118,7 @@ def parse_text(text: str, max_string_chars: int | None = None) -> ControlMessage
     raise ProtocolError("unknown_type", f"unknown message type {brief(kind)}")
 
 
-def _parse_hello(data: dict[str, Any]) -> Hello:
+def _parse_hello(data: dict[str, Any], limits: LimitSettings) -> Hello:
     params = data.get("audio_params") or {}
     if not isinstance(params, dict):
         raise ProtocolError("bad_message", "audio_params must be an object")
@@ -125,8 +136,11 @@ def _parse_hello(data: dict[str, Any]) -> Hello:
     if frame_ms not in OPUS_FRAME_MS:
         given = brief(params.get("frame_duration"))
         raise ProtocolError("unsupported_audio", f"frame_duration {given} not in {OPUS_FRAME_MS}")
-    features = data.get("features")
-    return Hello("opus", rate, channels, frame_ms, features if isinstance(features, dict) else {})
+    features, words = data.get("features"), data.get("words", False)
+    if not isinstance(words, bool):
+        raise ProtocolError("bad_message", "words must be a boolean")
+    return Hello("opus", rate, channels, frame_ms, features if isinstance(features, dict) else {},
+                 hotword_list(data.get("hotwords"), limits), words)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -172,6 +186,9 @@ def render_stt(session_id: str, result: UtteranceResult) -> str:
         "speaker": result.speaker.fields(),
         "models": result.models, "latency_ms": result.latency_ms,
     }  # fmt: skip
+    if result.words is not None:  # the hello asked for words, or carried hotwords
+        body["words"] = [w.fields() for w in result.words]
+        body["confidence"] = None if result.confidence is None else round(result.confidence, 3)
     return json.dumps(body, ensure_ascii=False)
 
 
@@ -254,7 +271,7 @@ class XiaozhiConnection(Connection):
             try:
                 if message.get("text") is None:
                     raise ProtocolError("hello_required", "send hello before audio")
-                parsed = parse_text(message["text"], self.limits.max_field_chars)
+                parsed = parse_text(message["text"], self.limits.max_field_chars, self.limits)
                 if not isinstance(parsed, Hello):
                     raise ProtocolError("hello_required", "send hello before anything else")
             except ProtocolError as exc:
@@ -264,7 +281,8 @@ class XiaozhiConnection(Connection):
             await self.send(render_hello(self.session_id, self.settings.hello_audio_params))
             self.decoder = OpusDecoder()
             # a device's household: its own group (mapped by security.device_groups, else its id)
-            self.start_stream(RecognitionOptions(speaker_group=self.speaker_group(None, self.identity.group)))
+            self.start_stream(RecognitionOptions(speaker_group=self.speaker_group(None, self.identity.group),
+                                                 hotwords=parsed.hotwords, words=parsed.words))  # fmt: skip
             logger.info("xiaozhi session %s: device %s, protocol v%d, %s Hz opus %d ms frames",
                         self.session_id, self.identity.device_id, self.params.protocol_version,
                         parsed.sample_rate, parsed.frame_duration)  # fmt: skip

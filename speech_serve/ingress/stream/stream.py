@@ -22,6 +22,7 @@ from speech_serve.messages import (
     RecognitionOptions,
     SpeakerEmbedding,
     SpeakerInfo,
+    Transcript,
     Utterance,
     UtteranceResult,
     VadChunk,
@@ -45,8 +46,9 @@ class Recognition:
     is open (`speaker.breaker_failures` failed or late in a row: not asked for `breaker_open_s`)."""
 
     def __init__(self, calls: ModelCalls, settings: AppSettings, models_label: str,
-                 clock: Callable[[], float] = time.monotonic):  # fmt: skip
-        self.calls, self.models_label = calls, models_label
+                 clock: Callable[[], float] = time.monotonic, household=None):  # fmt: skip
+        """`household`: the households' hotword lists (ingress/hotwords.py), applied under the session's own."""
+        self.calls, self.models_label, self.household = calls, models_label, household
         self.speaker, self.default_group = settings.speaker, settings.voiceprints.default_group
         self._clock, self._failures, self._open_until = clock, 0, float("-inf")  # the Speaker's breaker
 
@@ -58,7 +60,9 @@ class Recognition:
         speaker_call = asyncio.ensure_future(self._speaker_of(utt, group, session_id))
         try:
             with self.calls.backlog.waiting() if live else nullcontext():  # admission watches live finals
-                request = AsrRequest(utt.pcm, options.language, options.use_itn, options.hotwords, options.words)
+                hotwords = self.household.lists.get(group) if self.household is not None else None
+                hotwords = tuple((dict(hotwords) | dict(options.hotwords)).items()) if hotwords else options.hotwords
+                request = AsrRequest(utt.pcm, options.language, options.use_itn, hotwords, options.words)
                 transcript, asr_ms, asr_retries = await self.calls.transcribe(request, session_id)
         except BaseException:
             speaker_call.cancel()  # nobody will read it
@@ -124,9 +128,10 @@ class Recognition:
 class UtteranceStreams:
     """Opens utterance streams; one per Ingress replica."""
 
-    def __init__(self, models: ModelCalls, settings: AppSettings, metrics: IngressMetrics, models_label: str):
+    def __init__(self, models: ModelCalls, settings: AppSettings, metrics: IngressMetrics, models_label: str,
+                 household=None):  # fmt: skip
         self.models, self.settings, self.metrics, self.models_label = models, settings, metrics, models_label
-        self.recognise = Recognition(models, settings, models_label)
+        self.recognise = Recognition(models, settings, models_label, household=household)
 
     def timeline(self) -> Timeline:
         s = self.settings.stream
@@ -135,6 +140,8 @@ class UtteranceStreams:
 
     def open(self, session_id: str, options: RecognitionOptions, on_result, on_failure, **extra) -> UtteranceStream:
         """A new stream; `extra`: `on_interim` with `interim_interval_ms`, `on_speech` (see UtteranceStream)."""
+        if self.recognise.household is not None:  # its household's hotwords, loaded before its first utterance
+            self.recognise.household.watch(options.speaker_group or self.settings.voiceprints.default_group)
         return UtteranceStream(session_id, self.timeline(), self.models, self.recognise, self.metrics, options,
                                on_result, on_failure, settings=self.settings, **extra)  # fmt: skip
 
@@ -150,7 +157,7 @@ def live_stream_tasks() -> int:
 class UtteranceStream:
     """One live stream: audio in, `on_result` called once per utterance, in order.
 
-    Optional: `on_interim(index, text)` with the growing text of the utterance being spoken,
+    Optional: `on_interim(index, transcript)` with the growing transcript of the utterance being spoken,
     every `interim_interval_ms` (at most one interim request in flight per stream), and
     `on_speech(edge)` with each `SpeechEdge`, awaited before the utterance it cuts is recognised
     (so a client hears of the cut before its result).
@@ -167,7 +174,7 @@ class UtteranceStream:
     def __init__(self, session_id: str, timeline: Timeline, models: ModelCalls, recognise: Recognise,
                  metrics: IngressMetrics, options: RecognitionOptions, on_result: Callable[[UtteranceResult], Done],
                  on_failure: Callable[[int, Exception], Done], *, settings: AppSettings | None = None,
-                 on_interim: Callable[[int, str], Done] | None = None, interim_interval_ms: int | None = None,
+                 on_interim: Callable[[int, Transcript], Done] | None = None, interim_interval_ms: int | None = None,
                  on_speech: Callable[[SpeechEdge], Done] | None = None):  # fmt: skip
         self.session_id = session_id
         self.timeline = timeline
@@ -358,13 +365,14 @@ class UtteranceStream:
 
     async def _interim(self, index: int, pcm: np.ndarray) -> None:
         try:
-            request = AsrRequest(pcm, self.options.language, self.options.use_itn)
+            options = self.options  # the session's own hotwords and words (the final adds its household's)
+            request = AsrRequest(pcm, options.language, options.use_itn, options.hotwords, options.words)
             transcript = await self.models.transcribe_interim(request)
         except Exception:  # an interim is a courtesy: the final result still comes
             logger.warning("session %s: interim recognition failed", self.session_id, exc_info=True)
             return
         if self.timeline.utterances_done == index and self._on_interim is not None:  # not final yet
-            await self._on_interim(index, transcript.text)
+            await self._on_interim(index, transcript)
 
     async def _recognise(self, utt: Utterance, started: float, vad_ms: float, vad_compute_ms: float, endpoint_ms: int):
         result, embedding = await self._recognise_one(self.session_id, utt, self.options)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from dataclasses import replace
 from typing import Any
 
@@ -18,6 +19,7 @@ from speech_serve.ingress.protocols.parsing import ProtocolError, text_delta
 from speech_serve.ingress.protocols.realtime.events import (
     BETA_FORMATS,
     EXTRA,
+    LOGPROBS,
     PCM_RATE,
     SERVER_ERRORS,
     Append,
@@ -30,9 +32,10 @@ from speech_serve.ingress.protocols.realtime.events import (
     apply_update,
     effective,
     parse_event,
+    session_hotwords,
 )
 from speech_serve.ingress.stream import RecognitionOptions, SpeechEdge
-from speech_serve.messages import UtteranceResult
+from speech_serve.messages import Transcript, UtteranceResult
 from speech_serve.settings import RealtimeSettings
 from speech_serve.wire.pcm import SAMPLE_RATE, AudioFormatError, pcm16_from_bytes
 
@@ -86,7 +89,7 @@ def session_fields(session_id: str, config: SessionConfig) -> dict[str, Any]:
         "turn_detection": _turn_fields(config.turn_detection),
     }
     return {"id": f"sess_{session_id}", "object": "realtime.transcription_session", "type": "transcription",
-            "audio": {"input": audio_input}, "include": []}  # fmt: skip
+            "audio": {"input": audio_input}, "include": [LOGPROBS] if config.logprobs else []}  # fmt: skip
 
 
 def beta_session_fields(session_id: str, config: SessionConfig) -> dict[str, Any]:
@@ -95,7 +98,7 @@ def beta_session_fields(session_id: str, config: SessionConfig) -> dict[str, Any
     return {"id": f"sess_{session_id}", "object": "realtime.transcription_session", "modalities": ["text"],
             "input_audio_format": beta_format, "input_audio_transcription": _transcription_fields(config),
             "turn_detection": _turn_fields(config.turn_detection), "input_audio_noise_reduction": None,
-            "include": []}  # fmt: skip
+            "include": [LOGPROBS] if config.logprobs else []}  # fmt: skip
 
 
 def render_session(kind: str, event_id: str, session_id: str, config: SessionConfig) -> str:
@@ -105,17 +108,27 @@ def render_session(kind: str, event_id: str, session_id: str, config: SessionCon
     return event(kind, event_id, session=session)
 
 
-def render_completed(event_id: str, item_id: str, result: UtteranceResult) -> str:
-    """The utterance's transcript, with our fields in `speech_serve` (EXTRA)."""
+def word_logprobs(words) -> list[dict[str, Any]]:
+    """OpenAI's `logprobs` entries, one per word: its text, the mean log-probability of its tokens."""
+    return [{"token": w.text, "logprob": round(math.log(max(w.confidence, 1e-12)), 4),
+             "bytes": list(w.text.encode())} for w in words]  # fmt: skip
+
+
+def render_completed(event_id: str, item_id: str, result: UtteranceResult, logprobs: bool = False) -> str:
+    """The utterance's transcript, with our fields in `speech_serve` (EXTRA); `logprobs` when the session's
+    `include` asks (and word times among our fields whenever the words were decoded)."""
     extra = {
         "index": result.index, "start_ms": result.start_ms, "end_ms": result.end_ms,
         "language": result.language, "emotion": result.emotion, "event": result.event,
         "speaker": result.speaker.fields(), "latency_ms": result.latency_ms, "models": result.models,
         "forced_cut": result.forced_cut,
     }  # fmt: skip
+    if result.words is not None:
+        extra |= {"words": [w.fields() for w in result.words], "confidence": result.confidence}
+    asked = {"logprobs": word_logprobs(result.words or ())} if logprobs else {}
     usage = {"type": "duration", "seconds": round((result.end_ms - result.start_ms) / 1000, 3)}
     return event("conversation.item.input_audio_transcription.completed", event_id, item_id=item_id,
-                 content_index=0, transcript=result.text, usage=usage, **{EXTRA: extra})  # fmt: skip
+                 content_index=0, transcript=result.text, usage=usage, **asked, **{EXTRA: extra})  # fmt: skip
 
 
 def render_dropped(event_id: str, item_id: str, start_ms: int, end_ms: int) -> str:
@@ -246,10 +259,13 @@ class RealtimeConnection(Connection):
 
     async def _update(self, update: SessionUpdate) -> None:
         before = self.config
-        self.config = effective(apply_update(before, update), self.default_silence_ms, self.settings)
+        config = effective(apply_update(before, update), self.default_silence_ms, self.settings)
+        hotwords = session_hotwords(config, self.limits, update.event_id)  # a bad list leaves the session as it was
+        self.config = config
         if (self.config.audio_format, self.config.pcm_rate) != (before.audio_format, before.pcm_rate):
             self.audio = InputAudio(self.config.audio_format, self.config.pcm_rate)
-        self.stream.options = replace(self.stream.options, language=self.config.language or "auto")
+        self.stream.options = replace(self.stream.options, language=config.language or "auto", hotwords=hotwords,
+                                      words=config.logprobs)  # fmt: skip
         await self._apply_turn_detection()
         kind = "transcription_session.updated" if update.beta else "session.updated"
         await self.send(render_session(kind, self._event_id(), self.session_id, self.config))
@@ -283,7 +299,8 @@ class RealtimeConnection(Connection):
         else:
             self._items[edge.index] = item
 
-    async def _on_interim(self, index: int, text: str) -> None:
+    async def _on_interim(self, index: int, transcript: Transcript) -> None:
+        text = transcript.text
         if self._open_item is None:  # manual turns: the item exists from its first words on
             self._open_item = self._new_item()
         item = self._open_item
@@ -291,13 +308,16 @@ class RealtimeConnection(Connection):
         delta = text_delta(sent, text)
         if delta:
             self._deltas[item] = sent + delta
-            await self.send(event("conversation.item.input_audio_transcription.delta", self._event_id(),
-                                  item_id=item, content_index=0, delta=delta))  # fmt: skip
+            # the delta's words' log-probabilities, when asked: the last words of the interim's decode
+            words = transcript.words or ()
+            asked = {"logprobs": word_logprobs(words[-len(delta.split()) :] if delta.split() else ())}
+            await self.send(event("conversation.item.input_audio_transcription.delta", self._event_id(), item_id=item,
+                                  content_index=0, delta=delta, **(asked if self.config.logprobs else {})))  # fmt: skip
 
     def render_result(self, result: UtteranceResult) -> str:
         item = self._items.pop(result.index, None) or self._new_item()
         self._deltas.pop(item, None)
-        return render_completed(self._event_id(), item, result)
+        return render_completed(self._event_id(), item, result, self.config.logprobs)
 
     def render_failure(self, index: int) -> str:
         item = self._items.pop(index, None) or self._new_item()

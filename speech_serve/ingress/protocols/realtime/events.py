@@ -9,8 +9,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from speech_serve.ingress.audio import SUPPORTED_RATES
-from speech_serve.ingress.protocols.parsing import ProtocolError, brief, json_object, whole_number
-from speech_serve.settings import RealtimeSettings
+from speech_serve.ingress.protocols.parsing import ProtocolError, brief, hotword_list, json_object, whole_number
+from speech_serve.settings import LimitSettings, RealtimeSettings
 
 PCM_RATE = 24000  # the only PCM rate OpenAI's Realtime API has; ours takes SUPPORTED_RATES (an extension)
 FORMATS = ("audio/pcm", "audio/pcmu", "audio/pcma")
@@ -20,6 +20,7 @@ DEFAULT_MODEL = "sensevoice"
 EXTRA = "speech_serve"  # the one object on .completed that holds our fields (strict clients ignore it)
 # Error codes of our own failures: `server_error` in the error's type; any other is the client's.
 SERVER_ERRORS = {"server_busy", "reconnect", "internal", "recognition_failed", "idle_timeout"}
+LOGPROBS = "item.input_audio_transcription.logprobs"  # the one `include` value OpenAI defines
 
 
 class EventError(ProtocolError):
@@ -44,7 +45,9 @@ class SessionConfig:
     pcm_rate: int = PCM_RATE  # audio/pcm only
     model: str = DEFAULT_MODEL
     language: str | None = None  # None: SenseVoice detects it
-    prompt: str = ""
+    prompt: str = ""  # comma-separated phrases: hotwords
+    keywords: tuple[str, ...] = ()  # hotwords, as OpenAI's newer live models take them
+    logprobs: bool = False  # `include` asked for LOGPROBS: word log-probabilities on deltas and .completed
     turn_detection: TurnDetection | None = field(default_factory=TurnDetection)  # None: manual turns (commit)
 
 
@@ -134,6 +137,12 @@ def _session_changes(session: dict[str, Any], max_chars: int) -> dict[str, Any]:
         raise EventError("invalid_value", f"session.type {brief(kind)}: this server runs transcription sessions "
                          "only (session.type 'transcription')", "session.type")  # fmt: skip
     changes: dict[str, Any] = {}
+    if session.get("include") is not None:
+        include = session["include"]
+        if not isinstance(include, list) or not all(isinstance(v, str) for v in include):
+            raise EventError("invalid_type", f"session.include must be a list of strings, like [{LOGPROBS!r}]",
+                             "session.include")  # fmt: skip
+        changes["logprobs"] = LOGPROBS in include
     given_input = (session.get("audio") or {}).get("input") if isinstance(session.get("audio"), dict) else None
     if session.get("audio") is not None:
         _object(session["audio"], "session.audio")
@@ -190,7 +199,24 @@ def _transcription(value: Any, param: str, max_chars: int) -> dict[str, Any]:
         changes[name] = text
     if changes.get("language") == "":  # "" is "not given" to several clients
         changes["language"] = None
+    keywords = given.get("keywords")
+    if keywords is not None:
+        if not isinstance(keywords, list) or not all(isinstance(k, str) and len(k) <= max_chars for k in keywords):
+            raise EventError("invalid_type", f"{param}.keywords must be a list of strings", f"{param}.keywords")
+        changes["keywords"] = tuple(keywords)
     return changes
+
+
+def session_hotwords(config: SessionConfig, limits: LimitSettings,
+                     event_id: str | None = None) -> tuple[tuple[str, float], ...]:  # fmt: skip
+    """The session's hotwords: its prompt's comma-separated phrases and its keywords, bounded as every
+    protocol's (EventError names the field)."""
+    phrases = [p.strip() for p in config.prompt.replace("\n", ",").split(",") if p.strip()] + list(config.keywords)
+    try:
+        return hotword_list(list(dict.fromkeys(phrases)), limits)
+    except ProtocolError as exc:
+        raise EventError("invalid_value", f"{exc} (from the transcription's prompt and keywords)",
+                         "session.audio.input.transcription", event_id) from None
 
 
 def _turn(value: Any, param: str) -> dict[str, Any] | None:

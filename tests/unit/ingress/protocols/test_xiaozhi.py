@@ -10,7 +10,7 @@ import pytest
 from speech_serve.ingress.protocols import xiaozhi
 from speech_serve.ingress.protocols.parsing import ProtocolError
 from speech_serve.ingress.protocols.xiaozhi import OpusDecoder
-from speech_serve.messages import SpeakerInfo, UtteranceResult
+from speech_serve.messages import SpeakerInfo, UtteranceResult, Word
 from speech_serve.settings import AppSettings
 from speech_serve.wire.opus import encode_pcm
 from speech_serve.wire.pcm import AudioFormatError
@@ -118,6 +118,7 @@ def test_stt_carries_text_and_our_fields():
         event="Speech", raw_text="", speaker=SpeakerInfo(embedding_id="s:1"), models="test", latency_ms={"asr_ms": 5.0},
     )  # fmt: skip
     stt = json.loads(xiaozhi.render_stt("sess", result))
+    assert "words" not in stt and "confidence" not in stt  # not asked for
     assert (stt["type"], stt["session_id"], stt["text"]) == ("stt", "sess", "hello")
     assert (stt["language"], stt["emotion"], stt["event"], stt["models"]) == ("en", "happy", "Speech", "test")
     assert stt["speaker"]["embedding_id"] == "s:1" and stt["latency_ms"] == {"asr_ms": 5.0}
@@ -128,6 +129,26 @@ def test_stt_carries_text_and_our_fields():
         "session_id": "sess",
         "audio_params": {"format": "opus"},
     }
+
+
+def test_a_hello_carries_hotwords_and_asks_for_words_and_each_stt_has_them():
+    sent = {"type": "hello", "audio_params": {"format": "opus"}, "hotwords": {"小智": 3, "turn on the light": 1.5},
+            "words": True}  # fmt: skip
+    hello = xiaozhi.parse_text(json.dumps(sent))
+    assert hello.words and hello.hotwords == (("小智", 3.0), ("turn on the light", 1.5))
+    for bad, code in (({"hotwords": ["x" * 41]}, "bad_hotwords"), ({"hotwords": {"a": -1}}, "bad_hotwords"),
+                      ({"words": "yes"}, "bad_message")):  # fmt: skip
+        with pytest.raises(ProtocolError) as err:
+            xiaozhi.parse_text(json.dumps({"type": "hello", **bad}))
+        assert err.value.code == code
+    result = UtteranceResult(
+        session_id="s", index=0, start_ms=1000, end_ms=1900, text="turn on the light", language="en", emotion="",
+        event="", raw_text="", speaker=SpeakerInfo(), models="test", latency_ms={}, confidence=0.81234,
+        words=(Word("turn", 1000, 1180, 0.9), Word("on", 1180, 1300, 0.7)),
+    )  # fmt: skip
+    stt = json.loads(xiaozhi.render_stt("sess", result))
+    assert stt["words"][0] == {"text": "turn", "start_ms": 1000, "end_ms": 1180, "confidence": 0.9}
+    assert stt["confidence"] == 0.812
 
 
 def test_opus_round_trip_keeps_the_speech(two_utterances):

@@ -4,6 +4,7 @@ error shape, the audio formats (G.711 tables, streamed 24 kHz -> 16 kHz)."""
 import asyncio
 import base64
 import json
+import math
 import warnings
 from types import SimpleNamespace
 
@@ -20,7 +21,7 @@ from speech_serve.ingress.protocols.realtime.connection import (
     render_error,
     render_session,
 )
-from speech_serve.ingress.protocols.realtime.events import EXTRA, SessionConfig, TurnDetection
+from speech_serve.ingress.protocols.realtime.events import EXTRA, LOGPROBS, SessionConfig, TurnDetection
 from speech_serve.ingress.sessions import replica_refusal
 from speech_serve.ingress.stream.calls import ModelCalls
 from speech_serve.ingress.stream.stream import UtteranceStreams
@@ -64,7 +65,8 @@ async def _transcribe(request):
     return realtime_wire.Transcript("hello there", "en", "happy", "Speech", "<|en|>hello there")
 
 
-def realtime_session(frames: list[dict], until, settings: AppSettings | None = None) -> tuple[list[dict], ScriptedVad]:
+def realtime_session(frames: list[dict], until, settings: AppSettings | None = None,
+                     transcribe=_transcribe) -> tuple[list[dict], ScriptedVad]:  # fmt: skip
     """A RealtimeConnection run until `until(sent)` holds (10 s hang guard), then the client leaves."""
     settings = settings or AppSettings(limits={"max_audio_rate": None}, realtime={"interim_interval_ms": None})
     vad = ScriptedVad()
@@ -72,7 +74,8 @@ def realtime_session(frames: list[dict], until, settings: AppSettings | None = N
     async def scenario():
         ws = MemoryWebSocket()
         metrics = IngressMetrics()
-        asr = SimpleNamespace(transcribe=SimpleNamespace(remote=_transcribe))
+        asr = SimpleNamespace(transcribe=SimpleNamespace(remote=transcribe),
+                              transcribe_interim=SimpleNamespace(remote=transcribe))
         served = settings.model_copy(update={"speaker": SpeakerSettings(enabled=False),
                                              "stream": settings.stream.model_copy(update={"vad_batch_interval_ms": 0})})
         models = ModelCalls(vad, asr, None, served)
@@ -318,9 +321,43 @@ def test_a_clear_after_deltas_forgets_the_cleared_items_text():
 
         conn.stream = SimpleNamespace(clear=nothing, use_vad=nothing, begin_utterance=nothing)
         for n in range(50):
-            await conn._on_interim(n, f"words of turn {n}")
+            await conn._on_interim(n, realtime_wire.Transcript(f"words of turn {n}", "en", "", "", ""))
             await conn._clear()
         return conn
 
     conn = asyncio.run(scenario())
     assert conn._deltas == {}
+
+
+def test_prompt_and_keywords_are_hotwords_and_include_asks_for_log_probabilities():
+    """The transcription's prompt (comma-separated phrases) and keywords are the session's hotwords;
+    `include: [LOGPROBS]` asks for words, and deltas and .completed carry OpenAI's `logprobs`. A bad
+    list is an error event and leaves the session's list as it was."""
+    asked = []
+
+    async def transcribe(request):
+        asked.append(request)
+        words = (realtime_wire.Word("hello", 300, 600, 0.9), realtime_wire.Word("there", 600, 1000, 0.5))
+        return realtime_wire.Transcript("hello there", "en", "happy", "Speech", "<|en|>hello there", words=words,
+                                        confidence=0.67)  # fmt: skip
+
+    transcription = {"model": "sensevoice", "prompt": "Xiaozhi, kitchen light", "keywords": ["lamp", "Xiaozhi"]}
+    update = {"type": "session.update", "session": {"type": "transcription", "include": [LOGPROBS],
+                                                    "audio": {"input": {"transcription": transcription}}}}  # fmt: skip
+    bad = {"type": "session.update", "event_id": "c2", "session": {"audio": {"input": {"transcription": {
+        "keywords": ["x" * 41]}}}}}  # fmt: skip
+    settings = AppSettings(limits={"max_audio_rate": None}, realtime={"interim_interval_ms": 200})
+    sent, _ = realtime_session([client(update), client(bad)] + [append(100)] * 15, until=lambda sent: completed(sent),
+                               settings=settings, transcribe=transcribe)  # fmt: skip
+    updated = next(e for e in sent if e["type"] == "session.updated")
+    assert updated["session"]["include"] == [LOGPROBS]
+    (error,) = [e for e in sent if e["type"] == "error"]
+    assert (error["error"]["code"], error["error"]["event_id"]) == ("invalid_value", "c2")
+    assert asked and all(r.hotwords == (("Xiaozhi", 1.5), ("kitchen light", 1.5), ("lamp", 1.5)) for r in asked)
+    assert all(r.words for r in asked)
+    deltas = [e for e in sent if e["type"].endswith("transcription.delta")]
+    assert deltas and deltas[0]["logprobs"][0] == {"token": "hello", "logprob": round(math.log(0.9), 4),
+                                                   "bytes": list(b"hello")}  # fmt: skip
+    (done,) = completed(sent)
+    assert [lp["token"] for lp in done["logprobs"]] == ["hello", "there"]
+    assert done["speech_serve"]["words"][1] == {"text": "there", "start_ms": 900, "end_ms": 1300, "confidence": 0.5}

@@ -65,7 +65,7 @@ def test_ga_session_update_sets_every_field_we_serve():
     assert isinstance(update, events.SessionUpdate) and not update.beta and update.event_id == "evt_1"
     config = events.apply_update(events.SessionConfig(), update)
     assert config == events.SessionConfig(
-        audio_format="audio/pcm", model="gpt-4o-transcribe", language="en", prompt="numbers",
+        audio_format="audio/pcm", model="gpt-4o-transcribe", language="en", prompt="numbers", logprobs=True,
         turn_detection=events.TurnDetection(silence_duration_ms=400, prefix_padding_ms=200, threshold=0.6),
     )  # fmt: skip
 
