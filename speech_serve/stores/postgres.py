@@ -14,6 +14,8 @@ cannot be known, and the caller is told so rather than enrolling a speaker twice
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -68,6 +70,11 @@ def _url_password(url: str) -> str:
         return ""
 
 
+def _application_name() -> str:
+    """What pg_stat_activity shows for our connections: which process (and pod) holds each."""
+    return f"speech-serve {os.getpid()} {socket.gethostname()}"[:63]  # PostgreSQL keeps 63 bytes
+
+
 def _scrub(text: str, password: str) -> str:
     """libpq's message on one line, with the password (should it ever appear) masked."""
     text = " ".join(text.split())
@@ -101,7 +108,7 @@ class PostgresVoiceprintStore(SqlStore):
         if self._down and time.monotonic() < self._down[0]:
             raise StoreUnavailable(self._down[1])
         try:
-            conn = psycopg.connect(self._url, autocommit=True, application_name="speech-serve", **self._options)
+            conn = psycopg.connect(self._url, autocommit=True, application_name=_application_name(), **self._options)
         except psycopg.Error as exc:
             error = self._unavailable(exc)
             self._down = (time.monotonic() + self.RETRY_AFTER_S, str(error))

@@ -23,6 +23,7 @@ from tests.support.service import (
     SECRET,
     SECRET_ENV,
     SESSIONS_CAP,
+    STORE_ENV,
     TEST_DEVICE,
     TEST_GROUP,
     cluster_transport_env,
@@ -72,10 +73,11 @@ def transport() -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def service(service_args, transport):
+def service(service_args, transport, postgres):
     """host:port of the running service."""
     os.environ[SECRET_ENV] = SECRET  # inherited by the Ray workers started below
     os.environ[ADMIN_ENV] = ADMIN_TOKEN
+    os.environ[STORE_ENV] = postgres.create_database()  # for apps on the shared PostgreSQL store
     before = dict(os.environ)
     os.environ.update(transport)  # only while Ray starts: its processes keep it, later clusters do not
     try:
