@@ -2,7 +2,9 @@
 application, tiny models, sized for a 2-core machine: no CPU reservations, one replica each
 but two VADHost replicas so a session can lose its VAD replica and be re-pinned).
 Device authentication is on (though it binds 127.0.0.1), with a test secret and one
-allow-listed device; the admin API has a test token. Clients here send tokens as devices do."""
+allow-listed device; the admin API has a test token. Clients here send tokens as devices do.
+The shared app's voiceprints are a SQLite file; the Ray workers also get the URL of a database on the
+test PostgreSQL server (STORE_ENV) for apps on the shared store (test_shared_store_e2e.py)."""
 
 import os
 import shutil
