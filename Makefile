@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install browser serve serve-bench serve-capacity sweep test lint docs models-full bench bench-vad loadtest soak kuberay node-loss clean
+.PHONY: install browser postgres serve serve-bench serve-capacity sweep test lint docs models-full bench bench-vad loadtest soak kuberay node-loss clean
 
 # Ray Serve's own settings (config/serve.env, which says why), then the transport, read when a
 # recipe runs (after the install): HAProxy mode with direct ingress where its binary is present
@@ -35,12 +35,18 @@ browser:
 	@command -v chromium >/dev/null || $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium \
 		|| ($(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 
+# The shared voiceprint store's tests start a throwaway PostgreSQL server of their own (initdb + pg_ctl,
+# tests/support/postgres.py): Debian's server binaries, not a running service.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql \
+		|| ($(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql)
+
 # The whole suite runs on the transport `make serve` picks (HAProxy where its binary is); then the
 # end-to-end tests of the four WebSocket protocols and the uploads again through Serve's Python
 # proxy, the fallback (SPEECH_SERVE_TEST_TRANSPORT=proxy: tests/support/service.py).
 PROXY_TESTS := tests/integration/test_protocols_e2e.py tests/integration/test_serve_e2e.py \
 	tests/integration/test_openai_sdk_e2e.py
-test: install lint browser
+test: install lint browser postgres
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -v --durations=30
 	PATH=$(abspath $(BIN)):$$PATH SPEECH_SERVE_TEST_TRANSPORT=proxy $(BIN)/python -m pytest -v $(PROXY_TESTS)
 

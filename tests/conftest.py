@@ -1,4 +1,5 @@
-"""Shared fixtures: the test WAV and tiny random-weight models built once per run."""
+"""Shared fixtures: the test WAV, tiny random-weight models built once per run, and the voiceprint
+store on each backend (a throwaway PostgreSQL server started once per run: tests/support/postgres.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from speech_serve.replicas.models import ResolvedModels, materialize, resolve_mo
 from speech_serve.settings import ModelSettings
 from speech_serve.voiceprints import open_store
 from tests.support.audio import TWO_UTTERANCES_WAV, read_pcm
+from tests.support.postgres import PostgresServer, remove_server, start_server
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +32,17 @@ def tiny_models(model_settings) -> ResolvedModels:
     return resolved
 
 
-@pytest.fixture
-def store(tmp_path):
-    """An empty voiceprint store of this test's own."""
+@pytest.fixture(scope="session")
+def postgres() -> PostgresServer:
+    """A private PostgreSQL server for this run (fails, never skips, where the binaries are missing)."""
+    server = start_server()
+    yield server
+    remove_server(server)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request, tmp_path):
+    """An empty voiceprint store of this test's own, on each backend."""
+    if request.param == "postgres":
+        return open_store(request.getfixturevalue("postgres").create_database())
     return open_store(f"sqlite:///{tmp_path}/vp.sqlite3")

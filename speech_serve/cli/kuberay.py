@@ -8,9 +8,11 @@ cli/profile.py): what a GPU cluster changes; the merged config is the RayService
 `cluster.yaml`: the Kubernetes side (image, pod sizes, which deployments each worker group hosts).
 And config/serve.env: Ray Serve's own settings, on every pod as on `make serve`.
 Derived here rather than restated: rayVersion (pyproject's ray pin), the serve port, the readiness
-probe's timeout, the secret env var names, each worker group's min/max pods (its deployments'
-min/max replicas packed into its pods), and that every deployment fits its own group's pods and
-no other's (a GenerateError says what to change when it does not).
+probe's timeout, the secret env var names (the voiceprint store's too, from `voiceprints.store:
+env:NAME`), each worker group's min/max pods (its deployments' min/max replicas packed into its
+pods), and that every deployment fits its own group's pods and no other's (a GenerateError says
+what to change when it does not). Enrolment needs a store every pod shares: with a per-pod SQLite
+file it must be off, and a PostgreSQL password belongs in the Secret, not in serveConfigV2.
 
 `validate()` checks a manifest without a cluster: the vendored KubeRay CRD schema
 (deploy/kuberay/schema/) with the pod templates and Services checked against the Kubernetes
@@ -28,6 +30,7 @@ import sys
 import tomllib
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -81,6 +84,25 @@ def serve_config(overlay: Path = OVERLAY) -> dict[str, Any]:
 def _app(config: dict[str, Any]) -> dict[str, Any]:
     (app,) = [a for a in config["applications"] if a["import_path"] == "speech_serve.app:build_app"]
     return app
+
+
+def store_env(settings: AppSettings) -> str | None:
+    """The env var the voiceprint store's URL comes from (the Secret's `voiceprint-store` key), or None
+    for a URL in the config itself; a GenerateError for a store the pods would not share, or a password
+    written into serveConfigV2 (which anyone who can read the RayService reads)."""
+    store, enrolment = settings.voiceprints.store, settings.voiceprints.enrolment
+    if store.startswith("env:"):
+        return store.removeprefix("env:")
+    if store.startswith(("postgres://", "postgresql://")):
+        if urlsplit(store).password or "password=" in store:
+            raise GenerateError("overlay.yaml: voiceprints.store holds a password; put the URL in the Secret's "
+                                "voiceprint-store key and set voiceprints.store: env:<VARIABLE>")  # fmt: skip
+        return None
+    if enrolment:
+        raise GenerateError("overlay.yaml: voiceprints.store is a file on each pod, so an enrolment would reach no "
+                            "other pod: set voiceprints.store to a shared PostgreSQL (env:<VARIABLE>, the URL in "
+                            "the Secret's voiceprint-store key) or voiceprints.enrolment: false")  # fmt: skip
+    return None
 
 
 def replica_needs(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -161,6 +183,8 @@ def _container(cluster: dict, settings: AppSettings, name: str, size: dict, port
          "valueFrom": {"secretKeyRef": {"name": secret, "key": "admin-token", "optional": True}}},
         *serve_env(),
     ]  # fmt: skip
+    if store := store_env(settings):  # required: a pod without it would not start rather than lose names
+        env.insert(3, {"name": store, "valueFrom": {"secretKeyRef": {"name": secret, "key": "voiceprint-store"}}})
     container = {
         "name": name,
         "image": cluster["image"],

@@ -11,7 +11,11 @@ MATCH_THRESHOLDS = {"ge2e": 0.82, "eres2netv2": 0.6, "campplus": 0.6}  # cosine;
 
 class VoiceprintSettings(Section):
     store: str = "sqlite:///~/.cache/speech-serve/voiceprints.sqlite3"
-    """Store URL or path."""
+    """Where voiceprints and household hotword lists live. `sqlite:///path` or a plain path: one private file on
+    this host. `postgresql://user:password@host:5432/db` (or `postgres://`): a PostgreSQL server every Ingress and
+    Speaker host shares (needed for enrolment on several pods). `env:NAME`: the URL is read from the environment
+    variable NAME when the store opens, so a password stays out of YAML (a missing variable stops the replica,
+    naming it). The schema is migrated when the store opens."""
     thresholds: dict[str, float] = Field(default_factory=lambda: dict(MATCH_THRESHOLDS))
     """Cosine to an enrolled centroid needed to name the speaker, per speaker model. A model left out keeps its
     default; a model with no default must be given one."""

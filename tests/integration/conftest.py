@@ -2,7 +2,9 @@
 application, tiny models, sized for a 2-core machine: no CPU reservations, one replica each
 but two VADHost replicas so a session can lose its VAD replica and be re-pinned).
 Device authentication is on (though it binds 127.0.0.1), with a test secret and one
-allow-listed device; the admin API has a test token. Clients here send tokens as devices do."""
+allow-listed device; the admin API has a test token. Clients here send tokens as devices do.
+The shared app's voiceprints are a SQLite file; the Ray workers also get the URL of a database on the
+test PostgreSQL server (STORE_ENV) for apps on the shared store (test_shared_store_e2e.py)."""
 
 import os
 import shutil
@@ -23,6 +25,7 @@ from tests.support.service import (
     SECRET,
     SECRET_ENV,
     SESSIONS_CAP,
+    STORE_ENV,
     TEST_DEVICE,
     TEST_GROUP,
     cluster_transport_env,
@@ -72,10 +75,11 @@ def transport() -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def service(service_args, transport):
+def service(service_args, transport, postgres):
     """host:port of the running service."""
     os.environ[SECRET_ENV] = SECRET  # inherited by the Ray workers started below
     os.environ[ADMIN_ENV] = ADMIN_TOKEN
+    os.environ[STORE_ENV] = postgres.create_database()  # for apps on the shared PostgreSQL store
     before = dict(os.environ)
     os.environ.update(transport)  # only while Ray starts: its processes keep it, later clusters do not
     try:

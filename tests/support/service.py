@@ -17,6 +17,9 @@ APP = "speech"
 SECRET_ENV, SECRET = "SPEECH_SERVE_TEST_SECRET", "test-secret-not-for-production"
 ADMIN_ENV, ADMIN_TOKEN = "SPEECH_SERVE_TEST_ADMIN_TOKEN", "test-admin-token-not-for-production"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+# The URL of the cluster's PostgreSQL voiceprint database (the test server's: tests/support/postgres.py),
+# in every Ray worker's environment, for apps whose store is `env:` + this (test_shared_store_e2e.py)
+STORE_ENV = "SPEECH_SERVE_TEST_VOICEPRINT_STORE"
 ALLOWED_DEVICE = "02:00:00:00:00:aa"
 TEST_DEVICE = "02:00:00:00:00:01"  # what the plain and FunASR clients here call themselves
 TEST_GROUP = "home-e2e"  # TEST_DEVICE's speaker group (security.device_groups): its household

@@ -1,16 +1,26 @@
+"""The voiceprint store's promises, on each backend (the `store` fixture: SQLite and a real PostgreSQL),
+and `open_store`'s URLs. What only one backend does: tests/unit/stores/."""
+
 import multiprocessing
 import threading
 
 import numpy as np
 import pytest
 
-from speech_serve.replicas.speaker import Identifier
-from speech_serve.voiceprints import SqliteVoiceprintStore, open_store
+from speech_serve.voiceprints import PostgresVoiceprintStore, SqliteVoiceprintStore, open_store
 from tests.support.fakes import vec
 
 
-def _enrol_many(path: str, worker: int, n: int) -> None:
-    s = open_store(path)
+@pytest.fixture(params=["sqlite", "postgres"])
+def url(request, tmp_path) -> str:
+    """A new store's URL on each backend (for tests that open it from several places)."""
+    if request.param == "postgres":
+        return request.getfixturevalue("postgres").create_database()
+    return str(tmp_path / "vp.sqlite3")
+
+
+def _enrol_many(url: str, worker: int, n: int) -> None:
+    s = open_store(url)
     for i in range(n):
         s.create(f"w{worker}-{i}", "g", "m", [vec(1, worker, i)])
 
@@ -21,8 +31,10 @@ def test_create_list_rename_reenroll_delete(store):
     assert (alice.name, alice.group, alice.model, alice.dim, alice.embeddings) == ("alice", "home", "ge2e", 4, 2)
     bob = store.create("bob", "office", "ge2e", [vec(0, 1)])
     assert [v.name for v in store.list()] == ["alice", "bob"] and [v.name for v in store.list("home")] == ["alice"]
+    assert store.list("home")[0] == store.get(alice.id)  # the list's counts are get's
     assert store.rename(alice.id, "Alice").name == "Alice"
     assert store.replace_embeddings(bob.id, "ge2e", [vec(0, 1), vec(0, 0.8, 0.2), vec(0, 1, 0.1)]).embeddings == 3
+    assert store.replace_embeddings("nope", "ge2e", [vec(1)]) is None
     assert store.delete(alice.id) and not store.delete(alice.id)
     assert store.get(alice.id) is None and store.rename("nope", "x") is None
     assert store.revision() == rev0 + 5  # every change moves the revision: replicas refresh on it
@@ -42,11 +54,11 @@ def test_centroid_is_the_normalised_mean(store):
     assert np.allclose(c.centroid, vec(1, 1) / np.sqrt(2))
 
 
-def test_store_survives_reopening(tmp_path):
-    path = tmp_path / "vp.sqlite3"
-    speaker_id = SqliteVoiceprintStore(path).create("alice", "home", "ge2e", [vec(1, 0)]).id
-    reopened = SqliteVoiceprintStore(path)
+def test_store_survives_reopening(url):
+    speaker_id = open_store(url).create("alice", "home", "ge2e", [vec(1, 0)]).id
+    reopened = open_store(url)
     assert reopened.get(speaker_id).name == "alice" and len(reopened.candidates("home", "ge2e")) == 1
+    assert reopened.revision() == 1
 
 
 def test_bad_embeddings_are_refused(store):
@@ -54,77 +66,65 @@ def test_bad_embeddings_are_refused(store):
         store.create("x", "g", "m", [])
     with pytest.raises(ValueError):
         store.create("x", "g", "m", [vec(0, 0)])
-    assert store.list() == []
+    assert store.list() == [] and store.revision() == 0
 
 
-def test_concurrent_enrolments_from_threads_and_processes_all_land(tmp_path):
-    path = str(tmp_path / "vp.sqlite3")
-    open_store(path)  # schema first
-    threads = [threading.Thread(target=_enrol_many, args=(path, w, 10)) for w in range(8)]
+def test_concurrent_enrolments_from_threads_and_processes_all_land(url):
+    """Eight threads and three processes, each with its own connections, enrol at once: nothing is
+    lost and the revision moved once per enrolment (no two writers read the same revision)."""
+    open_store(url)  # schema first
+    threads = [threading.Thread(target=_enrol_many, args=(url, w, 10)) for w in range(8)]
     procs = [
-        multiprocessing.get_context("spawn").Process(target=_enrol_many, args=(path, 100 + w, 10)) for w in range(3)
+        multiprocessing.get_context("spawn").Process(target=_enrol_many, args=(url, 100 + w, 10)) for w in range(3)
     ]
     for t in threads + procs:
         t.start()
     for t in threads + procs:
         t.join(timeout=120)
     assert all(p.exitcode == 0 for p in procs)
-    store = open_store(path)
+    store = open_store(url)
     names = [v.name for v in store.list()]
     assert len(names) == len(set(names)) == 110
     assert len(store.candidates("g", "m")) == 110 and store.revision() == 110
 
 
-def test_the_database_and_its_wal_are_private_to_the_owner(tmp_path):
-    import os
-    import stat
+def test_the_revision_only_grows_while_others_write(url):
+    """A Speaker replica polls the revision while the admin API writes: it never sees it go back."""
+    writer, reader = open_store(url), open_store(url)
+    seen, done = [], threading.Event()
 
-    old = os.umask(0o022)  # the usual umask: files would be world-readable
-    try:
-        store = open_store(str(tmp_path / "vp.sqlite3"))
-        store.create("alice", "home", "ge2e", [vec(1, 0)])  # the WAL and its index exist from here
-    finally:
-        os.umask(old)
-    files = sorted(tmp_path.glob("vp.sqlite3*"))
-    assert {f.name for f in files} >= {"vp.sqlite3", "vp.sqlite3-wal", "vp.sqlite3-shm"}
-    assert {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in files} == {f.name: "0o600" for f in files}
+    def poll() -> None:
+        while not done.is_set():
+            seen.append(reader.revision())
 
-
-def test_an_existing_world_readable_database_is_made_private(tmp_path):
-    import stat
-
-    path = tmp_path / "vp.sqlite3"
-    open_store(str(path)).create("alice", "home", "ge2e", [vec(1, 0)])
-    path.chmod(0o644)
-    open_store(str(path))
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    poller = threading.Thread(target=poll)
+    poller.start()
+    for i in range(20):
+        writer.create(f"s{i}", "g", "m", [vec(1, i)])
+        writer.set_hotwords("g", {f"word {i}": 1.0})
+    done.set()
+    poller.join()
+    assert seen == sorted(seen) and reader.revision() == 40
 
 
-def test_a_failed_commit_is_rolled_back_and_the_store_goes_on(store):
-    """A COMMIT can fail (a deferred constraint, a full disk, SQLITE_BUSY): the transaction must not
-    stay open, or every later write fails with 'cannot start a transaction within a transaction'."""
-    import sqlite3
-
-    with pytest.raises(sqlite3.IntegrityError):
-        with store._tx() as db:
-            db.execute("PRAGMA defer_foreign_keys = ON")  # the FK check moves to COMMIT, which fails
-            db.execute("INSERT INTO embeddings VALUES ('no-such-speaker', x'00')")
-    assert store.create("alice", "home", "ge2e", [vec(1, 0)]).name == "alice"
-    ghosts = store._db().execute("SELECT COUNT(*) FROM embeddings WHERE speaker_id = 'no-such-speaker'")
-    assert ghosts.fetchone() == (0,)
+def test_open_store_picks_the_backend_by_url(tmp_path, postgres):
+    assert isinstance(open_store(str(tmp_path / "a.sqlite3")), SqliteVoiceprintStore)
+    assert isinstance(open_store(f"sqlite:///{tmp_path}/b.sqlite3"), SqliteVoiceprintStore)
+    url = postgres.create_database()
+    for form in (url, url.replace("postgresql://", "postgres://", 1)):
+        assert isinstance(open_store(form), PostgresVoiceprintStore) and open_store(form).list() == []
+    with pytest.raises(ValueError, match="unknown scheme 'mysql'"):
+        open_store("mysql://x/y")
 
 
-def test_a_corrupt_database_is_reported_not_fatal(tmp_path):
-    """Opening never raises (the Ingress and Speaker replicas start, the speaker model may be off);
-    the store's calls say what is wrong, and matching answers `unknown`."""
-    from speech_serve.voiceprints import StoreUnavailable
-
-    path = tmp_path / "vp.sqlite3"
-    path.write_bytes(b"this is not a SQLite database" * 100)
-    store = open_store(str(path))
-    with pytest.raises(StoreUnavailable, match="vp.sqlite3"):
-        store.list()
-    match = Identifier(store, "ge2e", threshold=0.8, refresh_s=0.0).identify(vec(1, 0), "home")
-    assert (match.label, match.score) == ("unknown", None)
-    path.unlink()  # the operator moves the bad file away: the store opens on its next use
-    assert store.list() == []
+def test_env_urls_are_read_from_the_environment_when_opened(monkeypatch, tmp_path, postgres):
+    """`env:NAME` keeps a database password out of YAML: the URL is read when the store opens."""
+    url = postgres.create_database()
+    monkeypatch.setenv("SPEECH_TEST_STORE", url)
+    store = open_store("env:SPEECH_TEST_STORE")
+    assert isinstance(store, PostgresVoiceprintStore) and store.revision() == 0
+    monkeypatch.setenv("SPEECH_TEST_STORE", str(tmp_path / "vp.sqlite3"))
+    assert isinstance(open_store("env:SPEECH_TEST_STORE"), SqliteVoiceprintStore)
+    monkeypatch.delenv("SPEECH_TEST_STORE")
+    with pytest.raises(ValueError, match="environment variable 'SPEECH_TEST_STORE' is not set"):
+        open_store("env:SPEECH_TEST_STORE")

@@ -144,13 +144,20 @@ def test_the_cluster_is_not_open_to_any_pod_and_keeps_what_it_cannot_do_off():
     """The audit: no Ray auth token (Ray 2.60 turns it on for local clusters only: any pod reaching the
     dashboard could submit a job and read the secrets); Kubernetes' 30 s grace cut the sessions a
     stopping Ingress drains for 600 s; enrolments into per-pod SQLite answered 201 and reached no
-    other pod; the device Service (admin API, tokens, plaintext) was a public LoadBalancer."""
+    other pod (now the store is a PostgreSQL every pod shares, its URL from the Secret); the device
+    Service (admin API, tokens, plaintext) was a public LoadBalancer."""
     committed = yaml.safe_load(kuberay.MANIFEST.read_text())
     assert committed["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}
     for group in committed["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
         assert group["template"]["spec"]["terminationGracePeriodSeconds"] == 600 + kuberay.POD_EXIT_S
     app = yaml.safe_load(committed["spec"]["serveConfigV2"])["applications"][0]
-    assert AppSettings(**app["args"]).voiceprints.enrolment is False
+    voiceprints = AppSettings(**app["args"]).voiceprints
+    assert voiceprints.enrolment is True and voiceprints.store == "env:SPEECH_SERVE_VOICEPRINT_STORE"
+    secret = {"secretKeyRef": {"name": "speech-serve-secrets", "key": "voiceprint-store"}}
+    from_secret = {"name": "SPEECH_SERVE_VOICEPRINT_STORE", "valueFrom": secret}
+    cluster = committed["spec"]["rayClusterConfig"]
+    for spec in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        assert from_secret in spec["template"]["spec"]["containers"][0]["env"]  # required: no optional
     assert committed["spec"]["serveService"]["spec"]["type"] == "ClusterIP"
 
 
@@ -199,3 +206,23 @@ def test_every_pod_gets_ray_serves_own_settings_from_serve_env(committed, tmp_pa
     other = tmp_path / "serve.env"
     other.write_text("# a comment\n\nA=1\nB = two=2\n")
     assert kuberay.serve_env(other) == [{"name": "A", "value": "1"}, {"name": "B", "value": "two=2"}]
+
+
+@pytest.mark.parametrize(
+    "voiceprints, error",
+    [
+        ({"store": "sqlite:///~/vp.sqlite3"}, "a file on each pod"),  # enrolment on by default
+        ({"store": "postgresql://svc:s3cret@db/voices"}, "holds a password"),
+        ({"store": "postgresql://db/voices?password=s3cret"}, "holds a password"),
+        ({"store": "sqlite:///~/vp.sqlite3", "enrolment": False}, None),  # per pod, and says so (501)
+        ({"store": "postgresql://svc@db/voices"}, None),  # a password from PGPASSWORD or a .pgpass file
+    ],
+)  # fmt: skip
+def test_enrolment_needs_a_store_every_pod_shares_and_no_password_in_the_config(voiceprints, error):
+    settings = AppSettings(voiceprints=voiceprints)
+    if error is None:
+        assert kuberay.store_env(settings) is None
+        return
+    with pytest.raises(kuberay.GenerateError, match=error) as err:
+        kuberay.store_env(settings)
+    assert "s3cret" not in str(err.value)

@@ -1,0 +1,102 @@
+"""Enrolment on a cluster, end to end on a real Ray Serve (see conftest.py): two Ingress replicas share
+one PostgreSQL voiceprint store (the test server, tests/support/postgres.py; its URL read from the
+environment, `voiceprints.store: env:...`, as on Kubernetes).
+
+An application of its own beside the shared one (tiny models, one VADHost, the GE2E speaker model the
+other speaker tests use). Eight enrolments at once through its two Ingress replicas all land; every
+listing, from both replicas, holds them all; a session streamed afterwards names the speakers, whose
+voiceprints the Speaker replica read from the same database.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import psycopg
+import pytest
+import ray
+from ray import serve
+
+from speech_serve.app import build_app
+from speech_serve.ingress.drain import _serve_controller
+from speech_serve.wire.client import stream_file
+from tests.support.audio import FIXTURES
+from tests.support.service import ADMIN, STORE_ENV, TEST_GROUP, as_device
+
+pytestmark = pytest.mark.integration
+APP, PREFIX = "shared-store", "/shared-store"
+VOICES = FIXTURES / "voices"
+THREE = str(VOICES / "three_speakers.wav")
+# name, group, clip: alice and bob in the test device's household; six more elsewhere, made at the same time
+ENROLMENTS = [("alice", TEST_GROUP, "alice_enroll_1.wav"), ("bob", TEST_GROUP, "bob_enroll_1.wav")] + [
+    (f"crowd-{i}", f"crowd-{i % 3}", ("alice", "bob")[i % 2] + "_enroll_2.wav") for i in range(6)
+]
+LIST_QUERY = "%FROM speakers s LEFT JOIN embeddings e%ORDER BY s.created_at%"  # SqlStore.list's query
+
+
+@pytest.fixture(scope="module")
+def app(service, service_args) -> str:
+    """http://host:port/shared-store: the app, two Ingress replicas on the PostgreSQL store; deleted afterwards."""
+    args = copy.deepcopy(service_args)
+    args["voiceprints"] = {"store": f"env:{STORE_ENV}"}
+    args["placement"]["Ingress"] = {"num_cpus": 0, "num_replicas": 2}
+    args["placement"]["VADHost"] = {"num_cpus": 0, "num_replicas": 1}
+    args["uploads"] = {"max_concurrent_enrolments": len(ENROLMENTS)}  # each replica takes all of them at once
+    serve.run(build_app(args), name=APP, route_prefix=PREFIX)
+    base = f"http://{service}{PREFIX}"
+    deadline = time.monotonic() + 300
+    while httpx.get(f"{base}/healthz", timeout=30).json().get("status") != "ok":
+        assert time.monotonic() < deadline, "the shared-store app did not come up"
+        time.sleep(1)
+    yield base
+    serve.delete(APP, _blocking=False)  # its replicas stop in the background: no test waits on them
+
+
+def ingress_pids() -> set[int]:
+    details = ray.get(_serve_controller().get_deployment_details.remote(APP, "Ingress"))
+    return {r.pid for r in details.replicas if str(r.state.value) == "RUNNING"}
+
+
+def pids_that_listed_since(started: float) -> set[int]:
+    """The processes whose store connections ran SqlStore.list since `started` (pg_stat_activity
+    shows each connection's last query; our application_name starts with the process id)."""
+    with psycopg.connect(os.environ[STORE_ENV]) as conn:
+        rows = conn.execute(
+            "SELECT application_name FROM pg_stat_activity WHERE datname = current_database() "
+            "AND query LIKE %s AND query_start >= to_timestamp(%s)", (LIST_QUERY, started)).fetchall()  # fmt: skip
+    return {int(name.split()[1]) for (name,) in rows if name.startswith("speech-serve ")}
+
+
+def enrol(base: str, name: str, group: str, clip: str) -> httpx.Response:
+    files = [("files", (clip, (VOICES / clip).read_bytes(), "audio/wav"))]
+    return httpx.post(f"{base}/v1/speakers", headers=ADMIN, data={"name": name, "group": group}, files=files,
+                      timeout=120)  # fmt: skip
+
+
+def test_enrolments_through_two_ingress_replicas_all_land_and_name_the_speakers(app, service):
+    assert len(pids := ingress_pids()) == 2
+    with ThreadPoolExecutor(len(ENROLMENTS)) as pool:  # all at once: Serve spreads them over both replicas
+        answers = list(pool.map(lambda e: enrol(app, *e), ENROLMENTS))
+    assert [r.status_code for r in answers] == [201] * len(ENROLMENTS), [r.text for r in answers]
+    enrolled = {r.json()["id"]: r.json()["name"] for r in answers}
+    assert sorted(enrolled.values()) == sorted(name for name, _, _ in ENROLMENTS)
+
+    started = time.time() - 1  # pg_stat_activity's clock is this host's too
+    listings = []
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(4):  # until both replicas have answered (each round: 8 listings at once)
+            listings += pool.map(lambda _: httpx.get(f"{app}/v1/speakers", headers=ADMIN, timeout=30), range(8))
+            if pids_that_listed_since(started) >= pids:
+                break
+    assert pids_that_listed_since(started) >= pids, "one Ingress replica answered every listing"
+    for r in listings:  # whichever replica answered, nothing is missing
+        assert r.status_code == 200 and {v["id"] for v in r.json()["speakers"]} >= set(enrolled)
+
+    time.sleep(1.5)  # the Speaker replica looks for new enrolments every refresh_s (1 s)
+    results = stream_file(f"ws://{service}{PREFIX}/v1/stream", THREE, speaker_group=TEST_GROUP, **as_device())
+    labels = [r["speaker"]["label"] for r in results]
+    assert labels == ["alice", "bob", "unknown"], labels
