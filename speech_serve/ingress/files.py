@@ -136,12 +136,13 @@ class FileTranscriptions:
     `max_upload_segments_in_flight` segments at a time."""
 
     def __init__(self, calls: ModelCalls, recognise: Recognition, device_auth: DeviceAuth, settings: AppSettings,
-                 gate: UploadGate, cut: Cut | None = None):  # fmt: skip
-        self.calls, self.recognise, self.device_auth = calls, recognise, device_auth
+                 gate: UploadGate, cut: Cut | None = None, household=None):  # fmt: skip
+        """`household`: the households' hotword lists (hotwords.py), which `recognise` applies."""
+        self.calls, self.recognise, self.device_auth, self.household = calls, recognise, device_auth, household
         self.cut = cut or cut_into_segments
         self.uploads, self.min_utterance_ms = settings.uploads, settings.stream.min_utterance_ms
         self.limits = settings.limits  # the prompt's hotwords are bounded as a session's
-        self.gate = gate
+        self.gate, self.default_group = gate, settings.voiceprints.default_group
 
     async def __call__(self, request: Request) -> Response:
         identity = require_device(self.device_auth, request)
@@ -182,9 +183,12 @@ class FileTranscriptions:
             raise HTTPException(400, str(exc)) from None
         del data  # the decoded audio is all that is needed now
         request_id = "file-" + uuid.uuid4().hex[:12]
+        group = identity.speaker_group(None) or self.default_group
+        if self.household is not None:  # its household's hotwords load while the file is cut
+            self.household.watch(group)
         segments = await self.cut(self.calls, pcm, request_id, round(limits.vad_piece_s * 1000))
         # the device's household when device auth is on, as on the WebSockets
-        options = RecognitionOptions(language=asked.language or "auto", speaker_group=identity.speaker_group(None),
+        options = RecognitionOptions(language=asked.language or "auto", speaker_group=group,
                                      hotwords=asked.hotwords, words=asked.words or bool(asked.hotwords))  # fmt: skip
         in_flight = asyncio.Semaphore(limits.max_segments_in_flight)
 

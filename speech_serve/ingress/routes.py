@@ -9,10 +9,11 @@ Routes
   WS   /v1/realtime               OpenAI Realtime API, transcription sessions (realtime.py)
   POST /v1/audio/transcriptions   whole files, shaped like OpenAI's endpoint (files.py)
   /v1/speakers ...                voiceprint enrolment: create, list, get, rename, re-enrol, delete (speakers.py)
+  /v1/hotwords/{group}            a household's hotword list: get, replace, delete (hotwords.py)
   GET  /demo, /demo/<file>        a page to talk to the service from a browser (demo_page.py)
 
 Who may call what (auth.py): every device path (the WebSockets and the file endpoint)
-takes device tokens when device authentication is on; /v1/speakers* always takes the admin
+takes device tokens when device authentication is on; /v1/speakers* and /v1/hotwords* always take the admin
 bearer token; /healthz and the demo page's static files are open. Refusals come before any session, body or model work.
 """
 
@@ -28,6 +29,7 @@ from speech_serve.ingress.capacity import ComputeAdmission
 from speech_serve.ingress.demo_page import demo_asset
 from speech_serve.ingress.files import FileTranscriptions
 from speech_serve.ingress.health import DeploymentStates, public_source, readiness, serve_deployment_states
+from speech_serve.ingress.hotwords import HotwordsAdmin, HouseholdHotwords
 from speech_serve.ingress.metrics import IngressMetrics
 from speech_serve.ingress.protocols.funasr import FunasrConnection
 from speech_serve.ingress.protocols.plain import PlainConnection
@@ -49,8 +51,8 @@ app = FastAPI(title="speech-serve", docs_url=None, redoc_url=None, openapi_url=N
 
 @app.exception_handler(StoreUnavailable)
 async def store_unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
-    """The voiceprint file cannot be opened (corrupt, unreadable): the admin API says so (503);
-    the rest of the service goes on."""
+    """The voiceprint store cannot be reached (a corrupt or unreadable file, a database that is down): the
+    admin API says so (503); the rest of the service goes on."""
     logger.error("%s %s: %s", request.method, request.url.path, exc)
     return JSONResponse({"detail": str(exc)}, status_code=503)
 
@@ -86,11 +88,15 @@ class Ingress:
         self.compute = ComputeAdmission(settings.admission, backlog, settings.compute,
                                         settings.vad.max_end_silence_ms / 1000)  # fmt: skip
         calls = ModelCalls(vad, asr, speaker, settings, backlog)
-        self.streams = UtteranceStreams(calls, settings, self.metrics, models.label)
+        store = open_store(settings.voiceprints.store)
+        household = HouseholdHotwords(store, settings.voiceprints)
+        self.hotwords = HotwordsAdmin(store, household, settings.limits)
+        self.streams = UtteranceStreams(calls, settings, self.metrics, models.label, household)
         self.sessions = Sessions(registry, settings, self.device_auth, self.metrics, self.compute, asr)
         files, enrolments = upload_gates(settings.uploads)
-        self.files = FileTranscriptions(calls, self.streams.recognise, self.device_auth, settings, files)
-        self.speakers = SpeakerAdmin(open_store(settings.voiceprints.store), calls, settings.voiceprints,
+        self.files = FileTranscriptions(calls, self.streams.recognise, self.device_auth, settings, files,
+                                        household=household)  # fmt: skip
+        self.speakers = SpeakerAdmin(store, calls, settings.voiceprints,
                                      settings.uploads, enrolments)  # fmt: skip
         self.health = DeploymentStates(serve_deployment_states, settings.health.cache_s, settings.health.timeout_s)
         for role, source in models.sources.items():
@@ -230,6 +236,18 @@ class Ingress:
     async def reenroll(self, request: Request, speaker_id: str) -> dict:
         """Replace a speaker's voiceprint with new recordings (multipart `files`)."""
         return await self.speakers.reenroll(request, speaker_id)
+
+    @admin("GET", "/v1/hotwords/{group}")
+    async def get_hotwords(self, group: str) -> dict:
+        return await self.hotwords.get(group)
+
+    @admin("PUT", "/v1/hotwords/{group}")
+    async def put_hotwords(self, request: Request, group: str) -> dict:
+        return await self.hotwords.put(request, group)
+
+    @admin("DELETE", "/v1/hotwords/{group}", status_code=204)
+    async def delete_hotwords(self, group: str) -> Response:
+        return await self.hotwords.delete(group)
 
     @admin("DELETE", "/v1/speakers/{speaker_id}", status_code=204)
     async def delete_speaker(self, speaker_id: str) -> Response:
