@@ -148,8 +148,10 @@ def device_credentials(
 
 
 def _bearer(authorization: str) -> str:
+    """The token of `Bearer <token>`. `Bearer; <token>` too: xiaozhi-esp32-server's FunASR-server ASR
+    provider sends its api_key so (core/providers/asr/fun_server.py), and it is a fleet's way in."""
     scheme, _, rest = authorization.strip().partition(" ")
-    return rest.strip() if scheme.lower() == "bearer" and rest else authorization.strip()
+    return rest.strip() if scheme.lower() in ("bearer", "bearer;") and rest else authorization.strip()
 
 
 def check_device(

@@ -4,7 +4,7 @@ otherwise forge log lines or terminal escapes).
 
 Masked: `token=` (and similar) query or form parameters, `Authorization` header values in any of the
 shapes they get logged in (`Authorization: Bearer x`, a dict repr, an ASGI header tuple),
-`Bearer <x>` anywhere, device-token values (`<43 base64url chars>.<unix time>`), and the literal
+`Bearer <x>` (and `Bearer; <x>`) anywhere, device-token values (`<43 base64url chars>.<unix time>`), and the literal
 values of the secrets this process holds (device secret, admin token).
 """
 
@@ -24,9 +24,9 @@ _PARAM = re.compile(
 )
 _HEADER = re.compile(  # atomic groups: no backtracking that would let "Bearer" itself pass as the value
     r"(?i)\b(authorization|proxy-authorization|x-api-key)(?>(\"?'?\s*[:,=]\s*(?:(?-i:b)?[\"'])?))"
-    r"(?>(?:bearer\s+|basic\s+)?)(?![<\[])[^\s\"',;}\])]+"  # not `Bearer <token>` in a help text, nor a mask
+    r"(?>(?:bearer;?\s+|basic\s+)?)(?![<\[])[^\s\"',;}\])]+"  # not `Bearer <token>` in a help text, nor a mask
 )
-_BEARER = re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]+")
+_BEARER = re.compile(r"(?i)\bbearer;?\s+[A-Za-z0-9._~+/=-]+")  # `Bearer; x`: xiaozhi-esp32-server's spelling
 # base64url(HMAC-SHA256).unix_time; not \b at the start: a token may begin with "-" (1 in 32)
 _DEVICE_TOKEN = re.compile(r"(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{43}\.\d{9,11}\b")
 

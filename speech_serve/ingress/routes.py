@@ -182,8 +182,7 @@ class Ingress:
     async def funasr(self, ws: WebSocket) -> None:
         # FunASR's client asks for the subprotocol "binary" and drops a connection without it.
         await ws.accept(subprotocol="binary" if "binary" in ws.scope.get("subprotocols", ()) else None)
-        interim_ms = self.funasr_settings.interim_interval_ms
-        await self.sessions.serve(self._connection(FunasrConnection, ws, interim_ms))
+        await self.sessions.serve(self._connection(FunasrConnection, ws, self.funasr_settings))
 
     @app.websocket("/v1/realtime")
     async def realtime(self, ws: WebSocket) -> None:

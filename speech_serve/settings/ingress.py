@@ -38,7 +38,7 @@ class LimitSettings(Section):
     """What one WebSocket client may send; past a bound the session is closed (or its audio paced)."""
 
     max_frame_bytes: int = 64_000
-    """Largest binary frame accepted (2 s of PCM16)."""
+    """Largest binary frame a plain or Xiaozhi client may send (2 s of PCM16); FunASR: funasr.max_frame_bytes."""
     max_text_frame_bytes: int = Field(65_536, ge=1024)
     """Largest text frame accepted (JSON control: a Xiaozhi MCP payload is a few kB); past it: `frame_too_large`,
     close 1009. The WebSocket layer alone would take 16 MB."""

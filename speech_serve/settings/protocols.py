@@ -40,6 +40,11 @@ class FunasrSettings(Section):
     interim_interval_ms: int = 600
     """online/2pass: re-decode the growing segment this often for interim text. Interims run at low priority on
     SenseVoice and never delay final results."""
+    max_frame_bytes: int = Field(1_048_576, ge=64_000)
+    """Largest binary frame a FunASR client may send (limits.max_frame_bytes is the other protocols'); past it:
+    `frame_too_large`, close 1009. xiaozhi-esp32-server's FunASR-server ASR provider sends each utterance as one
+    frame: 1 MiB holds 32 s of 16 kHz PCM16 (more than stream.max_utterance_ms), as FunASR's own Python server
+    takes (websockets' default). A big frame is paced like any audio (limits.max_audio_rate)."""
 
 
 class RealtimeSettings(Section):

@@ -31,7 +31,7 @@ from speech_serve.ingress.protocols.parsing import (
 )
 from speech_serve.ingress.stream import RecognitionOptions
 from speech_serve.messages import Transcript, UtteranceResult
-from speech_serve.settings import LimitSettings
+from speech_serve.settings import FunasrSettings, LimitSettings
 
 MODES = ("offline", "online", "2pass")
 FUNASR_WEIGHT_SCALE = 20.0  # FunASR's hotword weights (10-100) over our bonus per token
@@ -151,9 +151,10 @@ class FunasrConnection(Connection):
 
     protocol = "funasr"
 
-    def __init__(self, ws, session_id: str, streams, limits, metrics, interim_interval_ms: int):
+    def __init__(self, ws, session_id: str, streams, limits, metrics, settings: FunasrSettings):
         super().__init__(ws, session_id, streams, limits, metrics)
-        self.interim_interval_ms = interim_interval_ms
+        self.interim_interval_ms = settings.interim_interval_ms
+        self.max_frame_bytes = settings.max_frame_bytes  # whole utterances in one frame: see FunasrSettings
         self.files = 0
         self.config: Config | None = None
         self.resample = StreamResampler(16000)
@@ -164,7 +165,7 @@ class FunasrConnection(Connection):
 
     async def on_frame(self, message: dict) -> bool:
         if message.get("bytes") is not None:
-            pcm = parse_audio(message["bytes"], self.limits.max_frame_bytes)
+            pcm = parse_audio(message["bytes"], self.max_frame_bytes)
             if self.stream is None:
                 self._start(self.config or Config())
             await self.push_audio(self.resample(pcm))

@@ -34,6 +34,16 @@ def test_a_fresh_token_for_this_device_and_client_passes():
     assert check(f"Bearer {token}").ok and check(token).ok and check(f"bearer  {token}").ok
 
 
+def test_xiaozhi_servers_funasr_provider_spelling_of_bearer_passes():
+    """xiaozhi-esp32-server's FunASR-server provider sends `Authorization: Bearer; <api_key>` (fun_server.py);
+    tests/integration/test_xiaozhi_server_provider.py runs it."""
+    token = issue_token(SECRET, "", "xiaozhi-server", now=NOW)
+    assert check(f"Bearer; {token}", client=None, device="xiaozhi-server").ok
+    creds = device_credentials({"authorization": f"Bearer; {token}"}, {"device_id": "xiaozhi-server", "token": token})
+    assert creds.authorization == f"Bearer; {token}"  # the same token as the query's: no conflict
+    assert not check(f"Bearer;; {token}", client=None, device="xiaozhi-server").ok  # no looser than that
+
+
 def test_a_token_minted_without_client_id_serves_clients_that_send_none():
     """Plain and FunASR clients send no Client-Id: the token is signed over an empty one."""
     token = issue_token(SECRET, "", "kitchen", now=NOW)

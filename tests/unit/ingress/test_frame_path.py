@@ -95,7 +95,7 @@ def trace_frame(protocol: str) -> list[tuple[str | None, str, str]]:
             frames = [binary(p) for p in encode_pcm(pcm, FRAME_MS)]
             answered = lambda m: m.get("type") == "stt"  # noqa: E731
         elif protocol == "funasr":
-            conn = FunasrConnection(ws, "s1", streams, settings.limits, metrics, settings.funasr.interim_interval_ms)
+            conn = FunasrConnection(ws, "s1", streams, settings.limits, metrics, settings.funasr)
             first = [text({"mode": "offline", "wav_name": "w", "audio_fs": 16000})]
             frames = [binary(pcm[i : i + 16 * FRAME_MS].tobytes()) for i in range(0, len(pcm), 16 * FRAME_MS)]
             answered = lambda m: m.get("mode") == "offline" and m.get("text")  # noqa: E731

@@ -18,7 +18,7 @@ from speech_serve.ingress.protocols.plain import PlainConnection
 from speech_serve.ingress.protocols.xiaozhi import XiaozhiConnection
 from speech_serve.ingress.sessions import Sessions
 from speech_serve.messages import VadFeedResult
-from speech_serve.settings import AppSettings
+from speech_serve.settings import AppSettings, FunasrSettings
 from speech_serve.wire.codes import CLOSE_POLICY
 from speech_serve.wire.tokens import issue_token
 from tests.support.fakes import MemoryWebSocket, connection
@@ -109,7 +109,7 @@ def test_a_funasr_connection_with_two_files_releases_the_id_it_was_admitted_unde
         registry, vad = Registry(), AnsweringVad()
         sessions = sessions_with(registry, OFF)
         ws = websocket("/funasr")
-        conn = connection(FunasrConnection, ws, AppSettings(), "s1", 600, vad=vad)
+        conn = connection(FunasrConnection, ws, AppSettings(), "s1", FunasrSettings(), vad=vad)
         for frame in (text({"mode": "offline", "wav_name": "a"}), text({"is_speaking": False}),
                       text({"mode": "offline", "wav_name": "b"}), text({"is_speaking": False})):  # fmt: skip
             ws.inbox.put_nowait(frame)
@@ -171,7 +171,7 @@ def test_a_device_id_given_two_ways_is_refused_before_any_admission(protocol):
         ws = websocket("/x", {"protocol-version": "1"}, query)
         settings = AppSettings()
         cls, extra = {"xiaozhi": (XiaozhiConnection, (settings.xiaozhi,)), "plain": (PlainConnection, ()),
-                      "funasr": (FunasrConnection, (600,))}[protocol]  # fmt: skip
+                      "funasr": (FunasrConnection, (FunasrSettings(),))}[protocol]  # fmt: skip
         await asyncio.wait_for(sessions.serve(connection(cls, ws, settings, "s1", *extra)), 5)
         return registry, ws
 
@@ -200,7 +200,7 @@ def test_a_xiaozhi_device_refused_by_auth_is_never_admitted_and_an_accepted_one_
     "cls, start, extra",
     [
         (PlainConnection, {"type": "start", "speaker_group": "neighbours"}, ()),
-        (FunasrConnection, {"mode": "offline", "speaker_group": "neighbours"}, (600,)),
+        (FunasrConnection, {"mode": "offline", "speaker_group": "neighbours"}, (FunasrSettings(),)),
     ],
 )
 def test_with_device_auth_a_client_cannot_choose_whose_voiceprints_it_is_matched_against(cls, start, extra):
@@ -211,7 +211,7 @@ def test_with_device_auth_a_client_cannot_choose_whose_voiceprints_it_is_matched
 
 @pytest.mark.parametrize(
     "cls, start, extra",
-    [(PlainConnection, {"type": "start"}, ()), (FunasrConnection, {"mode": "offline"}, (600,))],
+    [(PlainConnection, {"type": "start"}, ()), (FunasrConnection, {"mode": "offline"}, (FunasrSettings(),))],
 )
 def test_with_device_auth_a_device_is_matched_in_its_mapped_group_or_its_own(cls, start, extra):
     mapped = device_auth(groups={"kitchen": "home-1"})

@@ -13,7 +13,7 @@ from speech_serve.ingress.protocols import funasr, plain, xiaozhi
 from speech_serve.ingress.protocols.funasr import FunasrConnection
 from speech_serve.ingress.protocols.parsing import ProtocolError
 from speech_serve.ingress.protocols.plain import PlainConnection
-from speech_serve.settings import AppSettings
+from speech_serve.settings import AppSettings, FunasrSettings
 from speech_serve.wire.codes import CLOSE_POLICY, CLOSE_TOO_BIG
 from tests.support.fakes import HungVad, ManualClock, MemoryWebSocket, QuietVad, binary, connection, text
 
@@ -127,7 +127,8 @@ def test_a_long_string_field_gets_an_error_frame_and_the_session_goes_on():
 
 def test_funasr_wav_name_is_bounded_before_it_is_echoed():
     frames = [text(json.dumps({"mode": "offline", "wav_name": "w" * 5000})), text('{"is_speaking": false}')]
-    ws = run_session(FunasrConnection, frames, {}, None, 600, until=lambda sent: any(m.get("is_end") for m in sent))
+    ended = lambda sent: any(m.get("is_end") for m in sent)  # noqa: E731
+    ws = run_session(FunasrConnection, frames, {}, None, FunasrSettings(), until=ended)
     assert errors(ws) == ["field_too_long"]
     assert all(len(m.get("wav_name", "")) <= 1024 for m in ws.sent)
 

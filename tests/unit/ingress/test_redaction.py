@@ -23,6 +23,9 @@ SECRETS = ("device-secret-value", "admin-token-value")
         (f"scope headers [(b'authorization', b'Bearer {DEVICE_TOKEN}'), (b'host', b'h')]", "(b'host', b'h')"),
         ("Authorization: Bearer admin-token-value", "Authorization:"),
         ("Authorization: Basic dXNlcjpwYXNz", "Authorization:"),
+        ("Authorization: Bearer; abc", "Authorization:"),  # xiaozhi-esp32-server's FunASR-server provider
+        ("[(b'authorization', b'Bearer; abc')]", "b'authorization'"),
+        ("sent bearer; abc here", "sent"),
         (f"a bare device token {DEVICE_TOKEN} in text", "a bare device token"),
         ("a token that starts with a dash -" + "x" * 42 + ".1795956227 too", "too"),
         ("the secret device-secret-value leaked", "the secret"),

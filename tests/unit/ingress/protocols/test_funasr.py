@@ -1,3 +1,4 @@
+import asyncio
 import json
 
 import pytest
@@ -5,6 +6,9 @@ import pytest
 from speech_serve.ingress.protocols import funasr
 from speech_serve.ingress.protocols.parsing import ProtocolError
 from speech_serve.messages import SpeakerInfo, UtteranceResult
+from speech_serve.settings import AppSettings
+from speech_serve.wire.codes import CLOSE_TOO_BIG
+from tests.support.fakes import MemoryWebSocket, QuietVad, binary, connection, text
 
 
 def _result(text="hello world", speaker=None):
@@ -106,3 +110,39 @@ def test_a_field_that_is_not_a_string_is_refused_not_echoed(field, value):
 def test_null_fields_take_their_defaults():
     config = funasr.parse_text(json.dumps({"mode": "2pass", "hotwords": None, "wav_name": None}), configured=False)
     assert (config.hotwords, config.wav_name, config.speaker_group) == ((), "demo", None)
+
+
+def run_file(frame_bytes: int) -> tuple[MemoryWebSocket, QuietVad]:
+    """A FunASR session that sends its config, `frame_bytes` of PCM as ONE frame, and its end."""
+
+    async def scenario():
+        ws, vad, settings = MemoryWebSocket(), QuietVad(), AppSettings(stream={"vad_batch_interval_ms": 0})
+        conn = connection(funasr.FunasrConnection, ws, settings, "s1", settings.funasr, vad=vad)
+        session = asyncio.create_task(conn.run())
+        for frame in [text({"mode": "offline"}), binary(bytes(frame_bytes)), text({"is_speaking": False})]:
+            ws.inbox.put_nowait(frame)
+        for _ in range(1000):  # a hang guard, not a speed bound
+            if session.done() or any(m.get("is_end") for m in ws.sent):
+                break
+            await asyncio.sleep(0.01)
+        ws.inbox.put_nowait({"type": "websocket.disconnect", "code": 1000})
+        await asyncio.wait_for(session, 10)
+        return ws, vad
+
+    return asyncio.run(scenario())
+
+
+def test_a_whole_utterance_in_one_frame_is_taken_as_xiaozhi_servers_provider_sends_it():
+    """xiaozhi-esp32-server's FunASR-server ASR provider sends each utterance as one binary frame; at
+    limits.max_frame_bytes (2 s) every longer utterance was refused (tests/integration/
+    test_xiaozhi_server_provider.py runs the provider itself)."""
+    settings = AppSettings()
+    assert settings.funasr.max_frame_bytes >= settings.stream.max_utterance_ms * 32  # 16 kHz PCM16: 32 bytes/ms
+    utterance = 16000 * 2 * 10  # 10 s
+    ws, vad = run_file(utterance)
+    assert not [m for m in ws.sent if "error" in m] and ws.sent[-1]["is_final"] is True, ws.sent
+    heard_ms = sum(len(item.chunk.pcm) for item in vad.items if item.chunk is not None) // 16
+    assert heard_ms == 10_000  # every sample of the frame went to the VAD
+
+    ws, _ = run_file(settings.funasr.max_frame_bytes + 2)
+    assert [m.get("code") for m in ws.sent if "error" in m] == ["frame_too_large"] and ws.closed[0] == CLOSE_TOO_BIG
