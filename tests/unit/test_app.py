@@ -33,3 +33,14 @@ def test_without_ray_nothing_is_planned_and_replicas_start_as_configured():
     built = planned(settings, plan)
     assert built.asr.threads == 1 and built.placement["SenseVoice"].num_cpus == 0.0
     assert "autoscaling_config" not in deployment_options("SenseVoice", built, plan, gpu=False)
+
+
+def test_json_logs_reach_every_deployment_and_the_internal_ones_keep_their_access_log_off():
+    settings = AppSettings(logging={"encoding": "JSON"})
+    plan = plan_host([Node(cpus=2, memory_gib=16)], settings, gpus=False)
+    built = planned(settings, plan)
+    for name in ("Ingress", "VADHost", "SenseVoice", "Speaker", "SessionRegistry"):
+        assert deployment_options(name, built, plan, gpu=False)["logging_config"]["encoding"] == "JSON", name
+    assert deployment_options("VADHost", built, plan, gpu=False)["logging_config"]["enable_access_log"] is False
+    plain = planned(AppSettings(), plan)  # unset: Serve's own default, nothing written
+    assert "logging_config" not in deployment_options("Ingress", plain, plan, gpu=False)
