@@ -15,6 +15,7 @@ COMMANDS = {
     "plan": "speech_serve.cli.plan",
     "transport": "speech_serve.cli.transport",
     "profile": "speech_serve.cli.profile",
+    "check": "speech_serve.cli.check",
     "reference": "speech_serve.cli.reference",
     "scale": "speech_serve.cli.scale",
     "kuberay": "speech_serve.cli.kuberay",
