@@ -19,6 +19,7 @@ COMMANDS = {
     "reference": "speech_serve.cli.reference",
     "scale": "speech_serve.cli.scale",
     "kuberay": "speech_serve.cli.kuberay",
+    "image": "speech_serve.cli.image",
     "models": "speech_serve.cli.models",
     "token": "speech_serve.cli.tokens",
     "loadgen": "speech_serve.loadtest.loadgen",
