@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install browser postgres serve serve-bench serve-capacity sweep test lint docs models-full bench bench-vad loadtest soak kuberay node-loss clean
+.PHONY: install browser postgres serve serve-bench serve-capacity sweep test lint docs models-full bench bench-vad loadtest soak kuberay image node-loss clean
 
 # Ray Serve's own settings (config/serve.env, which says why), then the transport, read when a
 # recipe runs (after the install): HAProxy mode with direct ingress where its binary is present
@@ -108,6 +108,13 @@ soak: install
 # (docs/operations.md). Run it after changing any of them; CI fails while the manifest is stale.
 kuberay: install
 	$(BIN)/speech-serve kuberay
+
+# The service's image from deploy/kuberay/Dockerfile (package + config/, no weights: /models is a volume),
+# built with docker, podman or buildah, whichever can build here (it says why none can).
+#   make image IMAGE=registry.lan/speech-serve:0.1.0
+IMAGE ?=
+image: install
+	$(BIN)/speech-serve image $(if $(IMAGE),--tag $(IMAGE))
 
 # Two Ray nodes on this machine (a head, a speech_worker node); the worker lost while devices stream
 # through the head, then replaced (docs/operations.md). CI runs the short version (3 devices, SIGTERM as

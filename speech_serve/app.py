@@ -57,9 +57,9 @@ def planned(settings: AppSettings, plan: HostPlan) -> AppSettings:
 
 
 def deployment_options(name: str, settings: AppSettings, plan: HostPlan, gpu: bool) -> dict[str, Any]:
-    """The code's options table, the placement, and the plan's replica counts; the YAML's
+    """The code's options table, the log encoding, the placement, and the plan's replica counts; the YAML's
     `deployments:` entry for the deployment overrides all of these (Serve applies it)."""
-    options = dict(DEFAULT_DEPLOYMENT_OPTIONS[name])
+    options = settings.logging.apply(dict(DEFAULT_DEPLOYMENT_OPTIONS[name]))
     if name not in settings.placement:
         return options
     placement = settings.placement[name]

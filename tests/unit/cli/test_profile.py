@@ -78,3 +78,15 @@ def test_the_effective_config_fills_in_every_default_under_what_the_file_says(ca
     sense_voice = next(d for d in app["deployments"] if d["name"] == "SenseVoice")
     assert sense_voice["max_ongoing_requests"] == 64
     assert {d["name"] for d in app["deployments"]} == {"Ingress", "VADHost", "SenseVoice", "Speaker", "SessionRegistry"}
+
+
+def test_the_production_profile_requires_real_models_serves_the_lan_with_auth_and_keeps_secrets_out():
+    config = load(CONFIG / "production.yaml")
+    settings = AppSettings(**config["applications"][0]["args"])
+    assert settings.models.require_real_models and not settings.models.allow_test_models
+    assert config["http_options"]["host"] == "0.0.0.0" and settings.security.device_auth == "on"
+    assert settings.voiceprints.store == "env:SPEECH_SERVE_STORE_URL"  # a Postgres URL, read from that variable
+    assert config["logging_config"] == {"encoding": "JSON"} and settings.logging.encoding == "JSON"
+    assert settings.security.device_secret_env == "SPEECH_SERVE_DEVICE_SECRET"  # names, never values
+    text = (CONFIG / "production.yaml").read_text()
+    assert "://" not in yaml.safe_dump(yaml.safe_load(text)) and len(text.splitlines()) <= 30

