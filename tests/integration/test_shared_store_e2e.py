@@ -1,16 +1,21 @@
-"""Enrolment on a cluster, end to end on a real Ray Serve (see conftest.py): two Ingress replicas share
+"""A cluster's shared state, end to end on a real Ray Serve (see conftest.py): two Ingress replicas share
 one PostgreSQL voiceprint store (the test server, tests/support/postgres.py; its URL read from the
 environment, `voiceprints.store: env:...`, as on Kubernetes).
 
 An application of its own beside the shared one (tiny models, one VADHost, the GE2E speaker model the
-other speaker tests use). Eight enrolments at once through its two Ingress replicas all land; every
-listing, from both replicas, holds them all; a session streamed afterwards names the speakers, whose
-voiceprints the Speaker replica read from the same database.
+other speaker tests use), logging JSON as config/production.yaml does. Eight enrolments at once through
+its two Ingress replicas all land; every listing, from both replicas, holds them all; a session streamed
+afterwards names the speakers, whose voiceprints the Speaker replica read from the same database. A
+household's hotword list set through the admin API reaches its sessions' next utterances, whichever
+replica serves them, and never another household's. Every replica's log is JSON lines, and the internal
+deployments keep their access log off.
 """
 
 from __future__ import annotations
 
 import copy
+import glob
+import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,13 +29,14 @@ from ray import serve
 from speech_serve.app import build_app
 from speech_serve.ingress.drain import _serve_controller
 from speech_serve.wire.client import stream_file
-from tests.support.audio import FIXTURES
-from tests.support.service import ADMIN, STORE_ENV, TEST_GROUP, as_device
+from tests.support.audio import FIXTURES, TWO_UTTERANCES_WAV
+from tests.support.service import ADMIN, STORE_ENV, TEST_DEVICE, TEST_GROUP, as_device
 
 pytestmark = pytest.mark.integration
 APP, PREFIX = "shared-store", "/shared-store"
 VOICES = FIXTURES / "voices"
 THREE = str(VOICES / "three_speakers.wav")
+WAV = str(TWO_UTTERANCES_WAV)
 # name, group, clip: alice and bob in the test device's household; six more elsewhere, made at the same time
 ENROLMENTS = [("alice", TEST_GROUP, "alice_enroll_1.wav"), ("bob", TEST_GROUP, "bob_enroll_1.wav")] + [
     (f"crowd-{i}", f"crowd-{i % 3}", ("alice", "bob")[i % 2] + "_enroll_2.wav") for i in range(6)
@@ -46,6 +52,7 @@ def app(service, service_args) -> str:
     args["placement"]["Ingress"] = {"num_cpus": 0, "num_replicas": 2}
     args["placement"]["VADHost"] = {"num_cpus": 0, "num_replicas": 1}
     args["uploads"] = {"max_concurrent_enrolments": len(ENROLMENTS)}  # each replica takes all of them at once
+    args["logging"] = {"encoding": "JSON"}  # as config/production.yaml
     serve.run(build_app(args), name=APP, route_prefix=PREFIX)
     base = f"http://{service}{PREFIX}"
     deadline = time.monotonic() + 300
@@ -100,3 +107,38 @@ def test_enrolments_through_two_ingress_replicas_all_land_and_name_the_speakers(
     results = stream_file(f"ws://{service}{PREFIX}/v1/stream", THREE, speaker_group=TEST_GROUP, **as_device())
     labels = [r["speaker"]["label"] for r in results]
     assert labels == ["alice", "bob", "unknown"], labels
+
+
+HOTWORD = "w100 w200"  # two of the tiny model's words: its flat posteriors put any hotword within its bonus
+
+
+def texts(base: str, device: str) -> list[str]:
+    return [r["text"] for r in stream_file(f"ws://{base}/v1/stream", WAV, **as_device(device))]
+
+
+def test_a_households_hotwords_reach_its_next_utterances_on_every_replica_and_no_other_household(app, service):
+    base = f"{service}{PREFIX}"
+    other = "02:00:00:00:0e:01"  # unmapped: a household of its own
+    assert not any(HOTWORD in t for t in texts(base, TEST_DEVICE))
+    put = httpx.put(f"{app}/v1/hotwords/{TEST_GROUP}", headers=ADMIN, json={"hotwords": {HOTWORD: 3}}, timeout=30)
+    assert put.status_code == 200 and put.json() == {"group": TEST_GROUP, "hotwords": {HOTWORD: 3.0}}
+    bad = httpx.put(f"{app}/v1/hotwords/{TEST_GROUP}", headers=ADMIN, json={"hotwords": {"x": -1}}, timeout=30)
+    assert bad.status_code == 400 and "positive" in bad.json()["detail"]
+    assert httpx.get(f"{app}/v1/hotwords/{TEST_GROUP}", timeout=30).status_code == 401  # the admin token only
+    time.sleep(1.5)  # the other replica reloads the lists when the store's revision moves (refresh_s: 1 s)
+    for _ in range(2):  # sessions land on either replica
+        assert all(HOTWORD in t for t in texts(base, TEST_DEVICE))
+    assert not any(HOTWORD in t for t in texts(base, other))
+    assert httpx.delete(f"{app}/v1/hotwords/{TEST_GROUP}", headers=ADMIN, timeout=30).status_code == 204
+    time.sleep(1.5)
+    assert not any(HOTWORD in t for t in texts(base, TEST_DEVICE))
+
+
+def test_every_replica_logs_json_lines_and_the_internal_deployments_keep_their_access_log_off(app):
+    logs = os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs", "serve")
+    for name in ("Ingress", "VADHost", "SenseVoice", "Speaker"):
+        paths = glob.glob(os.path.join(logs, f"replica_{APP}_{name}_*.log"))
+        records = [json.loads(line) for path in paths for line in open(path) if line.strip()]  # each a JSON object
+        assert records and all("message" in r for r in records), name
+        access = [r for r in records if r["message"].split()[:1] in (["GET"], ["POST"], ["PUT"], ["CALL"])]
+        assert bool(access) == (name == "Ingress"), (name, access[:3])  # the Ingress keeps its access log

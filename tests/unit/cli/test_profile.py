@@ -85,7 +85,7 @@ def test_the_production_profile_requires_real_models_serves_the_lan_with_auth_an
     settings = AppSettings(**config["applications"][0]["args"])
     assert settings.models.require_real_models and not settings.models.allow_test_models
     assert config["http_options"]["host"] == "0.0.0.0" and settings.security.device_auth == "on"
-    assert settings.voiceprints.store == "env:SPEECH_SERVE_STORE_URL"  # a Postgres URL, read from that variable
+    assert settings.voiceprints.store == "env:SPEECH_SERVE_VOICEPRINT_STORE"  # a Postgres URL, read from that variable
     assert config["logging_config"] == {"encoding": "JSON"} and settings.logging.encoding == "JSON"
     assert settings.security.device_secret_env == "SPEECH_SERVE_DEVICE_SECRET"  # names, never values
     text = (CONFIG / "production.yaml").read_text()
