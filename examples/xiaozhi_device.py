@@ -53,10 +53,13 @@ def run_device(
     realtime: bool = False,
     linger_s: float = 3.0,
     expect: int | None = None,
+    hotwords: dict[str, float] | list[str] | None = None,
+    words: bool = False,
 ) -> list[dict]:
     """Stream one WAV; return the server's messages after hello (stt and errors), in order.
 
-    Waits until `expect` stt messages arrived, or `linger_s` passed with none new."""
+    Waits until `expect` stt messages arrived, or `linger_s` passed with none new. `hotwords` and
+    `words` ride in the hello (this service's fields beside the firmware's)."""
     pcm, rate = read_wav(wav)
     if rate != 16000:
         raise SystemExit(f"{wav}: the simulator sends 16 kHz Opus; convert with: sox {wav} -r 16000 out.wav")
@@ -71,8 +74,10 @@ def run_device(
     messages: list[dict] = []
     with connect(url, additional_headers=headers, max_size=None, open_timeout=30) as ws:
         audio_params = {"format": "opus", "sample_rate": 16000, "channels": 1, "frame_duration": frame_ms}
+        ours = {"hotwords": hotwords} if hotwords else {}
         ws.send(json.dumps({"type": "hello", "version": protocol_version, "transport": "websocket",
-                            "features": {"mcp": True}, "audio_params": audio_params}))  # fmt: skip
+                            "features": {"mcp": True}, "audio_params": audio_params, **ours,
+                            **({"words": True} if words else {})}))  # fmt: skip
         hello = json.loads(ws.recv(timeout=10))
         if hello.get("type") != "hello":
             return [hello]

@@ -49,9 +49,9 @@ def test_the_sdk_asks_for_word_timestamps_and_subtitles_and_reads_them(service):
     with open(TWO_UTTERANCES_WAV, "rb") as audio:
         answer = sdk(service).audio.transcriptions.create(
             model="sensevoice", file=audio, response_format="verbose_json", timestamp_granularities=["word"],
-            prompt="Xiaozhi, kitchen light",
+            prompt="Xiaozhi, w100 w200",
         )  # fmt: skip
-    assert answer.words and len(answer.segments) == 2
+    assert answer.words and len(answer.segments) == 2 and HOTWORD in answer.text
     starts = [w.start for w in answer.words]
     assert starts == sorted(starts) and all(w.start < w.end for w in answer.words)
     assert answer.segments[0].start <= starts[0] and answer.words[-1].end <= answer.segments[-1].end + 0.06
@@ -60,6 +60,9 @@ def test_the_sdk_asks_for_word_timestamps_and_subtitles_and_reads_them(service):
             text = sdk(service).audio.transcriptions.create(model="sensevoice", file=audio,
                                                             response_format=response_format)  # fmt: skip
         assert isinstance(text, str) and text.startswith(first) and text.count(" --> ") == 2
+
+
+HOTWORD = "w100 w200"  # two of the tiny model's words: its flat posteriors put any hotword within its bonus
 
 
 def audio_24k() -> list[str]:
@@ -80,10 +83,11 @@ async def stream_realtime(service: str) -> list:
         await conn.session.update(
             session={
                 "type": "transcription",
+                "include": ["item.input_audio_transcription.logprobs"],
                 "audio": {
                     "input": {
                         "format": {"type": "audio/pcm", "rate": 24000},
-                        "transcription": {"model": "sensevoice", "language": "en"},
+                        "transcription": {"model": "sensevoice", "language": "en", "prompt": HOTWORD},
                         "turn_detection": {"type": "server_vad", "silence_duration_ms": 500},
                     }
                 },
@@ -115,6 +119,7 @@ def test_the_realtime_client_gets_one_transcript_per_utterance_framed_by_speech_
     session = events[0].session
     assert session.audio.input.turn_detection.silence_duration_ms == 500
     assert session.audio.input.transcription.language == "en"
+    assert session.include == ["item.input_audio_transcription.logprobs"]
 
     (error,) = [e for e in events if e.type == "error"]  # the bad event: answered, and the session went on
     assert error.error.type == "invalid_request_error" and error.error.event_id == "bad-1"
@@ -128,6 +133,10 @@ def test_the_realtime_client_gets_one_transcript_per_utterance_framed_by_speech_
     deltas = [e for e in events if e.type.endswith("transcription.delta")]
     assert {e.item_id for e in deltas} <= {e.item_id for e in completed}
     assert len(completed) == 2 and all(e.transcript and e.content_index == 0 for e in completed)
+    for e in completed:  # the prompt's phrase is a hotword; include asked for a log-probability per word
+        assert HOTWORD in e.transcript and [lp.token for lp in e.logprobs] == e.transcript.split()
+        assert all(lp.logprob <= 0 and bytes(lp.bytes).decode() == lp.token for lp in e.logprobs)
+    assert all(e.logprobs is not None for e in deltas)
     for k, (start_ms, end_ms) in enumerate(TWO_UTTERANCES_SPEECH_MS):
         started, stopped, committed = (next(e for e in speech if e.type == f"input_audio_buffer.{kind}"
                                             and e.item_id == completed[k].item_id)

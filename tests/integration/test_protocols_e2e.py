@@ -152,21 +152,34 @@ def assert_words_inside(result: dict, words: list) -> None:
 def test_plain_results_carry_word_times_and_confidences_with_hotwords_or_without(service):
     from speech_serve.wire.client import stream_file
 
-    for hotwords in (None, {"turn on the light": 2.0, "Xiaozhi": 1.0}):
+    for hotwords in (None, {"w100 w200": 3.0, "Xiaozhi": 1.0}):
         results = stream_file(f"ws://{service}/v1/stream", WAV, words=True, hotwords=hotwords, **as_device())
         assert [r["index"] for r in results] == [0, 1]
-        for r in results:
+        for r in results:  # the tiny model's flat posteriors put any hotword within its bonus
+            assert ("w100 w200" in r["text"]) == bool(hotwords)
             assert_words_inside(r, r["words"])
             assert all(0 <= w["confidence"] <= 1 for w in r["words"]) and 0 <= r["confidence"] <= 1  # 3 decimals
     plain = stream_file(f"ws://{service}/v1/stream", WAV, **as_device())
     assert all("words" not in r for r in plain)  # nothing asked, nothing decoded twice
 
 
+def test_a_xiaozhi_hello_with_hotwords_and_words_gets_them_in_every_stt(service):
+    device, client = "02:00:00:00:01:07", str(uuid.uuid4())
+    messages = run_device(xiaozhi_url(service), WAV, device_id=device, client_id=client, expect=2, linger_s=20,
+                          token=device_token(device, client), hotwords={"w100 w200": 3}, words=True)  # fmt: skip
+    assert [m["type"] for m in messages] == ["stt", "stt"], messages
+    for m in messages:  # the tiny model's flat posteriors put any hotword within its bonus
+        assert "w100 w200" in m["text"] and [w["text"] for w in m["words"]] == m["text"].split()
+        assert_words_inside(m, m["words"])
+        assert 0 <= m["confidence"] <= 1
+
+
 def test_funasr_hotwords_as_its_own_client_sends_them_give_word_timestamps(service):
-    hotwords = json.dumps({"阿里巴巴": 20, "turn on the light": 40})  # funasr_wss_client.py's JSON
+    hotwords = json.dumps({"阿里巴巴": 20, "w100 w200": 60})  # funasr_wss_client.py's JSON: 60 is 3 per token
     messages = run_funasr(f"ws://{service}/", WAV, mode="offline", hotwords=hotwords, **as_device())
     finals = [m for m in messages if not m.get("is_end")]
     assert len(finals) == 2 and not any("error" in m for m in messages)
+    assert all("w100 w200" in m["text"] for m in finals)
     for m, (start, end) in zip(finals, TWO_UTTERANCES_SPEECH_MS, strict=True):
         spans = json.loads(m["timestamp"])  # [[start_ms, end_ms], ...] per word, as FunASR's server
         assert len(spans) >= 1 and all(a < b for a, b in spans)
