@@ -214,3 +214,10 @@ class UtteranceResult:
     latency_ms: dict[str, float] = field(default_factory=dict)
     batch_sizes: dict[str, int] = field(default_factory=dict)
     retries: dict[str, int] = field(default_factory=dict)  # per stage, calls repeated after a lost replica
+
+    def word_fields(self) -> dict:
+        """`words` and `confidence` for the wire when they were decoded (asked for, or hotwords), else none."""
+        if self.words is None:
+            return {}
+        confidence = None if self.confidence is None else round(self.confidence, 3)
+        return {"words": [w.fields() for w in self.words], "confidence": confidence}

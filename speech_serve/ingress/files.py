@@ -25,7 +25,7 @@ from fastapi.responses import Response
 
 from speech_serve.ingress.audio import AudioTooLongError, decode_file
 from speech_serve.ingress.auth import DeviceAuth, Identity, require_device
-from speech_serve.ingress.protocols.parsing import ProtocolError, brief, hotword_list
+from speech_serve.ingress.protocols.parsing import ProtocolError, brief, hotword_list, prompt_phrases
 from speech_serve.ingress.stream import ModelCalls, Recognition, RecognitionOptions, utterances_of
 from speech_serve.ingress.stream.calls import REPLICA_GONE, RetryClock, awaited, bounded, detached
 from speech_serve.ingress.uploads import UploadError, UploadGate, file_fields, read_upload_form, text_field
@@ -162,7 +162,7 @@ class FileTranscriptions:
             if "word" in granularities and fmt != "verbose_json":
                 raise TranscriptionRequestError("timestamp_granularities word needs response_format verbose_json")
             prompt = text_field(form, "prompt") or ""
-            hotwords = hotword_list([p for p in prompt.replace("\n", ",").split(",") if p.strip()], self.limits)
+            hotwords = hotword_list(prompt_phrases(prompt), self.limits)
             language = text_field(form, "language")
             return FileRequest(await upload.read(), fmt, language, "word" in granularities, hotwords)
         except UploadError as exc:

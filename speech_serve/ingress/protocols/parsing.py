@@ -102,6 +102,11 @@ def text_delta(sent: str, text: str) -> str | None:
     return text[len(sent) :] if text.startswith(sent) else None
 
 
+def prompt_phrases(prompt: str) -> list[str]:
+    """The phrases of an OpenAI `prompt` taken as hotwords: separated by commas or line breaks."""
+    return [p.strip() for p in prompt.replace("\n", ",").split(",") if p.strip()]
+
+
 def hotword_list(value: Any, limits: LimitSettings, scale: float = 1.0) -> tuple[tuple[str, float], ...]:
     """A client's hotwords as (phrase, bonus per token): `{"phrase": weight, ...}`, a list of phrases,
     or one string of phrases separated by spaces or commas (FunASR's older clients); a weight given is

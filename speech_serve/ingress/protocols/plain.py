@@ -107,12 +107,8 @@ def result_fields(result: UtteranceResult) -> dict[str, Any]:
     """Every field we have for one utterance (words and confidence when the session asked); other
     protocols pick from this."""
     fields = {**asdict(result), "speaker": result.speaker.fields()}
-    if result.words is None:
-        del fields["words"], fields["confidence"]
-    else:
-        fields["words"] = [w.fields() for w in result.words]
-        fields["confidence"] = None if result.confidence is None else round(result.confidence, 3)
-    return fields
+    del fields["words"], fields["confidence"]
+    return fields | result.word_fields()
 
 
 def render_result(result: UtteranceResult) -> str:

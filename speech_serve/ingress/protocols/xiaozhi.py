@@ -186,10 +186,7 @@ def render_stt(session_id: str, result: UtteranceResult) -> str:
         "speaker": result.speaker.fields(),
         "models": result.models, "latency_ms": result.latency_ms,
     }  # fmt: skip
-    if result.words is not None:  # the hello asked for words, or carried hotwords
-        body["words"] = [w.fields() for w in result.words]
-        body["confidence"] = None if result.confidence is None else round(result.confidence, 3)
-    return json.dumps(body, ensure_ascii=False)
+    return json.dumps(body | result.word_fields(), ensure_ascii=False)  # words: the hello asked, or hotwords
 
 
 def render_error(session_id: str | None, code: str, message: str) -> str:

@@ -9,7 +9,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from speech_serve.ingress.audio import SUPPORTED_RATES
-from speech_serve.ingress.protocols.parsing import ProtocolError, brief, hotword_list, json_object, whole_number
+from speech_serve.ingress.protocols.parsing import (
+    ProtocolError,
+    brief,
+    hotword_list,
+    json_object,
+    prompt_phrases,
+    whole_number,
+)
 from speech_serve.settings import LimitSettings, RealtimeSettings
 
 PCM_RATE = 24000  # the only PCM rate OpenAI's Realtime API has; ours takes SUPPORTED_RATES (an extension)
@@ -211,7 +218,7 @@ def session_hotwords(config: SessionConfig, limits: LimitSettings,
                      event_id: str | None = None) -> tuple[tuple[str, float], ...]:  # fmt: skip
     """The session's hotwords: its prompt's comma-separated phrases and its keywords, bounded as every
     protocol's (EventError names the field)."""
-    phrases = [p.strip() for p in config.prompt.replace("\n", ",").split(",") if p.strip()] + list(config.keywords)
+    phrases = prompt_phrases(config.prompt) + list(config.keywords)
     try:
         return hotword_list(list(dict.fromkeys(phrases)), limits)
     except ProtocolError as exc:
