@@ -24,16 +24,14 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
-from ray import serve
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from speech_serve.app import build_app
 from speech_serve.loadtest.soak import Probe, SessionLog, check_session, load_clip, make_reference, stream_session
 from speech_serve.settings import StreamSettings
 from speech_serve.wire.tokens import device_headers
 from tests.support.audio import TWO_UTTERANCES_WAV, read_pcm
-from tests.support.service import SECRET, device_token
+from tests.support.service import SECRET, app_beside, device_token
 
 pytestmark = pytest.mark.integration
 APP, PREFIX = "neighbours", "/neighbours"
@@ -46,14 +44,8 @@ def neighbours(service, service_args) -> str:
     """ws://host:port/neighbours: the app, deployed beside the shared one; deleted afterwards."""
     args = {k: v for k, v in service_args.items() if k != "limits"}  # the shipped per-session limits
     args["placement"] = {**args["placement"], "VADHost": {"num_cpus": 0, "num_replicas": 1}}
-    serve.run(build_app(args), name=APP, route_prefix=PREFIX)
-    base = f"http://{service}{PREFIX}"
-    deadline = time.monotonic() + 300
-    while httpx.get(f"{base}/healthz", timeout=30).json().get("status") != "ok":
-        assert time.monotonic() < deadline, "the neighbours app did not come up"
-        time.sleep(1)
-    yield f"ws://{service}{PREFIX}"
-    serve.delete(APP, _blocking=False)  # its replicas stop in the background: no test waits on them
+    with app_beside(service, args, APP, PREFIX):
+        yield f"ws://{service}{PREFIX}"
 
 
 def long_file() -> bytes:

@@ -24,13 +24,11 @@ import httpx
 import psycopg
 import pytest
 import ray
-from ray import serve
 
-from speech_serve.app import build_app
 from speech_serve.ingress.drain import _serve_controller
 from speech_serve.wire.client import stream_file
 from tests.support.audio import FIXTURES, TWO_UTTERANCES_WAV
-from tests.support.service import ADMIN, STORE_ENV, TEST_DEVICE, TEST_GROUP, as_device
+from tests.support.service import ADMIN, STORE_ENV, TEST_DEVICE, TEST_GROUP, app_beside, as_device
 
 pytestmark = pytest.mark.integration
 APP, PREFIX = "shared-store", "/shared-store"
@@ -53,14 +51,8 @@ def app(service, service_args) -> str:
     args["placement"]["VADHost"] = {"num_cpus": 0, "num_replicas": 1}
     args["uploads"] = {"max_concurrent_enrolments": len(ENROLMENTS)}  # each replica takes all of them at once
     args["logging"] = {"encoding": "JSON"}  # as config/production.yaml
-    serve.run(build_app(args), name=APP, route_prefix=PREFIX)
-    base = f"http://{service}{PREFIX}"
-    deadline = time.monotonic() + 300
-    while httpx.get(f"{base}/healthz", timeout=30).json().get("status") != "ok":
-        assert time.monotonic() < deadline, "the shared-store app did not come up"
-        time.sleep(1)
-    yield base
-    serve.delete(APP, _blocking=False)  # its replicas stop in the background: no test waits on them
+    with app_beside(service, args, APP, PREFIX) as base:
+        yield base
 
 
 def ingress_pids() -> set[int]:

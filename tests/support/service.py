@@ -4,12 +4,15 @@ holds (tests/integration/conftest.py starts it)."""
 import os
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import ray
 from ray import serve
 
+from speech_serve.app import build_app
 from speech_serve.wire.tokens import issue_token
 from tests.support.audio import TWO_UTTERANCES_SPEECH_MS
 
@@ -68,14 +71,27 @@ def all_running(url: str) -> bool:
     return r.status_code == 200 and r.json()["status"] == "ok"
 
 
-def wait_healthy(url: str, timeout_s: float = 120) -> dict:
+def wait_healthy(url: str, timeout_s: float = 120, request_timeout_s: float = 10) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        r = httpx.get(url, timeout=10)
+        r = httpx.get(url, timeout=request_timeout_s)
         if r.status_code == 200 and r.json()["status"] == "ok":  # "degraded": the Speaker still starting
             return r.json()
         time.sleep(1)
     raise AssertionError(f"service not healthy in {timeout_s} s: {r.status_code} {r.text}")
+
+
+@contextmanager
+def app_beside(service: str, args: dict, name: str, prefix: str) -> Iterator[str]:
+    """A test's own application beside the shared one: http://service/prefix once healthy. Deleted
+    afterwards without waiting: its replicas stop in the background, and no test waits on them."""
+    serve.run(build_app(args), name=name, route_prefix=prefix)
+    base = f"http://{service}{prefix}"
+    wait_healthy(f"{base}/healthz", timeout_s=300, request_timeout_s=30)
+    try:
+        yield base
+    finally:
+        serve.delete(name, _blocking=False)
 
 
 def vad_replicas():
