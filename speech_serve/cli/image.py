@@ -40,9 +40,13 @@ class Builder:
         return [*BUILDERS[self.name][1], "-f", str(dockerfile), "-t", tag, str(context)]
 
     def run_command(self, tag: str, *command: str) -> list[str]:
-        """Run a command in the image (buildah builds only: it cannot run one)."""
-        if self.name not in ("docker", "podman"):
-            raise RuntimeError(f"{self.name or 'no builder'} cannot run a container")
+        """Run a command in the image and remove the container; its exit status is the command's."""
+        if self.name is None:
+            raise RuntimeError(f"no container builder works here: {self.reason}")
+        if self.name == "buildah":  # no `run IMAGE`: a working container from the image, run in, then removed
+            script = ('c=$(buildah from "$1") && shift && '
+                      '{ buildah run "$c" -- "$@"; s=$?; buildah rm "$c" >/dev/null; exit $s; }')
+            return ["sh", "-c", script, "sh", tag, *command]
         return [self.name, "run", "--rm", tag, *command]
 
 

@@ -1,6 +1,8 @@
 """The image builds from deploy/kuberay/Dockerfile and runs: the package imports and `speech-serve check`
 passes on the shipped configs inside it. Skips, saying exactly why, where no builder can build (a docker
-client without an engine, no podman, no buildah) or the builder cannot run a container (buildah)."""
+client without an engine, no podman, no buildah): such a skip proves nothing about the image. What can be
+proved without an engine (the Dockerfile's COPY steps from the build context suffice for the same check)
+is tests/unit/cli/test_image.py's."""
 
 import subprocess
 
@@ -24,8 +26,6 @@ def builder():
 
 
 def test_the_image_holds_the_package_and_the_configs(builder):
-    if builder.name == "buildah":
-        pytest.skip("built with buildah, which cannot run a container: the image was not started")
     checks = "speech-serve check -q config/serve.yaml && speech-serve check -q config/production.yaml"
     command = builder.run_command(TAG, "sh", "-c", checks)
     result = subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)

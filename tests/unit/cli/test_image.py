@@ -2,13 +2,16 @@
 speech_serve/cli/image.py picks a builder (or says why none works)."""
 
 import fnmatch
+import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from speech_serve.cli.image import DOCKERFILE, ROOT, find_builder
+from speech_serve.cli.image import DOCKERFILE, ROOT, Builder, find_builder
 
 HEAVY = [".git", ".venv", "loadtest/results", "loadtest/corpus", "tests", ".pytest_cache", ".ruff_cache",
          "speech_serve/__pycache__", "speech_serve.egg-info"]  # fmt: skip
@@ -50,6 +53,30 @@ def fake_tool(folder: Path, name: str, code: int, stderr: str = "") -> None:
     tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
 
 
+def test_what_the_dockerfile_copies_from_the_context_is_enough_to_check_the_shipped_configs(tmp_path):
+    """The image without an engine: its COPY steps replayed from the build context (the files
+    .dockerignore keeps) into a folder, and the package imported from there alone runs the check the
+    built image runs (tests/integration/test_image.py) on both configs."""
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]  # fmt: skip
+    steps = [line.split() for line in DOCKERFILE.read_text().splitlines() if line and not line.startswith("#")]
+    for source, target in (step[-2:] for step in steps if step[0] == "COPY"):
+        for path in [ROOT / source] if (ROOT / source).is_file() else sorted((ROOT / source).rglob("*")):
+            rel = path.relative_to(ROOT).as_posix()
+            if path.is_file() and not ignored(rel, patterns):
+                dest = tmp_path / (target.rstrip("/") + rel.removeprefix(source) if target not in ("./", ".") else rel)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(path.read_bytes())
+    assert not list(tmp_path.rglob("__pycache__"))  # the context left them out
+    check = ("import sys, speech_serve; assert speech_serve.__file__.startswith(sys.argv[1]); "
+             "from speech_serve.cli import main; sys.exit(main(sys.argv[2:]))")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}  # the copied package, not this checkout's
+    for config in ("config/serve.yaml", "config/production.yaml"):
+        result = subprocess.run([sys.executable, "-c", check, str(tmp_path), "check", "-q", config], cwd=tmp_path,
+                                env=env, capture_output=True, text=True)  # fmt: skip
+        assert result.returncode == 0 and f"{config}: OK" in result.stderr, result.stderr[-2000:]
+
+
 def test_a_docker_client_without_an_engine_is_named_and_skipped(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     fake_tool(tmp_path, "docker", 1, "Cannot connect to the Docker daemon at unix:///var/run/docker.sock. Is the "
@@ -66,6 +93,19 @@ def test_a_docker_client_without_an_engine_is_named_and_skipped(tmp_path, monkey
     assert builder.name == "buildah"
     assert builder.build_command("speech-serve:t") == ["buildah", "build", "-f", str(DOCKERFILE), "-t",
                                                        "speech-serve:t", str(ROOT)]  # fmt: skip
+
+
+def test_buildah_runs_a_command_in_a_working_container_it_then_removes(tmp_path, monkeypatch):
+    """buildah has no `run IMAGE`: from, run, rm, with the command's exit status."""
+    log = tmp_path / "calls"
+    tool = tmp_path / "buildah"
+    tool.write_text(f'#!/bin/sh\necho "$@" >> {log}\n[ "$1" = from ] && echo box-1\n[ "$1" = run ] && exit 3\nexit 0\n')
+    tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    command = Builder("buildah", "buildah works").run_command("speech-serve:t", "sh", "-c", "echo hi")
+    assert subprocess.run(command).returncode == 3
+    assert log.read_text().splitlines() == ["from speech-serve:t", "run box-1 -- sh -c echo hi", "rm box-1"]
+    assert Builder("docker", "").run_command("t", "true") == ["docker", "run", "--rm", "t", "true"]
 
 
 def test_the_command_fails_saying_why_when_no_builder_works(tmp_path, monkeypatch, capsys):
